@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="sgfast",
+    version="0.1.0",
+    description="Fast diffusion self-guidance for diffusers Stable Diffusion pipelines",
+    python_requires=">=3.10",
+    # Our Triton ops live in the top-level kernels/ folder but install as sgfast.kernels: a PyPI
+    # package named `kernels` exists and diffusers/transformers probe for it.
+    packages=["sgfast", "sgfast.kernels"],
+    package_dir={"sgfast": "sgfast", "sgfast.kernels": "kernels"},
+    include_package_data=True,
+    package_data={"sgfast": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.30,<0.50",
+        "transformers>=4.40",
+        "triton>=3.0; platform_system=='Linux'",
+        "nvidia-ml-py>=12.0",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "xformers": ["xformers"],
+    },
+)

@@ -1,0 +1,191 @@
+"""Selective capture of cross-attention maps and decoder features.
+
+Only the layers that the active edits read get our processor; every other layer keeps its own,
+untouched. A captured layer still computes its output with scaled-dot-product attention; next to
+it, it recomputes (differentiably, from Q and K) the head-averaged probabilities of the selected
+tokens only, for the conditional half of the batch only.
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from sgfast.kernels.attention_stats import attention_stats
+
+
+def cross_attention_layers(unet):
+    """Name -> Attention module for every cross-attention layer of a UNet, in forward order."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention
+    }
+
+
+def default_layers(unet):
+    """Decoder cross-attention layers, leaving out the finest decoder resolution when there are three
+    or more (for SD1.x at 512px: the 16x16 and 32x32 up blocks). The finest layers would make the
+    backward run through the most expensive part of the UNet for little extra localisation."""
+    layers = cross_attention_layers(unet)
+    blocks = sorted({name.split(".")[1] for name in layers if name.startswith("up_blocks.")}, key=int)
+    if len(blocks) >= 3:
+        blocks = blocks[:-1]
+    return [name for name in layers if name.startswith("up_blocks.") and name.split(".")[1] in blocks]
+
+
+def default_feature_layer(unet, layers):
+    """The decoder block whose output feeds the finest captured up block (its input features), so
+    that appearance adds nothing to the backward's length. Falls back to that block itself."""
+    up_indices = sorted({int(name.split(".")[1]) for name in layers if name.startswith("up_blocks.")})
+    if not up_indices:
+        return "up_blocks.0"
+    finest = up_indices[-1]
+    return f"up_blocks.{max(finest - 1, up_indices[0])}"
+
+
+def resolve_layers(unet, names):
+    """Expand layer names (exact cross-attention layer names or prefixes such as "up_blocks.1") into
+    cross-attention layer names; an unknown name is an error listing what exists."""
+    layers = cross_attention_layers(unet)
+    if names is None:
+        return default_layers(unet)
+    if isinstance(names, str):
+        names = [names]
+    resolved = []
+    for name in names:
+        matches = [layer for layer in layers if layer == name or layer.startswith(name + ".")]
+        if not matches:
+            raise ValueError(
+                f"unknown cross-attention layer {name!r}; this UNet has {len(layers)}: " + ", ".join(layers)
+            )
+        resolved += [layer for layer in matches if layer not in resolved]
+    return resolved
+
+
+def check_feature_layer(unet, name):
+    modules = dict(unet.named_modules())
+    if name not in modules or not name:
+        blocks = [n for n in modules if n.count(".") == 1 and n.split(".")[0] in ("down_blocks", "up_blocks")]
+        raise ValueError(f"unknown feature layer {name!r}; choose a UNet block such as: " + ", ".join(blocks))
+    return modules[name]
+
+
+def grid_size(tokens, latent_height, latent_width):
+    """(H, W) of a layer's query grid from its sequence length and the latent size."""
+    factor = math.isqrt(max(latent_height * latent_width // tokens, 1))
+    height, width = -(-latent_height // factor), -(-latent_width // factor)
+    if height * width != tokens:
+        raise ValueError(f"cannot place {tokens} queries on a grid for latents {latent_height}x{latent_width}")
+    return height, width
+
+
+class CaptureAttnProcessor:
+    """Cross-attention processor of a captured layer: SDPA for the output (as diffusers'
+    AttnProcessor2_0), plus the selected tokens' head-averaged maps when the capture is recording."""
+
+    def __init__(self, capture, name):
+        self.capture = capture
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+
+        if self.capture.recording:
+            self.capture.record_attention(self.name, query, key, attn.scale)
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class Capture:
+    """Installs capture processors on `layers` and a forward hook on `feature_layer` (or none) for the
+    duration of a `with` block, restoring the original processors afterwards, also after an error.
+
+    While `recording(...)` is active, each captured layer stores `maps[layer]`: `[B, S, H, W]`
+    head-averaged probabilities of the selected tokens, averaged within each selected word
+    (`word_weights`, `[B, S, T_sel]`), and the hook stores `features`: `[B, C, H, W]`.
+    """
+
+    def __init__(self, unet, layers, feature_layer=None, impl="torch"):
+        self.unet = unet
+        self.layers = list(layers)
+        self.feature_layer = feature_layer
+        self.impl = impl
+        modules = cross_attention_layers(unet)
+        for name in self.layers:
+            if name not in modules:
+                raise ValueError(f"unknown cross-attention layer {name!r}")
+            attn = modules[name]
+            if attn.spatial_norm is not None or attn.group_norm is not None:
+                raise ValueError(f"layer {name!r} uses a normalisation the capture does not support")
+        self.modules = {name: modules[name] for name in self.layers}
+        self.feature_module = check_feature_layer(unet, feature_layer) if feature_layer else None
+        self.recording = False
+        self.maps, self.features = {}, None
+        self._saved, self._hook = None, None
+
+    def __enter__(self):
+        self._saved = {name: module.processor for name, module in self.modules.items()}
+        try:
+            for name, module in self.modules.items():
+                module.set_processor(CaptureAttnProcessor(self, name))
+            if self.feature_module is not None:
+                self._hook = self.feature_module.register_forward_hook(self._record_features)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for name, processor in (self._saved or {}).items():
+            self.modules[name].set_processor(processor)
+        if self._hook is not None:
+            self._hook.remove()
+        self._saved, self._hook, self.recording = None, None, False
+        self.maps, self.features = {}, None
+        return False
+
+    @contextmanager
+    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None)):
+        """Record maps of the tokens `token_index` ([B, T_sel] key indices) grouped into words by
+        `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call."""
+        self.token_index, self.word_weights = token_index, word_weights
+        self.latent_size, self.batch_slice = latent_size, batch_slice
+        self.maps, self.features = {}, None
+        self.recording = True
+        try:
+            yield self
+        finally:
+            self.recording = False
+
+    def record_attention(self, name, query, key, scale):
+        query, key = query[self.batch_slice], key[self.batch_slice]
+        height, width = grid_size(query.shape[2], *self.latent_size)
+        _, token_maps = attention_stats(
+            query, key, self.token_index, height, width, scale=scale, return_maps=True, impl=self.impl
+        )
+        word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
+        self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width)
+
+    def _record_features(self, module, inputs, output):
+        if self.recording:
+            output = output[0] if isinstance(output, tuple) else output
+            self.features = output[self.batch_slice]

@@ -1,0 +1,361 @@
+"""Edits: each one an L1 energy on properties of the current generation, to be minimised.
+
+An edit compares the current step's properties (a `View`) with a target taken from the reference
+trace (the same prompt and seed, unedited) or from a source trace (another generation or a real
+image). Edits compose by summation. Each checks its arguments when built and its words against the
+prompt before sampling starts, so a bad edit fails before anything runs.
+
+Default weights follow the public ports' relative scales (centroid ~4, size ~0.7 per unit of area,
+shape ~6, appearance ~12); tune them per model.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sgfast.properties import transform_shape
+
+CENTROID_WEIGHT = 4.0
+SIZE_WEIGHT = 2.0
+SHAPE_WEIGHT = 6.0
+APPEARANCE_WEIGHT = 12.0
+
+# Words that name no object: a move or resize does not hold their layout unless asked to.
+STOP_WORDS = frozenset("a an the and of with on in at to its is are , . ; : ! ?".split())
+
+
+def _check_weight(weight):
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+
+
+def _check_unit(name, value, low, high):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def _shape_distance(current, target):
+    """Mean over layers of the mean absolute difference of silhouettes."""
+    return torch.stack([(c - t).abs().mean() for c, t in zip(current, target)]).mean()
+
+
+def content_words(words):
+    return [w for w in words if w not in STOP_WORDS]
+
+
+class Edit:
+    """Base class. `needed_words(prompt_words)`: the words whose maps the current pass must record;
+    `energy(current, reference, timestep)`: a scalar tensor."""
+
+    needs_reference = False  # reads the unedited reference trace of this generation
+    needs_features = False  # reads appearance features of the current pass
+
+    def needed_words(self, prompt_words):
+        raise NotImplementedError
+
+    def validate(self, prompt_words):
+        """Raise a clear error when the edit does not fit the prompt."""
+        for word in self.needed_words(prompt_words):
+            prompt_words.index(word)
+
+    def energy(self, current, reference, timestep):
+        raise NotImplementedError
+
+
+@dataclass
+class _KeepOthers(Edit):
+    """An object edit that holds, by default, the shapes of the prompt's other objects and the
+    appearance of every object to the reference, as the paper does for move and resize."""
+
+    keep_others: bool = field(default=True, kw_only=True)
+    keep: list = field(default=None, kw_only=True)  # words to hold; default: the other content words
+    keep_shape_weight: float = field(default=SHAPE_WEIGHT, kw_only=True)
+    keep_appearance_weight: float = field(default=APPEARANCE_WEIGHT, kw_only=True)
+
+    needs_reference = True
+
+    def __post_init__(self):
+        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight):
+            _check_weight(w)
+        self.word = self.word.strip().lower()
+        self.needs_features = self.keep_others and self.keep_appearance_weight > 0
+
+    def _held(self, prompt_words):
+        if not self.keep_others:
+            return []
+        if self.keep is not None:
+            return [w.strip().lower() for w in self.keep if w.strip().lower() != self.word]
+        return [w for w in dict.fromkeys(content_words(prompt_words.words)) if w != self.word]
+
+    def needed_words(self, prompt_words):
+        return [self.word] + self._held(prompt_words)
+
+    def keep_energy(self, current, reference, held):
+        energy = current.centroid(self.word).new_zeros(())
+        for word in held:
+            if self.keep_shape_weight:
+                energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
+        if self.needs_features:
+            for word in [self.word] + held:
+                diff = (current.appearance(word) - reference.appearance(word)).abs().mean()
+                energy = energy + self.keep_appearance_weight * diff
+        return energy
+
+    def energy(self, current, reference, timestep):
+        held = [w for w in current.words if w != self.word]
+        return self.weight * self.object_energy(current, reference) + self.keep_energy(current, reference, held)
+
+
+@dataclass
+class Move(_KeepOthers):
+    """Move `word`'s object by (dx, dy), in fractions of the image (x right, y down)."""
+
+    word: str
+    dx: float = 0.0
+    dy: float = 0.0
+    weight: float = CENTROID_WEIGHT
+
+    def __post_init__(self):
+        _check_unit("dx", self.dx, -1.0, 1.0)
+        _check_unit("dy", self.dy, -1.0, 1.0)
+        super().__post_init__()
+
+    def object_energy(self, current, reference):
+        shift = torch.tensor([self.dx, self.dy], dtype=torch.float32)
+        target = reference.centroid(self.word).float() + shift.to(reference.centroid(self.word).device)
+        return (current.centroid(self.word).float() - target).abs().sum(-1).mean()
+
+
+@dataclass
+class Place(_KeepOthers):
+    """Put `word`'s object's centre at (x, y), image fractions in [0, 1] from the top-left."""
+
+    word: str
+    x: float = 0.5
+    y: float = 0.5
+    weight: float = CENTROID_WEIGHT
+
+    def __post_init__(self):
+        _check_unit("x", self.x, 0.0, 1.0)
+        _check_unit("y", self.y, 0.0, 1.0)
+        super().__post_init__()
+
+    def object_energy(self, current, reference):
+        centroid = current.centroid(self.word).float()
+        target = torch.tensor([self.x, self.y], dtype=torch.float32, device=centroid.device)
+        return (centroid - target).abs().sum(-1).mean()
+
+
+@dataclass
+class Resize(_KeepOthers):
+    """Scale the area of `word`'s object by `scale` (> 0) relative to the reference."""
+
+    word: str
+    scale: float = 1.0
+    weight: float = SIZE_WEIGHT
+
+    def __post_init__(self):
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
+        super().__post_init__()
+
+    def object_energy(self, current, reference):
+        return (current.size(self.word).float() - self.scale * reference.size(self.word).float()).abs().mean()
+
+
+@dataclass
+class KeepShape(Edit):
+    """Hold the silhouettes of `words` (default: every content word) to the reference."""
+
+    words: list = None
+    weight: float = SHAPE_WEIGHT
+    needs_reference = True
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+
+    def needed_words(self, prompt_words):
+        chosen = self.words if self.words is not None else content_words(prompt_words.words)
+        return list(dict.fromkeys(w.strip().lower() for w in chosen))
+
+    def energy(self, current, reference, timestep):
+        return self.weight * sum(_shape_distance(current.shape(w), reference.shape(w)) for w in current.words)
+
+
+@dataclass
+class KeepAppearance(KeepShape):
+    """Hold the appearance of `words` (default: every content word) to the reference."""
+
+    weight: float = APPEARANCE_WEIGHT
+    needs_features = True
+
+    def energy(self, current, reference, timestep):
+        return self.weight * sum((current.appearance(w) - reference.appearance(w)).abs().mean() for w in current.words)
+
+
+@dataclass
+class CopyAppearance(Edit):
+    """Give `word`'s object the appearance of `source_word` in `source` (a trace of another
+    generation or of a real image)."""
+
+    word: str
+    source: object  # Trace
+    source_word: str = None
+    weight: float = APPEARANCE_WEIGHT
+    needs_features = True
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        self.word = self.word.strip().lower()
+        self.source_word = self.source.index(self.source_word or self.word)
+
+    def needed_words(self, prompt_words):
+        return [self.word]
+
+    def energy(self, current, reference, timestep):
+        target = self.source.view(timestep).appearance(self.source_word)
+        return self.weight * (current.appearance(self.word) - target.to(current.appearance(self.word))).abs().mean()
+
+
+@dataclass
+class CopyShape(Edit):
+    """Give `word`'s object the silhouette of `source_word` in `source`, optionally translated by
+    (dx, dy) image fractions, scaled and rotated (degrees) about its centroid."""
+
+    word: str
+    source: object  # Trace
+    source_word: str = None
+    translate: tuple = (0.0, 0.0)
+    scale: float = 1.0
+    rotate: float = 0.0
+    weight: float = SHAPE_WEIGHT
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        for name, value in zip(("translate x", "translate y"), self.translate):
+            _check_unit(name, value, -1.0, 1.0)
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
+        self.translate = tuple(float(v) for v in self.translate)
+        self.word = self.word.strip().lower()
+        self.source_word = self.source.index(self.source_word or self.word)
+
+    def needed_words(self, prompt_words):
+        return [self.word]
+
+    def target(self, timestep):
+        shapes = self.source.view(timestep).shape(self.source_word)
+        return [transform_shape(s[None, None], self.translate, self.scale, self.rotate)[0, 0] for s in shapes]
+
+    def energy(self, current, reference, timestep):
+        target = [t.to(c) for t, c in zip(self.target(timestep), current.shape(self.word))]
+        return self.weight * _shape_distance(current.shape(self.word), target)
+
+
+@dataclass
+class CopyLayout(Edit):
+    """Take the silhouettes of all `words` (default: the content words both prompts share) from `source`."""
+
+    source: object  # Trace
+    words: list = None
+    weight: float = SHAPE_WEIGHT
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        if self.words is not None:
+            self.words = [self.source.index(w) for w in self.words]
+
+    def needed_words(self, prompt_words):
+        if self.words is not None:
+            return self.words
+        return [w for w in dict.fromkeys(content_words(prompt_words.words)) if w in self.source.words]
+
+    def validate(self, prompt_words):
+        if not self.needed_words(prompt_words):
+            raise ValueError(
+                f"copy_layout: the prompt {prompt_words.prompt!r} and the source {self.source.prompt!r} share no object word"
+            )
+        super().validate(prompt_words)
+
+    def energy(self, current, reference, timestep):
+        source = self.source.view(timestep)
+        return self.weight * sum(
+            _shape_distance(current.shape(w), [t.to(c) for t, c in zip(source.shape(w), current.shape(w))])
+            for w in current.words
+        )
+
+
+@dataclass
+class Collage(Edit):
+    """Compose objects from several sources: `parts` is a list of (source trace, [words]); each word
+    takes its silhouette and its appearance from its own source."""
+
+    parts: list
+    shape_weight: float = SHAPE_WEIGHT
+    appearance_weight: float = APPEARANCE_WEIGHT
+    needs_features = True
+
+    def __post_init__(self):
+        _check_weight(self.shape_weight)
+        _check_weight(self.appearance_weight)
+        self.sources = {}
+        for source, words in self.parts:
+            for word in words:
+                self.sources[source.index(word)] = source
+        if not self.sources:
+            raise ValueError("collage needs at least one (source, words) part")
+
+    def needed_words(self, prompt_words):
+        return list(self.sources)
+
+    def energy(self, current, reference, timestep):
+        energy = 0.0
+        for word, source in self.sources.items():
+            view = source.view(timestep)
+            shapes = current.shape(word)
+            energy = energy + self.shape_weight * _shape_distance(shapes, [t.to(c) for t, c in zip(view.shape(word), shapes)])
+            look = current.appearance(word)
+            energy = energy + self.appearance_weight * (look - view.appearance(word).to(look)).abs().mean()
+        return energy
+
+
+@dataclass
+class Restyle(Edit):
+    """Restyle through non-object tokens: the appearance of `style_words` (e.g. "painting") is taken
+    from `source`, while, by default, the layout of the prompt's objects is held to the reference."""
+
+    source: object  # Trace
+    style_words: list
+    weight: float = APPEARANCE_WEIGHT
+    keep_layout: bool = True
+    keep_shape_weight: float = SHAPE_WEIGHT
+    needs_features = True
+
+    def __post_init__(self):
+        _check_weight(self.weight)
+        _check_weight(self.keep_shape_weight)
+        self.style_words = [self.source.index(w) for w in self.style_words]
+        self.needs_reference = self.keep_layout
+
+    def needed_words(self, prompt_words):
+        held = [w for w in content_words(prompt_words.words) if w not in self.style_words] if self.keep_layout else []
+        return list(dict.fromkeys(self.style_words + held))
+
+    def energy(self, current, reference, timestep):
+        source = self.source.view(timestep)
+        energy = 0.0
+        for word in current.words:
+            if word in self.style_words:
+                look = current.appearance(word)
+                energy = energy + self.weight * (look - source.appearance(word).to(look)).abs().mean()
+            else:
+                energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
+        return energy
+
+
+# The lowercase names users write in `edits=[...]`.
+move, place, resize = Move, Place, Resize
+keep_shape, keep_appearance = KeepShape, KeepAppearance
+copy_appearance, copy_shape, copy_layout = CopyAppearance, CopyShape, CopyLayout
+collage, restyle = Collage, Restyle

@@ -1,0 +1,169 @@
+"""The denoising loop: classifier-free guidance plus the self-guidance term.
+
+    eps_hat = eps_u + s * (eps_c - eps_u) + v * sigma_t * grad_z g(z; t)
+
+Only the conditional pass carries gradients, and only guided steps (the schedule) pay for them;
+unguided steps are exactly diffusers' CFG step. The same loop records traces: per step, every
+prompt word's maps and appearance, taken from the conditional half of the CFG batch.
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from sgfast.trace import Trace, View, selection
+
+
+def default_schedule(num_steps):
+    """The public ports' schedule: guide every step for the first 3/16 of the steps, then every other
+    step, and none in the last 1/32. Returns one bool per step."""
+    dense = round(3 * num_steps / 16)
+    stop = num_steps - math.ceil(num_steps / 32)
+    return [i < stop and (i < dense or (i - dense) % 2 == 0) for i in range(num_steps)]
+
+
+def resolve_schedule(schedule, num_steps):
+    """`None` (the default), a callable step -> bool, a list of bools, or a collection of step indices."""
+    if schedule is None:
+        return default_schedule(num_steps)
+    if callable(schedule):
+        return [bool(schedule(i)) for i in range(num_steps)]
+    schedule = list(schedule)
+    if len(schedule) == num_steps and all(isinstance(s, bool) for s in schedule):
+        return schedule
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < num_steps for s in schedule):
+        raise ValueError(f"guidance_schedule must be bools for each of the {num_steps} steps or step indices in [0, {num_steps})")
+    return [i in set(schedule) for i in range(num_steps)]
+
+
+def noise_level(scheduler, step_index, timestep):
+    """(sigma_t, alpha_bar_t) of the latents the scheduler holds at this step.
+
+    Variance-preserving schedulers (DDIM, DDPM, DPM-Solver++: init_noise_sigma == 1) keep
+    z = sqrt(ab) x0 + sqrt(1 - ab) eps, so a score converts to eps with sqrt(1 - ab). Sigma-
+    parameterised ones (Euler and friends) keep z = x0 + sigma eps: sigma is theirs, ab = 1/(1+sigma^2).
+    """
+    if float(scheduler.init_noise_sigma) == 1.0:
+        alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+        return math.sqrt(1.0 - alpha_bar), alpha_bar
+    sigma = float(scheduler.sigmas[step_index])
+    return sigma, 1.0 / (1.0 + sigma * sigma)
+
+
+def guidance_term(scheduler, step_index, timestep, grad, weight):
+    """v * sigma_t * grad, expressed in the model's prediction type."""
+    sigma, alpha_bar = noise_level(scheduler, step_index, timestep)
+    term = weight * sigma * grad
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction == "v_prediction":
+        term = term / math.sqrt(alpha_bar)  # eps = sqrt(ab) v + sqrt(1-ab) z, so dv = deps / sqrt(ab)
+    elif prediction != "epsilon":
+        raise ValueError(f"self-guidance supports epsilon and v_prediction models, not {prediction!r}")
+    return term
+
+
+def _unet(pipe, latents, timestep, embeds):
+    return pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def _cfg_step(pipe, latents, timestep, embeds, guidance_scale, do_cfg):
+    """Exactly diffusers' StableDiffusionPipeline step (batch-2 CFG)."""
+    latent_in = torch.cat([latents] * 2) if do_cfg else latents
+    latent_in = pipe.scheduler.scale_model_input(latent_in, timestep)
+    noise = _unet(pipe, latent_in, timestep, embeds)
+    if do_cfg:
+        uncond, cond = noise.chunk(2)
+        noise = uncond + guidance_scale * (cond - uncond)
+    return noise
+
+
+def current_views(capture, words):
+    """One View per batch item of what the capture recorded."""
+    views = []
+    for b, item_words in enumerate(words):
+        maps = {layer: m[b] for layer, m in capture.maps.items()}
+        features = None if capture.features is None else capture.features[b]
+        views.append(View(item_words, maps, features))
+    return views
+
+
+def record_traces(traces, capture, words, timestep):
+    for trace, view in zip(traces, current_views(capture, words)):
+        appearance = None
+        if view.features is not None:
+            appearance = torch.stack([view.appearance(w) for w in view.words])
+        trace.add(timestep, {layer: m[: len(view.words)] for layer, m in view.maps.items()}, appearance)
+
+
+def energy_of(edits, capture, prompt_words, words, references, timestep):
+    """Sum over batch items and their edits of each edit's energy at this step (float32 scalar)."""
+    total = 0.0
+    for b, view in enumerate(current_views(capture, words)):
+        reference = references[b].view(timestep) if references[b] is not None else None
+        for edit in edits[b]:
+            total = total + edit.energy(view.subset(edit.needed_words(prompt_words[b])), reference, timestep).float()
+    return total
+
+
+def denoise(
+    pipe,
+    latents,
+    timesteps,
+    embeds,
+    guidance_scale,
+    *,
+    capture=None,
+    prompt_words=None,
+    edits=None,
+    references=None,
+    traces=None,
+    schedule=None,
+    self_guidance_scale=1.0,
+    extra_step_kwargs=None,
+    progress=True,
+):
+    """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
+    (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
+    self-guidance term; with `traces` (one per item), every step's maps and appearance are recorded."""
+    scheduler = pipe.scheduler
+    do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+    batch = latents.shape[0]
+    uncond_embeds, cond_embeds = embeds.chunk(2) if do_cfg else (None, embeds)
+    latent_size = tuple(latents.shape[-2:])
+    extra_step_kwargs = extra_step_kwargs or {}
+    guided_steps = [False] * len(timesteps)
+    if edits is not None and any(edits):
+        guided_steps = resolve_schedule(schedule, len(timesteps))
+        edit_words = [list(dict.fromkeys(w for e in item for w in e.needed_words(pw))) for item, pw in zip(edits, prompt_words)]
+        edit_selection = selection(prompt_words, [w or pw.words[:1] for w, pw in zip(edit_words, prompt_words)], latents.device)
+    if traces is not None:
+        trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
+        trace_selection = selection(prompt_words, trace_words, latents.device)
+    cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
+
+    with pipe.progress_bar(total=len(timesteps)) if progress else nullcontext() as bar:
+        for i, t in enumerate(timesteps):
+            if guided_steps[i]:
+                with torch.no_grad():
+                    uncond = _unet(pipe, scheduler.scale_model_input(latents, t), t, uncond_embeds) if do_cfg else None
+                z = latents.detach().requires_grad_(True)
+                with torch.enable_grad(), capture.record(*edit_selection, latent_size):
+                    cond = _unet(pipe, scheduler.scale_model_input(z, t), t, cond_embeds)
+                    energy = energy_of(edits, capture, prompt_words, edit_words, references, t)
+                    (grad,) = torch.autograd.grad(energy, z)
+                if not torch.isfinite(grad).all():
+                    raise FloatingPointError(f"the self-guidance gradient is not finite at step {i}; lower the edit weights")
+                cond = cond.detach()
+                noise = uncond + guidance_scale * (cond - uncond) if do_cfg else cond
+                noise = noise + guidance_term(scheduler, i, t, grad, self_guidance_scale).to(noise.dtype)
+            elif traces is not None:
+                with capture.record(*trace_selection, latent_size, batch_slice=cond_rows):
+                    noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg)
+                    record_traces(traces, capture, trace_words, t)
+            else:
+                noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg)
+            latents = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if bar is not None:
+                bar.update()
+    return latents

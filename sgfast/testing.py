@@ -1,0 +1,140 @@
+"""Tiny Stable Diffusion pipelines built offline from configs, for tests and examples.
+
+Every part is the real diffusers / transformers class (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, DDIMScheduler); only the sizes are tiny and the weights seeded.
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Words the tiny tokenizer knows as single tokens; any other text still tokenizes, character by
+# character, through the byte-level base vocabulary.
+TINY_WORDS = (
+    "a an the and of on in with to photo picture painting drawing style "
+    "cat dog bird car house tree apple bowl cup table chair hat ball boat "
+    "red green blue yellow purple orange white black pink brown "
+    "circle square triangle big small left right"
+).split()
+
+
+def _bytes_to_unicode():
+    # The byte -> printable-character table of GPT-2/CLIP byte-level BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_vocabulary(folder, words):
+    """Write vocab.json and merges.txt of a CLIP BPE tokenizer that knows each of `words` as one token.
+
+    The base vocabulary is every byte character (plain and word-final), so text outside `words`
+    still tokenizes; each word gets the chain of merges that builds it left to right.
+    """
+    chars = _bytes_to_unicode()
+    vocab = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in words:
+        word = word.lower()
+        if len(word) < 2:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab
+
+
+def build_tokenizer(words=TINY_WORDS, max_length=77):
+    """A real CLIPTokenizer from a locally written vocabulary (no network)."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_vocabulary(folder, words)
+        return CLIPTokenizer(
+            vocab=os.path.join(folder, "vocab.json"),
+            merges=os.path.join(folder, "merges.txt"),
+            model_max_length=max_length,
+        )
+
+
+def tiny_components(seed=0, image_size=64, words=TINY_WORDS):
+    """The parts of a tiny SD pipeline: 64x64 images, 16x16x4 latents, cross-attention at 16x16 and 8x8."""
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    for model in (unet, vae, text_encoder):
+        model.eval().requires_grad_(False)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def tiny_pipeline(seed=0, image_size=64):
+    """A real diffusers StableDiffusionPipeline with tiny seeded weights, built offline."""
+    pipe = StableDiffusionPipeline(
+        **tiny_components(seed, image_size),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
