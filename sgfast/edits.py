@@ -122,9 +122,9 @@ class Move(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        shift = torch.tensor([self.dx, self.dy], dtype=torch.float32)
-        target = reference.centroid(self.word).float() + shift.to(reference.centroid(self.word).device)
-        return (current.centroid(self.word).float() - target).abs().sum(-1).mean()
+        centroid = current.centroid(self.word)
+        target = reference.centroid(self.word).to(centroid) + torch.tensor([self.dx, self.dy]).to(centroid)
+        return (centroid - target).abs().sum(-1).mean()
 
 
 @dataclass
@@ -142,8 +142,8 @@ class Place(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        centroid = current.centroid(self.word).float()
-        target = torch.tensor([self.x, self.y], dtype=torch.float32, device=centroid.device)
+        centroid = current.centroid(self.word)
+        target = torch.tensor([self.x, self.y]).to(centroid)
         return (centroid - target).abs().sum(-1).mean()
 
 
@@ -161,7 +161,8 @@ class Resize(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        return (current.size(self.word).float() - self.scale * reference.size(self.word).float()).abs().mean()
+        size = current.size(self.word)
+        return (size - self.scale * reference.size(self.word).to(size)).abs().mean()
 
 
 @dataclass

@@ -31,6 +31,7 @@ class SelfGuidanceOutput(BaseOutput):
 
     images: object
     trace: object = None
+    energies: list = None  # (step index, total energy) at each guided step
 
 
 class SelfGuidancePipeline:
@@ -111,7 +112,7 @@ class SelfGuidancePipeline:
 
         has_edits = any(edits)
         needs_reference = any(e.needs_reference for item in edits for e in item)
-        traces = None
+        traces, energies = None, []
         with self.capture() as capture:
             if has_edits and needs_reference and references[0] is None:
                 references = self._new_traces(prompts, prompt_words, initial, (height, width))
@@ -133,13 +134,14 @@ class SelfGuidancePipeline:
                 traces=traces if not has_edits and traces is not references else None,
                 schedule=guidance_schedule,
                 self_guidance_scale=self_guidance_scale,
+                energies=energies,
                 **loop,
             )
         images = self.decode(latents, output_type, generator)
         pipe.maybe_free_model_hooks()
         if traces is not None and batch == 1:
             traces = traces[0]
-        return SelfGuidanceOutput(images=images, trace=traces)
+        return SelfGuidanceOutput(images=images, trace=traces, energies=energies if has_edits else None)
 
     def decode(self, latents, output_type="pil", generator=None):
         if output_type == "latent":

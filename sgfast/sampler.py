@@ -102,8 +102,27 @@ def energy_of(edits, capture, prompt_words, words, references, timestep):
     for b, view in enumerate(current_views(capture, words)):
         reference = references[b].view(timestep) if references[b] is not None else None
         for edit in edits[b]:
-            total = total + edit.energy(view.subset(edit.needed_words(prompt_words[b])), reference, timestep).float()
+            total = total + edit.energy(view.subset(edit.needed_words(prompt_words[b])), reference, timestep)
     return total
+
+
+def edit_selection(edits, prompt_words, device):
+    """The words each item's edits read, and the token selection that records them."""
+    words = [list(dict.fromkeys(w for e in item for w in e.needed_words(pw))) for item, pw in zip(edits, prompt_words)]
+    # An item without edits still gets one (unused) word so that the batch stays rectangular.
+    tokens = selection(prompt_words, [w or pw.words[:1] for w, pw in zip(words, prompt_words)], device)
+    return words, tokens
+
+
+def guided_energy(pipe, capture, latents, timestep, cond_embeds, edits, prompt_words, words, tokens):
+    """The conditional UNet pass on `latents` with the edits' words recorded, and the edits' total
+    energy. Differentiable with respect to `latents`. Returns (eps_c, energy)."""
+    scheduler = pipe.scheduler
+    with capture.record(*tokens, tuple(latents.shape[-2:])):
+        cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds)
+        references = [e[1] for e in edits]
+        energy = energy_of([e[0] for e in edits], capture, prompt_words, words, references, timestep)
+    return cond, energy
 
 
 def denoise(
@@ -121,11 +140,13 @@ def denoise(
     schedule=None,
     self_guidance_scale=1.0,
     extra_step_kwargs=None,
+    energies=None,
     progress=True,
 ):
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
-    self-guidance term; with `traces` (one per item), every step's maps and appearance are recorded."""
+    self-guidance term and append (step, energy) to `energies`; with `traces` (one per item), every
+    step's maps and appearance are recorded."""
     scheduler = pipe.scheduler
     do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     batch = latents.shape[0]
@@ -135,11 +156,11 @@ def denoise(
     guided_steps = [False] * len(timesteps)
     if edits is not None and any(edits):
         guided_steps = resolve_schedule(schedule, len(timesteps))
-        edit_words = [list(dict.fromkeys(w for e in item for w in e.needed_words(pw))) for item, pw in zip(edits, prompt_words)]
-        edit_selection = selection(prompt_words, [w or pw.words[:1] for w, pw in zip(edit_words, prompt_words)], latents.device)
+        edit_words, edit_tokens = edit_selection(edits, prompt_words, latents.device)
+        edits_with_references = list(zip(edits, references))
     if traces is not None:
         trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
-        trace_selection = selection(prompt_words, trace_words, latents.device)
+        trace_tokens = selection(prompt_words, trace_words, latents.device)
     cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
 
     with pipe.progress_bar(total=len(timesteps)) if progress else nullcontext() as bar:
@@ -148,17 +169,20 @@ def denoise(
                 with torch.no_grad():
                     uncond = _unet(pipe, scheduler.scale_model_input(latents, t), t, uncond_embeds) if do_cfg else None
                 z = latents.detach().requires_grad_(True)
-                with torch.enable_grad(), capture.record(*edit_selection, latent_size):
-                    cond = _unet(pipe, scheduler.scale_model_input(z, t), t, cond_embeds)
-                    energy = energy_of(edits, capture, prompt_words, edit_words, references, t)
+                with torch.enable_grad():
+                    cond, energy = guided_energy(
+                        pipe, capture, z, t, cond_embeds, edits_with_references, prompt_words, edit_words, edit_tokens
+                    )
                     (grad,) = torch.autograd.grad(energy, z)
                 if not torch.isfinite(grad).all():
                     raise FloatingPointError(f"the self-guidance gradient is not finite at step {i}; lower the edit weights")
+                if energies is not None:
+                    energies.append((i, float(energy)))
                 cond = cond.detach()
                 noise = uncond + guidance_scale * (cond - uncond) if do_cfg else cond
                 noise = noise + guidance_term(scheduler, i, t, grad, self_guidance_scale).to(noise.dtype)
             elif traces is not None:
-                with capture.record(*trace_selection, latent_size, batch_slice=cond_rows):
+                with capture.record(*trace_tokens, latent_size, batch_slice=cond_rows):
                     noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg)
                     record_traces(traces, capture, trace_words, t)
             else:

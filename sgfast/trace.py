@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from sgfast import properties
 
 
+def at_least_float32(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 @dataclass
 class PromptWords:
     """The words of one prompt as the pipeline's tokenizer splits them, each with its token positions
@@ -120,7 +124,8 @@ class View:
         if self.features is None:
             raise ValueError("appearance needs features: the capture has no feature layer")
         mask_map = self.mean_map(word, self.features.shape[-2:])
-        return properties.appearance(mask_map, self.features[None], self.sharpness)[0, 0]
+        features = at_least_float32(self.features[None])  # energies in fp32 even for an fp16 UNet
+        return properties.appearance(mask_map.to(features.dtype), features, self.sharpness)[0, 0]
 
 
 @dataclass
@@ -142,8 +147,8 @@ class Trace:
 
     def add(self, timestep, maps, appearance):
         self.steps[int(timestep)] = TraceStep(
-            {layer: m.detach().float() for layer, m in maps.items()},
-            None if appearance is None else appearance.detach().float(),
+            {layer: at_least_float32(m.detach()) for layer, m in maps.items()},
+            None if appearance is None else at_least_float32(appearance.detach()),
         )
 
     def view(self, timestep, sharpness=10.0):

@@ -1,0 +1,117 @@
+"""Capture: the recorded maps are diffusers' own attention probabilities; only chosen layers change."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from sgfast.capture import Capture, cross_attention_layers, default_feature_layer, default_layers, resolve_layers
+from sgfast.trace import PromptWords, selection
+
+ARCHITECTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "architectures")
+
+
+def unet_inputs(pipe, prompt, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    ids = pipe.tokenizer([prompt] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    embeds = pipe.text_encoder(ids)[0]
+    return latents, embeds
+
+
+def diffusers_probabilities(pipe, layer, latents, embeds):
+    """Head-averaged probabilities [B, N, T] of one layer from diffusers' own get_attention_scores."""
+    attn = cross_attention_layers(pipe.unet)[layer]
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["context"] = kwargs["encoder_hidden_states"]
+
+    handle = attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        pipe.unet(latents, 500, encoder_hidden_states=embeds)
+    finally:
+        handle.remove()
+    q = attn.head_to_batch_dim(attn.to_q(seen["hidden"]))
+    k = attn.head_to_batch_dim(attn.to_k(seen["context"]))
+    probs = attn.get_attention_scores(q, k)
+    return probs.reshape(latents.shape[0], attn.heads, *probs.shape[1:]).mean(1)
+
+
+def test_maps_equal_diffusers_attention_scores(tiny_pipe):
+    prompt = "a red circle and a blue catdog"
+    latents, embeds = unet_inputs(tiny_pipe, prompt)
+    words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, prompt)
+    chosen = ["circle", "catdog"]  # "catdog" is three sub-tokens: its map is their mean
+    layers = default_layers(tiny_pipe.unet)
+    with torch.no_grad(), Capture(tiny_pipe.unet, layers) as capture:
+        with capture.record(*selection([words, words], [chosen, chosen], "cpu"), (16, 16)):
+            tiny_pipe.unet(latents, 500, encoder_hidden_states=embeds)
+            recorded = dict(capture.maps)
+    assert set(recorded) == set(layers)
+    for layer in layers:
+        expected = diffusers_probabilities(tiny_pipe, layer, latents, embeds)
+        for slot, word in enumerate(chosen):
+            positions = words.positions[words.index(word)]
+            want = expected[:, :, positions].mean(-1)
+            got = recorded[layer][:, slot].flatten(1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert len(words.positions[words.index("catdog")]) == 3
+
+
+def test_capture_changes_no_output_and_touches_only_chosen_layers(tiny_pipe):
+    latents, embeds = unet_inputs(tiny_pipe, "a red circle")
+    unet = tiny_pipe.unet
+    before = dict(unet.attn_processors)
+    layers = default_layers(unet)[:1]
+    with torch.no_grad():
+        plain = unet(latents, 10, encoder_hidden_states=embeds).sample
+        with Capture(unet, layers) as capture:
+            inside = unet.attn_processors
+            words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, "a red circle")
+            with capture.record(*selection([words], [["red"]], "cpu"), (16, 16), batch_slice=slice(1, 2)):
+                captured = unet(latents, 10, encoder_hidden_states=embeds).sample
+            assert capture.maps[layers[0]].shape[0] == 1  # the chosen rows of the batch only
+    torch.testing.assert_close(captured, plain, rtol=1e-6, atol=1e-6)
+    for name, processor in inside.items():
+        layer = name.removesuffix(".processor")
+        assert (processor is before[name]) == (layer not in layers)
+    assert unet.attn_processors == before
+
+
+def test_processors_restored_after_error(tiny_pipe):
+    unet = tiny_pipe.unet
+    before = dict(unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Capture(unet, default_layers(unet), "up_blocks.0"):
+            raise RuntimeError("boom")
+    assert unet.attn_processors == before
+    assert not unet.up_blocks[0]._forward_hooks
+
+
+def test_unknown_layer_is_a_clear_error(tiny_pipe):
+    with pytest.raises(ValueError, match="unknown cross-attention layer 'up_blocks.9'.*up_blocks.0.attentions.0"):
+        resolve_layers(tiny_pipe.unet, ["up_blocks.9"])
+    assert resolve_layers(tiny_pipe.unet, "up_blocks.1") == [
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    ]
+
+
+def test_default_layers_on_sd15_architecture():
+    path = os.path.join(ARCHITECTURES, "sd15_unet.json")
+    if not os.path.exists(path):
+        pytest.skip("SD1.5 architecture config not present")
+    with open(path) as f:
+        config = json.load(f)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    layers = default_layers(unet)
+    assert sorted({name.split(".")[1] for name in layers}) == ["1", "2"]  # the 16x16 and 32x32 up blocks
+    assert len(layers) == 6 and all(name.endswith("attn2") for name in layers)
+    assert default_feature_layer(unet, layers) == "up_blocks.1"
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())

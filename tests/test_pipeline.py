@@ -1,0 +1,238 @@
+"""The drop-in pipeline: identical to diffusers without edits, correct guidance, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
+
+from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, copy_shape, collage, keep_shape, move, place, resize, restyle
+from sgfast.pipeline import SelfGuidanceOutput
+from sgfast.sampler import default_schedule, edit_selection, guidance_term, guided_energy
+from sgfast.testing import tiny_pipeline
+from sgfast.trace import PromptWords
+
+PROMPT = "a red circle and a blue square"
+STEPS = 6
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sg(tiny_pipe):
+    return SelfGuidancePipeline.from_pipe(tiny_pipe)
+
+
+@pytest.fixture(scope="module")
+def base(sg):
+    return sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("record_trace", [True, False])
+def test_no_edits_is_identical_to_diffusers(scheduler, record_trace):
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    expected = pipe(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="np").images
+    out = SelfGuidancePipeline.from_pipe(pipe)(
+        PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="np", record_trace=record_trace
+    )
+    assert isinstance(out, SelfGuidanceOutput)
+    np.testing.assert_array_equal(out.images, expected)
+    assert (out.trace is not None) == record_trace
+    if record_trace:
+        assert len(out.trace.steps) == STEPS and set(out.trace.words) == {"a", "red", "circle", "and", "blue", "square"}
+
+
+def test_default_schedule_is_the_papers():
+    s = default_schedule(32)
+    assert s[:6] == [True] * 6  # 3/16 of 32 steps, every step
+    assert s[6:12] == [True, False] * 3  # then every other step
+    assert s[-1] is False  # none in the last 1/32
+    assert sum(default_schedule(50)) == 9 + 20
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
+def test_guidance_gradient_matches_finite_differences(scheduler):
+    pipe = tiny_pipeline().to(torch.float64)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    reference = sg(PROMPT, num_inference_steps=4, generator=seeded(), output_type="latent", guidance_scale=1.0).trace
+    # Appearance edits are left out: their silhouette is detached on purpose (the paper's choice), so
+    # their guidance is not the full derivative of their energy.
+    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_appearance_weight=0), copy_shape("circle", reference, "square")]]
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edits, words, "cpu")
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(4)
+    step, t = 1, pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 16, 16, generator=seeded(3), dtype=torch.float64) * float(pipe.scheduler.init_noise_sigma)
+
+    def energy(latents):
+        with sg.capture() as capture:
+            return guided_energy(pipe, capture, latents, t, embeds, list(zip(edits, [reference])), words, chosen, tokens)[1]
+
+    with torch.enable_grad():
+        zz = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(zz), zz)
+    assert grad.abs().max() > 0
+    for seed in range(2):
+        direction = torch.randn(z.shape, generator=seeded(10 + seed), dtype=torch.float64)
+        h = 1e-5
+        numeric = (energy(z + h * direction) - energy(z - h * direction)) / (2 * h)
+        analytic = (grad * direction).sum()
+        assert numeric.item() == pytest.approx(analytic.item(), rel=1e-4, abs=1e-9)
+    # The term added to eps is v * sigma_t * grad, sigma_t as the scheduler parameterises the latents.
+    term = guidance_term(pipe.scheduler, step, t, grad, 2.0)
+    if scheduler is DDIMScheduler:
+        sigma = (1 - pipe.scheduler.alphas_cumprod[int(t)]).sqrt()
+    else:
+        sigma = pipe.scheduler.sigmas[step]
+    torch.testing.assert_close(term, 2.0 * float(sigma) * grad)
+
+
+@pytest.mark.parametrize("make_edit", ["move", "resize", "copy_appearance"])
+def test_strong_guidance_lowers_the_energy(sg, base, make_edit):
+    # Random weights give tiny gradients (see the design notes): a strong scale shows the direction.
+    edit = {
+        "move": lambda: move("circle", dx=0.3, keep_others=False),
+        "resize": lambda: resize("circle", 2.0, keep_others=False),
+        "copy_appearance": lambda: copy_appearance("circle", base.trace, "square"),
+    }[make_edit]()
+    runs = {
+        v: sg(PROMPT, edits=[edit], num_inference_steps=10, generator=seeded(), output_type="latent", self_guidance_scale=v).energies
+        for v in (0.0, 100.0)
+    }
+    assert [s for s, _ in runs[0.0]] == [s for s, _ in runs[100.0]]
+    assert runs[100.0][-1][1] < runs[0.0][-1][1]
+
+
+def test_trace_reuse_skips_the_reference_pass(sg, base, tiny_pipe):
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        sg(PROMPT, edits=[move("circle", dx=0.1)], num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+        fresh = len(calls)
+        calls.clear()
+        out = sg(PROMPT, edits=[move("circle", dx=0.1)], num_inference_steps=STEPS, trace=base.trace, output_type="latent")
+        reused = len(calls)
+    finally:
+        hook.remove()
+    assert fresh == reused + STEPS  # the unedited pass ran once, only when no trace was given
+    assert out.trace is base.trace
+
+
+def test_edits_with_a_trace_reproduce_the_traced_noise(sg, base):
+    again = sg(PROMPT, num_inference_steps=STEPS, trace=base.trace, output_type="latent")
+    torch.testing.assert_close(again.images, base.images)
+
+
+def test_batch_with_different_edits_per_prompt(sg):
+    prompts = [PROMPT, "a green triangle"]
+    out = sg(
+        prompts,
+        edits=[[move("circle", dx=0.2)], []],
+        num_inference_steps=STEPS,
+        generator=seeded(),
+        output_type="latent",
+    )
+    assert out.images.shape[0] == 2 and isinstance(out.trace, list) and len(out.trace) == 2
+    alone = sg(prompts[1], num_inference_steps=STEPS, latents=out.trace[1].latents, output_type="latent")
+    # The second item had no edits: its gradient is zero, so it matches its own unedited run.
+    torch.testing.assert_close(out.images[1:], alone.images, rtol=1e-4, atol=1e-5)
+
+
+def test_every_edit_runs(sg, base):
+    other = sg("a blue square and a red circle painting", num_inference_steps=STEPS, generator=seeded(1), output_type="latent").trace
+    edits = [
+        place("circle", 0.2, 0.8),
+        keep_shape(["square"]),
+        copy_shape("circle", other, translate=(0.1, 0.0), scale=1.2, rotate=30),
+        copy_layout(other),
+        collage([(other, ["circle"]), (base.trace, ["square"])]),
+        restyle(other, ["painting"]) if False else keep_shape(),
+    ]
+    out = sg(PROMPT, edits=edits, num_inference_steps=STEPS, generator=seeded(), trace=base.trace, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    assert len(out.energies) == sum(default_schedule(STEPS))
+
+
+def test_restyle_through_a_style_word(sg):
+    styled = sg("a red circle painting", num_inference_steps=STEPS, generator=seeded(2), output_type="latent").trace
+    out = sg("a red circle painting", edits=[restyle(styled, ["painting"])], num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+    assert torch.isfinite(out.images).all() and out.energies
+
+
+def test_real_image_trace_as_a_source(sg):
+    image = np.zeros((64, 64, 3), dtype=np.float32)
+    image[16:40, 8:32] = [1.0, 0.0, 0.0]
+    real = sg.trace_image(image, "a red square", num_inference_steps=STEPS, generator=seeded())
+    assert real.latents is None and len(real.steps) == STEPS and "square" in real.words
+    out = sg(PROMPT, edits=[copy_shape("square", real), copy_appearance("square", real)], num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+    assert torch.isfinite(out.images).all()
+
+
+# ---- bad input: a clear error, and nothing changed --------------------------------------------
+
+
+def processors(pipe):
+    return dict(pipe.unet.attn_processors)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda sg: sg(PROMPT, edits=[move("zebra", dx=0.1)], num_inference_steps=2), r"'zebra' is not in the prompt.*\['a', 'red', 'circle'"),
+        (lambda sg: sg(PROMPT, latents=torch.full((1, 4, 16, 16), float("nan")), num_inference_steps=2), "NaN"),
+        (lambda sg: sg(PROMPT, edits=[[move("circle")], []], num_inference_steps=2), "2 lists of edits for 1 prompts"),
+        (lambda sg: sg(PROMPT, edits=["move circle"], num_inference_steps=2), "edits must be sgfast.edits objects"),
+        (lambda sg: sg(PROMPT, edits=[move("circle")], guidance_schedule=[99], num_inference_steps=2), "guidance_schedule"),
+    ],
+)
+def test_bad_calls_fail_clearly_and_change_nothing(sg, call, message):
+    before = processors(sg.pipe)
+    with pytest.raises(ValueError if "edits must" not in message else TypeError, match=message):
+        call(sg)
+    assert processors(sg.pipe) == before
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: place("circle", 1.5, 0.5), r"x must be in \[0.0, 1.0\]"),
+        (lambda: place("circle", 0.5, -0.1), r"y must be in \[0.0, 1.0\]"),
+        (lambda: move("circle", dx=2.0), r"dx must be in \[-1.0, 1.0\]"),
+        (lambda: resize("circle", 0.0), "scale must be a finite number > 0"),
+        (lambda: resize("circle", -1.0), "scale must be a finite number > 0"),
+        (lambda: move("circle", dx=0.1, weight=float("nan")), "weight must be a finite number >= 0"),
+    ],
+)
+def test_bad_edit_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_unknown_layer_and_unsupported_pipeline(tiny_pipe):
+    before = processors(tiny_pipe)
+    with pytest.raises(ValueError, match="unknown cross-attention layer 'mid_block.nope'"):
+        SelfGuidancePipeline.from_pipe(tiny_pipe, layers=["mid_block.nope"])
+    with pytest.raises(ValueError, match="unknown feature layer"):
+        SelfGuidancePipeline.from_pipe(tiny_pipe, feature_layer="up_blocks.7")
+    unconditional = DDPMPipeline(UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2), DDIMScheduler())
+    with pytest.raises(TypeError, match="wraps diffusers' StableDiffusionPipeline.*got DDPMPipeline"):
+        SelfGuidancePipeline.from_pipe(unconditional)
+    assert processors(tiny_pipe) == before
+
+
+def test_failure_during_sampling_restores_processors(sg):
+    class Broken(type(move("circle"))):
+        def object_energy(self, current, reference):
+            raise RuntimeError("broken edit")
+
+    before = processors(sg.pipe)
+    hooks = dict(sg.pipe.unet.up_blocks[0]._forward_hooks)
+    with pytest.raises(RuntimeError, match="broken edit"):
+        sg(PROMPT, edits=[Broken("circle", dx=0.1)], num_inference_steps=3, generator=seeded())
+    assert processors(sg.pipe) == before
+    assert dict(sg.pipe.unet.up_blocks[0]._forward_hooks) == hooks
