@@ -124,11 +124,14 @@ class Capture:
     (`word_weights`, `[B, S, T_sel]`), and the hook stores `features`: `[B, C, H, W]`.
     """
 
-    def __init__(self, unet, layers, feature_layer=None, impl="torch"):
+    def __init__(self, unet, layers, feature_layer=None, impl="torch", cut_graph=False):
         self.unet = unet
         self.layers = list(layers)
         self.feature_layer = feature_layer
-        self.impl = impl
+        self.impl = impl  # attention statistics: "torch" (reference), "triton" or "auto" (fused on CUDA)
+        # Stop building the autograd graph once the last captured layer has recorded: the energy
+        # reads nothing after it, so the rest of the UNet need save no activations.
+        self.cut_graph = cut_graph
         modules = cross_attention_layers(unet)
         for name in self.layers:
             if name not in modules:
@@ -164,17 +167,32 @@ class Capture:
         return False
 
     @contextmanager
-    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None)):
+    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True):
         """Record maps of the tokens `token_index` ([B, T_sel] key indices) grouped into words by
-        `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call."""
+        `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call, and the
+        feature layer's output if `features`."""
         self.token_index, self.word_weights = token_index, word_weights
         self.latent_size, self.batch_slice = latent_size, batch_slice
         self.maps, self.features = {}, None
+        self.want_features = features and self.feature_module is not None
+        self.pending = set(self.layers) | ({self.feature_layer} if self.want_features else set())
         self.recording = True
+        grad_mode = torch.is_grad_enabled()
         try:
             yield self
         finally:
             self.recording = False
+            torch.set_grad_enabled(grad_mode)
+
+    def captured_bytes(self):
+        """Bytes of what the current recording holds (maps and features)."""
+        tensors = list(self.maps.values()) + ([self.features] if self.features is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _recorded(self, name):
+        self.pending.discard(name)
+        if self.cut_graph and not self.pending:
+            torch.set_grad_enabled(False)
 
     def record_attention(self, name, query, key, scale):
         query, key = query[self.batch_slice], key[self.batch_slice]
@@ -184,8 +202,10 @@ class Capture:
         )
         word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
         self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width)
+        self._recorded(name)
 
     def _record_features(self, module, inputs, output):
-        if self.recording:
+        if self.recording and self.want_features:
             output = output[0] if isinstance(output, tuple) else output
             self.features = output[self.batch_slice]
+            self._recorded(self.feature_layer)

@@ -34,17 +34,28 @@ class SelfGuidanceOutput(BaseOutput):
     energies: list = None  # (step index, total energy) at each guided step
 
 
+MODES = ("reference", "fast")
+
+
 class SelfGuidancePipeline:
-    def __init__(self, pipe, layers=None, feature_layer=None, sharpness=10.0):
+    """`mode="reference"`: attention maps recomputed in plain PyTorch, the full autograd graph of the
+    conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
+    cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
+
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference"):
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(
                 f"SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (SD 1.x/2.x); got {type(pipe).__name__}"
             )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.pipe = pipe
+        self.mode = mode
+        if mode == "fast":
+            pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         self.layers = resolve_layers(pipe.unet, layers)
         self.feature_layer = feature_layer or default_feature_layer(pipe.unet, self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
-        self.sharpness = sharpness
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):
@@ -55,7 +66,9 @@ class SelfGuidancePipeline:
         return PromptWords.from_tokenizer(self.pipe.tokenizer, prompt).words
 
     def capture(self):
-        return Capture(self.pipe.unet, self.layers, self.feature_layer)
+        if self.mode == "fast":
+            return Capture(self.pipe.unet, self.layers, self.feature_layer, impl="auto", cut_graph=True)
+        return Capture(self.pipe.unet, self.layers, self.feature_layer, impl="torch")
 
     @torch.no_grad()
     def __call__(

@@ -15,6 +15,9 @@ import torch
 from sgfast.trace import Trace, View, selection
 
 
+FP16_LOSS_SCALE = 1024.0
+
+
 def default_schedule(num_steps):
     """The public ports' schedule: guide every step for the first 3/16 of the steps, then every other
     step, and none in the last 1/32. Returns one bool per step."""
@@ -118,10 +121,12 @@ def guided_energy(pipe, capture, latents, timestep, cond_embeds, edits, prompt_w
     """The conditional UNet pass on `latents` with the edits' words recorded, and the edits' total
     energy. Differentiable with respect to `latents`. Returns (eps_c, energy)."""
     scheduler = pipe.scheduler
-    with capture.record(*tokens, tuple(latents.shape[-2:])):
+    items = [item for item, _ in edits]
+    features = any(e.needs_features for item in items for e in item)
+    with capture.record(*tokens, tuple(latents.shape[-2:]), features=features):
         cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds)
-        references = [e[1] for e in edits]
-        energy = energy_of([e[0] for e in edits], capture, prompt_words, words, references, timestep)
+    # Outside the recording: the fast path switched gradients off after the last captured layer.
+    energy = energy_of(items, capture, prompt_words, words, [r for _, r in edits], timestep)
     return cond, energy
 
 
@@ -173,7 +178,10 @@ def denoise(
                     cond, energy = guided_energy(
                         pipe, capture, z, t, cond_embeds, edits_with_references, prompt_words, edit_words, edit_tokens
                     )
-                    (grad,) = torch.autograd.grad(energy, z)
+                    # fp16 latents: scale the energy so that small gradients do not underflow.
+                    loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
+                    (grad,) = torch.autograd.grad(energy * loss_scale, z)
+                    grad = grad.float() / loss_scale
                 if not torch.isfinite(grad).all():
                     raise FloatingPointError(f"the self-guidance gradient is not finite at step {i}; lower the edit weights")
                 if energies is not None:
