@@ -35,6 +35,25 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
+def _byte_pair_encode(word, merges):
+    """Split `word` as CLIP's BPE does with `merges`: repeatedly join the best-ranked adjacent pair."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        rank, pair = min((merges.get(pair, float("inf")), pair) for pair in zip(pieces, pieces[1:]))
+        if rank == float("inf"):
+            break
+        joined, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+                joined.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                joined.append(pieces[i])
+                i += 1
+        pieces = joined
+    return pieces
+
+
 def write_clip_vocabulary(folder, words):
     """Write vocab.json and merges.txt of a CLIP BPE tokenizer that knows each of `words` as one token.
 
@@ -45,26 +64,22 @@ def write_clip_vocabulary(folder, words):
     vocab = {}
     for token in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(token, len(vocab))
-    merges = []
+    merges = {}  # (left, right) -> rank
     for word in words:
-        word = word.lower()
-        if len(word) < 2:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = (left, right)
-            if merge not in merges:
-                merges.append(merge)
-            left = left + right
-            vocab.setdefault(left, len(vocab))
+        pieces = _byte_pair_encode(word.lower(), merges)
+        # Merge the first adjacent pair until the word is one token. New merges rank after all
+        # earlier ones, so they never change how earlier words are split.
+        while len(pieces) > 1:
+            merges[(pieces[0], pieces[1])] = len(merges)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = _byte_pair_encode(word.lower(), merges)
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))  # in rank order
     return vocab
 
 
