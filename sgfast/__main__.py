@@ -80,6 +80,11 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)
+    from sgfast.serve_cli import add_arguments as add_serve_arguments, serve
+
+    s = commands.add_parser("serve", help="HTTP server: POST /v1/images with edits and a time budget; /metrics, /healthz, a page at /")
+    add_serve_arguments(s)
+    s.set_defaults(run=serve)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -201,7 +201,9 @@ class Capture:
             query, key, self.token_index, height, width, scale=scale, return_maps=True, impl=self.impl
         )
         word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
-        self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width)
+        # A fresh tensor, not a view: inductor on the CPU was seen to return wrong gradients for a
+        # view stored as a side effect of the compiled forward.
+        self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width).clone()
         self._recorded(name)
 
     def _record_features(self, module, inputs, output):

@@ -42,7 +42,7 @@ class SelfGuidancePipeline:
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
     cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
 
-    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference"):
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False):
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(
                 f"SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (SD 1.x/2.x); got {type(pipe).__name__}"
@@ -56,6 +56,17 @@ class SelfGuidancePipeline:
         self.layers = resolve_layers(pipe.unet, layers)
         self.feature_layer = feature_layer or default_feature_layer(pipe.unet, self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
+        # One capture for the pipeline's life: the same processor objects every call, so a compiled
+        # UNet's guards hold and it is not recompiled per call.
+        if mode == "fast":
+            self._capture = Capture(pipe.unet, self.layers, self.feature_layer, impl="auto", cut_graph=True)
+        else:
+            self._capture = Capture(pipe.unet, self.layers, self.feature_layer, impl="torch")
+        if compile:
+            if mode != "fast":
+                raise ValueError("compile=True needs mode='fast'")
+            # The UNet forward is compiled, captured maps included; autograd.grad runs outside it.
+            pipe.unet.forward = torch.compile(pipe.unet.forward)
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):
@@ -66,9 +77,7 @@ class SelfGuidancePipeline:
         return PromptWords.from_tokenizer(self.pipe.tokenizer, prompt).words
 
     def capture(self):
-        if self.mode == "fast":
-            return Capture(self.pipe.unet, self.layers, self.feature_layer, impl="auto", cut_graph=True)
-        return Capture(self.pipe.unet, self.layers, self.feature_layer, impl="torch")
+        return self._capture
 
     @torch.no_grad()
     def __call__(

@@ -117,3 +117,17 @@ def test_half_precision_guided_step(dtype):
 def test_unknown_mode(tiny_pipe):
     with pytest.raises(ValueError, match="mode must be one of"):
         SelfGuidancePipeline.from_pipe(tiny_pipe, mode="turbo")
+
+
+@pytest.mark.compile
+def test_compiled_fast_path_matches_eager():
+    pipe = tiny_pipeline()
+    eager = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
+    base = eager(PROMPT, num_inference_steps=4, generator=seeded(), output_type="latent")
+    kwargs = dict(edits=[move("circle", dx=0.2)], num_inference_steps=4, trace=base.trace, output_type="latent", self_guidance_scale=100.0)
+    expected = eager(PROMPT, **kwargs)
+    compiled = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode="fast", compile=True)
+    for _ in range(2):  # the second call reuses the compiled graphs
+        out = compiled(PROMPT, **kwargs)
+        torch.testing.assert_close(out.images, expected.images, rtol=1e-3, atol=1e-3)
+        assert [s for s, _ in out.energies] == [s for s, _ in expected.energies]

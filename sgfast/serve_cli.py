@@ -1,0 +1,79 @@
+"""Command line of the server: `python -m sgfast serve --model <path|default|tiny> --host 127.0.0.1 --port 8000`.
+
+Kept apart from `sgfast.serve` so that `python -m sgfast --help` does not import the web stack."""
+
+import sys
+
+POLICIES = ("degrade", "reject")
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="default", help='"default", "tiny", or a local diffusers pipeline folder')
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--policy", choices=POLICIES, default="degrade", help="requests predicted to miss their budget: degrade or reject (503)")
+    parser.add_argument("--device", default="auto", help='"auto" (cuda when available), "cpu", "cuda", ...')
+    parser.add_argument("--mode", choices=("auto", "reference", "fast"), default="auto", help="SelfGuidancePipeline mode (auto: fast on CUDA)")
+    parser.add_argument("--max-batch", type=int, default=4, help="most requests of the same shape run in one pipeline call")
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--default-steps", type=int, default=20)
+    parser.add_argument("--min-steps", type=int, default=10, help="degradation floor (or the requested steps if fewer)")
+    parser.add_argument("--min-guided-fraction", type=float, default=0.25, help="degradation floor of guided steps")
+    parser.add_argument("--max-size", type=int, default=None, help="pixels per side (default: twice the model's native size)")
+    parser.add_argument("--max-edits", type=int, default=8)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-body-kb", type=int, default=64)
+    parser.add_argument("--cache-mb", type=float, default=256, help="memory bound of the reference-trace cache")
+    parser.add_argument("--calibrate-sizes", default="", help="extra square sizes to calibrate, e.g. 256,768 (native always)")
+    parser.add_argument("--no-drain", action="store_true", help="on shutdown answer queued requests 503 instead of running them")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the model worker (0: torch's default)")
+    parser.add_argument("--log-level", default="info")
+
+
+def build_engine(args, log=print):
+    """Load the model named by the flags, calibrate the cost model, return an Engine (not started)."""
+    import torch
+
+    from sgfast import SelfGuidancePipeline
+    from sgfast.__main__ import load_pipeline
+    from sgfast.serve_engine import Engine, Limits
+
+    pipe, name = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    mode = args.mode if args.mode != "auto" else ("fast" if device.startswith("cuda") else "reference")
+    sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode)
+    limits = Limits(
+        max_steps=args.max_steps,
+        default_steps=min(args.default_steps, args.max_steps),
+        min_steps=args.min_steps,
+        min_guided_fraction=args.min_guided_fraction,
+        max_size=args.max_size,
+        max_edits=args.max_edits,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_kb * 1024,
+    )
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]
+    log(f"model: {name} on {device} ({mode} mode); the cost model is calibrated when the worker starts")
+    return Engine(
+        sg, model=name, cost=None, policy=args.policy, limits=limits, cache_bytes=int(args.cache_mb * 2**20), log=log,
+        threads=args.threads or None, calibrate_sizes=sizes,
+    )
+
+
+def serve(args):
+    try:
+        import uvicorn
+    except ImportError:
+        sys.exit("serving needs the serve extra: pip install -e '.[serve]'")
+    from sgfast.serve import create_app
+
+    engine = build_engine(args)
+    app = create_app(engine, drain_on_shutdown=not args.no_drain)
+    print(f"serving on http://{args.host}:{args.port}/  (policy: {args.policy}; Ctrl-C drains the queue and stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=120)
