@@ -235,10 +235,11 @@ class SelfGuidancePipeline:
                 )
         return traces
 
-    @staticmethod
-    def _new_traces(prompts, prompt_words, initial, image_size):
+    def _new_traces(self, prompts, prompt_words, initial, image_size):
+        # Keep the noise as `latents=` takes it: prepare_latents scales by init_noise_sigma again.
+        noise = initial / self.pipe.scheduler.init_noise_sigma
         return [
-            Trace(p, list(dict.fromkeys(w.words)), latents=initial[b : b + 1].clone(), image_size=image_size)
+            Trace(p, list(dict.fromkeys(w.words)), latents=noise[b : b + 1].clone(), image_size=image_size)
             for b, (p, w) in enumerate(zip(prompts, prompt_words))
         ]
 

@@ -124,9 +124,14 @@ def test_trace_reuse_skips_the_reference_pass(sg, base, tiny_pipe):
     assert out.trace is base.trace
 
 
-def test_edits_with_a_trace_reproduce_the_traced_noise(sg, base):
-    again = sg(PROMPT, num_inference_steps=STEPS, trace=base.trace, output_type="latent")
-    torch.testing.assert_close(again.images, base.images)
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
+def test_a_trace_reproduces_the_traced_noise(scheduler):
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    first = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+    again = sg(PROMPT, num_inference_steps=STEPS, trace=first.trace, output_type="latent")
+    torch.testing.assert_close(again.images, first.images)
 
 
 def test_batch_with_different_edits_per_prompt(sg):
