@@ -66,7 +66,9 @@ class SelfGuidancePipeline:
             if mode != "fast":
                 raise ValueError("compile=True needs mode='fast'")
             # The UNet forward is compiled, captured maps included; autograd.grad runs outside it.
-            pipe.unet.forward = torch.compile(pipe.unet.forward)
+            # `compile` may name a torch.compile backend ("inductor" for True).
+            backend = "inductor" if compile is True else compile
+            pipe.unet.forward = torch.compile(pipe.unet.forward, backend=backend)
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):
