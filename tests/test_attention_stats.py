@@ -1,0 +1,316 @@
+"""attention_stats: the Triton kernels (run through the interpreter on the CPU) against a float64
+torch reference, the reference against a naive loop, gradients, the custom op, and input checks."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from sgfast.kernels import attention_stats, attention_stats_reference
+
+# The package attribute `sgfast.kernels.attention_stats` is the function; this is the module.
+ops = importlib.import_module("sgfast.kernels.attention_stats")
+
+needs_triton = pytest.mark.skipif(
+    not ops.HAS_TRITON or not ops.INTERPRET, reason="needs triton with TRITON_INTERPRET=1 (see conftest.py)"
+)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel does not write cannot pass."""
+    monkeypatch.setattr(ops, "DEBUG_POISON_OUTPUTS", True)
+
+
+def make_inputs(seed, batch, heads, height, width, keys, selected, head_dim, dtype, strided=False, spread=1.0):
+    """Random q [B, heads, N, d], k [B, heads, T, d] and token_index [B, S]. `strided` builds q and k
+    as the transposed views attention processors pass (x.view(B, N, heads, d).transpose(1, 2)).
+    Row 0 always selects key 0 and key T-1 (the padding edge) and, with S >= 3, one key twice."""
+    g = torch.Generator().manual_seed(seed)
+    n = height * width
+    if strided:
+        q = torch.randn(batch, n, heads, head_dim, generator=g).transpose(1, 2)
+        k = torch.randn(batch, keys, heads, head_dim, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(batch, heads, n, head_dim, generator=g)
+        k = torch.randn(batch, heads, keys, head_dim, generator=g)
+    token_index = torch.randint(0, keys, (batch, selected), generator=g)
+    token_index[0, 0] = 0
+    if selected >= 2:
+        token_index[0, 1] = keys - 1
+    if selected >= 3:
+        token_index[0, 2] = token_index[0, 1]
+    return (q * spread).to(dtype), k.to(dtype), token_index
+
+
+def naive_stats(q, k, token_index, height, width, scale):
+    """Loops over batch, selected tokens, heads and positions with explicit moment formulas."""
+    batch, heads, _, _ = q.shape
+    selected = token_index.shape[1]
+    sums = torch.zeros(batch, selected, 3, dtype=torch.float64)
+    maps = torch.zeros(batch, selected, height * width, dtype=torch.float64)
+    for b in range(batch):
+        for s in range(selected):
+            t = int(token_index[b, s])
+            for i in range(height):
+                for j in range(width):
+                    p = i * width + j
+                    value = 0.0
+                    for h in range(heads):
+                        logits = [scale * float(q[b, h, p] @ k[b, h, u]) for u in range(k.shape[2])]
+                        top = max(logits)
+                        weights = [math.exp(x - top) for x in logits]
+                        value += weights[t] / sum(weights) / heads
+                    maps[b, s, p] = value
+                    sums[b, s, 0] += value
+                    sums[b, s, 1] += (j + 0.5) / width * value
+                    sums[b, s, 2] += (i + 0.5) / height * value
+    return sums, maps
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_naive_loop():
+    q, k, token_index = make_inputs(0, batch=2, heads=2, height=3, width=4, keys=5, selected=3,
+                                    head_dim=3, dtype=torch.float64, spread=2.0)
+    sums, maps = attention_stats_reference(q, k, token_index, 3, 4, scale=0.7)
+    want_sums, want_maps = naive_stats(q, k, token_index, 3, 4, scale=0.7)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(maps, want_maps, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, out", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                        (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_reference_output_dtype(dtype, out):
+    q, k, token_index = make_inputs(1, 1, 2, 2, 3, 7, 2, 8, dtype)
+    sums, maps = attention_stats(q, k, token_index, 2, 3, impl="torch")
+    assert sums.dtype == maps.dtype == out
+    assert sums.shape == (1, 2, 3) and maps.shape == (1, 2, 6)
+
+
+def test_reference_gradcheck():
+    q, k, token_index = make_inputs(2, 1, 2, 2, 2, 5, 3, 3, torch.float64)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q, k: attention_stats_reference(q, k, token_index, 2, 2, 0.5), (q, k)
+    )
+
+
+def test_auto_uses_reference_on_cpu():
+    q, k, token_index = make_inputs(3, 2, 2, 3, 3, 13, 2, 16, torch.float32)
+    got = attention_stats(q, k, token_index, 3, 3, impl="auto")
+    want = attention_stats_reference(q, k, token_index, 3, 3, scale=16**-0.5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton (interpreter) against the float64 reference
+# ---------------------------------------------------------------------------------------------------
+
+# dtype, heads, head_dim, T, S, (H, W), strided inputs. N is never a multiple of the interpreter's
+# BLOCK_N (16); head dims cover one, two and three d-chunks with masked tails.
+CASES = [
+    (torch.float32, 1, 40, 77, 1, (5, 7), False),
+    (torch.float32, 3, 64, 13, 3, (7, 9), True),
+    (torch.float32, 8, 80, 77, 3, (5, 7), False),
+    (torch.float32, 3, 160, 13, 1, (1, 35), True),
+    (torch.float16, 3, 40, 13, 3, (7, 5), True),
+    (torch.float16, 1, 64, 77, 3, (5, 7), False),
+    (torch.float16, 3, 80, 13, 1, (7, 9), False),
+    (torch.float16, 8, 160, 77, 3, (5, 7), True),
+    (torch.bfloat16, 8, 40, 77, 3, (5, 7), False),
+    (torch.bfloat16, 3, 64, 77, 1, (7, 5), True),
+    (torch.bfloat16, 1, 80, 13, 3, (7, 9), True),
+    (torch.bfloat16, 3, 160, 13, 3, (5, 7), False),
+]
+
+# dq is written in the input dtype: its error is that dtype's rounding (relative to the largest entry).
+DQ_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def case_id(case):
+    dtype, heads, head_dim, keys, selected, (h, w), strided = case
+    return f"{str(dtype)[6:]}-h{heads}-d{head_dim}-T{keys}-S{selected}-{h}x{w}" + ("-strided" if strided else "")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case):
+    dtype, heads, head_dim, keys, selected, (height, width), strided = case
+    seed = CASES.index(case)
+    q, k, token_index = make_inputs(seed, 2, heads, height, width, keys, selected, head_dim, dtype,
+                                    strided=strided, spread=1.0 + seed % 3)  # spread: sharper softmax rows
+    q.requires_grad_(True)
+    sums, maps = attention_stats(q, k, token_index, height, width, impl="triton")
+    assert sums.dtype == maps.dtype == torch.float32
+
+    # The reference sees the same (rounded) inputs, in float64: what is left is the kernels' own error.
+    q64 = q.detach().double().requires_grad_(True)
+    want_sums, want_maps = attention_stats_reference(q64, k.double(), token_index, height, width, head_dim**-0.5)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-7)
+
+    g = torch.Generator().manual_seed(100 + seed)
+    grad_sums = torch.randn(sums.shape, generator=g)
+    grad_maps = torch.randn(maps.shape, generator=g)
+    (dq,) = torch.autograd.grad((sums * grad_sums).sum() + (maps * grad_maps).sum(), q)
+    (want_dq,) = torch.autograd.grad(
+        (want_sums * grad_sums.double()).sum() + (want_maps * grad_maps.double()).sum(), q64
+    )
+    assert dq.dtype == dtype and dq.shape == q.shape
+    tol = DQ_TOLERANCE[dtype]
+    torch.testing.assert_close(dq.double(), want_dq, rtol=tol, atol=tol * want_dq.abs().max().item())
+
+
+@needs_triton
+def test_triton_large_logits_stay_finite():
+    # Logits in the hundreds: the row max must be subtracted before exp.
+    q, k, token_index = make_inputs(20, 1, 2, 3, 5, 13, 3, 16, torch.float32, spread=60.0)
+    sums, maps = attention_stats(q, k, token_index, 3, 5, impl="triton")
+    want_sums, want_maps = attention_stats_reference(q.double(), k.double(), token_index, 3, 5, 0.25)
+    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
+def test_return_maps_false(impl):
+    q, k, token_index = make_inputs(21, 2, 3, 5, 7, 77, 3, 40, torch.float32)
+    q.requires_grad_(True)
+    sums, maps = attention_stats(q, k, token_index, 5, 7, impl=impl, return_maps=False)
+    assert maps is None
+    full_sums, _ = attention_stats(q, k, token_index, 5, 7, impl=impl, return_maps=True)
+    assert torch.equal(sums, full_sums)
+
+    # Gradient through the sums alone: the same with and without maps (unused maps get no gradient).
+    grad_sums = torch.randn(sums.shape, generator=torch.Generator().manual_seed(5))
+    (dq,) = torch.autograd.grad((sums * grad_sums).sum(), q)
+    (dq_full,) = torch.autograd.grad((full_sums * grad_sums).sum(), q)
+    torch.testing.assert_close(dq, dq_full, rtol=1e-6, atol=1e-9)
+
+
+@needs_triton
+def test_triton_gradient_through_maps_only():
+    q, k, token_index = make_inputs(22, 2, 2, 3, 7, 13, 2, 24, torch.float32)
+    q.requires_grad_(True)
+    _, maps = attention_stats(q, k, token_index, 3, 7, impl="triton")
+    (dq,) = torch.autograd.grad(maps.square().sum(), q)
+    _, want_maps = attention_stats_reference(q, k, token_index, 3, 7, 24**-0.5)
+    (want_dq,) = torch.autograd.grad(want_maps.square().sum(), q)
+    torch.testing.assert_close(dq, want_dq, rtol=1e-5, atol=1e-7)
+
+
+@needs_triton
+def test_triton_gradcheck_float64():
+    # Two position blocks (N = 20), a token selected twice, head dim below the 16-wide tile.
+    q, k, token_index = make_inputs(23, 2, 2, 4, 5, 13, 3, 8, torch.float64)
+    q.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q: attention_stats(q, k, token_index, 4, 5, impl="triton"), (q,), fast_mode=True
+    )
+    # The autograd.Function entry point shares the same backward.
+    q = q[:1, :1].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q: ops.AttentionStatsFunction.apply(q, k[:1, :1], token_index[:1], 4, 5, 0.3, True), (q,),
+        fast_mode=True,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("return_maps", [True, False])
+def test_opcheck(return_maps):
+    q, k, token_index = make_inputs(24, 1, 2, 2, 3, 13, 2, 8, torch.float64)
+    q.requires_grad_(True)
+    torch.library.opcheck(torch.ops.sgfast.attention_stats.default, (q, k, token_index, 2, 3, 0.3, return_maps))
+
+
+@needs_triton
+def test_opcheck_backward():
+    q, k, token_index = make_inputs(25, 1, 2, 2, 3, 13, 2, 8, torch.float32)
+    grad_sums, grad_maps = torch.randn(1, 2, 3), torch.randn(1, 2, 6)
+    backward = torch.ops.sgfast.attention_stats_backward.default
+    for grads in ((grad_sums, grad_maps), (grad_sums, None), (None, grad_maps)):
+        torch.library.opcheck(backward, (q, k, token_index, *grads, 2, 3, 0.3))
+
+
+@needs_triton
+@pytest.mark.compile
+def test_compile_fullgraph():
+    q, k, token_index = make_inputs(26, 2, 2, 5, 7, 13, 2, 40, torch.float32)
+    q.requires_grad_(True)
+
+    def energy(q):
+        sums, maps = attention_stats(q, k, token_index, 5, 7, impl="triton")
+        centroid = sums[..., 1:] / sums[..., :1]
+        return centroid.abs().sum() + maps.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(energy, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    (got,) = torch.autograd.grad(compiled(q), q)
+    (want,) = torch.autograd.grad(energy(q), q)
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bad(name):
+    q, k, token_index = make_inputs(30, 2, 2, 3, 4, 13, 2, 8, torch.float32)
+    args = {"q": q, "k": k, "token_index": token_index, "height": 3, "width": 4}
+    if name == "n_mismatch":
+        args["width"] = 5
+    elif name == "token_too_large":
+        args["token_index"] = token_index.clone().fill_(13)
+    elif name == "token_negative":
+        args["token_index"] = token_index.clone().fill_(-1)
+    elif name == "float_tokens":
+        args["token_index"] = token_index.float()
+    elif name == "dtype_mismatch":
+        args["k"] = k.half()
+    elif name == "q_rank":
+        args["q"] = q[0]
+    elif name == "token_rank":
+        args["token_index"] = token_index[0]
+    elif name == "batch_mismatch":
+        args["token_index"] = token_index[:1]
+    elif name == "head_dim_mismatch":
+        args["k"] = k[..., :4]
+    elif name == "integer_q":
+        args["q"], args["k"] = q.long(), k.long()
+    return args
+
+
+@pytest.mark.parametrize("name, message", [
+    ("n_mismatch", "height \\* width"),
+    ("token_too_large", "token_index must lie in"),
+    ("token_negative", "token_index must lie in"),
+    ("float_tokens", "integer tensor"),
+    ("dtype_mismatch", "one floating dtype"),
+    ("q_rank", "q must have 4 dims"),
+    ("token_rank", "token_index must have 2 dims"),
+    ("batch_mismatch", "batch"),
+    ("head_dim_mismatch", "does not match"),
+    ("integer_q", "one floating dtype"),
+])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bad_inputs(name, message, impl):
+    with pytest.raises(ValueError, match=message):
+        attention_stats(**_bad(name), impl=impl)
+
+
+def test_bad_impl():
+    with pytest.raises(ValueError, match="impl must be"):
+        attention_stats(**_bad(None), impl="cuda")
+
+
+def test_not_a_tensor():
+    args = _bad(None)
+    args["q"] = args["q"].tolist()
+    with pytest.raises(TypeError, match="q must be a tensor"):
+        attention_stats(**args)
