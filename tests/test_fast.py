@@ -148,3 +148,14 @@ def test_compiled_guided_loop_matches_eager(reference_trace, backend):
     for _ in range(2):  # the second call reuses the compiled graphs
         out = compiled(PROMPT, **kwargs)
         torch.testing.assert_close(out.images, expected.images, rtol=1e-3, atol=1e-3)
+
+
+def test_triton_kernels_in_the_guided_step_match_the_reference(pipes, reference_trace):
+    # The fused kernels through the Triton interpreter, inside a real guided step of the tiny UNet.
+    reference, fast = pipes
+    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_others=False)]]
+    triton_capture = Capture(fast.pipe.unet, fast.layers, fast.feature_layer, impl="triton", cut_graph=True)
+    e_ref, g_ref = step_gradient(reference, reference.capture(), edits, reference_trace)
+    e_tri, g_tri = step_gradient(fast, triton_capture, edits, reference_trace)
+    torch.testing.assert_close(e_tri, e_ref, rtol=1e-5, atol=1e-7)
+    assert ((g_tri - g_ref).norm() / g_ref.norm()).item() < 1e-4
