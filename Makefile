@@ -10,7 +10,7 @@ $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same pip command as the rest (constraints.txt): installed alone later,
 	# diffusers would pull a multi-GB CUDA build of torch on a CPU machine.
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch -e '.[dev,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,3 +34,14 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
+
+# Load test of `python -m sgfast serve` on loopback (tiny model, and the built-in one when installed):
+# latency percentiles, throughput, deadline misses; writes outputs/bench/serve_load.json and the
+# "## Serving" section of benchmarks/RESULTS.md.
+.PHONY: bench-serve test-serve-slow
+bench-serve: $(STAMP)
+	$(PY) benchmarks/serve_load.py
+
+# The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas.
+test-serve-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_serve_page.py tests/test_serve_ray.py

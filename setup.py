@@ -10,7 +10,7 @@ setup(
     packages=["sgfast", "sgfast.kernels"],
     package_dir={"sgfast": "sgfast", "sgfast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"sgfast": ["assets/*", "assets/**/*"]},
+    package_data={"sgfast": ["assets/*", "assets/**/*", "static/*"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30,<0.50",
@@ -25,5 +25,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4"],
         "xformers": ["xformers"],
+        # `python -m sgfast serve`: the HTTP server, its metrics, and the load test's client.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],
+        # `sgfast.serve_ray`: the same API on Ray Serve, one replica per GPU.
+        "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "httpx>=0.27", "prometheus-client>=0.20"],
     },
 )

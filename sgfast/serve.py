@@ -9,9 +9,21 @@
     GET  /metrics     Prometheus text format
     GET  /            a small page: generate, click a word then a point to move it there, resize
 
+Edits (by word of the prompt): move (dx, dy), place (x, y in [0, 1]), resize (scale), keep_shape and
+keep_appearance (words); each takes an optional `weight`, the object edits `keep_others`. Other fields:
+negative_prompt, self_guidance_scale, size (a side, or [width, height]), format ("json" or "png").
+
+Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedited trace was cached),
+`degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
+`cache_hit`, `batch_size`, `words`; 422 for bad input (schema, caps, unknown words naming the prompt's
+words, a budget no plan can ever meet); 413 for a body over the cap; 503 when the request would miss
+its budget under `--policy reject` (or would make queued requests miss theirs), the queue is full, its
+deadline passed while queued, or the server is shutting down (`detail` says which, with the predicted
+time and what would fit, and Retry-After); 500 when generation failed (the worker carries on).
+
 The engine (`sgfast.serve_engine`) does the work: admission against the budget, EDF queue, one worker
-thread owning the model, batching of same-shape requests and the reference-trace cache.
-Needs the `serve` extra: `pip install -e '.[serve]'`.
+thread owning the model, batching of same-shape requests and the reference-trace cache. Flags:
+`python -m sgfast serve --help`. Needs the `serve` extra: `pip install -e '.[serve]'`.
 """
 
 import asyncio
@@ -380,7 +392,7 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
         except Exception as e:
             return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
         payload = result_payload(result, words_of(spec.prompt))
-        png = png_bytes(result.image)
+        png = await asyncio.get_running_loop().run_in_executor(None, png_bytes, result.image)  # off the event loop
         accept = request.headers.get("accept", "")
         if body.format == "png" or ("image/png" in accept and "application/json" not in accept):
             headers = {
@@ -413,6 +425,7 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
         body = {
             "status": "ok" if ok else ("shutting down" if engine.closing else "worker not running"),
             "model": engine.model,
+            "replica": engine.replica,
             "policy": engine.policy,
             "queue_depth": engine.depth(),
             "native_size": engine.native,

@@ -269,19 +269,28 @@ class Decision:
     degraded: bool
 
 
-def admit(cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits, reference_steps_for=lambda s: 0, batch=1):
+def admit(
+    cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits, reference_steps_for=lambda s: 0, batch=1,
+    slack_ms=math.inf,
+):
     """Plan one request. Returns a Decision or raises Rejected (422: no plan meets the budget even on
-    an idle server; 503: not with the work queued ahead of it now). Pure: no timing, no engine."""
+    an idle server; 503: not with the work queued ahead of it now). `slack_ms`: how much work can be
+    put ahead of the queued requests due after this one before one of them is predicted to miss its
+    deadline (a plan costing more is not admitted either). Pure: no timing, no engine."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
 
     def predict(plan):
         return cost.call_ms(batch, pixels, plan.steps, plan.guided_steps, plan.reference_steps)
 
+    def fits(plan):
+        ms = predict(plan)
+        return ms <= slack_ms and (budget_ms is None or ahead_ms + ms <= budget_ms)
+
     candidates = list(candidate_plans(steps, has_edits, reference_steps_for, limits))
     full = candidates[0]
     full_ms = predict(full)
-    if budget_ms is None or ahead_ms + full_ms <= budget_ms:
+    if budget_ms is None or fits(full):
         return Decision(full, ahead_ms + full_ms, False)
     allowed = candidates if policy == "degrade" else [full]
     idle_best = min(allowed, key=predict)
@@ -295,7 +304,7 @@ def admit(cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits
             min_budget_ms=math.ceil(idle_ms),
             plan=idle_best.as_dict(),
         )
-    fitting = next((p for p in candidates if ahead_ms + predict(p) <= budget_ms), None)
+    fitting = next((p for p in candidates if fits(p)), None)
     if policy == "degrade" and fitting is not None:
         return Decision(fitting, ahead_ms + predict(fitting), True)
     detail = dict(
@@ -303,9 +312,17 @@ def admit(cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits
         queue_ms=round(ahead_ms, 1),
         min_budget_ms=math.ceil(ahead_ms + full_ms),
         would_fit=fitting.as_dict() if fitting is not None else None,
-        retry_after_s=max(1, math.ceil((ahead_ms + full_ms - budget_ms) / 1000)),
+        retry_after_s=max(1, math.ceil(max(ahead_ms + full_ms - budget_ms, full_ms - slack_ms) / 1000)),
     )
-    if fitting is None:
+    if ahead_ms + full_ms <= budget_ms:  # it would meet its own budget, but make queued requests miss theirs
+        detail["slack_ms"] = round(slack_ms, 1)
+        message = (
+            f"overloaded: running it ({full_ms:.0f} ms) would make queued requests miss their deadlines "
+            f"(they can wait {slack_ms:.0f} ms more)"
+        )
+        if fitting is not None:
+            message += f"; {fitting.steps} steps with guidance on {fitting.guided_steps} would fit"
+    elif fitting is None:
         message = f"overloaded: completion predicted in {ahead_ms + full_ms:.0f} ms ({ahead_ms:.0f} ms queued ahead), budget {budget_ms:g} ms; nothing fits now"
     else:
         message = (
@@ -475,7 +492,9 @@ class Engine:
         self.closing = False
         self.drain = True
         self.thread = None
-        self.batches = 0
+        self.batches = 0  # pipeline calls that succeeded
+        self.admitted = 0  # requests queued
+        self.replica = None  # a name for this server among several (Ray Serve replicas)
         self.threads = threads  # torch intra-op threads of the worker (None: torch's default)
         self.calibrate_sizes = calibrate_sizes  # [(height, width)] to calibrate (default: the native size)
 
@@ -536,7 +555,7 @@ class Engine:
                 raise Rejected(503, f"the queue is full ({self.limits.max_queue} requests)", retry_after_s=1)
             budget = spec.budget_ms
             deadline = now + (budget if budget is not None else NO_BUDGET_MS) / 1000
-            ahead = self._ahead_ms(deadline, now)
+            ahead, slack = self._ahead_ms(deadline, now)
             decision = admit(
                 self.cost,
                 steps=spec.steps,
@@ -547,11 +566,13 @@ class Engine:
                 policy=self.policy,
                 limits=self.limits,
                 reference_steps_for=self.reference_steps_for(spec),
+                slack_ms=slack,
             )
             plan = decision.plan
             job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq))
             job.cost_ms = decision.predicted_ms - ahead
             heapq.heappush(self.queue, (deadline, job.seq, job))
+            self.admitted += 1
             self.cond.notify()
         return job
 
@@ -572,11 +593,22 @@ class Engine:
     # -- scheduling -----------------------------------------------------------------------------
 
     def _ahead_ms(self, deadline, now):
-        ahead = sum(j.cost_ms for d, _, j in self.queue if d <= deadline)
+        """(work predicted to run before a request due at `deadline`, in ms; its slack: how much it may
+        add before a queued request due after it is predicted to miss, ignoring those already late)."""
+        done = 0.0
         if self.running is not None:
             started, predicted, _ = self.running
-            ahead += max(0.0, predicted - (now - started) * 1000)
-        return ahead
+            done = max(0.0, predicted - (now - started) * 1000)
+        ahead, slack = done, math.inf
+        for d, _, job in sorted(self.queue, key=lambda e: e[:2]):
+            done += job.cost_ms
+            if d <= deadline:
+                ahead = done
+            elif job.spec.budget_ms is not None:
+                left = (d - now) * 1000 - done
+                if left >= 0:
+                    slack = min(slack, left)
+        return ahead, slack
 
     def _cancel_queued(self):
         while self.queue:

@@ -7,6 +7,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One thread: on 2 cores shared with other work, torch's thread pool makes small ops' times swing
+# by orders of magnitude; results do not depend on it.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe():

@@ -73,7 +73,7 @@ def test_fast_saves_less_for_backward(pipes, reference_trace):
     step_gradient(reference, Capture(reference.pipe.unet, reference.layers[:1], impl="torch"), edits, reference_trace, saved=saved_reference)
     step_gradient(fast, Capture(fast.pipe.unet, fast.layers[:1], impl="auto", cut_graph=True), edits, reference_trace, saved=saved_fast)
     # Captured at the first decoder layer: the fast graph stops there, the reference one runs to the end.
-    assert 0 < sum(saved_fast) < sum(saved_reference) / 2
+    assert 0 < sum(saved_fast) < 0.75 * sum(saved_reference)
 
 
 def test_fast_and_reference_images_agree(pipes, reference_trace):
