@@ -1,0 +1,444 @@
+"""Train the built-in default model on synthetic shape scenes (`sgfast.scenes`).
+
+    python -m sgfast.train --out training/run --seed 0            # start, or resume from the latest checkpoint
+    python -m sgfast.train --out training/run --export            # export the latest checkpoint and exit
+
+Every part is the real diffusers / transformers class: AutoencoderKL (64x64 RGB -> 16x16x4 latents),
+CLIPTextModel with a CLIPTokenizer over the caption words, UNet2DConditionModel with cross-attention
+at 16x16 and 8x8, DDIMScheduler, epsilon prediction.
+
+Phase 1 trains the VAE (reconstruction + a small KL term) and measures the latent scaling factor on
+fresh scenes. Phase 2 trains the UNet and the text encoder (from scratch) together on the frozen
+VAE's latents, with 10% of the captions dropped to the empty prompt so that classifier-free guidance
+works, Min-SNR loss weighting and an EMA of both.
+
+Runs are reproducible from the seed: each step draws its scenes and noise from generators seeded
+with (seed, phase, step), so a run resumed from a checkpoint continues exactly. A checkpoint
+(`<out>/checkpoint.pt`, weights + optimiser + EMA) is written every few minutes, losses go to
+`<out>/log.txt`, and the EMA model is exported as a StableDiffusionPipeline (safetensors) to
+`sgfast/assets/default/` every so often, with a sample sheet in `<out>/samples/`.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sgfast import scenes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_EXPORT = os.path.join(ROOT, "sgfast", "assets", "default")
+MAX_LENGTH = 77
+PHASE_VAE, PHASE_UNET = 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    from sgfast.testing import write_clip_vocabulary
+
+    write_clip_vocabulary(folder, scenes.CAPTION_WORDS)
+    return CLIPTokenizer(
+        vocab=os.path.join(folder, "vocab.json"),
+        merges=os.path.join(folder, "merges.txt"),
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def build_models(seed, tokenizer):
+    """The untrained VAE, text encoder and UNet (seeded), and the scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=scenes.SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=scenes.SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers passes this as the number of heads
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return vae, text_encoder, unet, scheduler
+
+
+def to_pixels(images):
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class EMA:
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def lr_at(step, base, warmup, total, floor=0.1):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.out = args.out
+        os.makedirs(self.out, exist_ok=True)
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        self.log_path = os.path.join(self.out, "log.txt")
+        self.tokenizer = build_tokenizer(os.path.join(self.out, "tokenizer"))
+        self.vae, self.text_encoder, self.unet, self.scheduler = build_models(args.seed, self.tokenizer)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(
+            list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=args.lr, weight_decay=0.01
+        )
+        self.unet.to(memory_format=torch.channels_last)  # ~10% faster convolutions on the CPU
+        self.unet_ema = EMA(self.unet, args.ema)
+        self.text_ema = EMA(self.text_encoder, args.ema)
+        self.phase, self.step = PHASE_VAE, 0
+        self.scaling_factor = None
+        self.elapsed = 0.0  # training seconds over all resumes
+        self.token_cache = {}
+        alphas = self.scheduler.alphas_cumprod
+        self.snr = alphas / (1 - alphas)
+        if os.path.exists(self.ckpt_path):
+            self.load()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state(self):
+        return dict(
+            phase=self.phase,
+            step=self.step,
+            seed=self.args.seed,
+            elapsed=self.elapsed,
+            scaling_factor=self.scaling_factor,
+            vae=self.vae.state_dict(),
+            vae_opt=self.vae_opt.state_dict(),
+            unet=self.unet.state_dict(),
+            text_encoder=self.text_encoder.state_dict(),
+            opt=self.opt.state_dict(),
+            unet_ema=self.unet_ema.shadow,
+            text_ema=self.text_ema.shadow,
+        )
+
+    def save(self):
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def load(self):
+        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        if s["seed"] != self.args.seed:
+            raise SystemExit(f"{self.ckpt_path} was trained with --seed {s['seed']}, not {self.args.seed}")
+        self.phase, self.step, self.elapsed = s["phase"], s["step"], s["elapsed"]
+        self.scaling_factor = s["scaling_factor"]
+        self.vae.load_state_dict(s["vae"])
+        self.vae_opt.load_state_dict(s["vae_opt"])
+        self.unet.load_state_dict(s["unet"])
+        self.text_encoder.load_state_dict(s["text_encoder"])
+        self.opt.load_state_dict(s["opt"])
+        self.unet_ema.shadow = s["unet_ema"]
+        self.text_ema.shadow = s["text_ema"]
+        self.log(f"resumed phase={self.phase} step={self.step} from {self.ckpt_path}")
+
+    def log(self, line):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log_path, "a") as f:
+            f.write(f"{stamp} {line}\n")
+        print(f"{stamp} {line}", flush=True)
+
+    # -- data ----------------------------------------------------------------------------------
+    def batch(self, phase, step, n):
+        rng = np.random.default_rng([self.args.seed, phase, step])
+        images, captions = scenes.sample_batch(rng, n)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        return to_pixels(images), captions, gen
+
+    def token_ids(self, captions):
+        missing = [c for c in set(captions) if c not in self.token_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                                 return_tensors="pt").input_ids
+            self.token_cache.update(zip(missing, ids))
+        return torch.stack([self.token_cache[c] for c in captions])
+
+    # -- phase 1: VAE --------------------------------------------------------------------------
+    def vae_step(self):
+        a = self.args
+        pixels, _, gen = self.batch(PHASE_VAE, self.step, a.vae_batch)
+        for g in self.vae_opt.param_groups:
+            g["lr"] = lr_at(self.step, a.vae_lr, 50, a.vae_steps)
+        self.vae.train()
+        posterior = self.vae.encode(pixels).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = self.vae.decode(z).sample
+        mse = F.mse_loss(recon, pixels)
+        l1 = F.l1_loss(recon, pixels)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = mse + 0.5 * l1 + a.kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        self.vae_opt.step()
+        return dict(loss=loss.item(), mse=mse.item(), kl=kl.item())
+
+    @torch.no_grad()
+    def measure_scaling(self):
+        self.vae.eval()
+        rng = np.random.default_rng([self.args.seed, 0, 0])
+        images, _ = scenes.sample_batch(rng, 512)
+        pixels = to_pixels(images)
+        latents, recon_err = [], []
+        for chunk in pixels.split(64):
+            z = self.vae.encode(chunk).latent_dist.mode()
+            latents.append(z)
+            recon_err.append(F.mse_loss(self.vae.decode(z).sample, chunk).item())
+        latents = torch.cat(latents)
+        std = latents.std().item()
+        self.log(
+            f"vae done: val mse {np.mean(recon_err):.5f} latent mean {latents.mean().item():.3f} "
+            f"std {std:.3f} -> scaling_factor {1 / std:.4f}"
+        )
+        return 1.0 / std
+
+    # -- phase 2: UNet + text encoder ----------------------------------------------------------
+    def unet_step(self):
+        a = self.args
+        pixels, captions, gen = self.batch(PHASE_UNET, self.step, a.batch)
+        drop = torch.rand(len(captions), generator=gen) < a.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        with torch.no_grad():
+            self.vae.eval()
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            latents = latents * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
+        noisy = self.scheduler.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, a.lr, a.warmup, a.unet_steps)
+        self.unet.train()
+        self.text_encoder.train()
+        hidden = self.text_encoder(self.token_ids(captions))[0]
+        pred = self.unet(noisy, t, encoder_hidden_states=hidden).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        snr = self.snr[t]
+        weight = torch.clamp(snr, max=a.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
+        loss = (per_sample * weight).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.opt.step()
+        self.unet_ema.update(self.unet, self.step)
+        self.text_ema.update(self.text_encoder, self.step)
+        return dict(loss=loss.item(), mse=per_sample.mean().item(), gnorm=float(grad_norm))
+
+    # -- export --------------------------------------------------------------------------------
+    def pipeline(self, ema=True):
+        from diffusers import StableDiffusionPipeline
+        from transformers import CLIPTextModel
+
+        import copy
+
+        unet = copy.deepcopy(self.unet)
+        text_encoder = CLIPTextModel(self.text_encoder.config)
+        text_encoder.load_state_dict(self.text_ema.shadow if ema else self.text_encoder.state_dict())
+        if ema:
+            unet.load_state_dict(self.unet_ema.shadow)
+        unet.to(memory_format=torch.contiguous_format)
+        vae = copy.deepcopy(self.vae)
+        vae.register_to_config(scaling_factor=float(self.scaling_factor))
+        for m in (unet, text_encoder, vae):
+            m.eval().requires_grad_(False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export(self, target=None):
+        target = target or self.args.export_to
+        pipe = self.pipeline()
+        tmp = target.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = dict(
+            step=self.step,
+            seed=self.args.seed,
+            train_minutes=round(self.elapsed / 60, 1),
+            exported=time.strftime("%Y-%m-%d %H:%M:%S"),
+            caption_words=list(scenes.CAPTION_WORDS),
+            ema=True,
+        )
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        old = target.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
+        self.log(f"exported step {self.step} to {os.path.relpath(target, ROOT)} ({size / 1e6:.1f} MB)")
+        self.sample_sheet(pipe)
+
+    @torch.no_grad()
+    def sample_sheet(self, pipe, n=16):
+        """Sample held-out scenes' captions, read the images back, save a sheet, log the rate."""
+        captions = [scenes.make_scene(scenes.HELDOUT_SEED + k).caption for k in range(n)]
+        images, _, ok = scenes.generate_and_read(pipe, captions, seed=0, steps=25, guidance_scale=5.0)
+        path = os.path.join(self.out, "samples", f"step{self.step:06d}.png")
+        scenes.caption_sheet(images, captions, ok).save(path)
+        self.log(f"samples step {self.step}: read back {sum(ok)}/{n} ({path})")
+
+    def run(self):
+        a = self.args
+        last_ckpt = last_export = time.time()
+        t_prev = time.time()
+        hist = []
+        while True:
+            if self.phase == PHASE_VAE and self.step >= a.vae_steps:
+                self.scaling_factor = self.measure_scaling()
+                self.phase, self.step = PHASE_UNET, 0
+                hist = []
+                self.save()
+            if self.phase == PHASE_UNET and self.step >= a.unet_steps:
+                self.save()
+                self.export()
+                self.log("done")
+                return
+            stats = self.vae_step() if self.phase == PHASE_VAE else self.unet_step()
+            self.step += 1
+            now = time.time()
+            self.elapsed += now - t_prev
+            hist.append((now - t_prev, stats))
+            t_prev = now
+            if self.step % a.log_every == 0:
+                keys = hist[-1][1].keys()
+                mean = {k: np.mean([s[k] for _, s in hist]) for k in keys}
+                sec = np.mean([d for d, _ in hist])
+                lr = (self.vae_opt if self.phase == PHASE_VAE else self.opt).param_groups[0]["lr"]
+                self.log(
+                    f"phase={self.phase} step={self.step} "
+                    + " ".join(f"{k}={v:.5f}" for k, v in mean.items())
+                    + f" lr={lr:.2e} s/step={sec:.2f}"
+                )
+                hist = []
+            if now - last_ckpt > a.ckpt_minutes * 60:
+                self.save()
+                last_ckpt = time.time()
+            if self.phase == PHASE_UNET and now - last_export > a.export_minutes * 60:
+                self.save()
+                self.export()
+                last_ckpt = last_export = time.time()
+                t_prev = time.time()  # export time is not training time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="training/run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--export-minutes", type=float, default=12.0)
+    p.add_argument("--export-to", default=DEFAULT_EXPORT)
+    p.add_argument("--export", action="store_true", help="export the latest checkpoint and exit")
+    # One thread: on 2 shared cores, two OpenMP threads that wait on each other at every op ran the
+    # UNet's backward ~9x slower than one thread whenever other processes kept the cores busy.
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=25)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    if args.export:
+        if trainer.phase != PHASE_UNET:
+            raise SystemExit("nothing to export yet: the run is still training its VAE")
+        trainer.export()
+        return
+    trainer.log(f"start phase={trainer.phase} step={trainer.step} args={vars(args)}")
+    trainer.run()
+
+
+if __name__ == "__main__":
+    main()

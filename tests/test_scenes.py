@@ -1,0 +1,116 @@
+"""The synthetic shape scenes of the built-in model, and the reader that scores its images."""
+
+import numpy as np
+import pytest
+
+from sgfast import scenes
+
+SEEDS = range(300)
+
+
+def _by_position(objects):
+    return sorted(objects, key=lambda o: o.centroid)
+
+
+def test_same_seed_same_scene():
+    a, b = scenes.make_scene(7), scenes.make_scene(7)
+    assert np.array_equal(a.image, b.image)
+    assert a.caption == b.caption
+    assert [(o.colour, o.shape, o.area, o.centroid) for o in a.objects] == [
+        (o.colour, o.shape, o.area, o.centroid) for o in b.objects
+    ]
+    assert not np.array_equal(a.image, scenes.make_scene(8).image)
+
+
+def test_batch_sampler_is_deterministic_and_varied():
+    imgs1, caps1 = scenes.sample_batch(np.random.default_rng(3), 64)
+    imgs2, caps2 = scenes.sample_batch(np.random.default_rng(3), 64)
+    assert imgs1.shape == (64, scenes.SIZE, scenes.SIZE, 3) and imgs1.dtype == np.uint8
+    assert np.array_equal(imgs1, imgs2) and caps1 == caps2
+    assert len(set(caps1)) > 30
+    counts = {len(scenes.parse_caption(c)) for c in caps1}
+    assert counts == {1, 2, 3}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_ground_truth_matches_image(seed):
+    scene = scenes.make_scene(seed)
+    assert scene.caption == scenes.caption_for([(o.colour, o.shape) for o in scene.objects])
+    assert [(o.colour, o.shape) for o in scene.objects] == scenes.parse_caption(scene.caption)
+    covered = np.zeros(scene.image.shape[:2], dtype=int)
+    for o in scene.objects:
+        covered += o.mask
+        assert (scene.image[o.mask] == scenes.COLOURS[o.colour]).all()
+        assert o.area == o.mask.sum()
+        rows, cols = np.nonzero(o.mask)
+        assert o.centroid == pytest.approx(((cols + 0.5).mean() / 64, (rows + 0.5).mean() / 64))
+        x0, y0, x1, y1 = o.bbox
+        assert cols.min() >= x0 and cols.max() < x1 and rows.min() >= y0 and rows.max() < y1
+    assert covered.max() <= 1  # no overlap
+    assert (scene.image[covered == 0] == scenes.BACKGROUND).all()
+    assert len({o.colour for o in scene.objects}) == len(scene.objects)
+
+
+def test_scenes_cover_the_vocabulary():
+    seen_colours, seen_shapes, counts = set(), set(), set()
+    for seed in SEEDS:
+        scene = scenes.make_scene(seed)
+        seen_colours |= {o.colour for o in scene.objects}
+        seen_shapes |= {o.shape for o in scene.objects}
+        counts.add(len(scene.objects))
+        # bounding boxes keep their gap
+        boxes = [o.bbox for o in scene.objects]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert (
+                    a[0] >= b[2] + scenes.GAP or b[0] >= a[2] + scenes.GAP
+                    or a[1] >= b[3] + scenes.GAP or b[1] >= a[3] + scenes.GAP
+                )
+    assert seen_colours == set(scenes.COLOURS) and seen_shapes == set(scenes.SHAPES)
+    assert counts == {1, 2, 3}
+    assert set(scenes.CAPTION_WORDS) >= {w for s in SEEDS for w in scenes.make_scene(s).caption.split()}
+
+
+def test_reader_reads_generated_scenes_exactly():
+    for seed in SEEDS:
+        scene = scenes.make_scene(seed)
+        read = scenes.read_scene(scene.image)
+        truth = _by_position(scene.objects)
+        assert len(read) == len(truth), seed
+        for r, t in zip(read, truth):
+            assert (r.colour, r.shape) == (t.colour, t.shape), seed
+            assert r.area == t.area
+            assert abs(r.centroid[0] - t.centroid[0]) * 64 < 0.5 and abs(r.centroid[1] - t.centroid[1]) * 64 < 0.5
+            assert np.array_equal(r.mask, t.mask)
+        assert scenes.matches_caption(read, scene.caption, check_shapes=True)
+
+
+def test_reader_tolerates_blur_and_noise():
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    ok = 0
+    for seed in range(60):
+        scene = scenes.make_scene(seed)
+        blurred = np.asarray(Image.fromarray(scene.image).filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
+        noisy = np.clip(blurred + rng.normal(0, 6, blurred.shape), 0, 255).astype(np.uint8)
+        read = scenes.read_scene(noisy)
+        ok += scenes.matches_caption(read, scene.caption, check_shapes=True)
+        if scenes.matches_caption(read, scene.caption):
+            truth = {o.colour: o for o in scene.objects}  # colours are distinct within a scene
+            for r in read:
+                t = truth[r.colour]
+                assert abs(r.centroid[0] - t.centroid[0]) < 1 / 64 and abs(r.centroid[1] - t.centroid[1]) < 1 / 64
+    assert ok >= 57
+
+
+def test_reader_ignores_specks_and_rejects_wrong_captions():
+    image = np.full((64, 64, 3), scenes.BACKGROUND, dtype=np.uint8)
+    image[10:13, 10:13] = scenes.COLOURS["red"]  # 9 pixels: a speck
+    assert scenes.read_scene(image) == []
+    scene = scenes.make_scene(5)
+    read = scenes.read_scene(scene.image)
+    assert not scenes.matches_caption(read[:-1], scene.caption)
+    assert not scenes.matches_caption(read, "a red circle and a green square and a blue square and a yellow circle")
+    with pytest.raises(ValueError):
+        scenes.parse_caption("a cat")
