@@ -40,6 +40,11 @@ def _shape_distance(current, target):
     return torch.stack([(c - t).abs().mean() for c, t in zip(current, target)]).mean()
 
 
+def _appearance_distance(current, target):
+    """Mean absolute difference of two appearance vectors (features are model-specific: so is the weight)."""
+    return (current - target.to(current)).abs().mean()
+
+
 def content_words(words):
     return [w for w in words if w not in STOP_WORDS]
 
@@ -98,7 +103,7 @@ class _KeepOthers(Edit):
                 energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
         if self.needs_features:
             for word in [self.word] + held:
-                diff = (current.appearance(word) - reference.appearance(word)).abs().mean()
+                diff = _appearance_distance(current.appearance(word), reference.appearance(word))
                 energy = energy + self.keep_appearance_weight * diff
         return energy
 
@@ -192,7 +197,7 @@ class KeepAppearance(KeepShape):
     needs_features = True
 
     def energy(self, current, reference, timestep):
-        return self.weight * sum((current.appearance(w) - reference.appearance(w)).abs().mean() for w in current.words)
+        return self.weight * sum(_appearance_distance(current.appearance(w), reference.appearance(w)) for w in current.words)
 
 
 @dataclass
@@ -216,7 +221,7 @@ class CopyAppearance(Edit):
 
     def energy(self, current, reference, timestep):
         target = self.source.view(timestep).appearance(self.source_word)
-        return self.weight * (current.appearance(self.word) - target.to(current.appearance(self.word))).abs().mean()
+        return self.weight * _appearance_distance(current.appearance(self.word), target)
 
 
 @dataclass
@@ -316,8 +321,7 @@ class Collage(Edit):
             view = source.view(timestep)
             shapes = current.shape(word)
             energy = energy + self.shape_weight * _shape_distance(shapes, [t.to(c) for t, c in zip(view.shape(word), shapes)])
-            look = current.appearance(word)
-            energy = energy + self.appearance_weight * (look - view.appearance(word).to(look)).abs().mean()
+            energy = energy + self.appearance_weight * _appearance_distance(current.appearance(word), view.appearance(word))
         return energy
 
 
@@ -348,8 +352,7 @@ class Restyle(Edit):
         energy = 0.0
         for word in current.words:
             if word in self.style_words:
-                look = current.appearance(word)
-                energy = energy + self.weight * (look - source.appearance(word).to(look)).abs().mean()
+                energy = energy + self.weight * _appearance_distance(current.appearance(word), source.appearance(word))
             else:
                 energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
         return energy
