@@ -495,7 +495,7 @@ def parse_args(argv):
         "threads slow down by 10x under oversubscription; the torch default on a GPU)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats, no compiled rows, small scaling table")
-    parser.add_argument("--out", default=str(REPO / "outputs" / "bench"), help="folder for results.json and chart.png")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench"), help="folder for speed.json and speed.png")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -617,9 +617,9 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    bar_chart(report, out / "chart.png")
-    print(f"wrote {out / 'results.json'} and {out / 'chart.png'}")
+    (out / "speed.json").write_text(json.dumps(report, indent=1))
+    bar_chart(report, out / "speed.png")
+    print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
     return report
 
 

@@ -410,9 +410,11 @@ def _check_inputs(q, k, token_index, height, width, impl):
         raise ValueError(f"attention_stats: token_index has batch {token_index.shape[0]}, q has {batch}")
     if height * width != n:
         raise ValueError(f"attention_stats: height * width = {height} * {width} != N = {n}")
-    # A data-dependent check (a device sync on CUDA); left out while torch.compile traces. The
-    # kernels select columns by comparing indices, so a bad index cannot read out of bounds.
-    if not torch.compiler.is_compiling() and token_index.numel() > 0:
+    # A data-dependent check (a device sync on CUDA); left out while torch.compile traces and on the
+    # meta device (no values; FLOP counting). The kernels select columns by comparing indices, so a
+    # bad index cannot read out of bounds.
+    has_values = token_index.device.type != "meta"
+    if has_values and not torch.compiler.is_compiling() and token_index.numel() > 0:
         low, high = int(token_index.min()), int(token_index.max())
         if low < 0 or high >= t:
             raise ValueError(f"attention_stats: token_index must lie in [0, {t}), got values in [{low}, {high}]")
