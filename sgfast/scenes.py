@@ -144,15 +144,23 @@ def make_scene(seed):
     return scene_from_rng(np.random.default_rng(seed))
 
 
-def sample_batch(rng, n):
-    """(images uint8 (n, H, W, 3), captions list of n str) drawn from numpy Generator `rng`."""
+def sample_batch(rng, n, with_masks=False):
+    """(images uint8 (n, H, W, 3), captions list of n str) drawn from numpy Generator `rng`.
+
+    With `with_masks`, also each object's mask in caption order, bool (n, MAX_OBJECTS, H, W) (all
+    False past a scene's last object); the images and captions are the same either way.
+    """
     images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
+    masks = np.zeros((n, MAX_OBJECTS, SIZE, SIZE), dtype=bool) if with_masks else None
     captions = []
     for k in range(n):
         layout = _draw_layout(rng)
         images[k], _ = _render(layout, with_objects=False)
         captions.append(caption_for([(c, s) for c, s, *_ in layout]))
-    return images, captions
+        if with_masks:
+            for j, (_, shape, x0, y0, side) in enumerate(layout):
+                masks[k, j] = shape_mask(shape, x0, y0, side)
+    return (images, captions, masks) if with_masks else (images, captions)
 
 
 def parse_caption(caption):
@@ -289,6 +297,9 @@ def matches_caption(objects, caption, check_shapes=False):
 # Held-out scenes: `make_scene(HELDOUT_SEED + k)`. Training draws its scenes from generators seeded
 # with sequences (seed, phase, step), a different family of streams.
 HELDOUT_SEED = 1_000_000
+# Validation scenes, scored at each export during training to pick the model to ship:
+# `make_scene(VALIDATION_SEED + k)`, apart from the held-out ones the quality gate reports on.
+VALIDATION_SEED = 2_000_000
 
 
 def generate_and_read(pipe, captions, seed=0, steps=25, guidance_scale=5.0, batch=16):

@@ -130,6 +130,66 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+class CrossAttentionRecorder:
+    """Attention processor for the UNet's cross-attention layers during training: the same output
+    as scaled-dot-product attention, computed explicitly so that the head-averaged probabilities
+    (batch, queries, keys) of the layers at `min_queries` or more positions are kept for the
+    attention-localisation loss while `active`."""
+
+    def __init__(self, store, min_queries=64):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.store = store
+        self.min_queries = min_queries
+        self.default = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if (
+            encoder_hidden_states is None
+            or not self.store["active"]
+            or hidden_states.ndim != 3
+            or hidden_states.shape[1] < self.min_queries
+        ):
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        b, n, _ = hidden_states.shape
+        h = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(encoder_hidden_states)
+        v = attn.to_v(encoder_hidden_states)
+        d = q.shape[-1] // h
+        q, k, v = (x.view(b, -1, h, d).transpose(1, 2) for x in (q, k, v))
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (b, h, n, keys)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, h * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        self.store["maps"].append(probs.mean(1))
+        return out / attn.rescale_output_factor
+
+
+def attention_localisation_loss(maps, masks, keep):
+    """Mean over supervised layers, objects and words of the share of a word's attention that falls
+    outside its object: each object's colour and shape tokens (positions 4j+2 and 4j+3 of
+    "<bos> a colour shape and a colour shape ..."), maps (batch, queries, keys), masks float
+    (batch, objects, H, W) of the image, `keep` (batch,) bool: captions not dropped."""
+    n, objects = masks.shape[:2]
+    idx = torch.arange(objects) * 4 + 2
+    idx = torch.stack([idx, idx + 1], 1).reshape(-1)  # colour, shape per object
+    present = masks.flatten(2).amax(-1) > 0  # (batch, objects)
+    valid = (present & keep[:, None]).repeat_interleave(2, 1).float()  # (batch, objects*2)
+    if valid.sum() == 0:
+        return masks.new_zeros(())
+    losses = []
+    for m in maps:
+        side = int(round(m.shape[1] ** 0.5))
+        soft = F.adaptive_avg_pool2d(masks, side).flatten(2).repeat_interleave(2, 1)  # (batch, objects*2, Q)
+        tok = m.transpose(1, 2)[:, idx]  # (batch, objects*2, Q)
+        inside = (tok * soft).sum(-1) / tok.sum(-1).clamp_min(1e-8)
+        losses.append(((1 - inside) * valid).sum() / valid.sum())
+    return torch.stack(losses).mean()
+
+
 def lr_at(step, base, warmup, total, floor=0.1):
     if step < warmup:
         return base * (step + 1) / warmup
@@ -156,10 +216,16 @@ class Trainer:
             list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=args.lr, weight_decay=0.01
         )
         self.unet.to(memory_format=torch.channels_last)  # ~10% faster convolutions on the CPU
+        self.attn_store = {"active": False, "maps": []}
+        recorder = CrossAttentionRecorder(self.attn_store)
+        self.unet.set_attn_processor(
+            {name: (recorder if ".attn2." in name else proc) for name, proc in self.unet.attn_processors.items()}
+        )
         self.unet_ema = EMA(self.unet, args.ema)
         self.text_ema = EMA(self.text_encoder, args.ema)
         self.phase, self.step = PHASE_VAE, 0
         self.scaling_factor = None
+        self.best_rate = None  # best validation read-back rate of an export to --export-to
         self.elapsed = 0.0  # training seconds over all resumes
         self.token_cache = {}
         alphas = self.scheduler.alphas_cumprod
@@ -175,6 +241,7 @@ class Trainer:
             seed=self.args.seed,
             elapsed=self.elapsed,
             scaling_factor=self.scaling_factor,
+            best_rate=self.best_rate,
             vae=self.vae.state_dict(),
             vae_opt=self.vae_opt.state_dict(),
             unet=self.unet.state_dict(),
@@ -195,6 +262,7 @@ class Trainer:
             raise SystemExit(f"{self.ckpt_path} was trained with --seed {s['seed']}, not {self.args.seed}")
         self.phase, self.step, self.elapsed = s["phase"], s["step"], s["elapsed"]
         self.scaling_factor = s["scaling_factor"]
+        self.best_rate = s.get("best_rate")
         self.vae.load_state_dict(s["vae"])
         self.vae_opt.load_state_dict(s["vae_opt"])
         self.unet.load_state_dict(s["unet"])
@@ -211,10 +279,12 @@ class Trainer:
         print(f"{stamp} {line}", flush=True)
 
     # -- data ----------------------------------------------------------------------------------
-    def batch(self, phase, step, n):
+    def batch(self, phase, step, n, with_masks=False):
         rng = np.random.default_rng([self.args.seed, phase, step])
-        images, captions = scenes.sample_batch(rng, n)
+        images, captions, masks = scenes.sample_batch(rng, n, with_masks=True)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        if with_masks:
+            return to_pixels(images), captions, gen, torch.from_numpy(masks).float()
         return to_pixels(images), captions, gen
 
     def token_ids(self, captions):
@@ -267,7 +337,7 @@ class Trainer:
     # -- phase 2: UNet + text encoder ----------------------------------------------------------
     def unet_step(self):
         a = self.args
-        pixels, captions, gen = self.batch(PHASE_UNET, self.step, a.batch)
+        pixels, captions, gen, masks = self.batch(PHASE_UNET, self.step, a.batch, with_masks=True)
         drop = torch.rand(len(captions), generator=gen) < a.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -283,11 +353,18 @@ class Trainer:
         self.unet.train()
         self.text_encoder.train()
         hidden = self.text_encoder(self.token_ids(captions))[0]
+        supervise = a.attn_loss > 0 and self.step >= a.attn_loss_start
+        self.attn_store["active"], self.attn_store["maps"] = supervise, []
         pred = self.unet(noisy, t, encoder_hidden_states=hidden).sample
+        self.attn_store["active"] = False
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         snr = self.snr[t]
         weight = torch.clamp(snr, max=a.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
         loss = (per_sample * weight).mean()
+        attn = attention_localisation_loss(self.attn_store["maps"], masks, ~drop) if supervise else torch.zeros(())
+        self.attn_store["maps"] = []
+        diffusion_loss = loss
+        loss = loss + a.attn_loss * attn
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
@@ -295,7 +372,7 @@ class Trainer:
         self.opt.step()
         self.unet_ema.update(self.unet, self.step)
         self.text_ema.update(self.text_encoder, self.step)
-        return dict(loss=loss.item(), mse=per_sample.mean().item(), gnorm=float(grad_norm))
+        return dict(loss=diffusion_loss.item(), mse=per_sample.mean().item(), attn=attn.item(), gnorm=float(grad_norm))
 
     # -- export --------------------------------------------------------------------------------
     def pipeline(self, ema=True):
@@ -310,6 +387,9 @@ class Trainer:
         if ema:
             unet.load_state_dict(self.unet_ema.shadow)
         unet.to(memory_format=torch.contiguous_format)
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # the training recorder stays behind
         vae = copy.deepcopy(self.vae)
         vae.register_to_config(scaling_factor=float(self.scaling_factor))
         for m in (unet, text_encoder, vae):
@@ -327,20 +407,11 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def export(self, target=None):
-        target = target or self.args.export_to
-        pipe = self.pipeline()
+    def _save_pipeline(self, pipe, target, info):
+        """save_pretrained into `target`, swapped in whole so that readers never see half a model."""
         tmp = target.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        info = dict(
-            step=self.step,
-            seed=self.args.seed,
-            train_minutes=round(self.elapsed / 60, 1),
-            exported=time.strftime("%Y-%m-%d %H:%M:%S"),
-            caption_words=list(scenes.CAPTION_WORDS),
-            ema=True,
-        )
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=1)
         old = target.rstrip("/") + ".old"
@@ -349,18 +420,44 @@ class Trainer:
             os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
-        self.log(f"exported step {self.step} to {os.path.relpath(target, ROOT)} ({size / 1e6:.1f} MB)")
-        self.sample_sheet(pipe)
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
+
+    def export(self, force=False):
+        """Export the EMA model to `<out>/latest` and score it on validation captions; it replaces the
+        shipped model (`--export-to`) when it scores at least as well as the best export so far, or
+        when `force`d."""
+        pipe = self.pipeline()
+        rate = self.validate(pipe)
+        info = dict(
+            step=self.step,
+            seed=self.args.seed,
+            train_minutes=round(self.elapsed / 60, 1),
+            exported=time.strftime("%Y-%m-%d %H:%M:%S"),
+            caption_words=list(scenes.CAPTION_WORDS),
+            ema=True,
+            validation_rate=rate,
+            args={k: v for k, v in vars(self.args).items() if k not in ("out", "export_to", "export")},
+        )
+        self._save_pipeline(pipe, os.path.join(self.out, "latest"), info)
+        if force or self.best_rate is None or rate >= self.best_rate:
+            self.best_rate = rate if self.best_rate is None else max(rate, self.best_rate)
+            size = self._save_pipeline(pipe, self.args.export_to, info)
+            self.log(f"exported step {self.step} (validation {rate:.1%}) to {self.args.export_to} ({size / 1e6:.1f} MB)")
+        else:
+            self.log(f"kept the shipped model: step {self.step} validates at {rate:.1%} < best {self.best_rate:.1%}")
 
     @torch.no_grad()
-    def sample_sheet(self, pipe, n=16):
-        """Sample held-out scenes' captions, read the images back, save a sheet, log the rate."""
-        captions = [scenes.make_scene(scenes.HELDOUT_SEED + k).caption for k in range(n)]
-        images, _, ok = scenes.generate_and_read(pipe, captions, seed=0, steps=25, guidance_scale=5.0)
+    def validate(self, pipe, n=None):
+        """Read-back rate (right colours and count) on validation captions, which neither training
+        nor the quality gate's held-out captions use; saves a sample sheet."""
+        n = n or self.args.validation
+        captions = [scenes.make_scene(scenes.VALIDATION_SEED + k).caption for k in range(n)]
+        images, _, ok = scenes.generate_and_read(pipe, captions, seed=0, steps=25, guidance_scale=3.0)
         path = os.path.join(self.out, "samples", f"step{self.step:06d}.png")
-        scenes.caption_sheet(images, captions, ok).save(path)
-        self.log(f"samples step {self.step}: read back {sum(ok)}/{n} ({path})")
+        scenes.caption_sheet(images[:16], captions[:16], ok[:16]).save(path)
+        rate = float(np.mean(ok))
+        self.log(f"validation step {self.step}: read back {sum(ok)}/{n} = {rate:.1%} ({path})")
+        return rate
 
     def run(self):
         a = self.args
@@ -373,6 +470,10 @@ class Trainer:
                 self.phase, self.step = PHASE_UNET, 0
                 hist = []
                 self.save()
+            if self.phase == PHASE_UNET and a.stop_at is not None and self.step >= a.stop_at:
+                self.save()
+                self.log(f"stopped at step {self.step} (--stop-at)")
+                return
             if self.phase == PHASE_UNET and self.step >= a.unet_steps:
                 self.save()
                 self.export()
@@ -420,10 +521,15 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    # Attention localisation: each object's colour and shape words should attend inside the object.
+    p.add_argument("--attn-loss", type=float, default=0.05, help="weight of the attention-localisation loss")
+    p.add_argument("--attn-loss-start", type=int, default=0, help="UNet step from which it applies")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--export-minutes", type=float, default=12.0)
     p.add_argument("--export-to", default=DEFAULT_EXPORT)
-    p.add_argument("--export", action="store_true", help="export the latest checkpoint and exit")
+    p.add_argument("--export", action="store_true", help="export the latest checkpoint (unconditionally) and exit")
+    p.add_argument("--stop-at", type=int, default=None, help="save and stop at this UNet step (to replay a run's stages)")
+    p.add_argument("--validation", type=int, default=48, help="validation captions scored at each export")
     # One thread: on 2 shared cores, two OpenMP threads that wait on each other at every op ran the
     # UNet's backward ~9x slower than one thread whenever other processes kept the cores busy.
     p.add_argument("--threads", type=int, default=1)
@@ -434,7 +540,7 @@ def main(argv=None):
     if args.export:
         if trainer.phase != PHASE_UNET:
             raise SystemExit("nothing to export yet: the run is still training its VAE")
-        trainer.export()
+        trainer.export(force=True)
         return
     trainer.log(f"start phase={trainer.phase} step={trainer.step} args={vars(args)}")
     trainer.run()
