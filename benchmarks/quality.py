@@ -239,8 +239,10 @@ def main(argv=None):
     print("sheet columns: original | move | resize | appearance source | copy appearance | layout source | copy layout")
     if args.results:
         command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        trained = os.path.join(getattr(pipe, "name_or_path", "") or "", "training.json")
+        step = f", training step {json.load(open(trained))['step']}" if os.path.exists(trained) else ""
         section = (
-            f"## Edit fidelity ({args.model} model)\n\n"
+            f"## Edit fidelity ({args.model} model{step})\n\n"
             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}; `{command.strip()}` ({elapsed:.0f} s)\n\n"
             f"{args.seeds} held-out two-object captions, one seed each, {args.steps} DDIM steps, guidance scale "
