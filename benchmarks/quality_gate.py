@@ -160,7 +160,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=100, help="number of held-out captions")
     p.add_argument("--first", type=int, default=0, help="first held-out scene index")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", default="5.0", help="guidance scale, or a comma-separated list to compare")
+    p.add_argument("--guidance", default="3.0", help="guidance scale, or a comma-separated list to compare")
     p.add_argument("--model", default=None, help="a local pipeline folder (default: the shipped model)")
     p.add_argument("--out", default=os.path.join("outputs", "quality_gate"))
     p.add_argument("--sheet", type=int, default=32, help="samples in the PNG sheet")
