@@ -11,8 +11,6 @@ before anything runs; the wrapped pipeline's processors are restored whatever ha
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -245,9 +243,3 @@ class SelfGuidancePipeline:
             for b, (p, w) in enumerate(zip(prompts, prompt_words))
         ]
 
-
-def to_pil(image):
-    """A numpy array in [0, 1] (HWC) or a PIL image -> PIL image."""
-    if isinstance(image, PIL.Image.Image):
-        return image
-    return PIL.Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8))
