@@ -49,6 +49,19 @@ def content_words(words):
     return [w for w in words if w not in STOP_WORDS]
 
 
+def phrase_of(words, word):
+    """The run of content words around `word`'s first occurrence: the words that describe the same
+    object ("red circle" for "circle" in "a red circle and a blue square")."""
+    if word not in words:
+        return [word]  # `Edit.validate` names the prompt's words
+    start = end = words.index(word)
+    while start > 0 and words[start - 1] not in STOP_WORDS:
+        start -= 1
+    while end + 1 < len(words) and words[end + 1] not in STOP_WORDS:
+        end += 1
+    return words[start : end + 1]
+
+
 class Edit:
     """Base class. `needed_words(prompt_words)`: the words whose maps the current pass must record;
     `energy(current, reference, timestep)`: a scalar tensor."""
@@ -71,10 +84,11 @@ class Edit:
 @dataclass
 class _KeepOthers(Edit):
     """An object edit that holds, by default, the shapes of the prompt's other objects and the
-    appearance of every object to the reference, as the paper does for move and resize."""
+    appearance of every object to the reference, as the paper does for move and resize. The other
+    objects are the content words outside the edited word's phrase (see `phrase_of`)."""
 
     keep_others: bool = field(default=True, kw_only=True)
-    keep: list = field(default=None, kw_only=True)  # words to hold; default: the other content words
+    keep: list = field(default=None, kw_only=True)  # words to hold; default: the other objects' words
     keep_shape_weight: float = field(default=SHAPE_WEIGHT, kw_only=True)
     keep_appearance_weight: float = field(default=APPEARANCE_WEIGHT, kw_only=True)
 
@@ -91,7 +105,10 @@ class _KeepOthers(Edit):
             return []
         if self.keep is not None:
             return [w.strip().lower() for w in self.keep if w.strip().lower() != self.word]
-        return [w for w in dict.fromkeys(content_words(prompt_words.words)) if w != self.word]
+        # Not the words of the edited object's own phrase: holding "red" of "red circle" in place
+        # would pin the circle that a move or resize must change.
+        own = phrase_of(prompt_words.words, self.word)
+        return [w for w in dict.fromkeys(content_words(prompt_words.words)) if w not in own]
 
     def needed_words(self, prompt_words):
         return [self.word] + self._held(prompt_words)

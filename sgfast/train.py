@@ -2,6 +2,8 @@
 
     python -m sgfast.train --out training/run --seed 0            # start, or resume from the latest checkpoint
     python -m sgfast.train --out training/run --export            # export the latest checkpoint and exit
+    python -m sgfast.train --out training/more --init-from sgfast/assets/default --lr 3e-4
+                                                                  # continue from an exported model
 
 Every part is the real diffusers / transformers class: AutoencoderKL (64x64 RGB -> 16x16x4 latents),
 CLIPTextModel with a CLIPTokenizer over the caption words, UNet2DConditionModel with cross-attention
@@ -227,11 +229,14 @@ class Trainer:
         self.scaling_factor = None
         self.best_rate = None  # best validation read-back rate of an export to --export-to
         self.elapsed = 0.0  # training seconds over all resumes
+        self.rewarm_from = 0  # UNet step at which a run started from an export: the fresh optimiser warms up again
         self.token_cache = {}
         alphas = self.scheduler.alphas_cumprod
         self.snr = alphas / (1 - alphas)
         if os.path.exists(self.ckpt_path):
             self.load()
+        elif args.init_from:
+            self.init_from_export(args.init_from)
 
     # -- persistence ---------------------------------------------------------------------------
     def state(self):
@@ -242,6 +247,7 @@ class Trainer:
             elapsed=self.elapsed,
             scaling_factor=self.scaling_factor,
             best_rate=self.best_rate,
+            rewarm_from=self.rewarm_from,
             vae=self.vae.state_dict(),
             vae_opt=self.vae_opt.state_dict(),
             unet=self.unet.state_dict(),
@@ -263,6 +269,7 @@ class Trainer:
         self.phase, self.step, self.elapsed = s["phase"], s["step"], s["elapsed"]
         self.scaling_factor = s["scaling_factor"]
         self.best_rate = s.get("best_rate")
+        self.rewarm_from = s.get("rewarm_from", 0)
         self.vae.load_state_dict(s["vae"])
         self.vae_opt.load_state_dict(s["vae_opt"])
         self.unet.load_state_dict(s["unet"])
@@ -271,6 +278,33 @@ class Trainer:
         self.unet_ema.shadow = s["unet_ema"]
         self.text_ema.shadow = s["text_ema"]
         self.log(f"resumed phase={self.phase} step={self.step} from {self.ckpt_path}")
+
+    def init_from_export(self, folder):
+        """Start phase 2 from an exported pipeline (e.g. the shipped model): its VAE, scaling factor,
+        text encoder and UNet (the export's EMA weights, which also seed the EMA), at the export's step,
+        with a fresh optimiser. The export's tokenizer must be the one the caption words build."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        exported = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True)
+        if exported.get_vocab() != self.tokenizer.get_vocab():
+            raise SystemExit(f"{folder}: its tokenizer differs from the one built from the caption words")
+        vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), local_files_only=True)
+        self.vae.load_state_dict(vae.state_dict())
+        self.text_encoder.load_state_dict(text_encoder.state_dict())
+        self.unet.load_state_dict(unet.state_dict())
+        self.unet_ema.shadow = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.text_ema.shadow = {k: v.detach().clone() for k, v in self.text_encoder.state_dict().items()}
+        self.scaling_factor = float(vae.config.scaling_factor)
+        with open(os.path.join(folder, "training.json")) as f:
+            info = json.load(f)
+        self.phase, self.step, self.rewarm_from = PHASE_UNET, int(info["step"]), int(info["step"])
+        self.elapsed = float(info.get("train_minutes", 0.0)) * 60
+        self.log(f"initialised from {folder} at UNet step {self.step} (scaling factor {self.scaling_factor:.4f})")
+        self.best_rate = self.validate(self.pipeline())  # a later export replaces it only when it scores as well
+        self.save()
 
     def log(self, line):
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -348,8 +382,10 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
         noisy = self.scheduler.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
+        lr = lr_at(self.step, a.lr, a.warmup, a.unet_steps)
+        lr *= min(1.0, (self.step - self.rewarm_from + 1) / a.warmup)  # a fresh optimiser's moments warm up
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, a.lr, a.warmup, a.unet_steps)
+            g["lr"] = lr
         self.unet.train()
         self.text_encoder.train()
         hidden = self.text_encoder(self.token_ids(captions))[0]
@@ -527,6 +563,7 @@ def main(argv=None):
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--export-minutes", type=float, default=12.0)
     p.add_argument("--export-to", default=DEFAULT_EXPORT)
+    p.add_argument("--init-from", default=None, help="start phase 2 from this exported model when --out has no checkpoint")
     p.add_argument("--export", action="store_true", help="export the latest checkpoint (unconditionally) and exit")
     p.add_argument("--stop-at", type=int, default=None, help="save and stop at this UNet step (to replay a run's stages)")
     p.add_argument("--validation", type=int, default=48, help="validation captions scored at each export")

@@ -94,8 +94,9 @@ def test_captured_bytes_are_exactly_the_selected_maps(pipes):
     cases = {
         # one word, maps only: 2 layers at 8x8 + 2 at 16x16, fp32
         "move": ([[move("circle", dx=0.2, keep_others=False)]], 1 * (2 * 8 * 8 + 2 * 16 * 16) * 4),
-        # move with keep: circle + the held words red, blue, square, and the 64x16x16 features
-        "move+keep": ([[move("circle", dx=0.2)]], 4 * (2 * 8 * 8 + 2 * 16 * 16) * 4 + 64 * 16 * 16 * 4),
+        # move with keep: circle + the other object's words blue, square ("red" describes the circle),
+        # and the 64x16x16 features
+        "move+keep": ([[move("circle", dx=0.2)]], 3 * (2 * 8 * 8 + 2 * 16 * 16) * 4 + 64 * 16 * 16 * 4),
     }
     for name, (edits, expected) in cases.items():
         chosen, tokens = edit_selection(edits, words, "cpu")

@@ -182,6 +182,22 @@ def test_real_image_trace_as_a_source(sg):
 # ---- bad input: a clear error, and nothing changed --------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "prompt, edit, held",
+    [
+        # the edited object's own words ("red" of "red circle") move with it; the other objects are held
+        (PROMPT, move("circle", dx=0.1), ["blue", "square"]),
+        (PROMPT, resize("red", 2.0), ["blue", "square"]),
+        ("a green triangle and a red circle and a blue square", place("circle", 0.5, 0.5), ["green", "triangle", "blue", "square"]),
+        (PROMPT, move("circle", dx=0.1, keep=["red", "square"]), ["red", "square"]),
+        (PROMPT, move("circle", dx=0.1, keep_others=False), []),
+    ],
+)
+def test_default_keep_set_leaves_out_the_edited_objects_words(tiny_pipe, prompt, edit, held):
+    words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, prompt)
+    assert edit.needed_words(words) == [edit.word] + held
+
+
 def processors(pipe):
     return dict(pipe.unet.attn_processors)
 
