@@ -35,14 +35,27 @@ def _check_unit(name, value, low, high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
 
 
+# Energies are L1 distances made quadratic within L1_SMOOTHING of the target (smooth L1). A property
+# already on target (a held object when a move starts, the y of a horizontal move) then pulls with a
+# gradient that vanishes there, not with the L1 subgradient's full-size push of random sign (the sign
+# of float noise), which on the built-in model drowned the edit's own gradient.
+L1_SMOOTHING = 0.02
+
+
+def _l1(current, target):
+    """Elementwise smooth L1 distance (broadcast like `current - target`)."""
+    distance = (current - target.to(current)).abs()
+    return torch.where(distance < L1_SMOOTHING, 0.5 * distance * distance / L1_SMOOTHING, distance - 0.5 * L1_SMOOTHING)
+
+
 def _shape_distance(current, target):
-    """Mean over layers of the mean absolute difference of silhouettes."""
-    return torch.stack([(c - t).abs().mean() for c, t in zip(current, target)]).mean()
+    """Mean over layers of the mean distance of silhouettes."""
+    return torch.stack([_l1(c, t).mean() for c, t in zip(current, target)]).mean()
 
 
 def _appearance_distance(current, target):
-    """Mean absolute difference of two appearance vectors (features are model-specific: so is the weight)."""
-    return (current - target.to(current)).abs().mean()
+    """Mean distance of two appearance vectors (features are model-specific: so is the weight)."""
+    return _l1(current, target).mean()
 
 
 def content_words(words):
@@ -146,7 +159,7 @@ class Move(_KeepOthers):
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)
         target = reference.centroid(self.word).to(centroid) + torch.tensor([self.dx, self.dy]).to(centroid)
-        return (centroid - target).abs().sum(-1).mean()
+        return _l1(centroid, target).sum(-1).mean()
 
 
 @dataclass
@@ -166,7 +179,7 @@ class Place(_KeepOthers):
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)
         target = torch.tensor([self.x, self.y]).to(centroid)
-        return (centroid - target).abs().sum(-1).mean()
+        return _l1(centroid, target).sum(-1).mean()
 
 
 @dataclass
@@ -184,7 +197,7 @@ class Resize(_KeepOthers):
 
     def object_energy(self, current, reference):
         size = current.size(self.word)
-        return (size - self.scale * reference.size(self.word).to(size)).abs().mean()
+        return _l1(size, self.scale * reference.size(self.word).to(size)).mean()
 
 
 @dataclass

@@ -94,6 +94,7 @@ class SelfGuidancePipeline:
         latents=None,
         eta=0.0,
         self_guidance_scale=1.0,
+        normalize_gradient=False,
         guidance_schedule=None,
         trace=None,
         record_trace=True,
@@ -113,6 +114,8 @@ class SelfGuidancePipeline:
         resolve_schedule(guidance_schedule, num_inference_steps)
         if not (isinstance(self_guidance_scale, (int, float)) and math.isfinite(self_guidance_scale)):
             raise ValueError(f"self_guidance_scale must be a finite number, got {self_guidance_scale!r}")
+        if not isinstance(normalize_gradient, bool):
+            raise ValueError(f"normalize_gradient must be True or False, got {normalize_gradient!r}")
         references = self._references(trace, prompts)
         if latents is None and references[0] is not None:
             latents = torch.cat([r.latents for r in references])
@@ -156,6 +159,7 @@ class SelfGuidancePipeline:
                 traces=traces if not has_edits and traces is not references else None,
                 schedule=guidance_schedule,
                 self_guidance_scale=self_guidance_scale,
+                normalize_gradient=normalize_gradient,
                 energies=energies,
                 **loop,
             )

@@ -66,6 +66,12 @@ def guidance_term(scheduler, step_index, timestep, grad, weight):
     return term
 
 
+def unit_rms(grad):
+    """Each batch item's gradient scaled to unit root-mean-square (an item with none stays zero)."""
+    rms = grad.pow(2).mean(dim=tuple(range(1, grad.ndim)), keepdim=True).sqrt()
+    return torch.where(rms > 0, grad / rms.clamp_min(torch.finfo(grad.dtype).tiny), grad)
+
+
 def _unet(pipe, latents, timestep, embeds):
     return pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
 
@@ -144,6 +150,7 @@ def denoise(
     traces=None,
     schedule=None,
     self_guidance_scale=1.0,
+    normalize_gradient=False,
     extra_step_kwargs=None,
     energies=None,
     progress=True,
@@ -151,7 +158,8 @@ def denoise(
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
     self-guidance term and append (step, energy) to `energies`; with `traces` (one per item), every
-    step's maps and appearance are recorded."""
+    step's maps and appearance are recorded. `normalize_gradient`: each item's energy gradient is
+    scaled to unit RMS before `self_guidance_scale * sigma_t` multiplies it."""
     scheduler = pipe.scheduler
     do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     batch = latents.shape[0]
@@ -184,6 +192,8 @@ def denoise(
                     grad = grad.float() / loss_scale
                 if not torch.isfinite(grad).all():
                     raise FloatingPointError(f"the self-guidance gradient is not finite at step {i}; lower the edit weights")
+                if normalize_gradient:
+                    grad = unit_rms(grad)
                 if energies is not None:
                     energies.append((i, float(energy)))
                 cond = cond.detach()

@@ -7,7 +7,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, 
 
 from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, copy_shape, collage, keep_shape, move, place, resize, restyle
 from sgfast.pipeline import SelfGuidanceOutput
-from sgfast.sampler import default_schedule, edit_selection, guidance_term, guided_energy
+from sgfast import edits as edits_module
+from sgfast.sampler import default_schedule, edit_selection, guidance_term, guided_energy, unit_rms
 from sgfast.testing import tiny_pipeline
 from sgfast.trace import PromptWords
 
@@ -107,6 +108,45 @@ def test_strong_guidance_lowers_the_energy(sg, base, make_edit):
     }
     assert [s for s, _ in runs[0.0]] == [s for s, _ in runs[scale]]
     assert runs[scale][-1][1] < runs[0.0][-1][1]
+
+
+def test_smooth_l1_distance():
+    # L1 away from the target, quadratic within L1_SMOOTHING of it: no gradient of random sign on target.
+    current = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    target = current.detach() + torch.randn(7, 3, dtype=torch.float64) * 0.03
+    target[0] = current[0].detach()
+    distance = edits_module._l1(current, target)
+    beta = edits_module.L1_SMOOTHING
+    gap = (current - target).abs().detach()
+    far = gap >= beta
+    torch.testing.assert_close(distance[far], gap[far] - beta / 2)
+    torch.testing.assert_close(distance[~far], gap[~far] ** 2 / (2 * beta))
+    (grad,) = torch.autograd.grad(distance.sum(), current)
+    assert far.any() and (~far).any()
+    assert (grad[0] == 0).all()
+    torch.testing.assert_close(grad[far], torch.sign(current - target).detach()[far])
+    assert torch.autograd.gradcheck(lambda c: edits_module._l1(c, target), (current,))
+
+
+def test_unit_rms_per_item():
+    grad = torch.randn(3, 4, 5, 7, dtype=torch.float64) * torch.tensor([1e-6, 30.0, 0.0], dtype=torch.float64)[:, None, None, None]
+    unit = unit_rms(grad)
+    rms = unit.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(rms[:2], torch.ones(2, dtype=torch.float64))
+    assert (unit[2] == 0).all()
+    torch.testing.assert_close(unit[:2] * grad[:2].pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt(), grad[:2])
+
+
+def test_normalized_gradient_ignores_the_energy_scale(sg, base):
+    # Normalised, the step depends on the gradient's direction only: weights 1 and 1000 agree, and
+    # differ from the unguided image.
+    run = lambda weight, v: sg(
+        PROMPT, edits=[move("circle", dx=0.3, keep_others=False, weight=weight)], num_inference_steps=STEPS,
+        trace=base.trace, output_type="latent", self_guidance_scale=v, normalize_gradient=True,
+    ).images
+    small, large = run(1.0, 0.5), run(1000.0, 0.5)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)
+    assert (small - run(1.0, 0.0)).abs().max() > 1e-3
 
 
 def test_trace_reuse_skips_the_reference_pass(sg, base, tiny_pipe):
@@ -210,6 +250,7 @@ def processors(pipe):
         (lambda sg: sg(PROMPT, edits=[[move("circle")], []], num_inference_steps=2), "2 lists of edits for 1 prompts"),
         (lambda sg: sg(PROMPT, edits=["move circle"], num_inference_steps=2), "edits must be sgfast.edits objects"),
         (lambda sg: sg(PROMPT, edits=[move("circle")], guidance_schedule=[99], num_inference_steps=2), "guidance_schedule"),
+        (lambda sg: sg(PROMPT, edits=[move("circle")], normalize_gradient="yes", num_inference_steps=2), "normalize_gradient must be True or False"),
     ],
 )
 def test_bad_calls_fail_clearly_and_change_nothing(sg, call, message):
