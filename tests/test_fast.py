@@ -131,24 +131,27 @@ def test_compiled_step_gradient_matches_eager(reference_trace):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "aot_eager",
-        pytest.param(
-            "inductor",
-            marks=pytest.mark.xfail(reason="CPU inductor: the whole guided loop drifts from eager although single-step gradients agree; open"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_guided_loop_matches_eager(reference_trace, backend):
+    # Inductor reorders float32 reductions, so the compiled loop can only be asked to match eager
+    # as closely as eager float32 matches the same loop in float64 (its own rounding error),
+    # measured here. Measured on the CPU: rounding 1.7e-5, inductor vs eager 2.8e-5 (the same as
+    # eager with its initial latents perturbed by one ulp, 2.3e-5), guidance's effect 0.26.
+    # Under the plain-L1 energies (before smooth L1) the loop was ill-conditioned: the y of a
+    # horizontal move sits on target at step 0 and its L1 subgradient took the sign of float
+    # noise, so a 1e-7 nudge of the latents changed the eager step-0 gradient by 37% and inductor
+    # "drifted"; the conditioning check below catches a return of that.
     eager = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode="fast")
+    exact = SelfGuidancePipeline.from_pipe(tiny_pipeline().to(torch.float64), mode="fast")
     compiled = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode="fast", compile=backend)
     kwargs = dict(edits=[move("circle", dx=0.2, keep_others=False)], num_inference_steps=4, trace=reference_trace, output_type="latent", self_guidance_scale=100.0)
-    expected = eager(PROMPT, **kwargs)
+    expected = eager(PROMPT, **kwargs).images
+    rounding = (expected.double() - exact(PROMPT, latents=reference_trace.latents.double(), **kwargs).images).abs().max().item()
+    effect = (expected - eager(PROMPT, **dict(kwargs, self_guidance_scale=0.0)).images).abs().max().item()
+    assert 0 < rounding < 1e-3 * effect, (rounding, effect)  # well-conditioned, and guidance matters
     for _ in range(2):  # the second call reuses the compiled graphs
-        out = compiled(PROMPT, **kwargs)
-        torch.testing.assert_close(out.images, expected.images, rtol=1e-3, atol=1e-3)
+        out = compiled(PROMPT, **kwargs).images
+        assert (out - expected).abs().max().item() <= 4 * rounding, ((out - expected).abs().max().item(), rounding)
 
 
 def test_triton_kernels_in_the_guided_step_match_the_reference(pipes, reference_trace):
