@@ -104,11 +104,14 @@ class _KeepOthers(Edit):
     keep: list = field(default=None, kw_only=True)  # words to hold; default: the other objects' words
     keep_shape_weight: float = field(default=SHAPE_WEIGHT, kw_only=True)
     keep_appearance_weight: float = field(default=APPEARANCE_WEIGHT, kw_only=True)
+    # Holding the other objects' centroids too (off by default, as in the paper): on a model whose maps
+    # are too peaked for silhouettes to hold anything, positions still do.
+    keep_centroid_weight: float = field(default=0.0, kw_only=True)
 
     needs_reference = True
 
     def __post_init__(self):
-        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight):
+        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight):
             _check_weight(w)
         self.word = self.word.strip().lower()
         self.needs_features = self.keep_others and self.keep_appearance_weight > 0
@@ -131,6 +134,9 @@ class _KeepOthers(Edit):
         for word in held:
             if self.keep_shape_weight:
                 energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
+            if self.keep_centroid_weight:
+                distance = _l1(current.centroid(word), reference.centroid(word)).sum(-1).mean()
+                energy = energy + self.keep_centroid_weight * distance
         if self.needs_features:
             for word in [self.word] + held:
                 diff = _appearance_distance(current.appearance(word), reference.appearance(word))

@@ -10,7 +10,8 @@ from sgfast.pipeline import SelfGuidanceOutput
 from sgfast import edits as edits_module
 from sgfast.sampler import default_schedule, edit_selection, guidance_term, guided_energy, unit_rms
 from sgfast.testing import tiny_pipeline
-from sgfast.trace import PromptWords
+from sgfast import properties
+from sgfast.trace import PromptWords, View
 
 PROMPT = "a red circle and a blue square"
 STEPS = 6
@@ -62,7 +63,7 @@ def test_guidance_gradient_matches_finite_differences(scheduler):
     reference = sg(PROMPT, num_inference_steps=4, generator=seeded(), output_type="latent", guidance_scale=1.0).trace
     # Appearance edits are left out: their silhouette is detached on purpose (the paper's choice), so
     # their guidance is not the full derivative of their energy.
-    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_appearance_weight=0), copy_shape("circle", reference, "square")]]
+    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_appearance_weight=0, keep_centroid_weight=3.0), copy_shape("circle", reference, "square")]]
     words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
     chosen, tokens = edit_selection(edits, words, "cpu")
     embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
@@ -126,6 +127,22 @@ def test_smooth_l1_distance():
     assert (grad[0] == 0).all()
     torch.testing.assert_close(grad[far], torch.sign(current - target).detach()[far])
     assert torch.autograd.gradcheck(lambda c: edits_module._l1(c, target), (current,))
+
+
+def test_keep_centroid_holds_the_other_objects_positions():
+    words = ["circle", "blue", "square"]
+    reference = {layer: torch.rand(3, h, w, dtype=torch.float64) for layer, (h, w) in {"a": (5, 7), "b": (8, 8)}.items()}
+    reference["b"][2, 3, 2] = 100.0  # the square's map at one layer: a peak, then moved three pixels right
+    current = {layer: m.clone() for layer, m in reference.items()}
+    current["b"][2] = current["b"][2].roll(3, dims=-1)
+    settings = dict(dx=0.1, keep_shape_weight=0.0, keep_appearance_weight=0.0)
+    energy = lambda edit: edit.energy(View(words, current), View(words, reference), 0)
+    extra = energy(move("circle", keep_centroid_weight=3.0, **settings)) - energy(move("circle", **settings))
+    shift = (properties.centroid(current["b"][2][None, None]) - properties.centroid(reference["b"][2][None, None]))[0, 0]
+    # x only, at one layer of two: 3 x (|dx| - beta/2) / 2; "blue" and the circle itself add nothing
+    assert shift[0] > edits_module.L1_SMOOTHING and shift[1].abs() < 1e-12
+    shift = shift[0]
+    torch.testing.assert_close(extra, 3.0 * (shift - edits_module.L1_SMOOTHING / 2) / 2)
 
 
 def test_unit_rms_per_item():
