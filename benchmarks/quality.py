@@ -24,31 +24,15 @@ import time
 import numpy as np
 import torch
 
-from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, move, resize
+from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, default_model, move, resize
 from sgfast.scenes import COLOURS, HELDOUT_SEED, make_scene, matches_caption, parse_caption, read_scene
 
-# Settings compared: the paper's (raw gradients, its schedule, its relative weights, v = 1) and one
-# tuned by hand on the built-in model. Its attention is saturated (off-object probabilities ~1e-15), so
-# raw gradients differ by orders of magnitude between prompts and steps: the tuned setting normalises
-# them (`normalize_gradient`), skips the first step (at t ~ 950 a tiny push reshuffles the whole
-# layout) and guides every step up to 60% of the schedule; holding appearance is left out of move and
-# resize (the decoder features it reads also encode position, so it pins the object in place) while the
-# other objects' centroids are held (their one-pixel silhouettes hold little), and
-# copying appearance takes a larger step than the edits that read maps. `scale` is the
-# self-guidance scale v, one for every edit kind or one per kind.
-def guided_steps(first, last_fraction):
-    return lambda steps: [first <= i < last_fraction * steps for i in range(steps)]
-
-
+# Settings compared: the paper's (raw gradients, its schedule, its relative weights, v = 1) and the
+# one tuned by hand on the built-in model (`sgfast.default_model.guidance_settings`, `KEEP_OTHERS`).
+# Each is (call arguments for an edit kind and a step count, keep arguments of move and resize).
 SETTINGS = {
-    "paper defaults": {"scale": 1.0, "call": {}, "keep": {}, "weights": {}},
-    "tuned": {
-        "scale": {"move": 0.8, "resize": 0.8, "copy_appearance": 8.0, "copy_layout": 0.8},
-        "call": {"normalize_gradient": True},
-        "schedule": guided_steps(1, 0.6),
-        "keep": {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0},
-        "weights": {},
-    },
+    "paper defaults": (lambda kind, steps: {"self_guidance_scale": 1.0}, {}),
+    "tuned": (default_model.guidance_settings, default_model.KEEP_OTHERS),
 }
 
 
@@ -143,15 +127,8 @@ def summary(values):
 
 def run(sg, seeds, steps, guidance_scale, setting, progress=print):
     """Measurements for every seed; images of the first seed for the example sheet."""
-    chosen = SETTINGS[setting] if isinstance(setting, str) else setting
-    keep, weights = chosen["keep"], chosen["weights"]
-    call = dict(chosen["call"])
-    if "schedule" in chosen:
-        call["guidance_schedule"] = chosen["schedule"](steps)
-
-    def guided(kind):
-        scale = chosen["scale"][kind] if isinstance(chosen["scale"], dict) else chosen["scale"]
-        return dict(call, self_guidance_scale=scale)
+    settings, keep = SETTINGS[setting]
+    guided = lambda kind: settings(kind, steps)
     rows, skipped, example = [], 0, None
     spare = [c for c in COLOURS]
     for k, caption in enumerate(captions(seeds)):
@@ -167,28 +144,28 @@ def run(sg, seeds, steps, guidance_scale, setting, progress=print):
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, trace=base.trace)
         row = {"caption": caption, "seed": k}
 
-        moved = sg(caption, edits=[move(shape_a, dx=dx, **keep, **weights.get("move", {}))], **guided("move"), **common)
+        moved = sg(caption, edits=[move(shape_a, dx=dx, **keep)], **guided("move"), **common)
         image1 = to_array(moved.images[0])
         row["move"] = measure_move(read0, read_scene(image1), colour_a, colour_b, dx, 0.0)
 
-        bigger = sg(caption, edits=[resize(shape_a, 2.0, **keep, **weights.get("resize", {}))], **guided("resize"), **common)
+        bigger = sg(caption, edits=[resize(shape_a, 2.0, **keep)], **guided("resize"), **common)
         image2 = to_array(bigger.images[0])
         row["resize"] = measure_resize(read0, read_scene(image2), colour_a)
 
         source_colour = next(c for c in spare if c not in (colour_a, colour_b))
         source = sg(f"a {source_colour} {shape_a}", num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1000 + k))
-        looked = sg(caption, edits=[copy_appearance(shape_a, source.trace, **weights.get("copy_appearance", {}))], **guided("copy_appearance"), **common)
+        looked = sg(caption, edits=[copy_appearance(shape_a, source.trace)], **guided("copy_appearance"), **common)
         image3 = to_array(looked.images[0])
         row["copy_appearance"] = measure_appearance(image0, image3, read0, read_scene(image3), colour_a, source_colour)
 
         layout_source = sg(caption, num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(2000 + k))
-        laid = sg(caption, edits=[copy_layout(layout_source.trace, **weights.get("copy_layout", {}))], **guided("copy_layout"), **common)
+        laid = sg(caption, edits=[copy_layout(layout_source.trace)], **guided("copy_layout"), **common)
         image4 = to_array(laid.images[0])
         row["copy_layout"] = measure_layout(read0, read_scene(image4), read_scene(to_array(layout_source.images[0])), [colour_a, colour_b])
         rows.append(row)
         if example is None:
             example = (caption, [image0, image1, image2, to_array(source.images[0]), image3, to_array(layout_source.images[0]), image4])
-        progress(f"  [{setting if isinstance(setting, str) else 'custom'}] {k + 1}/{seeds} {caption!r}")
+        progress(f"  [{setting}] {k + 1}/{seeds} {caption!r}")
     return rows, skipped, example
 
 

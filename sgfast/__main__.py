@@ -33,6 +33,7 @@ def load_pipeline(model):
 
 def demo(args):
     from sgfast import SelfGuidancePipeline, move, resize
+    from sgfast.default_model import KEEP_OTHERS, guidance_settings
     from sgfast.sheet import sheet
 
     pipe, name = load_pipeline(args.model)
@@ -42,17 +43,20 @@ def demo(args):
     print(f"model: {name}\nprompt: {args.prompt!r}")
     start = time.perf_counter()
     original = sg(args.prompt, generator=torch.Generator().manual_seed(args.seed), **settings)
-    keep = dict(keep_shape_weight=args.keep_weight, keep_appearance_weight=args.keep_weight)
+    # The built-in model's tuned settings (sgfast.default_model); --weight overrides their scale v.
     edits = {
-        f"move {args.move_word} by dx={args.dx:+}": [move(args.move_word, dx=args.dx, **keep)],
-        f"resize {args.resize_word} x{args.scale}": [resize(args.resize_word, args.scale, **keep)],
+        f"move {args.move_word} by dx={args.dx:+}": ("move", [move(args.move_word, dx=args.dx, **KEEP_OTHERS)]),
+        f"resize {args.resize_word} x{args.scale}": ("resize", [resize(args.resize_word, args.scale, **KEEP_OTHERS)]),
     }
     rows = [("original", original.images[0], original.trace)]
     written = [os.path.join(args.out, "original.png")]
     original.images[0].save(written[0])
-    for title, edit in edits.items():
+    for title, (kind, edit) in edits.items():
+        guidance = guidance_settings(kind, args.steps)
+        if args.weight is not None:
+            guidance["self_guidance_scale"] = args.weight
         # The original's trace is reused: the unedited pass is not run again.
-        out = sg(args.prompt, edits=edit, trace=original.trace, self_guidance_scale=args.weight, **settings)
+        out = sg(args.prompt, edits=edit, trace=original.trace, **guidance, **settings)
         path = os.path.join(args.out, title.split()[0] + ".png")
         out.images[0].save(path)
         written.append(path)
@@ -75,9 +79,7 @@ def main(argv=None):
     d.add_argument("--dx", type=float, default=-0.3, help="horizontal move, image fractions (negative: left)")
     d.add_argument("--resize-word", default="square")
     d.add_argument("--scale", type=float, default=2.0)
-    # Defaults tuned by hand on the built-in model (see benchmarks/RESULTS.md, edit fidelity).
-    d.add_argument("--weight", type=float, default=10.0, help="self-guidance scale v")
-    d.add_argument("--keep-weight", type=float, default=0.5, help="weight of the keep-shape and keep-appearance terms")
+    d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the built-in model's tuned one per edit)")
     d.add_argument("--steps", type=int, default=25)
     d.add_argument("--guidance-scale", type=float, default=5.0)
     d.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,10 @@ import os
 
 from sgfast.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
 
-__all__ = ["CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline"]
+__all__ = [
+    "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline",
+    "SELF_GUIDANCE_SCALE", "KEEP_OTHERS", "guidance_settings",
+]
 
 IMAGE_SIZE = SIZE  # the model draws 64x64 images (16x16 latents)
 
@@ -38,4 +41,25 @@ def load_default_pipeline(torch_dtype=None):
     return StableDiffusionPipeline.from_pretrained(
         path, local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         **kwargs,
+    )
+
+
+# Self-guidance settings tuned by hand on this model (benchmarks/RESULTS.md, "Edit fidelity"). Its
+# cross-attention is saturated (off-object probabilities ~1e-15, a word's map peaked on one or two
+# latent pixels), so raw energy gradients differ by orders of magnitude between prompts and steps:
+# they are normalised, and v sets the step. The first step is skipped (at t ~ 950 the slightest push
+# reshuffles the whole layout); every step is guided up to 60% of the schedule. Moves and resizes hold
+# the other objects' silhouettes and centroids, not appearance (the decoder features it reads also
+# encode position, so it would pin the edited object in place).
+SELF_GUIDANCE_SCALE = {"move": 0.8, "place": 0.8, "resize": 0.8, "copy_appearance": 8.0, "copy_layout": 0.8}
+KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
+
+
+def guidance_settings(kind, num_inference_steps):
+    """Keyword arguments of a `SelfGuidancePipeline` call for an edit of `kind` ("move", "resize", ...)
+    on this model: its self-guidance scale, gradient normalisation and schedule."""
+    return dict(
+        self_guidance_scale=SELF_GUIDANCE_SCALE[kind],
+        normalize_gradient=True,
+        guidance_schedule=[1 <= i < 0.6 * num_inference_steps for i in range(num_inference_steps)],
     )
