@@ -87,10 +87,15 @@ def shape_mask(shape, x0, y0, side, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_layout(rng):
-    """[(colour, shape, x0, y0, side)] for one scene: distinct colours, non-overlapping boxes."""
+def _draw_layout(rng, count_weights=None):
+    """[(colour, shape, x0, y0, side)] for one scene: distinct colours, non-overlapping boxes. The
+    object count is uniform, or drawn with `count_weights` (one per count from MIN_OBJECTS)."""
+    counts = np.arange(MIN_OBJECTS, MAX_OBJECTS + 1)
     while True:
-        count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        if count_weights is None:
+            count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        else:
+            count = int(rng.choice(counts, p=np.asarray(count_weights, dtype=float) / np.sum(count_weights)))
         colours = rng.choice(len(COLOUR_NAMES), size=count, replace=False)
         layout = []
         for c in colours:
@@ -144,8 +149,9 @@ def make_scene(seed):
     return scene_from_rng(np.random.default_rng(seed))
 
 
-def sample_batch(rng, n, with_masks=False):
-    """(images uint8 (n, H, W, 3), captions list of n str) drawn from numpy Generator `rng`.
+def sample_batch(rng, n, with_masks=False, count_weights=None):
+    """(images uint8 (n, H, W, 3), captions list of n str) drawn from numpy Generator `rng`, object
+    counts uniform or weighted by `count_weights`.
 
     With `with_masks`, also each object's mask in caption order, bool (n, MAX_OBJECTS, H, W) (all
     False past a scene's last object); the images and captions are the same either way.
@@ -154,7 +160,7 @@ def sample_batch(rng, n, with_masks=False):
     masks = np.zeros((n, MAX_OBJECTS, SIZE, SIZE), dtype=bool) if with_masks else None
     captions = []
     for k in range(n):
-        layout = _draw_layout(rng)
+        layout = _draw_layout(rng, count_weights)
         images[k], _ = _render(layout, with_objects=False)
         captions.append(caption_for([(c, s) for c, s, *_ in layout]))
         if with_masks:

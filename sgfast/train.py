@@ -315,7 +315,8 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def batch(self, phase, step, n, with_masks=False):
         rng = np.random.default_rng([self.args.seed, phase, step])
-        images, captions, masks = scenes.sample_batch(rng, n, with_masks=True)
+        weights = self.args.count_weights if phase == PHASE_UNET else None
+        images, captions, masks = scenes.sample_batch(rng, n, with_masks=True, count_weights=weights)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         if with_masks:
             return to_pixels(images), captions, gen, torch.from_numpy(masks).float()
@@ -557,6 +558,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--count-weights", type=lambda text: [float(w) for w in text.split(",")], default=None,
+                   help="relative frequency of 1, 2, 3-object scenes in UNet training, e.g. 1,2,3 (default: uniform)")
     # Attention localisation: each object's colour and shape words should attend inside the object.
     p.add_argument("--attn-loss", type=float, default=0.05, help="weight of the attention-localisation loss")
     p.add_argument("--attn-loss-start", type=int, default=0, help="UNet step from which it applies")

@@ -32,6 +32,20 @@ def test_batch_sampler_is_deterministic_and_varied():
     assert counts == {1, 2, 3}
 
 
+def test_count_weights_set_how_many_objects_a_scene_has():
+    def counts(weights, n=300):
+        _, captions = scenes.sample_batch(np.random.default_rng(5), n, count_weights=weights)
+        return np.bincount([len(scenes.parse_caption(c)) for c in captions], minlength=4)[1:]
+
+    assert counts([0, 0, 1]).tolist() == [0, 0, 300]
+    assert counts([1, 0, 0]).tolist() == [300, 0, 0]
+    one, two, three = counts([1, 2, 3], n=600)
+    assert one < two < three and abs(three / 600 - 0.5) < 0.08
+    # without weights the stream is the uniform one (training runs stay reproducible)
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    assert scenes.sample_batch(rng_a, 20)[1] == scenes.sample_batch(rng_b, 20, count_weights=None)[1]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_ground_truth_matches_image(seed):
     scene = scenes.make_scene(seed)
