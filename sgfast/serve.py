@@ -11,7 +11,8 @@
 
 Edits (by word of the prompt): move (dx, dy), place (x, y in [0, 1]), resize (scale), keep_shape and
 keep_appearance (words); each takes an optional `weight`, the object edits `keep_others`. Other fields:
-negative_prompt, self_guidance_scale, size (a side, or [width, height]), format ("json" or "png").
+negative_prompt, self_guidance_scale, normalize_gradient, size (a side, or [width, height]), format
+("json" or "png").
 
 Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedited trace was cached),
 `degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
@@ -99,6 +100,7 @@ class ImageRequest(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=10_000)
     guidance_scale: float = Field(7.5, ge=0, le=50)
     self_guidance_scale: float = Field(1.0, ge=0, le=100)
+    normalize_gradient: bool = Field(False, description="scale each image's guidance gradient to unit RMS (see the library)")
     size: Optional[Union[int, tuple[int, int]]] = Field(None, description="square side, or [width, height], in pixels")
     budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000, description="time to the answer, queue included")
     format: Literal["json", "png"] = "json"
@@ -173,6 +175,7 @@ def to_spec(request, engine):
         steps=steps,
         guidance_scale=request.guidance_scale,
         self_guidance_scale=request.self_guidance_scale,
+        normalize_gradient=request.normalize_gradient,
         height=height,
         width=width,
         negative_prompt=request.negative_prompt,

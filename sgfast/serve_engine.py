@@ -400,6 +400,7 @@ class Spec:
     steps: int = 20
     guidance_scale: float = 7.5
     self_guidance_scale: float = 1.0
+    normalize_gradient: bool = False
     height: int = 64
     width: int = 64
     negative_prompt: str = None
@@ -625,7 +626,8 @@ class Engine:
         s, p = job.spec, job.plan
         return (
             s.height, s.width, p.steps, s.guidance_scale, s.negative_prompt, bool(s.edits),
-            s.self_guidance_scale if s.edits else None, p.schedule if s.edits else None, p.reference_steps > 0,
+            s.self_guidance_scale if s.edits else None, s.normalize_gradient if s.edits else None,
+            p.schedule if s.edits else None, p.reference_steps > 0,
         )
 
     def _refresh_reference(self, job):
@@ -816,6 +818,7 @@ class Engine:
         edit_kwargs = dict(
             edits=[j.spec.edits for j in batch],
             self_guidance_scale=spec.self_guidance_scale,
+            normalize_gradient=spec.normalize_gradient,
             guidance_schedule=None if plan.schedule is None else list(plan.schedule),
         )
         if needs_reference and all(hits):

@@ -269,6 +269,17 @@ def test_same_shape_requests_are_batched_and_match_single_runs(engine, gate, tin
     np.testing.assert_allclose(np.asarray(alone.image, np.float32), np.asarray(results[1].image, np.float32), atol=2)
 
 
+def test_normalize_gradient_reaches_the_pipeline_and_splits_batches(engine, gate):
+    blocker = hold_worker(engine, gate)
+    edit = dict(edits=[move("circle", dx=0.25)])
+    jobs = [engine.submit(spec(seed=i, normalize_gradient=i == 2, **edit)) for i in range(3)]
+    gate.release()
+    blocker.future.result(WAIT)
+    assert [j.future.result(WAIT).batch_size for j in jobs] == [2, 2, 1]
+    guided = [kwargs for _, kwargs in gate.calls[1:] if "edits" in kwargs]
+    assert sorted((len(kwargs["edits"]), kwargs["normalize_gradient"]) for kwargs in guided) == [(1, True), (2, False)]
+
+
 def test_a_seed_gives_the_library_image(engine, tiny_sg):
     result = engine.submit(spec(seed=5)).future.result(WAIT)
     expected = tiny_sg(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5)).images[0]
@@ -392,6 +403,9 @@ def test_api_round_trip_generate_then_edit(client):
     data = r.json()
     assert r.status_code == 200 and data["cache_hit"] and data["guided_steps"] == sum(default_schedule(STEPS))
     assert data["edits"] == [{"type": "move", "word": "circle", "dx": 0.25, "dy": 0.0, "keep_others": True}]
+    r = client.post("/v1/images", json={"prompt": PROMPT, "seed": 3, "normalize_gradient": True, "self_guidance_scale": 0.8,
+                                        "edits": [{"type": "move", "word": "circle", "dx": 0.25}]})
+    assert r.status_code == 200 and r.json()["cache_hit"], r.text
     # The PNG itself, asked for by header or by field.
     for kwargs in (dict(headers={"Accept": "image/png"}), dict(extra={"format": "png"})):
         body = {"prompt": PROMPT, "seed": 3, "edits": [{"type": "resize", "word": "square", "scale": 1.5}]}
