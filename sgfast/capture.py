@@ -1,9 +1,10 @@
 """Selective capture of cross-attention maps and decoder features.
 
 Only the layers that the active edits read get our processor; every other layer keeps its own,
-untouched. A captured layer still computes its output with scaled-dot-product attention; next to
-it, it recomputes (differentiably, from Q and K) the head-averaged probabilities of the selected
-tokens only, for the conditional half of the batch only.
+untouched. A captured layer still computes its output with scaled-dot-product attention (xformers'
+memory-efficient attention when it is installed and the UNet is on a GPU); next to it, it recomputes
+(differentiably, from Q and K) the head-averaged probabilities of the selected tokens only, for the
+conditional half of the batch only.
 """
 
 import math
@@ -82,6 +83,18 @@ def grid_size(tokens, latent_height, latent_width):
     return height, width
 
 
+def xformers_attention(unet):
+    """xformers' `memory_efficient_attention` when it is installed and `unet` is on a GPU, else None
+    (xformers has no CPU kernels)."""
+    if next(unet.parameters()).device.type != "cuda":
+        return None
+    try:
+        from xformers.ops import memory_efficient_attention
+    except ImportError:
+        return None
+    return memory_efficient_attention
+
+
 class CaptureAttnProcessor:
     """Cross-attention processor of a captured layer: SDPA for the output (as diffusers'
     AttnProcessor2_0), plus the selected tokens' head-averaged maps when the capture is recording."""
@@ -104,11 +117,16 @@ class CaptureAttnProcessor:
         if self.capture.recording:
             self.capture.record_attention(self.name, query, key, attn.scale)
 
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if attention_mask is None and self.capture.attention is not None:
+            # xformers takes and returns [B, N, heads, d]; the scale is its default, d ** -0.5, as SDPA's.
+            out = self.capture.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        else:
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2)
+        out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -141,6 +159,7 @@ class Capture:
                 raise ValueError(f"layer {name!r} uses a normalisation the capture does not support")
         self.modules = {name: modules[name] for name in self.layers}
         self.feature_module = check_feature_layer(unet, feature_layer) if feature_layer else None
+        self.attention = xformers_attention(unet)  # the layers' output attention; None: SDPA
         self.recording = False
         self.maps, self.features = {}, None
         self._saved, self._hook = None, None

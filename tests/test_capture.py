@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from sgfast.capture import Capture, cross_attention_layers, default_feature_layer, default_layers, resolve_layers
+from sgfast.capture import Capture, cross_attention_layers, default_feature_layer, default_layers, resolve_layers, xformers_attention
 from sgfast.trace import PromptWords, selection
 
 ARCHITECTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "architectures")
@@ -61,6 +61,26 @@ def test_maps_equal_diffusers_attention_scores(tiny_pipe):
             got = recorded[layer][:, slot].flatten(1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert len(words.positions[words.index("catdog")]) == 3
+
+
+def test_xformers_output_path(tiny_pipe):
+    # xformers runs on GPUs only: here an explicit attention in its [B, N, heads, d] layout stands in
+    # for it, to check the processor's layout around the call against the SDPA path.
+    def attention_bnhd(q, k, v):
+        probs = (torch.einsum("bnhd,bthd->bhnt", q, k) * q.shape[-1] ** -0.5).softmax(-1)
+        calls.append(q.shape)
+        return torch.einsum("bhnt,bthd->bnhd", probs, v)
+
+    calls = []
+    assert xformers_attention(tiny_pipe.unet) is None  # on the CPU: SDPA
+    latents, embeds = unet_inputs(tiny_pipe, "a red circle")
+    layers = default_layers(tiny_pipe.unet)
+    with torch.no_grad(), Capture(tiny_pipe.unet, layers) as capture:
+        sdpa = tiny_pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+        capture.attention = attention_bnhd
+        stand_in = tiny_pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+    assert len(calls) == len(layers)
+    torch.testing.assert_close(stand_in, sdpa, rtol=1e-4, atol=1e-5)
 
 
 def test_capture_changes_no_output_and_touches_only_chosen_layers(tiny_pipe):
