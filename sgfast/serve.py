@@ -10,7 +10,8 @@
     GET  /            a small page: generate, click a word then a point to move it there, resize
 
 Edits (by word of the prompt): move (dx, dy), place (x, y in [0, 1]), resize (scale), keep_shape and
-keep_appearance (words); each takes an optional `weight`, the object edits `keep_others`. Other fields:
+keep_appearance (words); each takes an optional `weight`, the object edits `keep_others` and the
+keep terms' weights (`keep_shape_weight`, `keep_appearance_weight`, `keep_centroid_weight`). Other fields:
 negative_prompt, self_guidance_scale, normalize_gradient, size (a side, or [width, height]), format
 ("json" or "png").
 
@@ -53,6 +54,9 @@ class _ObjectEdit(_Edit):
     word: str = Field(min_length=1, max_length=100)
     weight: Optional[float] = Field(None, ge=0, le=1000)
     keep_others: bool = True
+    keep_shape_weight: Optional[float] = Field(None, ge=0, le=1000)
+    keep_appearance_weight: Optional[float] = Field(None, ge=0, le=1000)
+    keep_centroid_weight: Optional[float] = Field(None, ge=0, le=1000)
 
 
 class MoveEdit(_ObjectEdit):

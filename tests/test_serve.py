@@ -280,6 +280,14 @@ def test_normalize_gradient_reaches_the_pipeline_and_splits_batches(engine, gate
     assert sorted((len(kwargs["edits"]), kwargs["normalize_gradient"]) for kwargs in guided) == [(1, True), (2, False)]
 
 
+def test_api_object_edits_carry_keep_weights():
+    from sgfast.serve import MoveEdit, build_edit
+
+    edit = build_edit(MoveEdit(type="move", word="circle", dx=0.1, keep_appearance_weight=0.0, keep_centroid_weight=2.0))
+    assert (edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (move("c").keep_shape_weight, 0.0, 2.0)
+    assert not edit.needs_features  # no appearance held: no features captured
+
+
 def test_a_seed_gives_the_library_image(engine, tiny_sg):
     result = engine.submit(spec(seed=5)).future.result(WAIT)
     expected = tiny_sg(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5)).images[0]
@@ -403,9 +411,11 @@ def test_api_round_trip_generate_then_edit(client):
     data = r.json()
     assert r.status_code == 200 and data["cache_hit"] and data["guided_steps"] == sum(default_schedule(STEPS))
     assert data["edits"] == [{"type": "move", "word": "circle", "dx": 0.25, "dy": 0.0, "keep_others": True}]
+    held = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
     r = client.post("/v1/images", json={"prompt": PROMPT, "seed": 3, "normalize_gradient": True, "self_guidance_scale": 0.8,
-                                        "edits": [{"type": "move", "word": "circle", "dx": 0.25}]})
+                                        "edits": [{"type": "move", "word": "circle", "dx": 0.25, **held}]})
     assert r.status_code == 200 and r.json()["cache_hit"], r.text
+    assert r.json()["edits"] == [{"type": "move", "word": "circle", "dx": 0.25, "dy": 0.0, "keep_others": True, **held}]
     # The PNG itself, asked for by header or by field.
     for kwargs in (dict(headers={"Accept": "image/png"}), dict(extra={"format": "png"})):
         body = {"prompt": PROMPT, "seed": 3, "edits": [{"type": "resize", "word": "square", "scale": 1.5}]}
