@@ -19,8 +19,8 @@ PROMPT = "a red circle and a blue square"
 EDITED_WORD = "circle"
 SEED = 0
 
-# Where the public architectures' configs live: the repository is <root>/main and the shared folder
-# <root>/shared (override with --arch-dir or SGFAST_ARCH_DIR).
+# Where the public architectures' configs live: an `architectures` folder beside the checkout,
+# `../shared/architectures` (override with --arch-dir or SGFAST_ARCH_DIR).
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -5,8 +5,8 @@ trace (the same prompt and seed, unedited) or from a source trace (another gener
 image). Edits compose by summation. Each checks its arguments when built and its words against the
 prompt before sampling starts, so a bad edit fails before anything runs.
 
-Default weights follow the public ports' relative scales (centroid ~4, size ~0.7 per unit of area,
-shape ~6, appearance ~12); tune them per model.
+Default weights follow the public ports' relative scales (centroid 4, size 2, shape 6, appearance
+12); tune them per model (the built-in model's: `sgfast.default_model`).
 """
 
 import math

@@ -139,7 +139,7 @@ def test_saved_for_backward_stops_at_the_last_captured_layer():
 
 def test_sd15_flops_on_meta_match_the_design_table():
     """SD1.5 at 512px, counted on the meta device: the plain CFG step and the floor for the default
-    layers (16x16 + 32x32 up blocks) are DESIGN.md's 1.607 and 2.225 TFLOP, exactly as counted."""
+    layers (16x16 + 32x32 up blocks) are 1.607 and 2.225 TFLOP, exactly as counted (the design's cost table)."""
     if not (default_arch_dir() / "sd15_unet.json").exists():
         pytest.skip("the shared architecture configs are not next to the repository")
     from benchmarks.models import random_pipeline

@@ -8,10 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from benchmarks.models import default_arch_dir
 from sgfast.capture import Capture, cross_attention_layers, default_feature_layer, default_layers, resolve_layers, xformers_attention
 from sgfast.trace import PromptWords, selection
 
-ARCHITECTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "architectures")
 
 
 def unet_inputs(pipe, prompt, seed=1):
@@ -123,7 +123,7 @@ def test_unknown_layer_is_a_clear_error(tiny_pipe):
 
 
 def test_default_layers_on_sd15_architecture():
-    path = os.path.join(ARCHITECTURES, "sd15_unet.json")
+    path = os.path.join(default_arch_dir(), "sd15_unet.json")
     if not os.path.exists(path):
         pytest.skip("SD1.5 architecture config not present")
     with open(path) as f:
