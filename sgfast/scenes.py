@@ -156,6 +156,14 @@ def sample_batch(rng, n, with_masks=False, count_weights=None):
     With `with_masks`, also each object's mask in caption order, bool (n, MAX_OBJECTS, H, W) (all
     False past a scene's last object); the images and captions are the same either way.
     """
+    counts = MAX_OBJECTS - MIN_OBJECTS + 1
+    if count_weights is not None and not (
+        len(count_weights) == counts and all(w >= 0 for w in count_weights) and sum(count_weights) > 0
+    ):
+        raise ValueError(
+            f"count_weights must be {counts} numbers >= 0 (for {MIN_OBJECTS} to {MAX_OBJECTS} objects) with a "
+            f"positive sum, got {count_weights!r}"
+        )
     images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     masks = np.zeros((n, MAX_OBJECTS, SIZE, SIZE), dtype=bool) if with_masks else None
     captions = []

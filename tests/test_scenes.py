@@ -41,6 +41,9 @@ def test_count_weights_set_how_many_objects_a_scene_has():
     assert counts([1, 0, 0]).tolist() == [300, 0, 0]
     one, two, three = counts([1, 2, 3], n=600)
     assert one < two < three and abs(three / 600 - 0.5) < 0.08
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="count_weights must be 3 numbers >= 0"):
+            scenes.sample_batch(np.random.default_rng(5), 2, count_weights=bad)
     # without weights the stream is the uniform one (training runs stay reproducible)
     rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
     assert scenes.sample_batch(rng_a, 20)[1] == scenes.sample_batch(rng_b, 20, count_weights=None)[1]
