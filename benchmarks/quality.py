@@ -127,8 +127,7 @@ def summary(values):
 
 def run(sg, seeds, steps, guidance_scale, setting, progress=print):
     """Measurements for every seed; images of the first seed for the example sheet."""
-    settings, keep = SETTINGS[setting]
-    guided = lambda kind: settings(kind, steps)
+    guided, keep = SETTINGS[setting]
     rows, skipped, example = [], 0, None
     spare = [c for c in COLOURS]
     for k, caption in enumerate(captions(seeds)):
@@ -144,22 +143,22 @@ def run(sg, seeds, steps, guidance_scale, setting, progress=print):
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, trace=base.trace)
         row = {"caption": caption, "seed": k}
 
-        moved = sg(caption, edits=[move(shape_a, dx=dx, **keep)], **guided("move"), **common)
+        moved = sg(caption, edits=[move(shape_a, dx=dx, **keep)], **guided("move", steps), **common)
         image1 = to_array(moved.images[0])
         row["move"] = measure_move(read0, read_scene(image1), colour_a, colour_b, dx, 0.0)
 
-        bigger = sg(caption, edits=[resize(shape_a, 2.0, **keep)], **guided("resize"), **common)
+        bigger = sg(caption, edits=[resize(shape_a, 2.0, **keep)], **guided("resize", steps), **common)
         image2 = to_array(bigger.images[0])
         row["resize"] = measure_resize(read0, read_scene(image2), colour_a)
 
         source_colour = next(c for c in spare if c not in (colour_a, colour_b))
         source = sg(f"a {source_colour} {shape_a}", num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1000 + k))
-        looked = sg(caption, edits=[copy_appearance(shape_a, source.trace)], **guided("copy_appearance"), **common)
+        looked = sg(caption, edits=[copy_appearance(shape_a, source.trace)], **guided("copy_appearance", steps), **common)
         image3 = to_array(looked.images[0])
         row["copy_appearance"] = measure_appearance(image0, image3, read0, read_scene(image3), colour_a, source_colour)
 
         layout_source = sg(caption, num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(2000 + k))
-        laid = sg(caption, edits=[copy_layout(layout_source.trace)], **guided("copy_layout"), **common)
+        laid = sg(caption, edits=[copy_layout(layout_source.trace)], **guided("copy_layout", steps), **common)
         image4 = to_array(laid.images[0])
         row["copy_layout"] = measure_layout(read0, read_scene(image4), read_scene(to_array(layout_source.images[0])), [colour_a, colour_b])
         rows.append(row)
