@@ -159,13 +159,13 @@ class Capture:
                 raise ValueError(f"layer {name!r} uses a normalisation the capture does not support")
         self.modules = {name: modules[name] for name in self.layers}
         self.feature_module = check_feature_layer(unet, feature_layer) if feature_layer else None
-        self.attention = xformers_attention(unet)  # the layers' output attention; None: SDPA
         self.recording = False
         self.maps, self.features = {}, None
         self._saved, self._hook = None, None
 
     def __enter__(self):
         self._saved = {name: module.processor for name, module in self.modules.items()}
+        self.attention = xformers_attention(self.unet)  # per call: the UNet may have moved; None: SDPA
         try:
             for name, module in self.modules.items():
                 module.set_processor(CaptureAttnProcessor(self, name))

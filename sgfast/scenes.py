@@ -87,15 +87,14 @@ def shape_mask(shape, x0, y0, side, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_layout(rng, count_weights=None):
+def _draw_layout(rng, count_probabilities=None):
     """[(colour, shape, x0, y0, side)] for one scene: distinct colours, non-overlapping boxes. The
-    object count is uniform, or drawn with `count_weights` (one per count from MIN_OBJECTS)."""
-    counts = np.arange(MIN_OBJECTS, MAX_OBJECTS + 1)
+    object count is uniform, or drawn with `count_probabilities` (one per count from MIN_OBJECTS)."""
     while True:
-        if count_weights is None:
+        if count_probabilities is None:
             count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
         else:
-            count = int(rng.choice(counts, p=np.asarray(count_weights, dtype=float) / np.sum(count_weights)))
+            count = int(rng.choice(np.arange(MIN_OBJECTS, MAX_OBJECTS + 1), p=count_probabilities))
         colours = rng.choice(len(COLOUR_NAMES), size=count, replace=False)
         layout = []
         for c in colours:
@@ -164,11 +163,12 @@ def sample_batch(rng, n, with_masks=False, count_weights=None):
             f"count_weights must be {counts} numbers >= 0 (for {MIN_OBJECTS} to {MAX_OBJECTS} objects) with a "
             f"positive sum, got {count_weights!r}"
         )
+    probabilities = None if count_weights is None else np.asarray(count_weights, dtype=float) / sum(count_weights)
     images = np.empty((n, SIZE, SIZE, 3), dtype=np.uint8)
     masks = np.zeros((n, MAX_OBJECTS, SIZE, SIZE), dtype=bool) if with_masks else None
     captions = []
     for k in range(n):
-        layout = _draw_layout(rng, count_weights)
+        layout = _draw_layout(rng, probabilities)
         images[k], _ = _render(layout, with_objects=False)
         captions.append(caption_for([(c, s) for c, s, *_ in layout]))
         if with_masks:

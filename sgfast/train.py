@@ -384,7 +384,8 @@ class Trainer:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
         noisy = self.scheduler.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
         lr = lr_at(self.step, a.lr, a.warmup, a.unet_steps)
-        lr *= min(1.0, (self.step - self.rewarm_from + 1) / a.warmup)  # a fresh optimiser's moments warm up
+        if self.rewarm_from:  # started from an export: the fresh optimiser's moments warm up again
+            lr *= min(1.0, (self.step - self.rewarm_from + 1) / a.warmup)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.unet.train()

@@ -13,7 +13,6 @@ from sgfast.capture import Capture, cross_attention_layers, default_feature_laye
 from sgfast.trace import PromptWords, selection
 
 
-
 def unet_inputs(pipe, prompt, seed=1):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 16, 16, generator=g)

@@ -6,11 +6,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
 
 from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, copy_shape, collage, keep_shape, move, place, resize, restyle
+from sgfast import edits as edits_module, properties
 from sgfast.pipeline import SelfGuidanceOutput
-from sgfast import edits as edits_module
 from sgfast.sampler import default_schedule, edit_selection, guidance_term, guided_energy, unit_rms
 from sgfast.testing import tiny_pipeline
-from sgfast import properties
 from sgfast.trace import PromptWords, View
 
 PROMPT = "a red circle and a blue square"
