@@ -170,11 +170,20 @@ class CrossAttentionRecorder:
         return out / attn.rescale_output_factor
 
 
-def attention_localisation_loss(maps, masks, keep):
-    """Mean over supervised layers, objects and words of the share of a word's attention that falls
-    outside its object: each object's colour and shape tokens (positions 4j+2 and 4j+3 of
+def attention_localisation_loss(maps, masks, keep, kind="outside", floor=0.05):
+    """Mean over supervised layers, objects and words of how far a word's attention map is from its
+    object: each object's colour and shape tokens (positions 4j+2 and 4j+3 of
     "<bos> a colour shape and a colour shape ..."), maps (batch, queries, keys), masks float
-    (batch, objects, H, W) of the image, `keep` (batch,) bool: captions not dropped."""
+    (batch, objects, H, W) of the image, `keep` (batch,) bool: captions not dropped.
+
+    kind "outside": the share of the map outside the object. Driving it to zero saturates the
+    softmax (off-object probabilities ~1e-15, the map peaked on a pixel or two), which leaves
+    guidance energies little to move. kind "mask-kl": KL divergence from the target distribution
+    (1 - floor) * mask / area + floor / positions to the map normalised over positions: it asks the
+    map to cover the whole object and keeps a floor everywhere, and its gradient does not vanish
+    where the map is saturated (d log p / d logit = 1 - p)."""
+    if kind not in ("outside", "mask-kl"):
+        raise ValueError(f"unknown attention loss {kind!r}: use 'outside' or 'mask-kl'")
     n, objects = masks.shape[:2]
     idx = torch.arange(objects) * 4 + 2
     idx = torch.stack([idx, idx + 1], 1).reshape(-1)  # colour, shape per object
@@ -187,8 +196,14 @@ def attention_localisation_loss(maps, masks, keep):
         side = int(round(m.shape[1] ** 0.5))
         soft = F.adaptive_avg_pool2d(masks, side).flatten(2).repeat_interleave(2, 1)  # (batch, objects*2, Q)
         tok = m.transpose(1, 2)[:, idx]  # (batch, objects*2, Q)
-        inside = (tok * soft).sum(-1) / tok.sum(-1).clamp_min(1e-8)
-        losses.append(((1 - inside) * valid).sum() / valid.sum())
+        if kind == "outside":
+            inside = (tok * soft).sum(-1) / tok.sum(-1).clamp_min(1e-8)
+            per_word = 1 - inside
+        else:
+            target = (1 - floor) * soft / soft.sum(-1, keepdim=True).clamp_min(1e-8) + floor / soft.shape[-1]
+            log_map = tok.clamp_min(1e-30).log() - tok.sum(-1, keepdim=True).clamp_min(1e-30).log()
+            per_word = (target * (target.log() - log_map)).sum(-1)
+        losses.append((per_word * valid).sum() / valid.sum())
     return torch.stack(losses).mean()
 
 
@@ -399,7 +414,11 @@ class Trainer:
         snr = self.snr[t]
         weight = torch.clamp(snr, max=a.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
         loss = (per_sample * weight).mean()
-        attn = attention_localisation_loss(self.attn_store["maps"], masks, ~drop) if supervise else torch.zeros(())
+        attn = (
+            attention_localisation_loss(self.attn_store["maps"], masks, ~drop, a.attn_loss_kind, a.attn_floor)
+            if supervise
+            else torch.zeros(())
+        )
         self.attn_store["maps"] = []
         diffusion_loss = loss
         loss = loss + a.attn_loss * attn
@@ -564,6 +583,10 @@ def main(argv=None):
     # Attention localisation: each object's colour and shape words should attend inside the object.
     p.add_argument("--attn-loss", type=float, default=0.05, help="weight of the attention-localisation loss")
     p.add_argument("--attn-loss-start", type=int, default=0, help="UNet step from which it applies")
+    p.add_argument("--attn-loss-kind", choices=["outside", "mask-kl"], default="outside",
+                   help="'outside': share of a word's map outside its object; 'mask-kl': KL from the object's "
+                        "mask (with a floor) to the map, which keeps maps spread over the object")
+    p.add_argument("--attn-floor", type=float, default=0.05, help="uniform share of the mask-kl target")
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--export-minutes", type=float, default=12.0)
     p.add_argument("--export-to", default=DEFAULT_EXPORT)
