@@ -45,14 +45,16 @@ def load_default_pipeline(torch_dtype=None):
 
 
 # Self-guidance settings tuned by hand on this model (benchmarks/RESULTS.md, "Edit fidelity"). Its
-# cross-attention is saturated (off-object probabilities ~1e-15, a word's map peaked on one or two
-# latent pixels), so raw energy gradients differ by orders of magnitude between prompts and steps:
-# they are normalised, and v sets the step. The first step is skipped (at t ~ 950 the slightest push
-# reshuffles the whole layout); every step is guided up to 60% of the schedule. Moves and resizes hold
-# the other objects' silhouettes and centroids, not appearance (the decoder features it reads also
-# encode position, so it would pin the edited object in place).
-SELF_GUIDANCE_SCALE = {"move": 0.8, "place": 0.8, "resize": 0.8, "copy_appearance": 8.0, "copy_layout": 0.8}
+# maps are trained to spread over their objects with a small floor elsewhere (`--attn-loss-kind
+# mask-kl`), but raw energy gradients are still small and vary widely between prompts and steps (a
+# raw move needs v ~ 100 and still misses by 8 px): they are normalised, and v sets the step. The
+# first step is skipped (at t ~ 950 the slightest push reshuffles the whole layout); every step is
+# guided up to 80% of the schedule. Moves and resizes hold the other objects' silhouettes and
+# centroids, not appearance (the decoder features it reads also encode position, so it would pin the
+# edited object in place).
+SELF_GUIDANCE_SCALE = {"move": 1.5, "place": 1.5, "resize": 1.5, "copy_appearance": 8.0, "copy_layout": 1.5}
 KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
+GUIDED_SHARE = 0.8  # guide steps 1 .. GUIDED_SHARE * steps
 
 
 def guidance_settings(kind, num_inference_steps):
@@ -61,5 +63,5 @@ def guidance_settings(kind, num_inference_steps):
     return dict(
         self_guidance_scale=SELF_GUIDANCE_SCALE[kind],
         normalize_gradient=True,
-        guidance_schedule=[1 <= i < 0.6 * num_inference_steps for i in range(num_inference_steps)],
+        guidance_schedule=[1 <= i < GUIDED_SHARE * num_inference_steps for i in range(num_inference_steps)],
     )
