@@ -33,6 +33,7 @@ def load_pipeline(model):
 
 def demo(args):
     from sgfast import SelfGuidancePipeline, move, resize
+    from sgfast.edits import content_words
     from sgfast.default_model import KEEP_OTHERS, guidance_settings
     from sgfast.sheet import sheet
 
@@ -62,7 +63,8 @@ def demo(args):
         written.append(path)
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
-    words = list(dict.fromkeys([args.move_word, args.resize_word]))
+    # The edited words first, then the prompt's other content words (so a held object's map shows too).
+    words = list(dict.fromkeys([args.move_word, args.resize_word] + content_words(args.prompt.lower().split())))
     written.append(sheet(rows, words, os.path.join(args.out, "sheet.png")))
     print(f"done in {time.perf_counter() - start:.1f} s; wrote:")
     for path in written:
@@ -77,7 +79,7 @@ def main(argv=None):
     d.add_argument("--prompt", default="a red circle and a blue square")
     d.add_argument("--move-word", default="circle")
     d.add_argument("--dx", type=float, default=-0.3, help="horizontal move, image fractions (negative: left)")
-    d.add_argument("--resize-word", default="square")
+    d.add_argument("--resize-word", default="circle")
     d.add_argument("--scale", type=float, default=2.0)
     d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the built-in model's tuned one per edit)")
     d.add_argument("--steps", type=int, default=25)

@@ -24,4 +24,5 @@ def test_demo_writes_images_and_sheet(tmp_path, capsys):
         path = out / name
         assert path.exists() and str(path) in printed
         assert PIL.Image.open(path).size[0] >= 64
-    assert PIL.Image.open(out / "sheet.png").size == (3 * 192, 3 * (192 + 18))
+    # rows: original, move, resize; columns: the image, then "circle", "red", "blue", "square"
+    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 3 * (192 + 18))
