@@ -125,9 +125,11 @@ def summary(values):
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def run(sg, seeds, steps, guidance_scale, setting, progress=print):
-    """Measurements for every seed; images of the first seed for the example sheet."""
-    guided, keep = SETTINGS[setting]
+def run(sg, seeds, steps, guidance_scale, setting, progress=print, scale=None):
+    """Measurements for every seed; images of the first seed for the example sheet. `scale`, when
+    given, replaces the setting's self-guidance scale v for every edit kind."""
+    settings_for, keep = SETTINGS[setting]
+    guided = settings_for if scale is None else (lambda kind, n: {**settings_for(kind, n), "self_guidance_scale": scale})
     rows, skipped, example = [], 0, None
     spare = [c for c in COLOURS]
     for k, caption in enumerate(captions(seeds)):
@@ -209,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--modes", default="reference,fast")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--out", default=os.path.join("outputs", "bench"))
+    parser.add_argument("--scale", default=None, help="comma-separated self-guidance scales v that replace each setting's own (a sweep)")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -221,9 +224,11 @@ def main(argv=None):
     for mode in args.modes.split(","):
         sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode)
         for setting in args.settings.split(","):
-            rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting)
-            results[(mode, setting)] = (rows, skipped)
-            examples[(mode, setting)] = example
+            for scale in [None] if args.scale is None else [float(v) for v in args.scale.split(",")]:
+                label = setting if scale is None else f"{setting}, v={scale:g}"
+                rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting, scale=scale)
+                results[(mode, label)] = (rows, skipped)
+                examples[(mode, label)] = example
     elapsed = time.perf_counter() - start
     text = table(results)
     print(f"\nmodel: {name}; {args.seeds} seeds, {args.steps} DDIM steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
@@ -234,7 +239,7 @@ def main(argv=None):
     written = [json_path]
     for (mode, setting), example in examples.items():
         if example is not None:
-            name_ = f"quality_{mode}_{setting.replace(' ', '_')}.png"
+            name_ = f"quality_{mode}_{setting.replace(', ', '_').replace(' ', '_').replace('=', '')}.png"
             written.append(example_sheet(example, os.path.join(args.out, name_)))
     print("\nwrote " + ", ".join(written))
     print("sheet columns: original | move | resize | appearance source | copy appearance | layout source | copy layout")
@@ -254,13 +259,14 @@ def main(argv=None):
 
 
 def replace_section(path, heading, section):
-    """Put `section` in place of the one starting with `heading` (or append it)."""
+    """Put `section` in place of the one starting with `heading`, up to the next heading of any level
+    (so hand-written subsections after it stay), or append it."""
     text = open(path).read() if os.path.exists(path) else "# Results\n"
     start = text.find(heading)
     if start < 0:
         text = text.rstrip() + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(heading))
+        end = text.find("\n#", start + len(heading))
         text = text[:start] + section + ("" if end < 0 else text[end:])
     with open(path, "w") as f:
         f.write(text)

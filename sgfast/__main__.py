@@ -34,6 +34,7 @@ def load_pipeline(model):
 def demo(args):
     from sgfast import SelfGuidancePipeline, move, resize
     from sgfast.edits import content_words
+    from sgfast.trace import PromptWords
     from sgfast.default_model import KEEP_OTHERS, guidance_settings
     from sgfast.sheet import sheet
 
@@ -64,7 +65,8 @@ def demo(args):
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
-    words = list(dict.fromkeys([args.move_word, args.resize_word] + content_words(args.prompt.lower().split())))
+    prompt_words = PromptWords.from_tokenizer(pipe.tokenizer, args.prompt).words
+    words = list(dict.fromkeys([args.move_word, args.resize_word] + content_words(prompt_words)))
     written.append(sheet(rows, words, os.path.join(args.out, "sheet.png")))
     print(f"done in {time.perf_counter() - start:.1f} s; wrote:")
     for path in written:

@@ -1,8 +1,9 @@
 """Selective capture of cross-attention maps and decoder features.
 
 Only the configured layers (`from_pipe(layers=...)`) get our processor; every other layer keeps its
-own, untouched; the edits choose which tokens are recorded. A captured layer still computes its output with scaled-dot-product attention (xformers'
-memory-efficient attention when it is installed and the UNet is on a GPU); next to it, it recomputes
+own, untouched; the edits choose which tokens are recorded. A captured layer still computes its
+output with scaled-dot-product attention (xformers' memory-efficient attention when it is installed
+and the UNet is on a GPU); next to it, it recomputes
 (differentiably, from Q and K) the head-averaged probabilities of the selected tokens only, for the
 conditional half of the batch only.
 """

@@ -184,6 +184,8 @@ def attention_localisation_loss(maps, masks, keep, kind="outside", floor=0.05):
     where the map is saturated (d log p / d logit = 1 - p)."""
     if kind not in ("outside", "mask-kl"):
         raise ValueError(f"unknown attention loss {kind!r}: use 'outside' or 'mask-kl'")
+    if kind == "mask-kl" and not 0 < floor < 1:
+        raise ValueError(f"the mask-kl floor must be in (0, 1), got {floor!r}")
     n, objects = masks.shape[:2]
     idx = torch.arange(objects) * 4 + 2
     idx = torch.stack([idx, idx + 1], 1).reshape(-1)  # colour, shape per object

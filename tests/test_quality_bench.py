@@ -59,3 +59,39 @@ def test_smoke_run_prints_the_table(tmp_path, capsys):
     rows = json.loads((tmp_path / "quality.json").read_text())["fast/tuned"]["rows"]
     assert all(rows[0][key] is not None for key in ("move", "resize", "copy_appearance", "copy_layout"))
     assert (tmp_path / "quality_fast_tuned.png").exists()
+
+
+def test_scale_replaces_each_edits_own_scale():
+    # A stand-in pipeline that draws the caption's true scene and records the guidance arguments.
+    scene, calls = two_object_scene(), []
+
+    class Source:  # what copy edits ask of a trace when they are built
+        def index(self, word):
+            return word
+
+    class Drawn:
+        images, trace = [scene.image], Source()
+
+    def sg(prompt, edits=None, **kwargs):
+        if edits:
+            calls.append((type(edits[0]).__name__, kwargs["self_guidance_scale"], kwargs.get("normalize_gradient")))
+        return Drawn()
+
+    quality.run(sg, 1, 10, 5.0, "tuned", progress=lambda line: None, scale=2.5)
+    assert [c[0] for c in calls] == ["Move", "Resize", "CopyAppearance", "CopyLayout"]
+    assert all(v == 2.5 and normalized for _, v, normalized in calls)  # the rest of the setting is kept
+    calls.clear()
+    quality.run(sg, 1, 10, 5.0, "tuned", progress=lambda line: None)
+    assert [v for _, v, _ in calls] == [quality.default_model.SELF_GUIDANCE_SCALE[k] for k in
+                                        ("move", "resize", "copy_appearance", "copy_layout")]
+
+
+def test_results_section_is_replaced_up_to_the_next_heading(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Edit fidelity (old)\n\nold table\n\n### Reading\n\nkept\n\n## Speed\n\nkept too\n")
+    quality.replace_section(str(path), "## Edit fidelity", "## Edit fidelity (new)\n\nnew table\n")
+    text = path.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.index("new table") < text.index("### Reading\n\nkept") < text.index("## Speed\n\nkept too")
+    quality.replace_section(str(path), "## Missing", "## Missing\n\nappended\n")
+    assert path.read_text().endswith("## Missing\n\nappended\n")

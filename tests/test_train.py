@@ -96,7 +96,10 @@ def test_mask_kl_pulls_saturated_maps_where_the_share_outside_does_not():
     assert norms["mask-kl"] > 0.01
 
 
-def test_unknown_kind_is_refused():
+def test_unknown_kind_and_bad_floor_are_refused():
     _, maps, masks, keep = random_case(0)
     with pytest.raises(ValueError, match="outside.*mask-kl"):
         attention_localisation_loss(maps, masks, keep, "entropy")
+    for floor in (0.0, 1.0, -0.1):  # 0 would put log(0) in the target's entropy
+        with pytest.raises(ValueError, match=r"floor must be in \(0, 1\)"):
+            attention_localisation_loss(maps, masks, keep, "mask-kl", floor)
