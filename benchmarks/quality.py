@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, default_model, move, resize
-from sgfast.scenes import COLOURS, HELDOUT_SEED, make_scene, matches_caption, parse_caption, read_scene
+from sgfast.scenes import COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, parse_caption, read_scene
 
 # Settings compared: the paper's (raw gradients, its schedule, its relative weights, v = 1) and the
 # one tuned by hand on the built-in model (`sgfast.default_model.guidance_settings`, `KEEP_OTHERS`).
@@ -50,12 +50,6 @@ def captions(count, first_seed=HELDOUT_SEED + 50_000):
 
 def to_array(image):
     return np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-
-
-def by_colour(objects, colour):
-    """The largest read object of `colour`, or None."""
-    matches = [o for o in objects if o.colour == colour]
-    return max(matches, key=lambda o: o.area) if matches else None
 
 
 def iou(a, b):

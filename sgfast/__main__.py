@@ -34,6 +34,7 @@ def load_pipeline(model):
 def demo(args):
     from sgfast import SelfGuidancePipeline, move, resize
     from sgfast.edits import content_words
+    from sgfast.scenes import read_change
     from sgfast.trace import PromptWords
     from sgfast.default_model import KEEP_OTHERS, guidance_settings
     from sgfast.sheet import sheet
@@ -62,6 +63,11 @@ def demo(args):
         path = os.path.join(args.out, title.split()[0] + ".png")
         out.images[0].save(path)
         written.append(path)
+        word = args.move_word if kind == "move" else args.resize_word
+        change = read_change(args.prompt, word, original.images[0], out.images[0])
+        if change is not None:  # a scene of the built-in model: say what the edit did, as the reader sees it
+            (dx, dy), ratio = change
+            print(f"{title}: the {word} moved dx={dx:+.2f} dy={dy:+.2f} (image fractions), area x{ratio:.2f}")
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).

@@ -192,6 +192,29 @@ def parse_caption(caption):
 # Reader
 
 
+def by_colour(objects, colour):
+    """The largest read object of `colour`, or None."""
+    matches = [o for o in objects if o.colour == colour]
+    return max(matches, key=lambda o: o.area) if matches else None
+
+
+def read_change(caption, word, before, after):
+    """How the object that `word` names in a scene caption changed between two RGB images (as
+    `read_scene` takes them): (dx, dy) of its centroid in image fractions and its area ratio, read with
+    `read_scene`; None when either image lacks an object of its colour (or the caption is not one)."""
+    try:
+        objects = parse_caption(caption)
+    except ValueError:
+        return None
+    colour = next((c for c, s in objects if word in (c, s)), None)
+    if colour is None:
+        return None
+    a, b = by_colour(read_scene(before), colour), by_colour(read_scene(after), colour)
+    if a is None or b is None:
+        return None
+    return (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1]), b.area / a.area
+
+
 def _components(labels):
     """4-connected components of equal positive labels: int array, 0 = none, k = component id.
 

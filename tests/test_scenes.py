@@ -131,3 +131,17 @@ def test_reader_ignores_specks_and_rejects_wrong_captions():
     assert not scenes.matches_caption(read, "a red circle and a green square and a blue square and a yellow circle")
     with pytest.raises(ValueError):
         scenes.parse_caption("a cat")
+
+
+def test_read_change_measures_an_objects_move_and_area():
+    scene = next(s for s in (scenes.make_scene(k) for k in range(50)) if len(s.objects) == 2)
+    (colour, shape), _ = scenes.parse_caption(scene.caption)
+    shifted = np.full_like(scene.image, scene.image[0, 0])
+    shifted[2:, 3:] = scene.image[:-2, :-3]  # 3 px right, 2 px down (the background is flat)
+    (dx, dy), ratio = scenes.read_change(scene.caption, shape, scene.image, shifted)
+    assert (dx, dy, ratio) == (pytest.approx(3 / 64), pytest.approx(2 / 64), pytest.approx(1.0))
+    assert scenes.read_change(scene.caption, colour, scene.image, scene.image) == ((0.0, 0.0), 1.0)
+    assert scenes.read_change(scene.caption, "hexagon", scene.image, shifted) is None  # not in the caption
+    assert scenes.read_change("a photo of a cat", "cat", scene.image, shifted) is None  # not a scene caption
+    blank = np.full_like(scene.image, scene.image[0, 0])
+    assert scenes.read_change(scene.caption, shape, scene.image, blank) is None  # the object is gone
