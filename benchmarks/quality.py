@@ -12,6 +12,7 @@ reader, apply each edit, read the edited image and compare:
 
     python -m benchmarks.quality --seeds 20                  # table, JSON and an example sheet
     python -m benchmarks.quality --seeds 20 --results        # also updates benchmarks/RESULTS.md
+    python -m benchmarks.quality --settings tuned --scale 1,1.5,2   # a sweep of the self-guidance scale v
 """
 
 import argparse

@@ -46,8 +46,9 @@ def load_default_pipeline(torch_dtype=None):
 
 # Self-guidance settings tuned by hand on this model (benchmarks/RESULTS.md, "Edit fidelity"). Its
 # maps are trained to spread over their objects with a small floor elsewhere (`--attn-loss-kind
-# mask-kl`), but raw energy gradients are still small and vary widely between prompts and steps (a
-# raw move needs v ~ 100 and still misses by 8 px): they are normalised, and v sets the step. The
+# mask-kl`), but raw energy gradients are still small and vary widely between prompts and steps (with
+# the paper's settings nothing moves at v = 1 and the image reshuffles at v = 100, benchmarks/RESULTS.md
+# "Scale sweep"): they are normalised, and v sets the step. The
 # first step is skipped (at t ~ 950 the slightest push reshuffles the whole layout); every step is
 # guided up to 80% of the schedule. Moves and resizes hold the other objects' silhouettes and
 # centroids, not appearance (the decoder features it reads also encode position, so it would pin the
