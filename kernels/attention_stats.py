@@ -14,24 +14,31 @@ with pixel-centre coordinates x_p = (j + 0.5) / W, y_p = (i + 0.5) / H (mass, x-
 the centroid is moment / mass). Outputs are float32 (float64 for float64 inputs) whatever the input
 dtype.
 
-The fused Triton path reads Q and K once, does the whole softmax row in one tile (T is small: 77 for
-CLIP) and never writes anything of size heads * N * T: the forward keeps only the selected columns,
-the backward recomputes the softmax. Gradients flow to `q` only: `k` comes from the text encoder and
-carries no gradient to the latents, so the op returns None for it (use the reference if a gradient
-for `k` is needed).
+The fused Triton path (`sgfast::attention_maps`, a `torch.library.triton_op`, so that inductor emits
+the launches and CUDA graphs can capture them) reads Q and K once, does the whole softmax row in
+registers (77 keys: a 64-wide tile and a 16-wide tail) and never writes anything of size
+heads * N * T. Q @ K^T runs on tensor cores on the native fp16/bf16 tiles with fp32 accumulation
+(fp16 x fp16 products are exact in fp32); the selected columns come out of the probabilities by one
+one-hot matmul, whatever the number of tokens. The grid is (position blocks, head groups, batch):
+where one program per position block would leave SMs idle, heads are split across programs and
+their partial maps summed afterwards in a fixed order (deterministic; no atomics). The sums are a
+[N, 3] matmul on the maps.
 
-Backward (per head h, position p; dA the upstream gradient of A, nonzero on selected columns only):
+Backward (per head h, position p; g the upstream gradient of the maps, the sums' folded in):
 
-    g[b, s, p]    = grad_maps[b, s, p] + grad_sums[b, s, 0] + x_p grad_sums[b, s, 1] + y_p grad_sums[b, s, 2]
-    dP[b, h, p, t] = sum_{s: token_index[b, s] == t} g[b, s, p] / heads
+    dP[b, h, p, t] = sum_{s: token_index[b, s] == t} g[b, s, p] / heads      (one-hot matmul)
     dlogit        = P * (dP - sum_t P * dP)
     dq            = scale * dlogit @ k
 
-Public entry: `attention_stats(...)`. The Triton path is registered as the torch custom op
-`sgfast::attention_stats` (with `sgfast::attention_stats_backward`), so torch.compile traces it
-without a graph break.
+Gradients flow to `q` only: `k` comes from the text encoder and carries no gradient to the
+latents. Asking the fused path for a gradient of `k` is an error (use `impl="torch"`).
+
+Public entry: `attention_stats(...)`. `launch_config(...)` is the launch plan (grid, block sizes,
+warps, dot precisions) the op uses; `benchmarks.kernels` compiles exactly that offline.
 """
 
+import functools
+import math
 import os
 
 import torch
@@ -51,6 +58,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # kernel fails to write shows up instead of reading as stale memory.
 DEBUG_POISON_OUTPUTS = False
 
+# The SM count the launch plan aims to fill; None: the device's (8 under the interpreter, so that
+# small test shapes take both the split-heads and the one-group paths). Tests override it.
+SM_COUNT_OVERRIDE = None
 
 # ---------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch): the ground truth, and the CPU implementation.
@@ -77,9 +87,14 @@ def attention_stats_reference(q, k, token_index, height, width, scale, return_ma
     index = token_index[:, None, :].expand(batch, n, token_index.shape[1])
     maps = probs.mean(dim=1).gather(-1, index).transpose(1, 2)  # [B, S, N]
     # One matmul against the (1, x, y) columns: autograd keeps maps once, not once per moment.
-    x, y = pixel_centres(height, width, dtype, q.device)
-    sums = maps @ torch.stack([torch.ones_like(x), x, y], dim=-1)  # [B, S, 3]
+    sums = maps @ moment_columns(height, width, dtype, q.device)  # [B, S, 3]
     return sums, (maps if return_maps else None)
+
+
+def moment_columns(height, width, dtype, device):
+    """[N, 3] columns (1, x_p, y_p): maps @ moment_columns = sums."""
+    x, y = pixel_centres(height, width, dtype, device)
+    return torch.stack([torch.ones_like(x), x, y], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,164 +104,294 @@ def attention_stats_reference(q, k, token_index, height, width, scale, return_ma
 if HAS_TRITON:
 
     @triton.jit
-    def _row_probs(
-        q_base, k_base, offs_n, offs_t, offs_d, n_mask, t_mask, D, scale,
-        stride_qn, stride_qd, stride_kt, stride_kd,
-        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """softmax(scale * q @ k^T) of one head for BLOCK_N positions: [BLOCK_N, BLOCK_T] in ACC,
-        exactly zero on the padding keys t >= T. Loops over d in BLOCK_D chunks (masked tail)."""
-        logits = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            d_mask = (d0 + offs_d) < D
-            q = tl.load(
-                q_base + offs_n[:, None] * stride_qn + (d0 + offs_d)[None, :] * stride_qd,
-                mask=n_mask[:, None] & d_mask[None, :], other=0.0,
-            )
-            k = tl.load(
-                k_base + offs_t[:, None] * stride_kt + (d0 + offs_d)[None, :] * stride_kd,
-                mask=t_mask[:, None] & d_mask[None, :], other=0.0,
-            )
-            # Dot in the accumulation dtype: exact fp32 (no TF32), and the interpreter's bf16 dot is
-            # wrong. The op is memory-bound (T * d per position), so tensor cores would gain little.
-            logits += tl.dot(q.to(ACC), tl.trans(k.to(ACC)), input_precision="ieee", out_dtype=ACC)
-        logits = tl.where(t_mask[None, :], logits * scale, float("-inf"))
-        # Rows past N loaded q = 0: their logits are 0, so the row stays finite (no NaN anywhere).
-        row_max = tl.max(logits, axis=1)
-        p = tl.exp(logits - row_max[:, None])
-        return p / tl.sum(p, axis=1)[:, None]
+    def _load_rows(base, rows, row_mask, stride_row, d0, offs_d, D, stride_d, EVEN_D: tl.constexpr):
+        """A [rows, BLOCK_D] tile of a row-major [rows, D] matrix, columns d0 + offs_d."""
+        cols = d0 + offs_d
+        mask = row_mask[:, None]
+        if not EVEN_D:
+            mask = mask & (cols < D)[None, :]
+        return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_d, mask=mask, other=0.0)
 
     @triton.jit
-    def _attention_stats_fwd_kernel(
-        q_ptr, k_ptr, tok_ptr, maps_ptr, part_ptr,
-        N, T, D, S, HEADS, HEIGHT, WIDTH, scale,
+    def _head_probs(
+        q_base, k_base, offs_n, n_mask, offs_t, offs_t2, T, D, qk_scale,
+        stride_qn, stride_qd, stride_kt, stride_kd,
+        ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr,
+        HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
+        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        """Softmax rows of one head for BLOCK_N positions, as two key tiles: keys [0, BLOCK_T) and the
+        tail [BLOCK_T, BLOCK_T + BLOCK_T2) (all zero when not HAS_TAIL). Exactly zero on keys >= T.
+        `qk_scale` is scale * log2(e): exp2 then gives the softmax's exp."""
+        t_mask = offs_t < T
+        t2_mask = offs_t2 < T
+        offs_d = tl.arange(0, BLOCK_D)
+        logits = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
+        logits2 = tl.zeros([BLOCK_N, BLOCK_T2], dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            q = _load_rows(q_base, offs_n, n_mask, stride_qn, d0, offs_d, D, stride_qd, EVEN_D)
+            k = _load_rows(k_base, offs_t, t_mask, stride_kt, d0, offs_d, D, stride_kd, EVEN_D)
+            if UPCAST_QK:  # the interpreter's bf16 dot is wrong; fp32/fp64 inputs are upcast no-ops
+                q = q.to(ACC)
+                k = k.to(ACC)
+            logits += tl.dot(q, tl.trans(k), input_precision=QK_PRECISION, out_dtype=ACC)
+            if HAS_TAIL:
+                k2 = _load_rows(k_base, offs_t2, t2_mask, stride_kt, d0, offs_d, D, stride_kd, EVEN_D)
+                if UPCAST_QK:
+                    k2 = k2.to(ACC)
+                logits2 += tl.dot(q, tl.trans(k2), input_precision=QK_PRECISION, out_dtype=ACC)
+        # Rows past N loaded q = 0: their logits are 0, so the row stays finite (no NaN anywhere).
+        logits = tl.where(t_mask[None, :], logits * qk_scale, float("-inf"))
+        row_max = tl.max(logits, axis=1)
+        if HAS_TAIL:
+            logits2 = tl.where(t2_mask[None, :], logits2 * qk_scale, float("-inf"))
+            row_max = tl.maximum(row_max, tl.max(logits2, axis=1))
+        p = tl.exp2(logits - row_max[:, None])
+        total = tl.sum(p, axis=1)
+        p2 = logits2
+        if HAS_TAIL:
+            p2 = tl.exp2(logits2 - row_max[:, None])
+            total += tl.sum(p2, axis=1)
+        inv = 1.0 / total
+        return p * inv[:, None], p2 * inv[:, None]
+
+    @triton.jit
+    def _one_hot(token_ptrs, s_mask, offs_t, ACC: tl.constexpr):
+        """[BLOCK_T, BLOCK_S] one-hot of the selected tokens over the key tile `offs_t`. Indices are
+        compared, never used as offsets: a bad index selects nothing and reads nothing."""
+        tokens = tl.load(token_ptrs, mask=s_mask, other=-1)
+        return (offs_t[:, None] == tokens[None, :]).to(ACC)
+
+    @triton.jit
+    def _maps_fwd_kernel(
+        q_ptr, k_ptr, tok_ptr, out_ptr,
+        N, T, D, S, HEADS, HEADS_PER_PROGRAM, qk_scale, inv_heads,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_tb, stride_ts,
-        ACC: tl.constexpr, WRITE_MAPS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
+        HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_D: tl.constexpr,
     ):
-        """One program per (block of BLOCK_N positions, batch item). Sums the softmax rows over
-        heads, then writes the selected columns (maps, if asked) and this block's partial sums
-        part[b, block, s, :] = (mass, x-moment, y-moment); the host sums the blocks."""
+        """One program per (block of positions, group of heads, batch item): the head-summed
+        probabilities of its heads (scaled by 1 / heads), then the selected columns by one one-hot
+        matmul per BLOCK_S tokens, written to out[b, group, s, p] ([B, groups, S, N])."""
         pid_n = tl.program_id(0)
-        b = tl.program_id(1)
+        group = tl.program_id(1)
+        b = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
         n_mask = offs_n < N
-        t_mask = offs_t < T
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_t2 = BLOCK_T + tl.arange(0, BLOCK_T2)
 
         probs = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
-        for h in range(HEADS):
-            probs += _row_probs(
+        probs2 = tl.zeros([BLOCK_N, BLOCK_T2], dtype=ACC)
+        h_start = group * HEADS_PER_PROGRAM
+        h_end = tl.minimum(h_start + HEADS_PER_PROGRAM, HEADS)
+        for h in range(h_start, h_end):
+            p, p2 = _head_probs(
                 q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
-                offs_n, offs_t, offs_d, n_mask, t_mask, D, scale,
-                stride_qn, stride_qd, stride_kt, stride_kd, ACC, BLOCK_N, BLOCK_T, BLOCK_D,
+                offs_n, n_mask, offs_t, offs_t2, T, D, qk_scale,
+                stride_qn, stride_qd, stride_kt, stride_kd,
+                ACC, UPCAST_QK, QK_PRECISION, HAS_TAIL, BLOCK_N, BLOCK_T, BLOCK_T2, BLOCK_D, EVEN_D,
             )
-        probs = probs / HEADS
+            probs += p
+            if HAS_TAIL:
+                probs2 += p2
+        probs = probs * inv_heads
+        probs2 = probs2 * inv_heads
 
-        x = ((offs_n % WIDTH).to(ACC) + 0.5) / WIDTH
-        y = ((offs_n // WIDTH).to(ACC) + 0.5) / HEIGHT
-        part = part_ptr + (b * tl.num_programs(0) + pid_n) * S * 3
-        for s in range(S):
-            token = tl.load(tok_ptr + b * stride_tb + s * stride_ts)
-            # Column `token` of the tile. Comparing indices (not a pointer offset) means a bad index
-            # can never read out of bounds; the host validates the range anyway.
-            col = tl.sum(tl.where(offs_t[None, :] == token, probs, 0.0), axis=1)
-            col = tl.where(n_mask, col, 0.0)
-            if WRITE_MAPS:
-                tl.store(maps_ptr + (b * S + s) * N + offs_n, col, mask=n_mask)
-            tl.store(part + s * 3 + 0, tl.sum(col, axis=0))
-            tl.store(part + s * 3 + 1, tl.sum(col * x, axis=0))
-            tl.store(part + s * 3 + 2, tl.sum(col * y, axis=0))
+        out_base = out_ptr + (b * tl.num_programs(1) + group) * S * N
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < S
+            tok = tok_ptr + b * stride_tb + offs_s * stride_ts
+            selected = tl.dot(probs, _one_hot(tok, s_mask, offs_t, ACC),
+                              input_precision=SEL_PRECISION, out_dtype=ACC)
+            if HAS_TAIL:
+                selected += tl.dot(probs2, _one_hot(tok, s_mask, offs_t2, ACC),
+                                   input_precision=SEL_PRECISION, out_dtype=ACC)
+            tl.store(out_base + offs_s[None, :] * N + offs_n[:, None], selected,
+                     mask=n_mask[:, None] & s_mask[None, :])
 
     @triton.jit
-    def _attention_stats_bwd_kernel(
-        q_ptr, k_ptr, tok_ptr, gsums_ptr, gmaps_ptr, dq_ptr,
-        N, T, D, S, HEADS, HEIGHT, WIDTH, scale,
+    def _maps_bwd_kernel(
+        q_ptr, k_ptr, tok_ptr, g_ptr, dq_ptr,
+        N, T, D, S, qk_scale, dq_scale,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_tb, stride_ts,
         stride_db, stride_dh, stride_dn, stride_dd,
-        ACC: tl.constexpr, HAS_GRAD_SUMS: tl.constexpr, HAS_GRAD_MAPS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
+        DQ_PRECISION: tl.constexpr,
+        HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_D: tl.constexpr,
     ):
-        """One program per (block of positions, head, batch item): recompute the softmax rows, build
-        dP on the selected columns only, dq = scale * (P * (dP - rowsum(P * dP))) @ K."""
+        """One program per (block of positions, head, batch item): recompute the softmax rows, dP by
+        one one-hot matmul per BLOCK_S tokens from g [B, S, N], then dq = dq_scale * dlogit @ K."""
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
         n_mask = offs_n < N
-        t_mask = offs_t < T
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_t2 = BLOCK_T + tl.arange(0, BLOCK_T2)
         k_base = k_ptr + b * stride_kb + h * stride_kh
 
-        probs = _row_probs(
+        p, p2 = _head_probs(
             q_ptr + b * stride_qb + h * stride_qh, k_base,
-            offs_n, offs_t, offs_d, n_mask, t_mask, D, scale,
-            stride_qn, stride_qd, stride_kt, stride_kd, ACC, BLOCK_N, BLOCK_T, BLOCK_D,
+            offs_n, n_mask, offs_t, offs_t2, T, D, qk_scale,
+            stride_qn, stride_qd, stride_kt, stride_kd,
+            ACC, UPCAST_QK, QK_PRECISION, HAS_TAIL, BLOCK_N, BLOCK_T, BLOCK_T2, BLOCK_D, EVEN_D,
         )
 
-        x = ((offs_n % WIDTH).to(ACC) + 0.5) / WIDTH
-        y = ((offs_n // WIDTH).to(ACC) + 0.5) / HEIGHT
-        dprobs = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
-        for s in range(S):
-            token = tl.load(tok_ptr + b * stride_tb + s * stride_ts)
-            g = tl.zeros([BLOCK_N], dtype=ACC)
-            if HAS_GRAD_MAPS:
-                g += tl.load(gmaps_ptr + (b * S + s) * N + offs_n, mask=n_mask, other=0.0)
-            if HAS_GRAD_SUMS:
-                g0 = tl.load(gsums_ptr + (b * S + s) * 3 + 0)
-                g1 = tl.load(gsums_ptr + (b * S + s) * 3 + 1)
-                g2 = tl.load(gsums_ptr + (b * S + s) * 3 + 2)
-                g += g0 + x * g1 + y * g2
-            # += so that a column selected twice gets the sum of both gradients.
-            dprobs += tl.where(offs_t[None, :] == token, g[:, None], 0.0)
-        dprobs = dprobs / HEADS
+        dp = tl.zeros([BLOCK_N, BLOCK_T], dtype=ACC)
+        dp2 = tl.zeros([BLOCK_N, BLOCK_T2], dtype=ACC)
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < S
+            tok = tok_ptr + b * stride_tb + offs_s * stride_ts
+            g = tl.load(g_ptr + (b * S + offs_s[None, :]) * N + offs_n[:, None],
+                        mask=n_mask[:, None] & s_mask[None, :], other=0.0)
+            # A token selected twice gets the sum of both gradients (the one-hot has two ones).
+            dp += tl.dot(g, tl.trans(_one_hot(tok, s_mask, offs_t, ACC)),
+                         input_precision=SEL_PRECISION, out_dtype=ACC)
+            if HAS_TAIL:
+                dp2 += tl.dot(g, tl.trans(_one_hot(tok, s_mask, offs_t2, ACC)),
+                              input_precision=SEL_PRECISION, out_dtype=ACC)
+        row_dot = tl.sum(p * dp, axis=1)
+        if HAS_TAIL:
+            row_dot += tl.sum(p2 * dp2, axis=1)
+        dlogits = p * (dp - row_dot[:, None])  # zero on the padding keys (p == 0 there)
+        dlogits2 = p2 * (dp2 - row_dot[:, None])
 
-        row_dot = tl.sum(probs * dprobs, axis=1)
-        dlogits = probs * (dprobs - row_dot[:, None])  # zero on the padding keys (probs == 0 there)
-
+        t_mask = offs_t < T
+        t2_mask = offs_t2 < T
+        offs_d = tl.arange(0, BLOCK_D)
         dq_base = dq_ptr + b * stride_db + h * stride_dh
         for d0 in range(0, D, BLOCK_D):
-            d_mask = (d0 + offs_d) < D
-            k = tl.load(
-                k_base + offs_t[:, None] * stride_kt + (d0 + offs_d)[None, :] * stride_kd,
-                mask=t_mask[:, None] & d_mask[None, :], other=0.0,
-            )
-            dq = tl.dot(dlogits, k.to(ACC), input_precision="ieee", out_dtype=ACC) * scale
-            tl.store(
-                dq_base + offs_n[:, None] * stride_dn + (d0 + offs_d)[None, :] * stride_dd,
-                dq.to(dq_ptr.dtype.element_ty),
-                mask=n_mask[:, None] & d_mask[None, :],
-            )
+            # K in fp16/bf16 is exact in tf32: the dot's only rounding is dlogits' to tf32, the
+            # size of dq's own fp16 rounding.
+            k = _load_rows(k_base, offs_t, t_mask, stride_kt, d0, offs_d, D, stride_kd, EVEN_D).to(ACC)
+            dq = tl.dot(dlogits, k, input_precision=DQ_PRECISION, out_dtype=ACC)
+            if HAS_TAIL:
+                k2 = _load_rows(k_base, offs_t2, t2_mask, stride_kt, d0, offs_d, D, stride_kd, EVEN_D).to(ACC)
+                dq += tl.dot(dlogits2, k2, input_precision=DQ_PRECISION, out_dtype=ACC)
+            cols = d0 + offs_d
+            mask = n_mask[:, None]
+            if not EVEN_D:
+                mask = mask & (cols < D)[None, :]
+            tl.store(dq_base + offs_n[:, None] * stride_dn + cols[None, :] * stride_dd,
+                     (dq * dq_scale).to(dq_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch plan
+# ---------------------------------------------------------------------------------------------------
+
+_BLOCK_N_CHOICES = (64, 32, 16)
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _next_power_of_2(x):
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _key_tiles(keys):
+    """(BLOCK_T, BLOCK_T2): the largest power of two <= T (at least 16, tl.dot's smallest side) and a
+    tail tile for the rest (0: none). 77 keys: 64 + 16 = 80, 4% padding instead of 128's 40%."""
+    block_t = max(16, 1 << (keys.bit_length() - 1))
+    rest = keys - block_t
+    return block_t, (max(16, _next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _block_d(head_dim):
+    """The widest chunk in (64, 32, 16) dividing d, so the d-loop loads no padding (40: 16 with a
+    masked tail, the tensor cores' K step being 16)."""
+    for block in (64, 32, 16):
+        if head_dim % block == 0:
+            return block, True
+    return 16, False
+
+
+def _precisions(dtype, interpret):
+    """input_precision of the three kinds of dot: Q @ K^T on the input tiles, the one-hot selections
+    on fp32 probabilities, dlogit @ K. fp16/bf16 tiles go to the tensor cores as they are; fp32 ones
+    use tf32x3 (fp32-level error on tensor cores); fp64 stays fp64. The interpreter computes every
+    dot in fp32/fp64 ('ieee')."""
+    if dtype == torch.float64 or interpret:
+        return "ieee", "ieee", "ieee"
+    if dtype == torch.float32:
+        return "tf32x3", "tf32x3", "tf32x3"
+    return "tf32", "tf32x3", "tf32"
+
+
+def device_sm_count(device):
+    if SM_COUNT_OVERRIDE is not None:
+        return SM_COUNT_OVERRIDE
+    if device.type != "cuda":
+        return 8
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_target(sms):
+    return math.ceil(0.9 * sms)
+
+
+def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret=INTERPRET):
+    """The launch of `kernel` ("forward" or "backward") for these shapes: `grid`, `groups` (forward:
+    head groups, the partial maps' second dim), and `meta` (the kernels' constexprs, num_warps,
+    num_stages). Block sizes: the largest position block whose grid still gives at least 90% of
+    `sms` programs (16 at the least); the forward then puts as many heads in one program as that
+    target allows (fewer partial maps to sum)."""
+    target = _programs_target(sms)
+    block_n = _BLOCK_N_CHOICES[-1]
+    for choice in _BLOCK_N_CHOICES:
+        if triton.cdiv(n, choice) * heads * batch >= target:
+            block_n = choice
+            break
+    blocks = triton.cdiv(n, block_n)
+    block_t, block_t2 = _key_tiles(keys)
+    block_d, even_d = _block_d(head_dim)
+    qk, sel, dq = _precisions(dtype, interpret)
+    meta = dict(
+        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        UPCAST_QK=interpret or dtype in (torch.float32, torch.float64),
+        QK_PRECISION=qk, SEL_PRECISION=sel,
+        HAS_TAIL=block_t2 > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16),
+        BLOCK_D=block_d, BLOCK_S=min(64, max(16, _next_power_of_2(selected))), EVEN_D=even_d,
+        # 8 warps for 64-row blocks: with 4, the forward's three [64, 80] fp32 tiles spill (sm_90).
+        num_warps=8 if block_n == 64 else 4, num_stages=2,
+    )
+    if kernel == "backward":
+        meta["DQ_PRECISION"] = dq
+        return {"grid": (blocks, heads, batch), "groups": heads, "heads_per_program": 1, "meta": meta}
+    if kernel != "forward":
+        raise ValueError(f"kernel must be 'forward' or 'backward', got {kernel!r}")
+    per_program = heads
+    while per_program > 1 and triton.cdiv(heads, per_program) * blocks * batch < target:
+        per_program -= 1
+    groups = triton.cdiv(heads, per_program)
+    return {"grid": (blocks, groups, batch), "groups": groups, "heads_per_program": per_program, "meta": meta}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op: Triton launches registered with torch.library.triton_op
+# ---------------------------------------------------------------------------------------------------
+
+
 def _new_output(shape, dtype, device):
     if DEBUG_POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _config(T, D):
-    """Launch configuration (fixed; no autotune, which the interpreter does not support).
-
-    The whole key row lives in one tile (BLOCK_T >= T); d is walked in chunks of at most 64 so the
-    K tile stays small for head dims up to 160. tl.dot needs every tile dim >= 16 on the GPU.
-    The GPU numbers are a reasoned default, not tuned on hardware.
-    """
-    block_t = max(16, triton.next_power_of_2(T))
-    block_d = min(64, max(16, triton.next_power_of_2(D)))
-    block_n = 16 if INTERPRET else 32
-    num_warps = 4 if block_n * block_t <= 4096 else 8
-    return {"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
 def _check_triton_device(q):
@@ -259,123 +404,88 @@ def _check_triton_device(q):
         )
 
 
-def _triton_forward(q, k, token_index, height, width, scale, return_maps):
-    _check_triton_device(q)
-    batch, heads, n, d = q.shape
-    t, s = k.shape[2], token_index.shape[1]
-    acc = _acc_dtype(q.dtype)
-    cfg = _config(t, d)
-    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    # Per-block partial sums, reduced here in a fixed order: deterministic, and no atomics
-    # (fp16/bf16 atomics do not exist in the interpreter).
-    partial = _new_output((batch, n_blocks, s, 3), acc, q.device)
-    maps = _new_output((batch, s, n if return_maps else 0), acc, q.device)
-    _attention_stats_fwd_kernel[(n_blocks, batch)](
-        q, k, token_index, maps if return_maps else partial, partial,
-        n, t, d, s, heads, height, width, float(scale),
-        *q.stride(), *k.stride(), *token_index.stride(),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, WRITE_MAPS=return_maps,
-        **cfg,
-    )
-    return partial.sum(dim=1), maps
+if HAS_TRITON:
+    from torch.library import custom_op, triton_op, wrap_triton
 
+    if INTERPRET:
+        # Compiled, a triton_op's body is traced with fake and functional tensors down to its
+        # launches, which the interpreter cannot run on: under it the ops are opaque custom ops
+        # with fake kernels (same bodies, same autograd).
+        _define_op, _launcher = custom_op, lambda kernel: kernel
+    else:
+        _define_op, _launcher = triton_op, wrap_triton
 
-def _triton_backward(q, k, token_index, grad_sums, grad_maps, height, width, scale):
-    _check_triton_device(q)
-    batch, heads, n, d = q.shape
-    t, s = k.shape[2], token_index.shape[1]
-    acc = _acc_dtype(q.dtype)
-    cfg = _config(t, d)
-    dq = _new_output(q.shape, q.dtype, q.device)  # contiguous, whatever q's strides
-    has_sums = grad_sums is not None
-    has_maps = grad_maps is not None and grad_maps.numel() > 0
-    if not has_sums and not has_maps:
-        return dq.zero_()
-    grad_sums = grad_sums.to(acc).contiguous() if has_sums else dq  # dq: a placeholder, never read
-    grad_maps = grad_maps.to(acc).contiguous() if has_maps else dq
-    _attention_stats_bwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), heads, batch)](
-        q, k, token_index, grad_sums, grad_maps, dq,
-        n, t, d, s, heads, height, width, float(scale),
-        *q.stride(), *k.stride(), *token_index.stride(), *dq.stride(),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        HAS_GRAD_SUMS=has_sums, HAS_GRAD_MAPS=has_maps,
-        **cfg,
-    )
-    return dq
+    @_define_op("sgfast::attention_maps", mutates_args=())
+    def _attention_maps(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, scale: float) -> torch.Tensor:
+        """Head-averaged probabilities of the selected keys: [B, S, N], fp32 (fp64 for fp64)."""
+        batch, heads, n, d = q.shape
+        t, s = k.shape[2], token_index.shape[1]
+        cfg = launch_config("forward", batch, heads, n, d, t, s, q.dtype, device_sm_count(q.device))
+        groups = cfg["groups"]
+        acc = _acc_dtype(q.dtype)
+        # One group writes the maps themselves; several write partial maps, summed in a fixed order.
+        out = _new_output((batch, s, n) if groups == 1 else (batch, groups, s, n), acc, q.device)
+        _launcher(_maps_fwd_kernel)[cfg["grid"]](
+            q, k, token_index, out,
+            n, t, d, s, heads, cfg["heads_per_program"], float(scale) * math.log2(math.e), 1.0 / heads,
+            *q.stride(), *k.stride(), *token_index.stride(),
+            **cfg["meta"],
+        )
+        return out if groups == 1 else out.sum(dim=1)
 
+    @_define_op("sgfast::attention_maps_backward", mutates_args=())
+    def _attention_maps_backward(
+        q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, grad_maps: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """dq of `sgfast::attention_maps` (first-order only)."""
+        batch, heads, n, d = q.shape
+        t, s = k.shape[2], token_index.shape[1]
+        cfg = launch_config("backward", batch, heads, n, d, t, s, q.dtype, device_sm_count(q.device))
+        grad_maps = grad_maps.to(_acc_dtype(q.dtype)).contiguous()
+        dq = _new_output(q.shape, q.dtype, q.device)  # contiguous, whatever q's strides
+        _launcher(_maps_bwd_kernel)[cfg["grid"]](
+            q, k, token_index, grad_maps, dq,
+            n, t, d, s, float(scale) * math.log2(math.e), float(scale) / heads,
+            *q.stride(), *k.stride(), *token_index.stride(), *dq.stride(),
+            **cfg["meta"],
+        )
+        return dq
 
-# ---------------------------------------------------------------------------------------------------
-# Autograd and torch custom op
-# ---------------------------------------------------------------------------------------------------
-
-
-class AttentionStatsFunction(torch.autograd.Function):
-    """Triton forward/backward as an autograd.Function (eager use).
-
-    `apply(q, k, token_index, height, width, scale, return_maps)` -> `(sums, maps)`, maps being an
-    empty [B, S, 0] tensor when not asked for. The custom op `sgfast::attention_stats` reuses this
-    class's `setup_context` and `backward`, so both entry points share one gradient formula.
-    """
-
-    @staticmethod
-    def forward(q, k, token_index, height, width, scale, return_maps):
-        return _triton_forward(q, k, token_index, height, width, scale, return_maps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, token_index, height, width, scale, _ = inputs
+    def _setup_context(ctx, inputs, output):
+        q, k, token_index, scale = inputs
         ctx.save_for_backward(q, k, token_index)  # not the probabilities: the backward recomputes
-        ctx.height, ctx.width, ctx.scale = height, width, scale
+        ctx.scale = scale
 
-    @staticmethod
-    def backward(ctx, grad_sums, grad_maps):
+    def _backward(ctx, grad_maps):
         q, k, token_index = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError(
+                "attention_stats: the fused Triton path computes no gradient for k (text keys carry none "
+                "to the latents); detach k, or use impl='torch' for a gradient of k"
+            )
         dq = None
         if ctx.needs_input_grad[0]:
-            if grad_maps is not None and grad_maps.numel() == 0:
-                grad_maps = None  # maps were not requested
-            dq = torch.ops.sgfast.attention_stats_backward(
-                q, k, token_index, grad_sums, grad_maps, ctx.height, ctx.width, ctx.scale
-            )
-        # No gradient for k (text keys carry none to the latents), nor the non-tensor arguments.
-        return dq, None, None, None, None, None, None
+            dq = _attention_maps_backward(q, k, token_index, grad_maps, ctx.scale)
+        return dq, None, None, None
+
+    _attention_maps.register_autograd(_backward, setup_context=_setup_context)
+
+    if INTERPRET:
+        @_attention_maps.register_fake
+        def _(q, k, token_index, scale):
+            return q.new_empty((q.shape[0], token_index.shape[1], q.shape[2]), dtype=_acc_dtype(q.dtype))
+
+        @_attention_maps_backward.register_fake
+        def _(q, k, token_index, grad_maps, scale):
+            return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("sgfast::attention_stats", mutates_args=())
-def _attention_stats_op(
-    q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor,
-    height: int, width: int, scale: float, return_maps: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton op. Returns (sums [B, S, 3], maps [B, S, N], or [B, S, 0] if not return_maps)."""
-    return _triton_forward(q, k, token_index, height, width, scale, return_maps)
-
-
-@_attention_stats_op.register_fake
-def _(q, k, token_index, height, width, scale, return_maps):
-    batch, s = token_index.shape
-    acc = _acc_dtype(q.dtype)
-    n = q.shape[2] if return_maps else 0
-    return q.new_empty((batch, s, 3), dtype=acc), q.new_empty((batch, s, n), dtype=acc)
-
-
-@torch.library.custom_op("sgfast::attention_stats_backward", mutates_args=())
-def _attention_stats_backward_op(
-    q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor,
-    grad_sums: torch.Tensor | None, grad_maps: torch.Tensor | None,
-    height: int, width: int, scale: float,
-) -> torch.Tensor:
-    """dq of `sgfast::attention_stats` (first-order only: no double backward)."""
-    return _triton_backward(q, k, token_index, grad_sums, grad_maps, height, width, scale)
-
-
-@_attention_stats_backward_op.register_fake
-def _(q, k, token_index, grad_sums, grad_maps, height, width, scale):
-    return q.new_empty(q.shape)  # contiguous, like the real output
-
-
-_attention_stats_op.register_autograd(
-    AttentionStatsFunction.backward, setup_context=AttentionStatsFunction.setup_context
-)
+def fused_attention_stats(q, k, token_index, height, width, scale, return_maps=True):
+    """The Triton path (inputs unchecked: use `attention_stats`)."""
+    _check_triton_device(q)
+    maps = torch.ops.sgfast.attention_maps(q, k, token_index, float(scale))
+    sums = maps @ moment_columns(height, width, maps.dtype, maps.device)
+    return sums, (maps if return_maps else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,14 +520,23 @@ def _check_inputs(q, k, token_index, height, width, impl):
         raise ValueError(f"attention_stats: token_index has batch {token_index.shape[0]}, q has {batch}")
     if height * width != n:
         raise ValueError(f"attention_stats: height * width = {height} * {width} != N = {n}")
-    # A data-dependent check (a device sync on CUDA); left out while torch.compile traces and on the
-    # meta device (no values; FLOP counting). The kernels select columns by comparing indices, so a
-    # bad index cannot read out of bounds.
-    has_values = token_index.device.type != "meta"
-    if has_values and not torch.compiler.is_compiling() and token_index.numel() > 0:
-        low, high = int(token_index.min()), int(token_index.max())
-        if low < 0 or high >= t:
-            raise ValueError(f"attention_stats: token_index must lie in [0, {t}), got values in [{low}, {high}]")
+    _check_token_range(token_index, t)
+
+
+def _check_token_range(token_index, keys):
+    """Token indices in [0, T). On the CPU a plain check; on CUDA an asynchronous device assert (a
+    host read would synchronise every captured layer and is illegal in CUDA-graph capture); none
+    while torch.compile traces or on the meta device. The kernels compare indices and never use them
+    as offsets, so a bad index cannot read out of bounds even unchecked."""
+    if token_index.numel() == 0 or token_index.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if token_index.device.type == "cuda":
+        torch._assert_async(((token_index >= 0) & (token_index < keys)).all(),
+                            f"attention_stats: token_index must lie in [0, {keys})")
+        return
+    low, high = int(token_index.min()), int(token_index.max())
+    if low < 0 or high >= keys:
+        raise ValueError(f"attention_stats: token_index must lie in [0, {keys}), got values in [{low}, {high}]")
 
 
 def attention_stats(q, k, token_index, height, width, scale=None, return_maps=True, impl="auto"):
@@ -428,7 +547,8 @@ def attention_stats(q, k, token_index, height, width, scale=None, return_maps=Tr
     impl: "torch" (reference), "triton" (fused kernels: CUDA, or CPU with TRITON_INTERPRET=1), or
     "auto" (Triton on CUDA, the reference elsewhere).
     Returns `(sums [B, S, 3], maps [B, S, N] or None)`, float32 (float64 for float64 inputs).
-    Differentiable in q (and in k on the reference path only).
+    Differentiable in q; in k on the reference path only (the fused path refuses a k that
+    requires a gradient).
     """
     _check_inputs(q, k, token_index, height, width, impl)
     if scale is None:
@@ -437,5 +557,9 @@ def attention_stats(q, k, token_index, height, width, scale=None, return_maps=Tr
         impl = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
     if impl == "torch":
         return attention_stats_reference(q, k, token_index, height, width, scale, return_maps)
-    sums, maps = torch.ops.sgfast.attention_stats(q, k, token_index, height, width, float(scale), return_maps)
-    return sums, (maps if return_maps else None)
+    if k.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "attention_stats: the fused Triton path computes no gradient for k, and k requires one; "
+            "detach k (text keys carry no gradient to the latents) or use impl='torch'"
+        )
+    return fused_attention_stats(q, k, token_index, height, width, scale, return_maps)

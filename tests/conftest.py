@@ -1,11 +1,16 @@
 import os
 
-# The Triton interpreter must be switched on before any kernel is defined: kernels are tested on
-# the CPU through it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Kernels are tested compiled on CUDA where there is a GPU, and through the Triton interpreter on
+# the CPU elsewhere. The switch must be set before any kernel is defined (sgfast.kernels imported);
+# set by hand, it must be "0" or "1".
+_interpret = os.environ.get("TRITON_INTERPRET")
+if _interpret is None:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+elif _interpret not in ("0", "1"):
+    raise pytest.UsageError(f"TRITON_INTERPRET must be 0 or 1 (or unset: chosen by the machine), got {_interpret!r}")
 
 # One thread: on 2 cores shared with other work, torch's thread pool makes small ops' times swing
 # by orders of magnitude; results do not depend on it.

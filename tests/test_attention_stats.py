@@ -1,5 +1,6 @@
-"""attention_stats: the Triton kernels (run through the interpreter on the CPU) against a float64
-torch reference, the reference against a naive loop, gradients, the custom op, and input checks."""
+"""attention_stats: the Triton kernels (compiled on CUDA where there is a GPU, through the interpreter
+on the CPU elsewhere; see conftest.py) against a float64 torch reference, the reference against a
+naive loop, gradients, the custom op, the launch plan, and input checks."""
 
 import importlib
 import math
@@ -12,9 +13,9 @@ from sgfast.kernels import attention_stats, attention_stats_reference
 # The package attribute `sgfast.kernels.attention_stats` is the function; this is the module.
 ops = importlib.import_module("sgfast.kernels.attention_stats")
 
-needs_triton = pytest.mark.skipif(
-    not ops.HAS_TRITON or not ops.INTERPRET, reason="needs triton with TRITON_INTERPRET=1 (see conftest.py)"
-)
+needs_triton = pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (Linux)")
+# The kernels run compiled on CUDA, or through the interpreter on the CPU (conftest.py chooses).
+DEVICE = "cpu" if ops.INTERPRET else "cuda"
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +43,10 @@ def make_inputs(seed, batch, heads, height, width, keys, selected, head_dim, dty
     if selected >= 3:
         token_index[0, 2] = token_index[0, 1]
     return (q * spread).to(dtype), k.to(dtype), token_index
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 def naive_stats(q, k, token_index, height, width, scale):
@@ -130,12 +135,40 @@ CASES = [
 ]
 
 # dq is written in the input dtype: its error is that dtype's rounding (relative to the largest entry).
-DQ_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DQ_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def case_id(case):
     dtype, heads, head_dim, keys, selected, (h, w), strided = case
     return f"{str(dtype)[6:]}-h{heads}-d{head_dim}-T{keys}-S{selected}-{h}x{w}" + ("-strided" if strided else "")
+
+
+def check_against_reference(q, k, token_index, height, width, seed, maps_tol=(1e-5, 1e-7)):
+    """The fused op on DEVICE against the float64 reference on the same (rounded) inputs, forward
+    and backward through both outputs; q may be any strided view."""
+    dtype, head_dim = q.dtype, q.shape[-1]
+    qd, kd, td = on_device(q, k, token_index)
+    qd.requires_grad_(True)
+    sums, maps = attention_stats(qd, kd, td, height, width, impl="triton")
+    assert sums.dtype == maps.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(sums).all() and torch.isfinite(maps).all()  # every element written (poisoned)
+
+    q64 = q.detach().double().requires_grad_(True)
+    want_sums, want_maps = attention_stats_reference(q64, k.double(), token_index, height, width, head_dim**-0.5)
+    rtol, atol = maps_tol
+    torch.testing.assert_close(sums.double().cpu(), want_sums, rtol=rtol, atol=atol * 10)
+    torch.testing.assert_close(maps.double().cpu(), want_maps, rtol=rtol, atol=atol)
+
+    g = torch.Generator().manual_seed(100 + seed)
+    grad_sums = torch.randn(sums.shape, generator=g, dtype=sums.dtype)
+    grad_maps = torch.randn(maps.shape, generator=g, dtype=maps.dtype)
+    (dq,) = torch.autograd.grad((sums * grad_sums.to(DEVICE)).sum() + (maps * grad_maps.to(DEVICE)).sum(), qd)
+    (want_dq,) = torch.autograd.grad(
+        (want_sums * grad_sums.double()).sum() + (want_maps * grad_maps.double()).sum(), q64
+    )
+    assert dq.dtype == dtype and dq.shape == q.shape
+    tol = DQ_TOLERANCE[dtype]
+    torch.testing.assert_close(dq.double().cpu(), want_dq, rtol=tol, atol=tol * want_dq.abs().max().item())
 
 
 @needs_triton
@@ -145,41 +178,51 @@ def test_triton_matches_reference(case):
     seed = CASES.index(case)
     q, k, token_index = make_inputs(seed, 2, heads, height, width, keys, selected, head_dim, dtype,
                                     strided=strided, spread=1.0 + seed % 3)  # spread: sharper softmax rows
-    q.requires_grad_(True)
-    sums, maps = attention_stats(q, k, token_index, height, width, impl="triton")
-    assert sums.dtype == maps.dtype == torch.float32
+    check_against_reference(q, k, token_index, height, width, seed)
 
-    # The reference sees the same (rounded) inputs, in float64: what is left is the kernels' own error.
-    q64 = q.detach().double().requires_grad_(True)
-    want_sums, want_maps = attention_stats_reference(q64, k.double(), token_index, height, width, head_dim**-0.5)
-    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-7)
 
-    g = torch.Generator().manual_seed(100 + seed)
-    grad_sums = torch.randn(sums.shape, generator=g)
-    grad_maps = torch.randn(maps.shape, generator=g)
-    (dq,) = torch.autograd.grad((sums * grad_sums).sum() + (maps * grad_maps).sum(), q)
-    (want_dq,) = torch.autograd.grad(
-        (want_sums * grad_sums.double()).sum() + (want_maps * grad_maps.double()).sum(), q64
-    )
-    assert dq.dtype == dtype and dq.shape == q.shape
-    tol = DQ_TOLERANCE[dtype]
-    torch.testing.assert_close(dq.double(), want_dq, rtol=tol, atol=tol * want_dq.abs().max().item())
+@needs_triton
+@pytest.mark.parametrize("sms", [1, 10_000], ids=["one-group", "heads-split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_triton_every_launch_plan(monkeypatch, sms, dtype):
+    # A GPU with few SMs gets all heads in one program; one with many, a program per head (partial
+    # maps summed afterwards) and the smallest position blocks.
+    monkeypatch.setattr(ops, "SM_COUNT_OVERRIDE", sms)
+    cfg = ops.launch_config("forward", 3, 5, 7 * 5, 48, 77, 4, dtype, sms)
+    assert cfg["groups"] == (1 if sms == 1 else 5)
+    q, k, token_index = make_inputs(40 + sms % 7, 3, 5, 7, 5, 77, 4, 48, dtype, strided=True, spread=2.0)
+    check_against_reference(q, k, token_index, 7, 5, seed=41)
+
+
+@needs_triton
+def test_triton_many_tokens_and_cfg_half():
+    # A trace records every prompt word: 70 selected tokens (two one-hot chunks of 64), several
+    # repeated; q and k the conditional half of a CFG batch of the processors' strided views.
+    g = torch.Generator().manual_seed(50)
+    heads, n, d, keys = 2, 3 * 7, 40, 77
+    q = torch.randn(4, n, heads, d, generator=g).transpose(1, 2)[2:]
+    k = torch.randn(4, keys, heads, d, generator=g).transpose(1, 2)[2:]
+    token_index = torch.randint(0, keys, (2, 70), generator=g)
+    token_index[:, 60:] = token_index[:, :10]
+    assert not q.is_contiguous() and q.storage_offset() > 0
+    check_against_reference(q, k, token_index, 3, 7, seed=50)
 
 
 @needs_triton
 def test_triton_large_logits_stay_finite():
     # Logits in the hundreds: the row max must be subtracted before exp.
     q, k, token_index = make_inputs(20, 1, 2, 3, 5, 13, 3, 16, torch.float32, spread=60.0)
-    sums, maps = attention_stats(q, k, token_index, 3, 5, impl="triton")
+    sums, maps = attention_stats(*on_device(q, k, token_index), 3, 5, impl="triton")
     want_sums, want_maps = attention_stats_reference(q.double(), k.double(), token_index, 3, 5, 0.25)
-    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps.double().cpu(), want_maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.double().cpu(), want_sums, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_return_maps_false(impl):
     q, k, token_index = make_inputs(21, 2, 3, 5, 7, 77, 3, 40, torch.float32)
+    if impl == "triton":
+        q, k, token_index = on_device(q, k, token_index)
     q.requires_grad_(True)
     sums, maps = attention_stats(q, k, token_index, 5, 7, impl=impl, return_maps=False)
     assert maps is None
@@ -187,7 +230,7 @@ def test_return_maps_false(impl):
     assert torch.equal(sums, full_sums)
 
     # Gradient through the sums alone: the same with and without maps (unused maps get no gradient).
-    grad_sums = torch.randn(sums.shape, generator=torch.Generator().manual_seed(5))
+    grad_sums = torch.randn(sums.shape, generator=torch.Generator().manual_seed(5)).to(sums.device)
     (dq,) = torch.autograd.grad((sums * grad_sums).sum(), q)
     (dq_full,) = torch.autograd.grad((full_sums * grad_sums).sum(), q)
     torch.testing.assert_close(dq, dq_full, rtol=1e-6, atol=1e-9)
@@ -195,7 +238,7 @@ def test_return_maps_false(impl):
 
 @needs_triton
 def test_triton_gradient_through_maps_only():
-    q, k, token_index = make_inputs(22, 2, 2, 3, 7, 13, 2, 24, torch.float32)
+    q, k, token_index = on_device(*make_inputs(22, 2, 2, 3, 7, 13, 2, 24, torch.float32))
     q.requires_grad_(True)
     _, maps = attention_stats(q, k, token_index, 3, 7, impl="triton")
     (dq,) = torch.autograd.grad(maps.square().sum(), q)
@@ -207,40 +250,47 @@ def test_triton_gradient_through_maps_only():
 @needs_triton
 def test_triton_gradcheck_float64():
     # Two position blocks (N = 20), a token selected twice, head dim below the 16-wide tile.
-    q, k, token_index = make_inputs(23, 2, 2, 4, 5, 13, 3, 8, torch.float64)
+    q, k, token_index = on_device(*make_inputs(23, 2, 2, 4, 5, 13, 3, 8, torch.float64))
     q.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda q: attention_stats(q, k, token_index, 4, 5, impl="triton"), (q,), fast_mode=True
     )
-    # The autograd.Function entry point shares the same backward.
-    q = q[:1, :1].detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda q: ops.AttentionStatsFunction.apply(q, k[:1, :1], token_index[:1], 4, 5, 0.3, True), (q,),
-        fast_mode=True,
-    )
 
 
 @needs_triton
-@pytest.mark.parametrize("return_maps", [True, False])
-def test_opcheck(return_maps):
-    q, k, token_index = make_inputs(24, 1, 2, 2, 3, 13, 2, 8, torch.float64)
+def test_triton_refuses_gradient_for_k():
+    q, k, token_index = on_device(*make_inputs(27, 1, 2, 2, 3, 13, 2, 8, torch.float32))
+    k.requires_grad_(True)
+    with pytest.raises(ValueError, match="no gradient for k"):
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
+    # Without grad mode nothing is asked: the op runs.
+    with torch.no_grad():
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
+    # The op itself, called directly, fails at the backward rather than returning None for k.
+    maps = torch.ops.sgfast.attention_maps(q.requires_grad_(True), k, token_index, 0.3)
+    with pytest.raises(RuntimeError, match="no gradient for k"):
+        maps.sum().backward()
+
+
+@needs_triton
+def test_opcheck():
+    q, k, token_index = on_device(*make_inputs(24, 1, 2, 2, 3, 13, 2, 8, torch.float64))
     q.requires_grad_(True)
-    torch.library.opcheck(torch.ops.sgfast.attention_stats.default, (q, k, token_index, 2, 3, 0.3, return_maps))
+    torch.library.opcheck(torch.ops.sgfast.attention_maps.default, (q, k, token_index, 0.3))
 
 
 @needs_triton
 def test_opcheck_backward():
-    q, k, token_index = make_inputs(25, 1, 2, 2, 3, 13, 2, 8, torch.float32)
-    grad_sums, grad_maps = torch.randn(1, 2, 3), torch.randn(1, 2, 6)
-    backward = torch.ops.sgfast.attention_stats_backward.default
-    for grads in ((grad_sums, grad_maps), (grad_sums, None), (None, grad_maps)):
-        torch.library.opcheck(backward, (q, k, token_index, *grads, 2, 3, 0.3))
+    q, k, token_index = on_device(*make_inputs(25, 1, 2, 2, 3, 13, 2, 8, torch.float32))
+    grad_maps = torch.randn(1, 2, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.sgfast.attention_maps_backward.default, (q, k, token_index, grad_maps, 0.3))
 
 
 @needs_triton
-@pytest.mark.compile
-def test_compile_fullgraph():
-    q, k, token_index = make_inputs(26, 2, 2, 5, 7, 13, 2, 40, torch.float32)
+def test_compile_fullgraph_no_graph_break():
+    # The op is a triton_op: dynamo traces through it (fullgraph: a graph break is an error) and the
+    # compiled gradient equals the eager one. aot_eager: the CPU has no inductor Triton backend.
+    q, k, token_index = on_device(*make_inputs(26, 2, 2, 5, 7, 13, 2, 40, torch.float32))
     q.requires_grad_(True)
 
     def energy(q):
@@ -249,10 +299,44 @@ def test_compile_fullgraph():
         return centroid.abs().sum() + maps.square().sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(energy, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(energy, backend=backend, fullgraph=True)
     (got,) = torch.autograd.grad(compiled(q), q)
     (want,) = torch.autograd.grad(energy(q), q)
     torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launch plan (pure arithmetic: the same on any machine)
+# ---------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("sms", [108, 132])
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_launch_plan_fills_the_gpu_at_batch_one(sms, kernel):
+    from benchmarks.kernel_cases import default_cases
+
+    for case in default_cases(batches=(1,)):
+        cfg = ops.launch_config(kernel, 1, case.heads, case.n, case.head_dim, case.keys, case.selected,
+                                torch.float16, sms, interpret=False)
+        blocks, groups, batch = cfg["grid"]
+        assert blocks * groups * batch >= 0.9 * sms, (case, cfg["grid"])
+        assert blocks * cfg["meta"]["BLOCK_N"] >= case.n  # every position covered
+        if kernel == "forward":
+            assert groups * cfg["heads_per_program"] >= case.heads
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim, block_d, even", [(40, 16, False), (64, 64, True), (80, 16, True), (160, 32, True)])
+def test_launch_plan_tiles(head_dim, block_d, even):
+    meta = ops.launch_config("forward", 1, 8, 1024, head_dim, 77, 4, torch.float16, 132, interpret=False)["meta"]
+    assert (meta["BLOCK_D"], meta["EVEN_D"]) == (block_d, even)
+    assert meta["BLOCK_T"] + meta["BLOCK_T2"] == 80 and meta["HAS_TAIL"]  # 77 keys: 64 + 16
+    # fp16 tiles go to the tensor cores as they are; only the interpreter upcasts them.
+    assert not meta["UPCAST_QK"]
+    assert ops.launch_config("forward", 1, 8, 1024, head_dim, 77, 4, torch.float16, 132,
+                             interpret=True)["meta"]["UPCAST_QK"]
 
 
 # ---------------------------------------------------------------------------------------------------

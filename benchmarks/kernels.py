@@ -1,0 +1,199 @@
+"""What the GPU will run, without a GPU: the attention-statistics kernels compiled for sm_80 and sm_90.
+
+    python -m benchmarks.kernels                  # table; also writes the "Kernels" section of RESULTS.md
+    python -m benchmarks.kernels --json FILE      # one record per (kernel, layer, batch, dtype, target)
+
+Each default captured layer of SD1.5 at 512px and SDXL at 1024px (`benchmarks.kernel_cases`), batch 1
+and 8, fp16 and bf16, forward and backward, is compiled with exactly the launch the op makes
+(`attention_stats.launch_config`: grid, block sizes, warps, stages; the argument dtypes, strides and
+their divisibility as Triton's launcher specialises them, for Q the strided view attention
+processors pass). Triton compiles for any NVIDIA target on a CPU-only machine; its bundled
+`cuobjdump` reads registers, spills and shared memory off the cubin, and the PTX shows whether the
+dots became tensor-core instructions (`mma` / `wgmma`). Must run without TRITON_INTERPRET.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernel_cases import HBM_BYTES_PER_S, SMS, bytes_moved, default_cases, floor_us
+
+TARGETS = {"sm_80": 80, "sm_90": 90}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# The floor's bandwidth per target: A100 SXM 80GB (2.04 TB/s), H100 SXM.
+BANDWIDTH = {"sm_80": 2.04e12, "sm_90": HBM_BYTES_PER_S["H100"]}
+
+
+def _ops():
+    from sgfast.kernels import attention_stats as module  # noqa: F401  (registers the ops)
+    import importlib
+
+    ops = importlib.import_module("sgfast.kernels.attention_stats")
+    if ops.INTERPRET:
+        raise SystemExit("benchmarks.kernels compiles for the GPU: run it without TRITON_INTERPRET=1")
+    return ops
+
+
+def launch_arguments(ops, kernel, case, dtype, target_name):
+    """(jit function, positional args, launch config) of one launch, with meta tensors laid out as
+    the op sees them: Q and K as views of [B, N, heads, d] (diffusers' head split)."""
+    b, h, n, d, t, s = case.batch, case.heads, case.n, case.head_dim, case.keys, case.selected
+    meta = torch.device("meta")
+    q = torch.empty(b, n, h, d, dtype=dtype, device=meta).transpose(1, 2)
+    k = torch.empty(b, t, h, d, dtype=dtype, device=meta).transpose(1, 2)
+    tokens = torch.empty(b, s, dtype=torch.long, device=meta)
+    sms = SMS[target_name]
+    cfg = ops.launch_config(kernel, b, h, n, d, t, s, dtype, sms, interpret=False)
+    scale = d**-0.5
+    if kernel == "forward":
+        out = torch.empty(b, cfg["groups"], s, n, dtype=torch.float32, device=meta)
+        args = (q, k, tokens, out, n, t, d, s, h, cfg["heads_per_program"], scale * 1.4426950408889634, 1.0 / h,
+                *q.stride(), *k.stride(), *tokens.stride())
+        return ops._maps_fwd_kernel, args, cfg
+    grad = torch.empty(b, s, n, dtype=torch.float32, device=meta)
+    dq = torch.empty(b, h, n, d, dtype=dtype, device=meta)
+    args = (q, k, tokens, grad, dq, n, t, d, s, scale * 1.4426950408889634, scale / h,
+            *q.stride(), *k.stride(), *tokens.stride(), *dq.stride())
+    return ops._maps_bwd_kernel, args, cfg
+
+
+def compile_launch(fn, args, cfg, arch):
+    """triton.compile of `fn` specialised on `args` as its launcher would, for `arch` (80 or 90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **cfg["meta"])
+    options, signature, constexprs, attrs = fn._pack_args(backend, options, bound_args, specialization, options)
+    return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resource_usage(cubin):
+    """(registers, spill bytes, shared bytes) from cuobjdump --dump-resource-usage."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    field = lambda name: int(re.search(rf"\b{name}:(\d+)", text).group(1))  # noqa: E731
+    return field("REG"), field("STACK") + field("LOCAL"), field("SHARED"), text
+
+
+def tensor_core_ops(ptx):
+    """mma / wgmma instructions in the PTX (lines, not loop trips)."""
+    return len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:wgmma\.mma_async|mma\.sync)\S*", ptx, flags=re.M))
+
+
+def record(kernel, case, dtype_name, target_name):
+    ops = _ops()
+    fn, args, cfg = launch_arguments(ops, kernel, case, DTYPES[dtype_name], target_name)
+    compiled = compile_launch(fn, args, cfg, TARGETS[target_name])
+    registers, spill, shared, _ = resource_usage(compiled.asm["cubin"])
+    grid = cfg["grid"]
+    programs = grid[0] * grid[1] * grid[2]
+    nbytes = bytes_moved(case, DTYPES[dtype_name].itemsize, kernel)
+    meta = cfg["meta"]
+    return {
+        "kernel": kernel, "layer": case.name, "batch": case.batch, "dtype": dtype_name, "target": target_name,
+        "registers": registers, "spill_bytes": spill, "shared_bytes": max(shared, compiled.metadata.shared),
+        "tensor_core_ops": tensor_core_ops(compiled.asm["ptx"]), "programs": programs, "sms": SMS[target_name],
+        "bytes_moved": nbytes, "floor_us": round(floor_us(nbytes, BANDWIDTH[target_name]), 3),
+        "grid": list(grid), "block_n": meta["BLOCK_N"], "block_d": meta["BLOCK_D"],
+        "keys_padded": meta["BLOCK_T"] + (meta["BLOCK_T2"] if meta["HAS_TAIL"] else 0),
+        "num_warps": meta["num_warps"], "num_stages": meta["num_stages"],
+    }
+
+
+def all_records(targets=TARGETS, dtypes=DTYPES, batches=(1, 8), kernels=("forward", "backward"), progress=print):
+    out = []
+    for target in targets:
+        for case in default_cases(batches):
+            for dtype in dtypes:
+                for kernel in kernels:
+                    out.append(record(kernel, case, dtype, target))
+                    progress(format_row(out[-1]))
+    return out
+
+
+HEADER = ("| kernel | layer | batch | dtype | target | regs | spill B | smem KB | mma ops | programs / SMs "
+          "| keys padded | bytes | floor us |")
+
+
+def format_row(r):
+    return (f"| {r['kernel']} | {r['layer']} | {r['batch']} | {r['dtype']} | {r['target']} | {r['registers']} "
+            f"| {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['tensor_core_ops']} "
+            f"| {r['programs']} / {r['sms']} | {r['keys_padded']} | {r['bytes_moved']} | {r['floor_us']} |")
+
+
+def failures(records):
+    """Records that miss the targets: tensor cores in every kernel, no spills, and batch-1 launches
+    with at least 90% as many programs as the GPU has SMs."""
+    bad = []
+    for r in records:
+        if r["tensor_core_ops"] <= 0:
+            bad.append((r, "no tensor-core instructions"))
+        if r["spill_bytes"] != 0:
+            bad.append((r, "spills"))
+        if r["batch"] == 1 and r["programs"] < 0.9 * r["sms"]:
+            bad.append((r, "programs < 90% of SMs"))
+    return bad
+
+
+def write_results(records, command):
+    table = "\n".join([HEADER, "|" + "---|" * 13] + [format_row(r) for r in records])
+    section = (
+        "## Kernels (compiled offline for sm_80 / sm_90)\n\n"
+        f"`{command}`: the attention-statistics kernels compiled with Triton for A100 (sm_80, 108 SMs) and "
+        "H100/H200 (sm_90, 132 SMs) exactly as the op launches them for each default captured layer "
+        "(selected tokens: 4). Registers, spills (stack + local bytes) and shared memory from `cuobjdump "
+        "--dump-resource-usage`; mma ops: `mma.sync` / `wgmma` instructions in the PTX; bytes: Q, K, "
+        "token indices read once, maps and sums written once (backward: dQ written, the maps' gradient "
+        "read); floor: bytes at 2.04 TB/s (A100) or 3.35 TB/s (H100 SXM).\n\n"
+        f"{table}\n\n"
+        f"Targets missed: {len(failures(records))}.\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start = text.find("## Kernels (compiled offline")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    RESULTS.write_text(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--no-results", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    print(HEADER)
+    records = all_records()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if not args.no_results:
+        write_results(records, "python -m benchmarks.kernels")
+    bad = failures(records)
+    for r, why in bad:
+        print(f"MISSED: {why}: {r['kernel']} {r['layer']} b{r['batch']} {r['dtype']} {r['target']}")
+    print(f"{len(records)} launches compiled, {len(bad)} targets missed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
