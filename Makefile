@@ -45,3 +45,10 @@ bench-serve: $(STAMP)
 # The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas.
 test-serve-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/test_serve_page.py tests/test_serve_ray.py
+
+# The attention-statistics kernels compiled offline for sm_80 / sm_90 (no GPU needed): registers,
+# spills, shared memory, tensor-core instructions, programs against SMs; writes the "Kernels"
+# section of benchmarks/RESULTS.md and outputs/bench/kernels.json.
+.PHONY: bench-kernels
+bench-kernels: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m benchmarks.kernels --json outputs/bench/kernels.json
