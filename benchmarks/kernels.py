@@ -44,27 +44,46 @@ def _ops():
     return ops
 
 
+class _Recorder:
+    """Stands in for the op's launcher: records (kernel, grid, args, meta) instead of launching."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __call__(self, kernel):
+        return _Launch(kernel, self.calls)
+
+
+class _Launch:
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.kernel, grid, args, meta))
+
+
 def launch_arguments(ops, kernel, case, dtype, target_name):
-    """(jit function, positional args, launch config) of one launch, with meta tensors laid out as
-    the op sees them: Q and K as views of [B, N, heads, d] (diffusers' head split)."""
+    """(jit function, positional args, launch config) of one launch, as the op itself builds them
+    (its launch function runs on meta tensors with the launcher recording), with Q and K laid out
+    as attention processors pass them: views of [B, N, heads, d] (diffusers' head split)."""
     b, h, n, d, t, s = case.batch, case.heads, case.n, case.head_dim, case.keys, case.selected
     meta = torch.device("meta")
     q = torch.empty(b, n, h, d, dtype=dtype, device=meta).transpose(1, 2)
     k = torch.empty(b, t, h, d, dtype=dtype, device=meta).transpose(1, 2)
     tokens = torch.empty(b, s, dtype=torch.long, device=meta)
-    sms = SMS[target_name]
-    cfg = ops.launch_config(kernel, b, h, n, d, t, s, dtype, sms, interpret=False)
-    scale = d**-0.5
-    if kernel == "forward":
-        out = torch.empty(b, cfg["groups"], s, n, dtype=torch.float32, device=meta)
-        args = (q, k, tokens, out, n, t, d, s, h, cfg["heads_per_program"], scale * 1.4426950408889634, 1.0 / h,
-                *q.stride(), *k.stride(), *tokens.stride())
-        return ops._maps_fwd_kernel, args, cfg
-    grad = torch.empty(b, s, n, dtype=torch.float32, device=meta)
-    dq = torch.empty(b, h, n, d, dtype=dtype, device=meta)
-    args = (q, k, tokens, grad, dq, n, t, d, s, scale * 1.4426950408889634, scale / h,
-            *q.stride(), *k.stride(), *tokens.stride(), *dq.stride())
-    return ops._maps_bwd_kernel, args, cfg
+    cfg = ops.launch_config(kernel, b, h, n, d, t, s, dtype, SMS[target_name], interpret=False)
+    calls, launcher = [], ops._launcher
+    ops._launcher = _Recorder(calls)
+    try:
+        if kernel == "forward":
+            ops.launch_forward(q, k, tokens, d**-0.5, cfg)
+        else:
+            ops.launch_backward(q, k, tokens, torch.empty(b, s, n, device=meta), d**-0.5, cfg)
+    finally:
+        ops._launcher = launcher
+    (fn, grid, args, launch_meta), = calls
+    assert tuple(grid) == tuple(cfg["grid"]) and launch_meta == cfg["meta"]
+    return fn, args, cfg
 
 
 def compile_launch(fn, args, cfg, arch):

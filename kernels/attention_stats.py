@@ -342,22 +342,25 @@ def _cuda_sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs_target(sms):
-    return math.ceil(0.9 * sms)
+# Launch-plan defaults. A program per position block and head group until the grid has
+# PROGRAMS_PER_SM programs per SM (0.9: at least 90% of the SMs busy at batch 1).
+PROGRAMS_PER_SM = 0.9
 
 
-def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret=INTERPRET):
+def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret=INTERPRET,
+                  programs_per_sm=None, block_n=None, num_warps=None):
     """The launch of `kernel` ("forward" or "backward") for these shapes: `grid`, `groups` (forward:
-    head groups, the partial maps' second dim), and `meta` (the kernels' constexprs, num_warps,
-    num_stages). Block sizes: the largest position block whose grid still gives at least 90% of
-    `sms` programs (16 at the least); the forward then puts as many heads in one program as that
-    target allows (fewer partial maps to sum)."""
-    target = _programs_target(sms)
-    block_n = _BLOCK_N_CHOICES[-1]
-    for choice in _BLOCK_N_CHOICES:
-        if triton.cdiv(n, choice) * heads * batch >= target:
-            block_n = choice
-            break
+    head groups, the partial maps' second dim), `heads_per_program`, and `meta` (the kernels'
+    constexprs, num_warps, num_stages). Block sizes: the largest position block whose grid still
+    gives `programs_per_sm * sms` programs (16 at the least); the forward then puts as many heads
+    in one program as that target allows (fewer partial maps to sum). `block_n` and `num_warps`
+    override the choice (for measuring alternatives)."""
+    if kernel not in ("forward", "backward"):
+        raise ValueError(f"kernel must be 'forward' or 'backward', got {kernel!r}")
+    target = math.ceil((PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm) * sms)
+    if block_n is None:
+        block_n = next((b for b in _BLOCK_N_CHOICES if triton.cdiv(n, b) * heads * batch >= target),
+                       _BLOCK_N_CHOICES[-1])
     blocks = triton.cdiv(n, block_n)
     block_t, block_t2 = _key_tiles(keys)
     block_d, even_d = _block_d(head_dim)
@@ -369,18 +372,53 @@ def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms,
         HAS_TAIL=block_t2 > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16),
         BLOCK_D=block_d, BLOCK_S=min(64, max(16, _next_power_of_2(selected))), EVEN_D=even_d,
         # 8 warps for 64-row blocks: with 4, the forward's three [64, 80] fp32 tiles spill (sm_90).
-        num_warps=8 if block_n == 64 else 4, num_stages=2,
+        num_warps=num_warps or (8 if block_n == 64 else 4), num_stages=2,
     )
     if kernel == "backward":
         meta["DQ_PRECISION"] = dq
         return {"grid": (blocks, heads, batch), "groups": heads, "heads_per_program": 1, "meta": meta}
-    if kernel != "forward":
-        raise ValueError(f"kernel must be 'forward' or 'backward', got {kernel!r}")
     per_program = heads
     while per_program > 1 and triton.cdiv(heads, per_program) * blocks * batch < target:
         per_program -= 1
     groups = triton.cdiv(heads, per_program)
     return {"grid": (blocks, groups, batch), "groups": groups, "heads_per_program": per_program, "meta": meta}
+
+
+def _config_for(kernel, q, k, token_index):
+    batch, heads, n, d = q.shape
+    return launch_config(kernel, batch, heads, n, d, k.shape[2], token_index.shape[1], q.dtype,
+                         device_sm_count(q.device))
+
+
+def launch_forward(q, k, token_index, scale, cfg):
+    """The forward kernel with launch `cfg`: maps [B, S, N] (inputs unchecked)."""
+    batch, heads, n, d = q.shape
+    t, s = k.shape[2], token_index.shape[1]
+    groups = cfg["groups"]
+    # One group writes the maps themselves; several write partial maps, summed in a fixed order.
+    out = _new_output((batch, s, n) if groups == 1 else (batch, groups, s, n), _acc_dtype(q.dtype), q.device)
+    _launcher(_maps_fwd_kernel)[cfg["grid"]](
+        q, k, token_index, out,
+        n, t, d, s, heads, cfg["heads_per_program"], float(scale) * math.log2(math.e), 1.0 / heads,
+        *q.stride(), *k.stride(), *token_index.stride(),
+        **cfg["meta"],
+    )
+    return out if groups == 1 else out.sum(dim=1)
+
+
+def launch_backward(q, k, token_index, grad_maps, scale, cfg):
+    """The backward kernel with launch `cfg`: dq, contiguous, in q's dtype (inputs unchecked)."""
+    _, heads, n, d = q.shape
+    t, s = k.shape[2], token_index.shape[1]
+    grad_maps = grad_maps.to(_acc_dtype(q.dtype)).contiguous()
+    dq = _new_output(q.shape, q.dtype, q.device)
+    _launcher(_maps_bwd_kernel)[cfg["grid"]](
+        q, k, token_index, grad_maps, dq,
+        n, t, d, s, float(scale) * math.log2(math.e), float(scale) / heads,
+        *q.stride(), *k.stride(), *token_index.stride(), *dq.stride(),
+        **cfg["meta"],
+    )
+    return dq
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,45 +449,21 @@ if HAS_TRITON:
         # Compiled, a triton_op's body is traced with fake and functional tensors down to its
         # launches, which the interpreter cannot run on: under it the ops are opaque custom ops
         # with fake kernels (same bodies, same autograd).
-        _define_op, _launcher = custom_op, lambda kernel: kernel
+        _define_op, _launcher = custom_op, (lambda kernel: kernel)
     else:
         _define_op, _launcher = triton_op, wrap_triton
 
     @_define_op("sgfast::attention_maps", mutates_args=())
     def _attention_maps(q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, scale: float) -> torch.Tensor:
         """Head-averaged probabilities of the selected keys: [B, S, N], fp32 (fp64 for fp64)."""
-        batch, heads, n, d = q.shape
-        t, s = k.shape[2], token_index.shape[1]
-        cfg = launch_config("forward", batch, heads, n, d, t, s, q.dtype, device_sm_count(q.device))
-        groups = cfg["groups"]
-        acc = _acc_dtype(q.dtype)
-        # One group writes the maps themselves; several write partial maps, summed in a fixed order.
-        out = _new_output((batch, s, n) if groups == 1 else (batch, groups, s, n), acc, q.device)
-        _launcher(_maps_fwd_kernel)[cfg["grid"]](
-            q, k, token_index, out,
-            n, t, d, s, heads, cfg["heads_per_program"], float(scale) * math.log2(math.e), 1.0 / heads,
-            *q.stride(), *k.stride(), *token_index.stride(),
-            **cfg["meta"],
-        )
-        return out if groups == 1 else out.sum(dim=1)
+        return launch_forward(q, k, token_index, scale, _config_for("forward", q, k, token_index))
 
     @_define_op("sgfast::attention_maps_backward", mutates_args=())
     def _attention_maps_backward(
         q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, grad_maps: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """dq of `sgfast::attention_maps` (first-order only)."""
-        batch, heads, n, d = q.shape
-        t, s = k.shape[2], token_index.shape[1]
-        cfg = launch_config("backward", batch, heads, n, d, t, s, q.dtype, device_sm_count(q.device))
-        grad_maps = grad_maps.to(_acc_dtype(q.dtype)).contiguous()
-        dq = _new_output(q.shape, q.dtype, q.device)  # contiguous, whatever q's strides
-        _launcher(_maps_bwd_kernel)[cfg["grid"]](
-            q, k, token_index, grad_maps, dq,
-            n, t, d, s, float(scale) * math.log2(math.e), float(scale) / heads,
-            *q.stride(), *k.stride(), *token_index.stride(), *dq.stride(),
-            **cfg["meta"],
-        )
-        return dq
+        return launch_backward(q, k, token_index, grad_maps, scale, _config_for("backward", q, k, token_index))
 
     def _setup_context(ctx, inputs, output):
         q, k, token_index, scale = inputs
