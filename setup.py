@@ -7,10 +7,11 @@ setup(
     python_requires=">=3.10",
     # Our Triton ops live in the top-level kernels/ folder but install as sgfast.kernels: a PyPI
     # package named `kernels` exists and diffusers/transformers probe for it.
-    packages=["sgfast", "sgfast.kernels"],
+    packages=["sgfast", "sgfast.serve", "sgfast.shapes", "sgfast.kernels"],
     package_dir={"sgfast": "sgfast", "sgfast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"sgfast": ["assets/*", "assets/**/*", "static/*"]},
+    # The built-in model's weights and configs; the server's page.
+    package_data={"sgfast.shapes": ["assets/*", "assets/**/*"], "sgfast.serve": ["static/*"]},
     install_requires=[
         "torch>=2.4",
         "diffusers>=0.30,<0.50",
@@ -27,7 +28,7 @@ setup(
         "xformers": ["xformers"],
         # `python -m sgfast serve`: the HTTP server, its metrics, and the load test's client.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],
-        # `sgfast.serve_ray`: the same API on Ray Serve, one replica per GPU.
+        # `python -m sgfast serve-ray`: the same API on Ray Serve, one replica per GPU.
         "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "httpx>=0.27", "prometheus-client>=0.20"],
     },
 )

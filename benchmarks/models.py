@@ -38,13 +38,13 @@ def load_config(arch_dir, name):
 
 
 def default_model_available():
-    """(available, reason). The shipped default model: sgfast/assets/default/model_index.json and
-    sgfast.default_model.load_default_pipeline()."""
-    index = REPO / "sgfast" / "assets" / "default" / "model_index.json"
-    if importlib.util.find_spec("sgfast.default_model") is None:
-        return False, "sgfast.default_model does not exist yet"
+    """(available, reason). The shipped default model: sgfast/shapes/assets/default/model_index.json and
+    sgfast.shapes.load_default_pipeline()."""
+    index = REPO / "sgfast" / "shapes" / "assets" / "default" / "model_index.json"
+    if importlib.util.find_spec("sgfast.shapes.model") is None:
+        return False, "sgfast.shapes.model does not exist yet"
     if not index.exists():
-        return False, "sgfast/assets/default/model_index.json does not exist yet"
+        return False, "sgfast/shapes/assets/default/model_index.json does not exist yet"
     return True, ""
 
 
@@ -127,7 +127,7 @@ def build_pipeline(model, resolution=None, device="cpu", dtype=torch.float32, ar
         available, reason = default_model_available()
         if not available:
             raise RuntimeError(f"the default model is not available: {reason}")
-        from sgfast.default_model import load_default_pipeline
+        from sgfast.shapes import load_default_pipeline
 
         pipe = load_default_pipeline()
     elif model in ("sd15", "sdxl"):

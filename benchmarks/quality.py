@@ -25,11 +25,12 @@ import time
 import numpy as np
 import torch
 
-from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, default_model, move, resize
-from sgfast.scenes import COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, parse_caption, read_scene
+from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, move, resize
+from sgfast.shapes import model as default_model
+from sgfast.shapes.scenes import COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, parse_caption, read_scene
 
 # Settings compared: the paper's (raw gradients, its schedule, its relative weights, v = 1) and the
-# one tuned by hand on the built-in model (`sgfast.default_model.guidance_settings`, `KEEP_OTHERS`).
+# one tuned by hand on the built-in model (`sgfast.shapes.guidance_settings`, `KEEP_OTHERS`).
 # Each is (call arguments for an edit kind and a step count, keep arguments of move and resize).
 SETTINGS = {
     "paper defaults": (lambda kind, steps: {"self_guidance_scale": 1.0}, {}),
@@ -210,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
 
-    from sgfast.__main__ import load_pipeline
+    from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)

@@ -3,7 +3,7 @@
     python -m benchmarks.quality_gate --seeds 100
     python -m benchmarks.quality_gate --seeds 40 --guidance 3,5,7.5     # compare guidance scales
 
-Captions come from held-out scenes (`sgfast.scenes.make_scene(HELDOUT_SEED + k)`, a seed family
+Captions come from held-out scenes (`sgfast.shapes.scenes.make_scene(HELDOUT_SEED + k)`, a seed family
 that training never draws from). Each is generated with the shipped model (DDIM), the image is read
 back with the scene reader (colour segmentation + connected components + shape classification), and
 an image passes when it holds exactly the captioned objects: the right colours, the right count.
@@ -76,7 +76,7 @@ class AttentionRecorder:
 def evaluate(pipe, seeds, steps, guidance_scale, first=0, batch=16):
     """Generate the held-out captions, read the images back, and check where each object's colour
     word attends against where the object was drawn."""
-    from sgfast import scenes
+    from sgfast.shapes import scenes
 
     held_out = [scenes.make_scene(scenes.HELDOUT_SEED + k) for k in range(first, first + seeds)]
     captions = [s.caption for s in held_out]
@@ -169,7 +169,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from sgfast import scenes
+    from sgfast.shapes import scenes
 
     if args.model:
         from diffusers import StableDiffusionPipeline
@@ -177,7 +177,7 @@ def main(argv=None):
         pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True, safety_checker=None)
         where = args.model
     else:
-        from sgfast.default_model import default_model_path, load_default_pipeline
+        from sgfast.shapes import default_model_path, load_default_pipeline
 
         pipe = load_default_pipeline()
         where = default_model_path()

@@ -260,7 +260,7 @@ def main(argv=None):
     os.makedirs(os.path.join(ROOT, "outputs", "bench"), exist_ok=True)
 
     models = args.models.split(",") if args.models != "auto" else ["tiny"]
-    if args.models == "auto" and os.path.exists(os.path.join(ROOT, "sgfast", "assets", "default", "model_index.json")):
+    if args.models == "auto" and os.path.exists(os.path.join(ROOT, "sgfast", "shapes", "assets", "default", "model_index.json")):
         models.append("default")
     rows = []
     for model in models:

@@ -5,8 +5,9 @@
     python -m benchmarks --arch sd15          # GPU: SD1.5 architecture, random weights, fp16, 512px
     python -m benchmarks --arch sdxl          # GPU: SDXL UNet, random weights, fp16, 1024px
 
-Each row runs in a fresh subprocess (peak memory per row: CUDA max_memory_allocated, or the
-process's peak RSS on the CPU). Prints the tables and writes them as JSON and a PNG chart.
+The harness: it picks the rows and settings, runs each row in a fresh subprocess
+(`benchmarks.speed_row`; peak memory per row: CUDA max_memory_allocated, or the process's peak RSS on
+the CPU), prints the tables (`benchmarks.speed_tables`) and writes them as JSON and a PNG chart.
 """
 
 import argparse
@@ -21,261 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.models import REPO, default_arch_dir, default_model_available
-
-MIB = 2**20
-
-
-# ---------------------------------------------------------------- the worker (one row, one process)
-
-
-class Counts:
-    """UNet calls (with and without gradients) and backward passes (`torch.autograd.grad` calls)
-    while active, plus Attend-and-Excite's refinements when it is given."""
-
-    def __init__(self, unet, ae=None):
-        import torch
-
-        self.torch, self.unet, self.ae = torch, unet, ae
-        self.forward = self.forward_grad = self.backward = 0
-        self.refinements = self.refinement_forwards = 0
-        self._refining = False
-
-    def _pre_hook(self, module, args, kwargs):
-        self.forward += 1
-        if self.torch.is_grad_enabled():
-            self.forward_grad += 1
-            if self._refining:
-                self.refinement_forwards += 1
-
-    def __enter__(self):
-        torch = self.torch
-        self._hook = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        self._grad = torch.autograd.grad
-
-        def grad(*args, **kwargs):
-            self.backward += 1
-            return self._grad(*args, **kwargs)
-
-        torch.autograd.grad = grad
-        if self.ae is not None:
-            refine = self.ae._perform_iterative_refinement_step
-
-            def counted_refine(*args, **kwargs):
-                self.refinements += 1
-                self._refining = True
-                try:
-                    return refine(*args, **kwargs)
-                finally:
-                    self._refining = False
-
-            self.ae._perform_iterative_refinement_step = counted_refine
-        return self
-
-    def __exit__(self, *exc):
-        self._hook.remove()
-        self.torch.autograd.grad = self._grad
-        if self.ae is not None:
-            del self.ae._perform_iterative_refinement_step
-        return False
-
-    def to_dict(self):
-        out = dict(unet_forward=self.forward, unet_forward_grad=self.forward_grad, backward=self.backward)
-        if self.ae is not None:
-            # Each refinement runs iterations (forward + backward) and one last forward.
-            out.update(refinement_steps=self.refinements, refinement_iterations=self.refinement_forwards - self.refinements)
-        return out
-
-
-def _setup(spec):
-    import torch
-
-    from benchmarks.flops import quiet
-    from benchmarks.models import build_pipeline
-
-    quiet()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, spec["dtype"])
-    return build_pipeline(spec["model"], spec.get("resolution"), spec["device"], dtype, spec.get("arch_dir"))
-
-
-class Memory:
-    """Peak memory of a phase: CUDA max_memory_allocated over what was allocated before it, or the
-    process's peak RSS over its RSS before it (Linux resets the peak per phase)."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.cuda = torch, torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.before = self.torch.cuda.memory_allocated()
-        else:
-            from benchmarks.measure import reset_peak_rss
-
-            self.before = reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.peak = self.torch.cuda.max_memory_allocated()
-        else:
-            from benchmarks.measure import peak_rss_bytes
-
-            self.peak = peak_rss_bytes()
-        return False
-
-    def to_dict(self):
-        kind = "CUDA max_memory_allocated" if self.cuda else "peak RSS"
-        return dict(peak_bytes=self.peak, peak_over_resident_bytes=self.peak - self.before, memory_kind=kind)
-
-
-def run_row(spec):
-    """Measure one row; `spec` is the dict the orchestrator passes. Returns a JSON-able dict.
-
-    Every process also times the wrapped diffusers pipeline's plain steps and images, interleaved
-    with the row's own, so that each ratio comes from one process on one machine state."""
-    import torch
-
-    from benchmarks import measure
-    from benchmarks.flops import floor_step
-    from benchmarks.models import PROMPT
-    from benchmarks.rows import PlainRunner, Row, runner
-
-    device = spec["device"]
-    row = Row(**spec["row"])
-    steps, batch, repeats = spec["steps"], spec["batch"], spec["repeats"]
-    n = spec.get("step_call") or steps  # steps per timed call for per-step costs
-    cuda = torch.device(device).type == "cuda"
-    result = dict(row=row.to_dict(), name=row.name, key=row.key, step_call=n)
-
-    def timed(fn):
-        return measure.timed(fn, device)[0]
-
-    start = time.perf_counter()
-    pipe = _setup(spec)
-    run = runner(pipe, row, steps)
-    if row.kind == "plain":
-        plain = run
-    elif row.compile:
-        # compile=True compiles the wrapped pipeline's UNet forward in place: the unit stays the eager
-        # diffusers pipeline, so it gets its own copy (same seed, same weights).
-        plain = PlainRunner(_setup(spec), Row("plain"), steps)
-    else:
-        plain = PlainRunner(pipe, Row("plain"), steps)
-    result["setup_s"] = time.perf_counter() - start
-    result["image_size"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-    # Warm-up (compiles a compiled row), then per-step costs: n-step calls, interleaved, divided by n.
-    start = time.perf_counter()
-    for _ in range(spec["warmup"]):
-        plain.unguided(n)
-        if run is not plain:
-            run.unguided(n)
-        if run.guided_available:
-            run.guided(n)
-    result["warmup_s"] = time.perf_counter() - start
-    times = {"plain": [], "unguided": [], "guided": []}
-    for _ in range(repeats):
-        times["plain"].append(timed(lambda: plain.unguided(n)) / n)
-        if run is not plain:
-            times["unguided"].append(timed(lambda: run.unguided(n)) / n)
-        if run.guided_available:
-            times["guided"].append(timed(lambda: run.guided(n)) / n)
-    for name, samples in times.items():
-        if samples:
-            result[f"{name}_step_s"] = measure.summary(samples)
-    plain_median = result["plain_step_s"]["median"]
-    if "unguided_step_s" in result:
-        result["unguided_over_plain"] = result["unguided_step_s"]["median"] / plain_median
-    if "guided_step_s" in result:
-        result["guided_over_plain"] = result["guided_step_s"]["median"] / plain_median
-
-    # Peak memory of a batch-1 call of n steps, every one guided where the row guides.
-    with Memory(device) as memory:
-        (run.guided if run.guided_available else run.unguided)(n)
-    result.update(memory.to_dict())
-
-    if not spec.get("steps_only"):
-        # One image with the method's own schedule, counted: UNet passes, backward passes, guided
-        # steps, refinements, and FLOPs (this is also the images' warm-up).
-        ae = getattr(run, "ae", None)
-        with measure.eager(), measure.math_attention(device), Counts(pipe.unet, ae) as counts, measure.CountFlops() as flops:
-            out = run.image(steps)
-        result["image_flops"] = flops.total
-        result["counts"] = counts.to_dict()
-        if getattr(out, "energies", None) is not None:
-            result["counts"]["guided_steps"] = len(out.energies)
-        elif ae is not None:
-            schedule = run.schedule(steps)
-            result["counts"]["guided_steps"] = min(schedule["max_iter_to_alter"], steps)
-            result["counts"]["schedule"] = {k: str(v) for k, v in schedule.items()}
-
-        # Whole decoded images, batch 1 (with NVML energy), the plain image interleaved.
-        energy = measure.Energy(device)
-        run.image(steps)
-        if run is not plain:
-            plain.image(steps)
-        image_times, plain_images, joules = [], [], []
-        for _ in range(spec["image_repeats"]):
-            if run is not plain:
-                plain_images.append(timed(lambda: plain.image(steps)))
-            before = energy.read_joules() if energy.available else None
-            image_times.append(timed(lambda: run.image(steps)))
-            if energy.available:
-                joules.append(energy.read_joules() - before)
-        result["image_s"] = measure.summary(image_times)
-        result["plain_image_s"] = measure.summary(plain_images or image_times)
-        result["image_over_plain"] = result["image_s"]["median"] / result["plain_image_s"]["median"]
-        result["images_per_s"] = 1.0 / result["image_s"]["median"]
-        result["energy_j_per_image"] = (sum(joules) / len(joules)) if joules else None
-        result["energy_note"] = "NVML" if joules else energy.reason
-        if batch > 1:
-            if cuda or row.compile:  # a new batch size recompiles a compiled UNet
-                run.image(steps, batch)
-            batch_times = [timed(lambda: run.image(steps, batch)) for _ in range(spec["batch_repeats"])]
-            result["batch_image_s"] = measure.summary(batch_times)
-            result["images_per_s_batch"] = batch / result["batch_image_s"]["median"]
-
-    # Counted work per step, from 1- and 2-step calls (FLOPs do not depend on timing):
-    # unguided = F(2 unguided) - F(1 unguided); guided = F(1 guided) - F(1 unguided) + unguided.
-    with measure.eager(), measure.math_attention(device):
-
-        def count(fn):
-            with measure.CountFlops() as counter:
-                fn()
-            return counter.total
-
-        f_u1 = count(lambda: run.unguided(1))
-        result["unguided_step_flops"] = count(lambda: run.unguided(2)) - f_u1
-        if run.guided_available:
-            result["guided_step_flops"] = count(lambda: run.guided(1)) - f_u1 + result["unguided_step_flops"]
-            if run.layers():
-                cond, uncond = pipe.encode_prompt(PROMPT, device, 1, True)
-                size, channels = pipe.unet.config.sample_size, pipe.unet.config.in_channels
-                latents = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
-                latents = latents.to(device, cond.dtype)
-                pipe.scheduler.set_timesteps(steps, device=device)
-                timestep = pipe.scheduler.timesteps[1]
-                result["floor_flops"] = count(lambda: floor_step(pipe.unet, run.layers(), latents, timestep, cond, uncond))
-                result["x_floor"] = result["guided_step_flops"] / result["floor_flops"]
-    if run.guided_available:
-        with measure.eager(), measure.SavedForBackward(pipe.unet, pipe.vae, pipe.text_encoder) as keeper:
-            run.guided(1)
-        result["saved_bytes"] = keeper.nbytes
-        with measure.eager():
-            result["attention_bytes"] = run.attention_bytes()
-    result["layers"] = run.layers()
-    if cuda:
-        result["note"] = "FLOPs: custom Triton ops are not seen by the counter"
-    return result
-
-
-# ---------------------------------------------------------------- the orchestrator
+from benchmarks.speed_tables import cost_table, header, scaling_table, time_table
 
 
 def machine_info(device):
@@ -328,7 +75,7 @@ def run_in_subprocess(spec, timeout=1800):
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-m", "benchmarks.speed", "--worker", str(spec_path), str(out_path)]
+        command = [sys.executable, "-m", "benchmarks.speed_row", str(spec_path), str(out_path)]
         start = time.perf_counter()
         try:
             proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -340,134 +87,6 @@ def run_in_subprocess(spec, timeout=1800):
         result = json.loads(out_path.read_text())
         result["wall_s"] = time.perf_counter() - start
         return result
-
-
-def fmt_ms(summary):
-    if not summary:
-        return "n/a"
-    spread = f"{summary['q1'] * 1e3:.1f}-{summary['q3'] * 1e3:.1f}" if summary["n"] >= 4 else f"{summary['min'] * 1e3:.1f}-{summary['max'] * 1e3:.1f}"
-    return f"{summary['median'] * 1e3:.1f} ({spread})"
-
-
-def fmt_s(summary):
-    if not summary:
-        return "n/a"
-    return f"{summary['median']:.3f} ({summary['min']:.3f}-{summary['max']:.3f})"
-
-
-def fmt_bytes(n, unit=MIB, digits=1):
-    return "n/a" if n is None else f"{n / unit:.{digits}f}"
-
-
-def _failed(r):
-    return f"| {r.get('name', '?')} | failed: {r['error'].strip().splitlines()[-1][:150]} |"
-
-
-def time_table(results, batch):
-    """Time per step and per image. Ratios are within each row's own process (the diffusers plain
-    step and image are timed interleaved with the row's)."""
-    lines = [
-        (
-            "| row | ms / plain step | ms / unguided step | ms / guided step | guided / plain | s / image "
-            f"| image / plain image | images/s (b=1) | images/s (b={batch}) | J / image |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if "error" in r:
-            lines.append(_failed(r))
-            continue
-        ratio = f"{r['guided_over_plain']:.2f}" if "guided_over_plain" in r else "n/a"
-        x_image = f"{r['image_over_plain']:.2f}" if "image_over_plain" in r else "n/a"
-        ips = f"{r['images_per_s']:.2f}" if "images_per_s" in r else "n/a"
-        ips_b = f"{r['images_per_s_batch']:.2f}" if "images_per_s_batch" in r else "n/a"
-        joules = f"{r['energy_j_per_image']:.1f}" if r.get("energy_j_per_image") is not None else "n/a"
-        unguided = fmt_ms(r["unguided_step_s"]) if "unguided_step_s" in r else "= plain"
-        lines.append(
-            f"| {r['name']} | {fmt_ms(r.get('plain_step_s'))} | {unguided} | {fmt_ms(r.get('guided_step_s'))} | {ratio} | "
-            f"{fmt_s(r.get('image_s'))} | {x_image} | {ips} | {ips_b} | {joules} |"
-        )
-    return "\n".join(lines)
-
-
-def cost_table(results, cuda):
-    memory = "peak CUDA memory over resident, n-step call (MiB)" if cuda else "peak RSS over resident, n-step call (MiB)"
-    lines = [
-        (
-            "| row | GFLOP / unguided step | GFLOP / guided step | x floor (same layers) | GFLOP / image "
-            f"| {memory} | saved for backward (MiB) | attention data kept / step (KiB) | per image: UNet fwd / with grad / backward |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if "error" in r:
-            lines.append(_failed(r))
-            continue
-        c = r.get("counts", {})
-        passes = f"{c.get('unet_forward', '?')} / {c.get('unet_forward_grad', '?')} / {c.get('backward', '?')}"
-        if "refinement_steps" in c:
-            passes += (
-                f" ({c.get('guided_steps')} guided steps; {c['refinement_steps']} refinements of "
-                f"{c['refinement_iterations']} iterations in all)"
-            )
-        elif "guided_steps" in c:
-            passes += f" ({c['guided_steps']} guided steps)"
-        guided = f"{r['guided_step_flops'] / 1e9:.3f}" if "guided_step_flops" in r else "n/a"
-        x_floor = f"{r['x_floor']:.3f}" if "x_floor" in r else "n/a"
-        image = f"{r['image_flops'] / 1e9:.2f}" if "image_flops" in r else "n/a"
-        saved = fmt_bytes(r.get("saved_bytes"), MIB, 2) if "saved_bytes" in r else "n/a"
-        attention = fmt_bytes(r.get("attention_bytes"), 1024, 1) if "attention_bytes" in r else "0"
-        lines.append(
-            f"| {r['name']} | {r['unguided_step_flops'] / 1e9:.3f} | {guided} | {x_floor} | {image} | "
-            f"{fmt_bytes(r.get('peak_over_resident_bytes'))} | {saved} | {attention} | {passes} |"
-        )
-    return "\n".join(lines)
-
-
-def scaling_table(results, cuda=False):
-    memory = "peak CUDA memory over resident (MiB)" if cuda else "peak RSS over resident (MiB)"
-    lines = [
-        f"| row | image px | batch | ms / plain step | ms / guided step | guided / plain | saved for backward (MiB) | {memory} |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if "error" in r:
-            lines.append(_failed(r))
-            continue
-        lines.append(
-            f"| {r['name']} | {r['image_size']} | {r['batch_size']} | {fmt_ms(r['plain_step_s'])} | {fmt_ms(r['guided_step_s'])} | "
-            f"{r['guided_over_plain']:.2f} | {fmt_bytes(r.get('saved_bytes'), MIB, 2)} | {fmt_bytes(r.get('peak_over_resident_bytes'))} |"
-        )
-    return "\n".join(lines)
-
-
-def run_scaling_row(spec):
-    """Per-step costs at `spec["resolution"]` and batch `spec["batch_size"]`: n-step calls of that
-    batch, every step guided or none; times per step of the whole batch."""
-    from benchmarks import measure
-    from benchmarks.rows import PlainRunner, Row, runner
-
-    device, row = spec["device"], Row(**spec["row"])
-    steps, batch, n = spec["steps"], spec["batch_size"], spec.get("step_call") or spec["steps"]
-    pipe = _setup(spec)
-    run = runner(pipe, row, steps)
-    plain = PlainRunner(pipe, Row("plain"), steps)
-    plain.unguided(n, batch)
-    run.guided(n, batch)
-    plain_times, guided_times = [], []
-    for _ in range(spec["repeats"]):
-        plain_times.append(measure.timed(lambda: plain.unguided(n, batch), device)[0] / n)
-        guided_times.append(measure.timed(lambda: run.guided(n, batch), device)[0] / n)
-    with Memory(device) as memory:
-        run.guided(n, batch)
-    with measure.eager(), measure.SavedForBackward(pipe.unet, pipe.vae, pipe.text_encoder) as keeper:
-        run.guided(1, batch)
-    plain_s, guided_s = measure.summary(plain_times), measure.summary(guided_times)
-    return dict(
-        name=row.name, key=row.key, image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        batch_size=batch, plain_step_s=plain_s, guided_step_s=guided_s,
-        guided_over_plain=guided_s["median"] / plain_s["median"], saved_bytes=keeper.nbytes, **memory.to_dict(),
-    )
 
 
 def parse_args(argv):
@@ -496,7 +115,6 @@ def parse_args(argv):
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats, no compiled rows, small scaling table")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench"), help="folder for speed.json and speed.png")
-    parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -528,11 +146,6 @@ def scaling_configs(resolution, quick):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.worker:
-        spec = json.loads(Path(args.worker[0]).read_text())
-        result = run_scaling_row(spec) if spec.get("scaling") else run_row(spec)
-        Path(args.worker[1]).write_text(json.dumps(result))
-        return result
 
     import torch
 
@@ -581,7 +194,7 @@ def main(argv=None):
         "trace reused; Attend-and-Excite: its own (the first half of the steps, refinements at 0, 1/5 and 2/5 of them)"
     )
     report = dict(info=info, notes=notes, models={}, scaling=[])
-    print(_header(info, notes), flush=True)
+    print(header(info, notes), flush=True)
     base = dict(config, device=device, arch_dir=str(args.arch_dir or default_arch_dir()))
     for model in models:
         results = []
@@ -621,23 +234,6 @@ def main(argv=None):
     bar_chart(report, out / "speed.png")
     print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
     return report
-
-
-def _header(info, notes):
-    lines = [
-        f"{info['date']}  {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']})"
-        + (f"  GPU {info['gpu']}, CUDA {info['cuda']}" if "gpu" in info else ""),
-        f"python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}, transformers {info['transformers']}"
-        + (f", triton {info['triton']}" if "triton" in info else ""),
-        f"{info['command']}",
-        (
-            f"{info['steps']} steps per image; per-step costs from calls of {info['step_call']} steps; larger batch {info['batch']}; "
-            f"{info['warmup']} warm-up, {info['repeats']} step repeats, {info['image_repeats']} image repeats "
-            f"({info['batch_repeats']} at batch {info['batch']}); times: median (IQR with >= 4 samples, else min-max)"
-        ),
-    ]
-    lines += [f"note: {n}" for n in notes]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,25 @@
-"""Command line: `python -m sgfast demo` generates an image, moves and resizes an object, and writes
-the images and a sheet of attention maps and centroids."""
+"""Command line: `python -m sgfast demo|serve|serve-ray|train`.
+
+`demo` generates an image, moves and resizes an object, and writes the images and a sheet of attention
+maps and centroids; `serve` runs the HTTP server (`sgfast.serve`), `serve-ray` the same API on Ray
+Serve, `train` trains the built-in model (`sgfast.shapes.train`). The web stack and Ray are imported
+only when their command runs."""
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 
 
-def load_pipeline(model):
-    """"default" (the shipped model, or the tiny random one if it is absent), "tiny", or a local
-    folder holding a diffusers StableDiffusionPipeline."""
-    from diffusers import StableDiffusionPipeline
-
-    if model == "tiny":
-        from sgfast.testing import tiny_pipeline
-
-        pipe = tiny_pipeline()
-        pipe.set_progress_bar_config(disable=False)
-        return pipe, "tiny random-weight pipeline"
-    if model == "default":
-        try:
-            from sgfast.default_model import default_model_path, load_default_pipeline
-        except ImportError:
-            load_default_pipeline = None
-        if load_default_pipeline is None or not os.path.exists(os.path.join(default_model_path(), "model_index.json")):
-            print("The built-in model is not in this install; using the tiny random-weight pipeline.")
-            return load_pipeline("tiny")
-        return load_default_pipeline(), f"built-in model ({default_model_path()})"
-    return StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None), model
-
-
 def demo(args):
     from sgfast import SelfGuidancePipeline, move, resize
     from sgfast.edits import content_words
-    from sgfast.scenes import read_change
-    from sgfast.trace import PromptWords
-    from sgfast.default_model import KEEP_OTHERS, guidance_settings
+    from sgfast.shapes import KEEP_OTHERS, guidance_settings, load_pipeline
+    from sgfast.shapes.scenes import read_change
     from sgfast.sheet import sheet
+    from sgfast.trace import PromptWords
 
     pipe, name = load_pipeline(args.model)
     sg = SelfGuidancePipeline.from_pipe(pipe)
@@ -46,7 +28,7 @@ def demo(args):
     print(f"model: {name}\nprompt: {args.prompt!r}")
     start = time.perf_counter()
     original = sg(args.prompt, generator=torch.Generator().manual_seed(args.seed), **settings)
-    # The built-in model's tuned settings (sgfast.default_model); --weight overrides their scale v.
+    # The built-in model's tuned settings (sgfast.shapes.model); --weight overrides their scale v.
     edits = {
         f"move {args.move_word} by dx={args.dx:+}": ("move", [move(args.move_word, dx=args.dx, **KEEP_OTHERS)]),
         f"resize {args.resize_word} x{args.scale}": ("resize", [resize(args.resize_word, args.scale, **KEEP_OTHERS)]),
@@ -95,13 +77,39 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)
-    from sgfast.serve_cli import add_arguments as add_serve_arguments, serve
+    from sgfast.serve.cli import add_arguments as add_serve_arguments, serve
 
     s = commands.add_parser("serve", help="HTTP server: POST /v1/images with edits and a time budget; /metrics, /healthz, a page at /")
     add_serve_arguments(s)
     s.set_defaults(run=serve)
-    args = parser.parse_args(argv)
+    # These two parse their own flags (`python -m sgfast train --help`): the rest of the line goes to them.
+    for name, run, help in (
+        ("serve-ray", serve_ray, "the serve command's API on Ray Serve, one replica per GPU (the ray extra)"),
+        ("train", train, "train the built-in model on synthetic shape scenes (CPU, resumable)"),
+    ):
+        commands.add_parser(name, help=help, add_help=False).set_defaults(run=run, forward=True)
+    args, rest = parser.parse_known_args(argv)
+    if not getattr(args, "forward", False):
+        args = parser.parse_args(argv)  # unknown flags of demo/serve are errors
+    else:
+        args.rest = rest
     args.run(args)
+
+
+def serve_ray(args):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        sys.exit("serve-ray needs the ray extra: pip install -e '.[ray]'")
+    from sgfast.serve.ray_serve import main
+
+    main(args.rest)
+
+
+def train(args):
+    from sgfast.shapes.train import main
+
+    main(args.rest)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ image). Edits compose by summation. Each checks its arguments when built and its
 prompt before sampling starts, so a bad edit fails before anything runs.
 
 Default weights follow the public ports' relative scales (centroid 4, size 2, shape 6, appearance
-12); tune them per model (the built-in model's: `sgfast.default_model`).
+12); tune them per model (the built-in model's: `sgfast.shapes.guidance_settings`).
 """
 
 import math

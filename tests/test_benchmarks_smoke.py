@@ -24,7 +24,8 @@ def one_thread():
 
 def test_one_row_end_to_end(tmp_path):
     from benchmarks.chart import bar_chart
-    from benchmarks.speed import cost_table, run_row, time_table
+    from benchmarks.speed_row import run_row
+    from benchmarks.speed_tables import cost_table, time_table
 
     spec = dict(
         model="tiny", device="cpu", dtype="float32", steps=2, step_call=2, batch=2, repeats=1, image_repeats=1,

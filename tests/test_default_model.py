@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgfast.default_model import CAPTION_WORDS, IMAGE_SIZE, default_model_path, load_default_pipeline
+from sgfast.shapes.model import CAPTION_WORDS, IMAGE_SIZE, default_model_path, load_default_pipeline
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(default_model_path(), "model_index.json")),

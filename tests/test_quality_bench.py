@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import quality
-from sgfast.scenes import make_scene, parse_caption, read_scene
+from sgfast.shapes.scenes import make_scene, parse_caption, read_scene
 
 
 def two_object_scene():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sgfast import scenes
+from sgfast.shapes import scenes
 
 SEEDS = range(300)
 

@@ -17,17 +17,11 @@ pytest.importorskip("prometheus_client")
 
 from sgfast import SelfGuidancePipeline, move  # noqa: E402
 from sgfast.sampler import default_schedule  # noqa: E402
-from sgfast.serve_engine import (  # noqa: E402
-    CostModel,
-    Engine,
-    Limits,
-    Rejected,
-    ShuttingDown,
-    Spec,
-    TraceCache,
-    admit,
-    thinned_schedule,
-)
+from sgfast.serve.admission import Limits, Rejected, ShuttingDown, admit, thinned_schedule  # noqa: E402
+from sgfast.serve.cache import TraceCache  # noqa: E402
+from sgfast.serve.cost import CostModel  # noqa: E402
+from sgfast.serve.engine import Engine  # noqa: E402
+from sgfast.serve.jobs import Spec  # noqa: E402
 from sgfast.testing import tiny_pipeline  # noqa: E402
 from sgfast.trace import Trace  # noqa: E402
 
@@ -281,7 +275,7 @@ def test_normalize_gradient_reaches_the_pipeline_and_splits_batches(engine, gate
 
 
 def test_api_object_edits_carry_keep_weights():
-    from sgfast.serve import MoveEdit, build_edit
+    from sgfast.serve.schema import MoveEdit, build_edit
 
     edit = build_edit(MoveEdit(type="move", word="circle", dx=0.1, keep_appearance_weight=0.0, keep_centroid_weight=2.0))
     assert (edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (move("c").keep_shape_weight, 0.0, 2.0)
@@ -382,7 +376,7 @@ def test_queue_cap_and_expired_deadlines(gate):
 def client():
     from fastapi.testclient import TestClient
 
-    from sgfast.serve import create_app
+    from sgfast.serve.app import create_app
 
     sg = Gate(SelfGuidancePipeline.from_pipe(tiny_pipeline(seed=0)))
     # Fixed costs: plain 20 ms, guided 60 ms, 10 ms per call (no timing in any assertion).

@@ -11,8 +11,10 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from sgfast import SelfGuidancePipeline  # noqa: E402
-from sgfast.serve import create_app  # noqa: E402
-from sgfast.serve_engine import CostModel, Engine, Limits  # noqa: E402
+from sgfast.serve.admission import Limits  # noqa: E402
+from sgfast.serve.app import create_app  # noqa: E402
+from sgfast.serve.cost import CostModel  # noqa: E402
+from sgfast.serve.engine import Engine  # noqa: E402
 from sgfast.testing import tiny_pipeline  # noqa: E402
 
 WAIT = 60

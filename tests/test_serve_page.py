@@ -28,9 +28,11 @@ def server():
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
     from sgfast import SelfGuidancePipeline
-    from sgfast.__main__ import load_pipeline
-    from sgfast.serve import create_app
-    from sgfast.serve_engine import CostModel, Engine, Limits
+    from sgfast.serve.admission import Limits
+    from sgfast.serve.app import create_app
+    from sgfast.serve.cost import CostModel
+    from sgfast.serve.engine import Engine
+    from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline("default")  # the built-in model when installed (real shapes), else the tiny one
     pipe.set_progress_bar_config(disable=True)

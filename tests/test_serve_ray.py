@@ -24,7 +24,7 @@ def ray_url():
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     pytest.importorskip("fastapi")
-    from sgfast.serve_ray import deployment
+    from sgfast.serve.ray_serve import deployment
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -40,7 +40,7 @@ def ray_url():
 
 def test_option_parsing():
     pytest.importorskip("ray.serve")
-    from sgfast.serve_ray import engine_arguments
+    from sgfast.serve.ray_serve import engine_arguments
 
     args = engine_arguments({"model": "tiny", "max_batch": "3", "no_drain": "true", "policy": "reject"})
     assert (args.model, args.max_batch, args.no_drain, args.policy) == ("tiny", 3, True, "reject")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgfast.train import attention_localisation_loss
+from sgfast.shapes.train import attention_localisation_loss
 
 KEYS = 13  # "<bos> a c s and a c s and a c s <eos>" fits; the loss reads positions 4j+2, 4j+3
 

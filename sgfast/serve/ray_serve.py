@@ -1,14 +1,14 @@
 """The same HTTP API on Ray Serve: one replica per GPU (num_gpus=1 each), or CPU replicas when the
-cluster has no GPU. Each replica is a whole `sgfast.serve` server: its own model, worker thread, EDF
+cluster has no GPU. Each replica is a whole `sgfast.serve.app` server: its own model, worker thread, EDF
 queue, cost model, trace cache and /metrics; Ray's proxy spreads requests over the replicas.
 
 Needs the `ray` extra (`pip install -e '.[ray]'`). Run it with
 
-    python -m sgfast.serve_ray --model tiny --host 127.0.0.1 --port 8000 --replicas 2
+    python -m sgfast serve-ray --model tiny --host 127.0.0.1 --port 8000 --replicas 2
 
 (the flags of `python -m sgfast serve`, plus `--replicas` and `--cpus-per-replica`), or with Ray's CLI:
 
-    serve run sgfast.serve_ray:build_app model=tiny replicas=2
+    serve run sgfast.serve.ray_serve:build_app model=tiny replicas=2
 
 Edit sessions: a replica's reference-trace cache is its own, so a second edit of an image hits the
 cache only when it reaches the replica that made the first (Ray routes without affinity); it is still
@@ -22,7 +22,7 @@ import threading
 
 from ray import serve
 
-from sgfast.serve_cli import add_arguments
+from sgfast.serve.cli import add_arguments
 
 _ENGINE = None  # this replica's engine: set by the deployment's constructor, read by the app builder
 
@@ -30,8 +30,8 @@ _ENGINE = None  # this replica's engine: set by the deployment's constructor, re
 def _build_asgi_app():
     # Ray Serve calls this on the replica right after the deployment's constructor. The importable
     # module holds the engine (this function may travel pickled by value, with a copy of its globals).
-    import sgfast.serve_ray as module
-    from sgfast.serve import create_app
+    import sgfast.serve.ray_serve as module
+    from sgfast.serve.app import create_app
 
     return create_app(module._ENGINE, drain_on_shutdown=True)
 
@@ -39,7 +39,7 @@ def _build_asgi_app():
 def engine_arguments(options=None):
     """The `python -m sgfast serve` flags as a namespace: `options` (a dict keyed by the flags' names,
     e.g. {"model": "tiny", "max_batch": 4}; strings are parsed as on the command line) over the defaults."""
-    parser = argparse.ArgumentParser(prog="sgfast.serve_ray", add_help=False, exit_on_error=False)
+    parser = argparse.ArgumentParser(prog="sgfast serve-ray", add_help=False, exit_on_error=False)
     add_arguments(parser)
     flags = {a.dest: a for a in parser._actions}
     argv = []
@@ -65,8 +65,8 @@ class SgfastReplica:
     """One server: loads the model, starts the worker (which calibrates the cost model)."""
 
     def __init__(self, options=None):
-        import sgfast.serve_ray as module  # the importable module (this class may travel pickled by value)
-        from sgfast.serve_cli import build_engine
+        import sgfast.serve.ray_serve as module  # the importable module (this class may travel pickled by value)
+        from sgfast.serve.cli import build_engine
 
         engine = build_engine(engine_arguments(options))
         engine.replica = f"{os.uname().nodename}:{os.getpid()}"
@@ -102,7 +102,7 @@ def deployment(options=None, replicas=None, cpus_per_replica=1):
 
 
 def build_app(args):
-    """For `serve run sgfast.serve_ray:build_app model=tiny replicas=2 ...` (values are strings)."""
+    """For `serve run sgfast.serve.ray_serve:build_app model=tiny replicas=2 ...` (values are strings)."""
     args = dict(args)
     replicas = int(args.pop("replicas")) if "replicas" in args else None
     cpus = float(args.pop("cpus_per_replica", 1))
@@ -112,7 +112,7 @@ def build_app(args):
 def main(argv=None):
     import ray
 
-    parser = argparse.ArgumentParser(prog="python -m sgfast.serve_ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m sgfast serve-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--replicas", type=int, default=None, help="default: one per GPU, else 1")
     parser.add_argument("--cpus-per-replica", type=float, default=1)
@@ -121,9 +121,7 @@ def main(argv=None):
     options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "replicas", "cpus_per_replica", "address", "log_level")}
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    from sgfast import serve_ray  # the importable module, not __main__: its deployment ships by reference
-
-    serve.run(serve_ray.deployment(options, args.replicas, args.cpus_per_replica), name="sgfast", route_prefix="/")
+    serve.run(deployment(options, args.replicas, args.cpus_per_replica), name="sgfast", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/ with Ray Serve; Ctrl-C or SIGTERM stops", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
@@ -136,6 +134,3 @@ def main(argv=None):
         serve.shutdown()
         ray.shutdown()
 
-
-if __name__ == "__main__":
-    main()

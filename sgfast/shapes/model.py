@@ -1,18 +1,20 @@
 """The built-in default model: a small Stable Diffusion pipeline trained on synthetic shape scenes.
 
 It draws 64x64 images of one to three flat-coloured objects on a light-grey background from captions
-such as "a red circle and a blue square" (see `CAPTION_WORDS`, and `sgfast.scenes` for the data).
+such as "a red circle and a blue square" (see `CAPTION_WORDS`, and `sgfast.shapes.scenes` for the data).
 Its cross-attention maps localise each object's colour and shape words, which is what self-guidance
 edits read ("move the red circle right"). It ships with the package as safetensors under
-`sgfast/assets/default/` and loads offline; `python -m sgfast.train` trains (and re-exports) it.
+`sgfast/shapes/assets/default/` and loads offline; `python -m sgfast train` trains (and re-exports) it.
+`load_pipeline(name)` picks a pipeline by name for the command line and the server: this model, the
+tiny random-weight one, or a local folder.
 """
 
 import os
 
-from sgfast.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
+from sgfast.shapes.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
 
 __all__ = [
-    "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline",
+    "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline", "load_pipeline",
     "SELF_GUIDANCE_SCALE", "KEEP_OTHERS", "guidance_settings",
 ]
 
@@ -35,7 +37,7 @@ def load_default_pipeline(torch_dtype=None):
     path = default_model_path()
     if not os.path.exists(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(
-            f"the built-in model is missing from {path}; train and export it with `python -m sgfast.train --export`"
+            f"the built-in model is missing from {path}; train and export it with `python -m sgfast train --export`"
         )
     kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
     return StableDiffusionPipeline.from_pretrained(
@@ -43,6 +45,25 @@ def load_default_pipeline(torch_dtype=None):
         **kwargs,
     )
 
+
+
+def load_pipeline(model):
+    """(pipeline, description) for `model`: "default" (the built-in model, or the tiny random-weight
+    one if it is absent), "tiny", or a local folder holding a diffusers StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    if model == "tiny":
+        from sgfast.testing import tiny_pipeline
+
+        pipe = tiny_pipeline()
+        pipe.set_progress_bar_config(disable=False)
+        return pipe, "tiny random-weight pipeline"
+    if model == "default":
+        if not os.path.exists(os.path.join(default_model_path(), "model_index.json")):
+            print("The built-in model is not in this install; using the tiny random-weight pipeline.")
+            return load_pipeline("tiny")
+        return load_default_pipeline(), f"built-in model ({default_model_path()})"
+    return StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None), model
 
 # Self-guidance settings tuned by hand on this model (benchmarks/RESULTS.md, "Edit fidelity"). Its
 # maps are trained to spread over their objects with a small floor elsewhere (`--attn-loss-kind

@@ -1,8 +1,8 @@
-"""Train the built-in default model on synthetic shape scenes (`sgfast.scenes`).
+"""Train the built-in default model on synthetic shape scenes (`sgfast.shapes.scenes`).
 
-    python -m sgfast.train --out training/run --seed 0            # start, or resume from the latest checkpoint
-    python -m sgfast.train --out training/run --export            # export the latest checkpoint and exit
-    python -m sgfast.train --out training/more --init-from sgfast/assets/default --lr 3e-4
+    python -m sgfast train --out training/run --seed 0            # start, or resume from the latest checkpoint
+    python -m sgfast train --out training/run --export            # export the latest checkpoint and exit
+    python -m sgfast train --out training/more --init-from sgfast/shapes/assets/default --lr 3e-4
                                                                   # continue from an exported model
 
 Every part is the real diffusers / transformers class: AutoencoderKL (64x64 RGB -> 16x16x4 latents),
@@ -18,7 +18,7 @@ Runs are reproducible from the seed: each step draws its scenes and noise from g
 with (seed, phase, step), so a run resumed from a checkpoint continues exactly. A checkpoint
 (`<out>/checkpoint.pt`, weights + optimiser + EMA) is written every few minutes, losses go to
 `<out>/log.txt`, and the EMA model is exported as a StableDiffusionPipeline (safetensors) to
-`sgfast/assets/default/` every so often, with a sample sheet in `<out>/samples/`.
+`sgfast/shapes/assets/default/` every so often, with a sample sheet in `<out>/samples/`.
 """
 
 import argparse
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sgfast import scenes
+from sgfast.shapes import scenes
+from sgfast.shapes.model import default_model_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_EXPORT = os.path.join(ROOT, "sgfast", "assets", "default")
+DEFAULT_EXPORT = default_model_path()
 MAX_LENGTH = 77
 PHASE_VAE, PHASE_UNET = 1, 2
 
@@ -566,7 +566,7 @@ class Trainer:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m sgfast train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="training/run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1000)
@@ -611,6 +611,3 @@ def main(argv=None):
     trainer.log(f"start phase={trainer.phase} step={trainer.step} args={vars(args)}")
     trainer.run()
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,8 @@
 """Command line of the server: `python -m sgfast serve --model <path|default|tiny> --host 127.0.0.1 --port 8000`.
 
-Kept apart from `sgfast.serve` so that `python -m sgfast --help` does not import the web stack."""
+Its flags, the engine they build, and the uvicorn server. `python -m sgfast` adds the flags to its
+`serve` command; the web stack is imported only when the server starts, so `python -m sgfast --help`
+does not import it."""
 
 import sys
 
@@ -35,8 +37,9 @@ def build_engine(args, log=print):
     import torch
 
     from sgfast import SelfGuidancePipeline
-    from sgfast.__main__ import load_pipeline
-    from sgfast.serve_engine import Engine, Limits
+    from sgfast.serve.admission import Limits
+    from sgfast.serve.engine import Engine
+    from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -71,7 +74,7 @@ def serve(args):
         import uvicorn
     except ImportError:
         sys.exit("serving needs the serve extra: pip install -e '.[serve]'")
-    from sgfast.serve import create_app
+    from sgfast.serve.app import create_app
 
     engine = build_engine(args)
     app = create_app(engine, drain_on_shutdown=not args.no_drain)

@@ -1,0 +1,103 @@
+"""The reference-trace cache: an LRU of unedited traces bounded in bytes, and the pipeline call that
+reuses them, so that a second edit of the same image skips the unedited pass."""
+
+import threading
+from collections import OrderedDict
+
+from sgfast.serve.jobs import seeded_latents
+
+
+class TraceCache:
+    """LRU of unedited reference traces keyed by (model, prompt, seed, steps, height, width,
+    guidance scale), bounded in bytes (`Trace.nbytes()` plus its initial latents)."""
+
+    def __init__(self, max_bytes=256 * 2**20):
+        self.max_bytes = max_bytes
+        self.entries = OrderedDict()  # key -> (trace, nbytes)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def size_of(trace):
+        latents = trace.latents
+        return trace.nbytes() + (0 if latents is None else latents.numel() * latents.element_size())
+
+    def peek(self, key):
+        with self.lock:
+            return key in self.entries
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key, trace):
+        size = self.size_of(trace)
+        with self.lock:
+            if key in self.entries:
+                self.bytes -= self.entries.pop(key)[1]
+            if size > self.max_bytes:
+                return False
+            self.entries[key] = (trace, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, evicted) = self.entries.popitem(last=False)
+                self.bytes -= evicted
+            return True
+
+    def __len__(self):
+        return len(self.entries)
+
+
+def call_pipeline(sg, cache, model, batch, metrics=None):
+    """One pipeline call for a batch of jobs of the same shape, reusing the cached reference traces
+    of `model` when every job has one and caching the new ones. Returns (images, cache hit per job)."""
+    head = batch[0]
+    spec, plan = head.spec, head.plan
+    kwargs = dict(
+        height=spec.height,
+        width=spec.width,
+        num_inference_steps=plan.steps,
+        guidance_scale=spec.guidance_scale,
+        negative_prompt=[j.spec.negative_prompt for j in batch] if spec.negative_prompt is not None else None,
+        output_type="pil",
+    )
+    prompts = [j.spec.prompt for j in batch]
+    keys = [j.trace_key(model) for j in batch]
+    if not spec.edits:
+        out = sg(prompts, latents=seeded_latents(sg.pipe, [j.spec.seed for j in batch], spec.height, spec.width), **kwargs)
+        traces = out.trace if isinstance(out.trace, list) else [out.trace]
+        for key, trace in zip(keys, traces):
+            if trace is not None:
+                cache.put(key, trace)
+        return out.images, [False] * len(batch)
+    needs_reference = any(e.needs_reference for j in batch for e in j.spec.edits)
+    traces = [cache.get(k) for k in keys] if needs_reference else [None] * len(batch)
+    hits = [t is not None for t in traces]
+    if metrics is not None:
+        metrics.cache(sum(hits), len(hits) - sum(hits) if needs_reference else 0)
+    edit_kwargs = dict(
+        edits=[j.spec.edits for j in batch],
+        self_guidance_scale=spec.self_guidance_scale,
+        normalize_gradient=spec.normalize_gradient,
+        guidance_schedule=None if plan.schedule is None else list(plan.schedule),
+    )
+    if needs_reference and all(hits):
+        out = sg(prompts, trace=traces if len(batch) > 1 else traces[0], **edit_kwargs, **kwargs)
+        return out.images, hits
+    # Not every trace is cached: run the reference pass for the whole call (same seeds), keep its traces.
+    latents = seeded_latents(sg.pipe, [j.spec.seed for j in batch], spec.height, spec.width)
+    out = sg(prompts, latents=latents, **edit_kwargs, **kwargs)
+    new = out.trace if isinstance(out.trace, list) else [out.trace]
+    if needs_reference:
+        for key, trace, hit in zip(keys, new, hits):
+            if trace is not None and not hit:
+                cache.put(key, trace)
+    return out.images, hits

@@ -1,0 +1,70 @@
+"""What travels through the server: a validated request (`Spec`), its queued `Job`, the `Result`, and
+the initial noise of a seed (the same whatever the request is batched with)."""
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from sgfast.serve.admission import Plan
+
+
+@dataclass
+class Spec:
+    """One validated request. `edits`: sgfast edit objects; `edit_specs`: the same as JSON-able dicts."""
+
+    prompt: str
+    edits: list = field(default_factory=list)
+    edit_specs: list = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.5
+    self_guidance_scale: float = 1.0
+    normalize_gradient: bool = False
+    height: int = 64
+    width: int = 64
+    negative_prompt: str = None
+    budget_ms: float = None
+
+
+@dataclass
+class Result:
+    image: object  # PIL image
+    spec: Spec
+    plan: Plan
+    degraded: bool
+    degradation: dict
+    timings: dict  # ms: queue, run (the batch's pipeline call), total, predicted
+    cache_hit: bool
+    batch_size: int
+    deadline_missed: bool
+
+
+@dataclass(eq=False)
+class Job:
+    spec: Spec
+    plan: Plan
+    arrival: float  # time.monotonic()
+    deadline: float
+    predicted_ms: float
+    degraded: bool
+    seq: int
+    future: Future = field(default_factory=Future)
+    cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
+
+    @property
+    def has_edits(self):
+        return bool(self.spec.edits)
+
+    def trace_key(self, model, steps=None):
+        s = self.spec
+        return (model, s.prompt, s.negative_prompt, s.seed, steps or self.plan.steps, s.height, s.width, s.guidance_scale)
+
+
+def seeded_latents(pipe, seeds, height, width):
+    """The initial noise of each seed, as diffusers draws it for a batch of one with a CPU generator,
+    so that a request's image does not depend on what it was batched with."""
+    unet = pipe.unet
+    shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype) for s in seeds]
+    return torch.cat(noise).to(pipe._execution_device)
