@@ -26,9 +26,11 @@ VARIANTS = [
     {"programs_per_sm": 2},
     {"programs_per_sm": 4},
     {"programs_per_sm": 8},
-    {"block_n": 32},
-    {"block_n": 32, "programs_per_sm": 4},
     {"block_n": 16},
+    {"num_warps": 2},
+    {"num_warps": 8},
+    {"num_stages": 1},
+    {"num_stages": 3},
 ]
 
 
@@ -52,8 +54,10 @@ def inputs(case, dtype, device, seed=0):
     return q, k, tokens, grad
 
 
-def median_us(fn):
-    """CUDA-event median on a GPU; on the CPU (the dry run) a wall-clock median of a few calls."""
+def median_us(fn, graph=True):
+    """Median time of `fn` in us. On a GPU: replays of a CUDA graph of it (the kernels' own time,
+    free of the CPU's launch overhead; `graph=False`: eager calls, overhead included), CUDA events,
+    L2 flushed before each repeat. On the CPU (the dry run): a wall-clock median of a few calls."""
     if not torch.cuda.is_available():
         import statistics
         import time
@@ -66,6 +70,8 @@ def median_us(fn):
         return statistics.median(samples)
     import triton.testing
 
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
     return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median") * 1e3
 
 
@@ -81,9 +87,9 @@ def reference(q, k, tokens, grad, case):
     return maps.detach(), dq
 
 
-def time_fused(case, dtype, device, overrides=None, check=True):
-    """Forward and backward of the fused kernels with `overrides` of the launch plan: medians in us,
-    and (when `check`) their relative errors against float64."""
+def time_fused(case, dtype, device, overrides=None, check=True, eager=False):
+    """Forward and backward of the fused kernels with `overrides` of the launch plan: medians in us
+    (graph replays; `eager`: also eager calls), and (when `check`) relative errors against float64."""
     m = ops()
     q, k, tokens, grad = inputs(case, dtype, device)
     sms = m.device_sm_count(q.device)
@@ -97,8 +103,11 @@ def time_fused(case, dtype, device, overrides=None, check=True):
         want_maps, want_dq = reference(q, k, tokens, grad, case)
         row["maps_error"] = relative_error(m.launch_forward(q, k, tokens, scale, fwd_cfg), want_maps)
         row["dq_error"] = relative_error(m.launch_backward(q, k, tokens, grad, scale, bwd_cfg), want_dq)
-    row["forward_us"] = median_us(lambda: m.launch_forward(q, k, tokens, scale, fwd_cfg))
-    row["backward_us"] = median_us(lambda: m.launch_backward(q, k, tokens, grad, scale, bwd_cfg))
+    forward = lambda: m.launch_forward(q, k, tokens, scale, fwd_cfg)  # noqa: E731
+    backward = lambda: m.launch_backward(q, k, tokens, grad, scale, bwd_cfg)  # noqa: E731
+    row["forward_us"], row["backward_us"] = median_us(forward), median_us(backward)
+    if eager:
+        row["forward_eager_us"], row["backward_eager_us"] = median_us(forward, False), median_us(backward, False)
     return row
 
 
@@ -115,10 +124,9 @@ def time_reference(case, dtype, device):
     args = (k, tokens, case.height, case.width, case.head_dim**-0.5)
     forward = lambda: m.attention_stats_reference(q, *args)[1]  # noqa: E731
     maps = forward()
-    return {
-        "forward_us": median_us(forward),
-        "backward_us": median_us(lambda: torch.autograd.grad(maps, q, grad, retain_graph=True)),
-    }
+    backward = lambda: torch.autograd.grad(maps, q, grad, retain_graph=True)  # noqa: E731
+    return {"forward_us": median_us(forward), "backward_us": median_us(backward),
+            "forward_eager_us": median_us(forward, False), "backward_eager_us": median_us(backward, False)}
 
 
 def layer_rows(device, cases, progress=print):
@@ -126,9 +134,15 @@ def layer_rows(device, cases, progress=print):
     rows = []
     bw = bandwidth(device)
     for case in cases:
-        fused = time_fused(case, torch.float16, device)
-        torch_row = time_reference(case, torch.float16, device)
-        row = {"layer": case.name, "batch": case.batch, "dtype": "fp16", "fused": fused, "torch": torch_row}
+        row = {"layer": case.name, "batch": case.batch, "dtype": "fp16"}
+        try:
+            row["fused"] = fused = time_fused(case, torch.float16, device, eager=True)
+            row["torch"] = torch_row = time_reference(case, torch.float16, device)
+        except Exception as error:  # reported, and the next layer still runs
+            row["error"] = f"{type(error).__name__}: {error}"[:300]
+            rows.append(row)
+            progress(f"| {case.name} | {case.batch} | failed: {row['error']} |")
+            continue
         for kernel in ("forward", "backward"):
             floor = floor_us(bytes_moved(case, 2, kernel), bw)
             row[f"{kernel}_floor_us"] = floor
@@ -173,11 +187,12 @@ def format_layer_row(r):
     return (f"| {r['layer']} | {r['batch']} | {f['forward_us']:.1f} | {t['forward_us']:.1f} | {r['forward_floor_us']:.2f} "
             f"| {r['forward_roofline_pct']:.0f}% | {f['backward_us']:.1f} | {t['backward_us']:.1f} "
             f"| {r['backward_floor_us']:.2f} | {r['backward_roofline_pct']:.0f}% | {f['maps_error']:.1e} "
-            f"| {f['dq_error']:.1e} |")
+            f"| {f['dq_error']:.1e} | {f['forward_eager_us'] + f['backward_eager_us']:.0f} "
+            f"({t['forward_eager_us'] + t['backward_eager_us']:.0f}) |")
 
 
 LAYER_HEADER = ("| layer | batch | fwd us | torch fwd us | fwd floor us | fwd % roofline | bwd us | torch bwd us "
-                "| bwd floor us | bwd % roofline | maps rel err | dq rel err |")
+                "| bwd floor us | bwd % roofline | maps rel err | dq rel err | fwd+bwd eager us (torch) |")
 
 
 def format_variant_row(r):

@@ -289,7 +289,10 @@ if HAS_TRITON:
 # Launch plan
 # ---------------------------------------------------------------------------------------------------
 
-_BLOCK_N_CHOICES = (64, 32, 16)
+# Position blocks of at most 32 rows: Triton lowers those dots to mma.sync. 64-row blocks become
+# Hopper's wgmma, where (Triton 3.6, H200) the forward read out of bounds and the fp32 dots lost
+# their tf32x3 accuracy; the op is memory-bound, and smaller blocks give more programs to hide latency.
+_BLOCK_N_CHOICES = (32, 16)
 
 
 def _acc_dtype(dtype):
@@ -348,13 +351,13 @@ PROGRAMS_PER_SM = 0.9
 
 
 def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret=INTERPRET,
-                  programs_per_sm=None, block_n=None, num_warps=None):
+                  programs_per_sm=None, block_n=None, num_warps=None, num_stages=None):
     """The launch of `kernel` ("forward" or "backward") for these shapes: `grid`, `groups` (forward:
     head groups, the partial maps' second dim), `heads_per_program`, and `meta` (the kernels'
     constexprs, num_warps, num_stages). Block sizes: the largest position block whose grid still
     gives `programs_per_sm * sms` programs (16 at the least); the forward then puts as many heads
-    in one program as that target allows (fewer partial maps to sum). `block_n` and `num_warps`
-    override the choice (for measuring alternatives)."""
+    in one program as that target allows (fewer partial maps to sum). `block_n`, `num_warps` and
+    `num_stages` override the choice (for measuring alternatives)."""
     if kernel not in ("forward", "backward"):
         raise ValueError(f"kernel must be 'forward' or 'backward', got {kernel!r}")
     target = math.ceil((PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm) * sms)
@@ -371,8 +374,9 @@ def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms,
         QK_PRECISION=qk, SEL_PRECISION=sel,
         HAS_TAIL=block_t2 > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16),
         BLOCK_D=block_d, BLOCK_S=min(64, max(16, _next_power_of_2(selected))), EVEN_D=even_d,
-        # 8 warps for 64-row blocks: with 4, the forward's three [64, 80] fp32 tiles spill (sm_90).
-        num_warps=num_warps or (8 if block_n == 64 else 4), num_stages=2,
+        # The backward holds three more [BLOCK_N, 80] fp32 tiles than the forward: pipelining its
+        # d-loop (2 stages) spills at head dim 160 on sm_90.
+        num_warps=num_warps or 4, num_stages=num_stages or (2 if kernel == "forward" else 1),
     )
     if kernel == "backward":
         meta["DQ_PRECISION"] = dq
