@@ -169,13 +169,16 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_tb, stride_ts,
-        ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
+        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
         HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         """One program per (block of positions, group of heads, batch item): the head-summed
         probabilities of its heads (scaled by 1 / heads), then the selected columns by one one-hot
         matmul per BLOCK_S tokens, written to out[b, group, s, p] ([B, groups, S, N])."""
+        # The accumulation dtype is the output's (fp32; fp64 for fp64): a pointer's dtype, not a
+        # dtype argument, so that inductor's launch of the kernel carries no dtype constant.
+        ACC: tl.constexpr = out_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
         group = tl.program_id(1)
         b = tl.program_id(2)
@@ -222,13 +225,14 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_tb, stride_ts,
         stride_db, stride_dh, stride_dn, stride_dd,
-        ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
+        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
         DQ_PRECISION: tl.constexpr,
         HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         """One program per (block of positions, head, batch item): recompute the softmax rows, dP by
         one one-hot matmul per BLOCK_S tokens from g [B, S, N], then dq = dq_scale * dlogit @ K."""
+        ACC: tl.constexpr = g_ptr.dtype.element_ty  # the maps' gradient comes in the accumulation dtype
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
@@ -369,7 +373,6 @@ def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms,
     block_d, even_d = _block_d(head_dim)
     qk, sel, dq = _precisions(dtype, interpret)
     meta = dict(
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
         UPCAST_QK=interpret or dtype in (torch.float32, torch.float64),
         QK_PRECISION=qk, SEL_PRECISION=sel,
         HAS_TAIL=block_t2 > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16),
