@@ -45,3 +45,35 @@ bench-serve: $(STAMP)
 # The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas.
 test-serve-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/test_serve_page.py tests/test_serve_ray.py
+
+# Every GPU measurement in one command (python -m benchmarks.gpu): kernels against float64, kernel time
+# against the HBM floor, SD1.5/SDXL steps, 50-step images, energy; writes outputs/bench/gpu.json and the
+# "## GPU" section of benchmarks/RESULTS.md. It runs on the machine's own python3, torch and triton (no
+# virtualenv). sgfast is installed (no network, no dependencies) into GPU_SITE, which goes first on
+# PYTHONPATH: a bare checkout on PYTHONPATH has no sgfast.kernels (setup.py maps kernels/ there).
+# WHEELS=dir also installs the wheels `make wheelhouse` collected. ARGS passes options through, e.g.
+# ARGS=--quick or ARGS=--dry-run.
+.PHONY: bench-gpu wheelhouse
+GPU_PYTHON ?= python3
+GPU_SITE ?= outputs/gpu-site
+WHEELS ?=
+ARGS ?=
+bench-gpu:
+	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
+ifneq ($(WHEELS),)
+	$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --target $(GPU_SITE) $(WHEELS)/*.whl
+endif
+	$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-compile --target $(GPU_SITE) .
+	cd $(GPU_SITE) && PYTHONUNBUFFERED=1 PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m benchmarks.gpu $(ARGS)
+
+# The wheels the GPU machine lacks, for Python 3.12 on manylinux x86_64, into wheelhouse/ (needs network).
+# Its image already has torch, triton, transformers, huggingface-hub, safetensors, regex, numpy,
+# pillow, filelock, requests, nvidia-ml-py and the rest of diffusers' needs (importlib_metadata is for
+# Python < 3.8 only): diffusers alone is missing. Pure-python wheels come as py3-none-any.
+WHEELHOUSE_PACKAGES ?= diffusers==0.42.1
+wheelhouse:
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --dest wheelhouse $(WHEELHOUSE_PACKAGES)
+	ls wheelhouse
