@@ -1,7 +1,7 @@
 """Every GPU measurement the project needs, in one command that fits in a few minutes on one GPU.
 
     python -m benchmarks.gpu              # make bench-gpu (WHEELS=wheelhouse on an air-gapped machine)
-    python -m benchmarks.gpu --quick      # leaves out the slow phases (50-step images, SDXL, compile)
+    python -m benchmarks.gpu --quick      # leaves out the slow phases (50-step images, energy, SDXL, compile)
     python -m benchmarks.gpu --dry-run    # every code path on the CPU, tiny shapes, Triton interpreter
 
 Phases, cheapest and most important first; each is timed, wrapped (a failure is reported and the
@@ -736,7 +736,7 @@ PHASES = [
     ("kernel_timing", phase_kernel_timing, False, 10),
     ("sd15_step", phase_sd15_step, False, 20),
     ("sd15_image", phase_sd15_image, True, 30),
-    ("energy", phase_energy, False, 20),
+    ("energy", phase_energy, True, 20),  # 50-step images again: slow too
     ("sdxl_step", phase_sdxl_step, True, 45),
     ("cuda_graphs", phase_cuda_graphs, False, 15),
     ("sd15_compile", phase_sd15_compile, True, 150),
@@ -856,7 +856,7 @@ def write_results_section(path, text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="leave out the slow phases (50-step images, SDXL, compile)")
+    parser.add_argument("--quick", action="store_true", help="leave out the slow phases (50-step images and their energy, SDXL, compile)")
     parser.add_argument("--dry-run", action="store_true", help="every code path on the CPU with tiny shapes")
     parser.add_argument("--budget-s", type=float, default=420.0, help="time budget; later phases are skipped (default 420)")
     parser.add_argument("--only", default=None, help="comma-separated phases to run (default: all)")
