@@ -49,22 +49,16 @@ test-serve-slow: $(STAMP)
 # Every GPU measurement in one command (python -m benchmarks.gpu): kernels against float64, kernel time
 # against the HBM floor, SD1.5/SDXL steps, 50-step images, energy; writes outputs/bench/gpu.json and the
 # "## GPU" section of benchmarks/RESULTS.md. It runs on the machine's own python3, torch and triton (no
-# virtualenv). sgfast is installed (no network, no dependencies) into GPU_SITE, which goes first on
-# PYTHONPATH: a bare checkout on PYTHONPATH has no sgfast.kernels (setup.py maps kernels/ there).
-# WHEELS=dir also installs the wheels `make wheelhouse` collected. ARGS passes options through, e.g.
-# ARGS=--quick or ARGS=--dry-run.
+# virtualenv); benchmarks/bench_gpu.sh installs sgfast (and with WHEELS=dir the wheels `make wheelhouse`
+# collected) into GPU_SITE with no network, and is the same command where make is missing.
+# ARGS passes options through, e.g. ARGS=--quick, ARGS="--budget-s 300", ARGS=--dry-run.
 .PHONY: bench-gpu wheelhouse
 GPU_PYTHON ?= python3
 GPU_SITE ?= outputs/gpu-site
 WHEELS ?=
 ARGS ?=
 bench-gpu:
-	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
-ifneq ($(WHEELS),)
-	$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-compile --target $(GPU_SITE) $(WHEELS)/*.whl
-endif
-	$(GPU_PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-compile --target $(GPU_SITE) .
-	cd $(GPU_SITE) && PYTHONUNBUFFERED=1 PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m benchmarks.gpu $(ARGS)
+	GPU_PYTHON="$(GPU_PYTHON)" GPU_SITE="$(GPU_SITE)" WHEELS="$(WHEELS)" sh benchmarks/bench_gpu.sh $(ARGS)
 
 # The wheels the GPU machine lacks, for Python 3.12 on manylinux x86_64, into wheelhouse/ (needs network).
 # Its image already has torch, triton, transformers, huggingface-hub, safetensors, regex, numpy,

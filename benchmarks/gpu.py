@@ -21,9 +21,13 @@ are skipped and reported as skipped.
    Attend-and-Excite, in this process.
 5. energy: NVML energy per image of the same three.
 6. sdxl_step: the SDXL UNet at 1024px (in an SD1.x pipeline, as `python -m benchmarks --arch sdxl`).
-7. sd15_compile: the guided step with compile=True (inductor compiles are slow when cold: last but one).
-8. cuda_graphs: the plain step replayed as a CUDA graph, and an attempt at capturing the guided step
-   (last: a failed capture can leave the CUDA context unusable for what follows).
+7. cuda_graphs: the plain step's UNet forward replayed as a CUDA graph, and an attempt at capturing
+   the guided step (reported as captured or not, with the reason).
+8. sd15_compile: the guided step with compile=True, split and batched (last: inductor compiles of
+   the UNet are slow when cold, and what does not fit in the budget is skipped).
+
+`--quick` leaves out 4, 5, 6 and 8. Exit status: 1 if a kernel disagrees with the reference, 2 if
+a phase failed otherwise, 0 else (skipped phases are reported, not failures).
 """
 
 import os
@@ -156,7 +160,7 @@ class Bench:
             if self.row_errors:
                 phase["status"], phase["note"] = "failed", "; ".join(self.row_errors)[:2000]
         except OutOfBudget as stop:
-            phase["status"], phase["note"] = "partial", str(stop)
+            phase["status"], phase["note"] = "partial", "; ".join([str(stop)] + self.row_errors)[:2000]
         except KernelMismatch as mismatch:
             phase["status"], phase["note"] = "mismatch", str(mismatch)
             log(f"FAIL {name}: {mismatch}")
@@ -220,7 +224,8 @@ class Bench:
 
     def exit_status(self):
         statuses = [p["status"] for p in self.report["phases"].values()]
-        if "mismatch" in statuses:
+        checked = self.report["phases"].get("kernels_correctness", {}).get("records", [])
+        if "mismatch" in statuses or any(not r["ok"] for r in checked):  # also when cut short
             return 1
         return 2 if "failed" in statuses else 0
 
@@ -290,10 +295,10 @@ def kernel_us(fn, cuda):
     return (time.perf_counter() - start) * 1e6
 
 
-def interleaved_medians(fns, repeats, device, per=1):
+def interleaved_medians(fns, repeats, device, per=1, warmup=True):
     """{name: median seconds / per} of each function, calls interleaved so that all see one
     machine state; one warm-up call each first."""
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
@@ -303,16 +308,18 @@ def interleaved_medians(fns, repeats, device, per=1):
 
 
 def peak_bytes(fn, device):
-    """Peak memory while `fn` runs: CUDA max_memory_allocated, or the process's peak RSS on the CPU."""
+    """(peak, resident before) memory around `fn`: CUDA max_memory_allocated and memory_allocated,
+    or the process's peak RSS and RSS on the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    measure.reset_peak_rss()
+        return torch.cuda.max_memory_allocated(), before
+    before = measure.reset_peak_rss()
     fn()
-    return measure.peak_rss_bytes()
+    return measure.peak_rss_bytes(), before
 
 
 def rel_error(out, ref):
@@ -332,7 +339,9 @@ def poison_allocator(device):
     """Fill the caching allocator's free memory with NaN, so that any output element a kernel fails
     to write reads as NaN rather than as a plausible stale value."""
     if torch.device(device).type == "cuda":
-        garbage = torch.full((64 * MIB // 4,), float("nan"), device=device)
+        # Both pools: blocks up to 1 MiB come from 2 MiB segments of their own, larger ones from big segments.
+        garbage = [torch.full((MIB // 4 - 1024,), float("nan"), device=device) for _ in range(32)]
+        garbage.append(torch.full((64 * MIB // 4,), float("nan"), device=device))
         del garbage
 
 
@@ -518,26 +527,28 @@ def step_rows(bench, records, key, rows):
     cfg = bench.config
     pipe = sd_pipeline(bench, key)
     plain = plain_runner(pipe, cfg.steps)
-    plain_peak = peak_bytes(lambda: plain.unguided(1), cfg.device)
     for mode, edit in rows:
         bench.tick(10.0)
         with bench.row(f"{key} {mode} {edit}"):
-            step_row(bench, records, key, pipe, plain, plain_peak, mode, edit)
+            step_row(bench, records, key, pipe, plain, mode, edit)
 
 
-def step_row(bench, records, key, pipe, plain, plain_peak, mode, edit):
+def step_row(bench, records, key, pipe, plain, mode, edit):
     cfg, n = bench.config, bench.config.step_call
     run = sgfast_runner(bench, pipe, mode, edit, key)
     times = interleaved_medians(
         {"plain": lambda: plain.unguided(n), "guided": lambda: run.guided(n)}, cfg.repeats, cfg.device, per=n
     )
-    guided_peak = peak_bytes(lambda: run.guided(1), cfg.device)
+    plain_peak, plain_resident = peak_bytes(lambda: plain.unguided(1), cfg.device)
+    guided_peak, guided_resident = peak_bytes(lambda: run.guided(1), cfg.device)
     records.append(dict(
         row=run.row.name, mode=mode, edit=edit, model=key if not bench.args.dry_run else "tiny",
         image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor, dtype=str(cfg.dtype).split(".")[-1],
         plain_step_ms=times["plain"] * 1e3, guided_step_ms=times["guided"] * 1e3,
         guided_over_plain=times["guided"] / times["plain"], plain_peak_mib=plain_peak / MIB,
         guided_peak_mib=guided_peak / MIB, peak_ratio=guided_peak / plain_peak,
+        # Above what was allocated before the call (weights and the cached runners): the step's own memory.
+        plain_extra_mib=(plain_peak - plain_resident) / MIB, guided_extra_mib=(guided_peak - guided_resident) / MIB,
     ))
     r = records[-1]
     log(
@@ -562,7 +573,7 @@ def split_vs_batched(bench, records, key="sd15", edit="move"):
     for way, fn in ways.items():
         records.append(dict(
             row=f"guided step, {way}", way=way, mode="fast", edit=edit, step_ms=times[way] * 1e3,
-            peak_mib=peak_bytes(fn, cfg.device) / MIB, over_split=times[way] / times["split"], **agreement,
+            peak_mib=peak_bytes(fn, cfg.device)[0] / MIB, over_split=times[way] / times["split"], **agreement,
         ))
         log(f"  guided step {way}: {times[way] * 1e3:.1f} ms, peak {records[-1]['peak_mib']:.0f} MiB")
     faster = min(times, key=times.get)
@@ -598,16 +609,21 @@ def image_runners(bench):
 
 def phase_sd15_image(bench, records):
     cfg = bench.config
-    runners = image_runners(bench)
-    fns = {name: (lambda run=run: run.image(cfg.steps)) for name, run in runners.items()}
+    fns = {}
+    for name, run in image_runners(bench).items():
+        bench.tick(10.0)
+        with bench.row(name):  # the warm-up image: a runner that fails is reported and left out
+            run.image(cfg.steps)
+            fns[name] = lambda run=run: run.image(cfg.steps)
     bench.tick(20.0)
-    times = interleaved_medians(fns, cfg.image_repeats, cfg.device)
+    times = interleaved_medians(fns, cfg.image_repeats, cfg.device, warmup=False)
+    plain = times.get("diffusers plain")
     for name, seconds in times.items():
         records.append(dict(
-            row=name, steps=cfg.steps, image_s=seconds, over_plain=seconds / times["diffusers plain"],
+            row=name, steps=cfg.steps, image_s=seconds, over_plain=seconds / plain if plain else None,
             images_per_s=1.0 / seconds,
         ))
-        log(f"  {name}: {seconds:.2f} s per {cfg.steps}-step image ({records[-1]['over_plain']:.2f}x plain)")
+        log(f"  {name}: {seconds:.2f} s per {cfg.steps}-step image ({records[-1]['over_plain'] or 0:.2f}x plain)")
 
 
 def phase_energy(bench, records):
@@ -690,13 +706,32 @@ def capture_graph(fn, warmup=3):
     return graph, out
 
 
+def graph_row(bench, records, name, fn):
+    """`fn` eager against its CUDA-graph replay; a capture that fails is recorded as not capturable
+    (with the reason), a finding rather than a failure."""
+    cfg = bench.config
+    eager_s = interleaved_medians({"eager": fn}, cfg.repeats, cfg.device)["eager"]
+    record = dict(row=name, eager_ms=eager_s * 1e3, graph_ms=None, captured=False, note="")
+    if torch.device(cfg.device).type != "cuda":
+        record["note"] = "no CUDA: ran eagerly only"
+    else:
+        try:
+            graph, _ = capture_graph(fn)
+            replay = interleaved_medians({"graph": graph.replay}, cfg.repeats, cfg.device)["graph"]
+            record.update(captured=True, graph_ms=replay * 1e3)
+        except Exception as error:  # noqa: BLE001
+            record["note"] = f"not capturable: {type(error).__name__}: {error}"[:500]
+    records.append(record)
+    graph = f"{record['graph_ms']:.1f} ms" if record["captured"] else record["note"]
+    log(f"  {name}: eager {record['eager_ms']:.1f} ms, CUDA graph {graph}")
+
+
 def phase_cuda_graphs(bench, records):
-    """The plain CFG step's UNet forward replayed as a CUDA graph against eager; then an attempt at
-    capturing the guided split step, reported as captured or not (with the reason) rather than failed."""
+    """The plain CFG step's UNet forward as a CUDA graph, then the guided split step (today's sampler
+    step, fast mode): each eager against its replay, or why it could not be captured."""
     from benchmarks.guided_steps import GuidedStep, split_step
 
     cfg = bench.config
-    cuda = torch.device(cfg.device).type == "cuda"
     pipe = sd_pipeline(bench)
     run = sgfast_runner(bench, pipe, "fast", "move")
     step = GuidedStep(run.sg, PROMPT, run.edits(), run.reference, cfg.steps)
@@ -706,28 +741,10 @@ def phase_cuda_graphs(bench, records):
         with torch.no_grad():
             return pipe.unet(latents, step.timestep, encoder_hidden_states=step.embeds, return_dict=False)[0]
 
-    eager_s = interleaved_medians({"eager": plain_forward}, cfg.repeats, cfg.device)["eager"]
-    record = dict(row="plain CFG UNet forward", eager_ms=eager_s * 1e3, graph_ms=None, captured=False, note="")
-    if cuda:
-        graph, _ = capture_graph(plain_forward)
-        record.update(captured=True, graph_ms=interleaved_medians({"g": graph.replay}, cfg.repeats, cfg.device)["g"] * 1e3)
-    else:
-        record["note"] = "no CUDA: ran eagerly only"
-    records.append(record)
-    log(f"  plain forward: eager {record['eager_ms']:.1f} ms, graph {record['graph_ms']}")
-
-    eager_s = interleaved_medians({"eager": lambda: split_step(step)}, cfg.repeats, cfg.device)["eager"]
-    record = dict(row="guided split step (fast)", eager_ms=eager_s * 1e3, graph_ms=None, captured=False, note="")
-    if cuda:
-        try:
-            graph, _ = capture_graph(lambda: split_step(step))
-            record.update(captured=True, graph_ms=interleaved_medians({"g": graph.replay}, cfg.repeats, cfg.device)["g"] * 1e3)
-        except Exception as error:  # noqa: BLE001 - not capturable is a finding, not a failure
-            record["note"] = f"not capturable: {type(error).__name__}: {error}"[:500]
-    else:
-        record["note"] = "no CUDA: ran eagerly only"
-    records.append(record)
-    log(f"  guided split step: eager {record['eager_ms']:.1f} ms, graph {record['graph_ms']} {record['note']}")
+    with bench.row("plain CFG UNet forward"):
+        graph_row(bench, records, "plain CFG UNet forward", plain_forward)
+    with bench.row("guided split step (fast)"):
+        graph_row(bench, records, "guided split step (fast)", lambda: split_step(step))
 
 
 PHASES = [
@@ -739,7 +756,7 @@ PHASES = [
     ("energy", phase_energy, True, 20),  # 50-step images again: slow too
     ("sdxl_step", phase_sdxl_step, True, 45),
     ("cuda_graphs", phase_cuda_graphs, False, 15),
-    ("sd15_compile", phase_sd15_compile, True, 150),
+    ("sd15_compile", phase_sd15_compile, True, 100),
 ]
 
 
@@ -765,7 +782,8 @@ TABLES = {
         ("row", "row", "{}"), ("model", "model", "{}"), ("px", "image_size", "{}"), ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
         ("guided/plain", "guided_over_plain", "{:.2f}"), ("way", "way", "{}"), ("step ms", "step_ms", "{:.1f}"),
         ("plain peak MiB", "plain_peak_mib", "{:.0f}"), ("guided peak MiB", "guided_peak_mib", "{:.0f}"),
-        ("peak ratio", "peak_ratio", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
+        ("peak ratio", "peak_ratio", "{:.2f}"), ("plain extra MiB", "plain_extra_mib", "{:.0f}"),
+        ("guided extra MiB", "guided_extra_mib", "{:.0f}"), ("peak MiB", "peak_mib", "{:.0f}"),
     ],
     "sd15_image": [
         ("row", "row", "{}"), ("steps", "steps", "{}"), ("s/image", "image_s", "{:.2f}"), ("x plain", "over_plain", "{:.2f}"),
@@ -778,6 +796,7 @@ TABLES = {
         ("row", "row", "{}"), ("model", "model", "{}"), ("px", "image_size", "{}"), ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
         ("guided/plain", "guided_over_plain", "{:.2f}"), ("plain peak MiB", "plain_peak_mib", "{:.0f}"),
         ("guided peak MiB", "guided_peak_mib", "{:.0f}"), ("peak ratio", "peak_ratio", "{:.2f}"),
+        ("plain extra MiB", "plain_extra_mib", "{:.0f}"), ("guided extra MiB", "guided_extra_mib", "{:.0f}"),
     ],
     "sd15_compile": [
         ("row", "row", "{}"), ("first call s", "first_call_s", "{:.1f}"), ("step ms", "step_ms", "{:.1f}"),

@@ -16,17 +16,20 @@ from benchmarks import gpu
 REPO = Path(__file__).resolve().parents[1]
 PHASES = [name for name, *_ in gpu.PHASES]
 
+STEP_ROW = [
+    "plain_step_ms", "guided_step_ms", "guided_over_plain", "plain_peak_mib", "guided_peak_mib", "peak_ratio",
+    "plain_extra_mib", "guided_extra_mib",
+]
 # Fields each phase's records must carry, as finite numbers (or booleans / strings where named).
 NUMBERS = {
     "kernels_correctness": ["err_sums", "err_maps", "err_dq", "tol", "tol_dq", "head_dim"],
     "kernel_timing": ["triton_us", "torch_us", "speedup", "bytes_moved", "floor_us", "pct_roofline"],
     "sd15_image": ["image_s", "over_plain", "images_per_s"],
     "energy": ["image_s"],
-    "sdxl_step": ["plain_step_ms", "guided_step_ms", "guided_over_plain", "plain_peak_mib", "guided_peak_mib", "peak_ratio"],
+    "sdxl_step": STEP_ROW,
     "cuda_graphs": ["eager_ms"],
     "sd15_compile": ["first_call_s", "step_ms", "plain_eager_step_ms", "guided_over_plain"],
 }
-STEP_ROW = ["plain_step_ms", "guided_step_ms", "guided_over_plain", "plain_peak_mib", "guided_peak_mib", "peak_ratio"]
 WAY_ROW = ["step_ms", "peak_mib", "over_split", "noise_rel_diff", "grad_rel_diff"]
 
 
