@@ -395,6 +395,18 @@ def correctness_case(op, reference, device, dtype, head_dim, layout, cfg, seed):
     return record
 
 
+def log_case(record):
+    case = f"{record['dtype']} d={record['head_dim']} {record['layout']}"
+    if "error" in record:
+        log(f"  FAIL {case}: {record['error']}")
+        return
+    log(
+        f"  {'ok' if record['ok'] else 'FAIL'} {case}: sums {record['err_sums']:.1e} maps {record['err_maps']:.1e} "
+        f"dq {record['err_dq']:.1e} (tol {record['tol']:.0e}/{record['tol_dq']:.0e})"
+        + ("" if record["deterministic"] else " NOT DETERMINISTIC")
+    )
+
+
 def phase_kernels_correctness(bench, records):
     # The module itself (its debug flag): `sgfast.kernels.attention_stats` as an attribute is the function.
     stats = importlib.import_module("sgfast.kernels.attention_stats")
@@ -409,16 +421,19 @@ def phase_kernels_correctness(bench, records):
                 for layout in LAYOUTS:
                     bench.tick()
                     seed += 1
-                    record = correctness_case(
-                        stats.attention_stats, stats.attention_stats_reference, device, dtype, head_dim, layout, cfg, seed
-                    )
+                    try:
+                        record = correctness_case(
+                            stats.attention_stats, stats.attention_stats_reference, device, dtype, head_dim, layout,
+                            cfg, seed,
+                        )
+                    except Exception as error:  # noqa: BLE001 - a crash is a failed case, not the end of the phase
+                        traceback.print_exc()
+                        record = dict(
+                            dtype=DTYPE_NAMES[dtype], head_dim=head_dim, layout=layout, ok=False,
+                            error=f"{type(error).__name__}: {error}"[:500],
+                        )
                     records.append(record)
-                    verdict = "ok" if record["ok"] else "FAIL"
-                    log(
-                        f"  {verdict} {record['dtype']} d={head_dim} {layout}: sums {record['err_sums']:.1e} "
-                        f"maps {record['err_maps']:.1e} dq {record['err_dq']:.1e} (tol {record['tol']:.0e}/"
-                        f"{record['tol_dq']:.0e}){'' if record['deterministic'] else ' NOT DETERMINISTIC'}"
-                    )
+                    log_case(record)
     finally:
         if hasattr(stats, "DEBUG_POISON_OUTPUTS"):
             stats.DEBUG_POISON_OUTPUTS = False
@@ -472,22 +487,27 @@ def phase_kernel_timing(bench, records):
     for case in cfg.timing_cases:
         for dtype in (torch.float16, torch.bfloat16):
             bench.tick(5.0)
-            times = time_case(attention_stats, case, dtype, device, cuda)
-            for kernel in ("forward", "backward"):
-                nbytes = kernel_cases.bytes_moved(case, torch.finfo(dtype).bits // 8, kernel)
-                floor = kernel_cases.floor_us(nbytes, bandwidth)
-                triton_us, torch_us = times[(kernel, "triton")], times[(kernel, "torch")]
-                records.append(dict(
-                    case=case.name, arch=case.arch, layer=case.layer, batch=case.batch, heads=case.heads,
-                    height=case.height, width=case.width, head_dim=case.head_dim, selected=case.selected,
-                    dtype=DTYPE_NAMES[dtype], kernel=kernel, triton_us=triton_us, torch_us=torch_us,
-                    speedup=torch_us / triton_us, bytes_moved=nbytes, floor_us=floor,
-                    pct_roofline=100.0 * floor / triton_us,
-                ))
-                log(
-                    f"  {case.name} b{case.batch} {DTYPE_NAMES[dtype]} {kernel}: triton {triton_us:.1f} us, "
-                    f"torch {torch_us:.1f} us, floor {floor:.2f} us ({100 * floor / triton_us:.0f}% of roofline)"
-                )
+            with bench.row(f"{case.name} b{case.batch} {DTYPE_NAMES[dtype]}"):
+                timing_row(records, attention_stats, case, dtype, device, cuda, bandwidth)
+
+
+def timing_row(records, op, case, dtype, device, cuda, bandwidth):
+    times = time_case(op, case, dtype, device, cuda)
+    for kernel in ("forward", "backward"):
+        nbytes = kernel_cases.bytes_moved(case, torch.finfo(dtype).bits // 8, kernel)
+        floor = kernel_cases.floor_us(nbytes, bandwidth)
+        triton_us, torch_us = times[(kernel, "triton")], times[(kernel, "torch")]
+        records.append(dict(
+            case=case.name, arch=case.arch, layer=case.layer, batch=case.batch, heads=case.heads,
+            height=case.height, width=case.width, head_dim=case.head_dim, selected=case.selected,
+            dtype=DTYPE_NAMES[dtype], kernel=kernel, triton_us=triton_us, torch_us=torch_us,
+            speedup=torch_us / triton_us, bytes_moved=nbytes, floor_us=floor,
+            pct_roofline=100.0 * floor / triton_us,
+        ))
+        log(
+            f"  {case.name} b{case.batch} {DTYPE_NAMES[dtype]} {kernel}: triton {triton_us:.1f} us, "
+            f"torch {torch_us:.1f} us, floor {floor:.2f} us ({100 * floor / triton_us:.0f}% of roofline)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -772,6 +792,7 @@ TABLES = {
         ("dtype", "dtype", "{}"), ("head dim", "head_dim", "{}"), ("Q/K layout", "layout", "{}"),
         ("sums err", "err_sums", "{:.1e}"), ("maps err", "err_maps", "{:.1e}"), ("dq err", "err_dq", "{:.1e}"),
         ("tol (maps/dq)", None, None), ("deterministic", "deterministic", "{}"), ("ok", "ok", "{}"),
+        ("error", "error", "{}"),
     ],
     "kernel_timing": [
         ("layer", "case", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"), ("kernel", "kernel", "{}"),

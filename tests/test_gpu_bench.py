@@ -129,7 +129,7 @@ def test_phases_fail_alone_and_the_budget_stops_a_long_one(tmp_path, monkeypatch
     import time
     from types import SimpleNamespace
 
-    args = SimpleNamespace(budget_s=3.0, quick=False, dry_run=True, argv=[])
+    args = SimpleNamespace(budget_s=600.0, quick=False, dry_run=True, argv=[])
     bench = gpu.Bench(args, SimpleNamespace(device="cpu"), tmp_path / "gpu.json", tmp_path / "RESULTS.md")
 
     def broken(bench, records):
@@ -144,6 +144,7 @@ def test_phases_fail_alone_and_the_budget_stops_a_long_one(tmp_path, monkeypatch
     bench.run("broken", broken)
     bench.run("fine", lambda bench, records: records.append(dict(y=2.0)))
     assert bench.exit_status() == 2
+    bench.args.budget_s = bench.elapsed() + 1.5  # the budget runs out inside the next phase
     bench.run("endless", endless)
     bench.run("after", lambda bench, records: None, need_s=1.0)
     phases = json.loads((tmp_path / "gpu.json").read_text())["phases"]
@@ -156,6 +157,6 @@ def test_phases_fail_alone_and_the_budget_stops_a_long_one(tmp_path, monkeypatch
     def mismatch(bench, records):
         raise gpu.KernelMismatch("1 of 1 cases outside tolerance")
 
-    bench.args.budget_s = 60.0
+    bench.args.budget_s = bench.elapsed() + 600.0
     bench.run("kernels", mismatch)
     assert bench.exit_status() == 1
