@@ -899,7 +899,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="leave out the slow phases (50-step images and their energy, SDXL, compile)")
     parser.add_argument("--dry-run", action="store_true", help="every code path on the CPU with tiny shapes")
     parser.add_argument("--budget-s", type=float, default=420.0, help="time budget; later phases are skipped (default 420)")
-    parser.add_argument("--only", default=None, help="comma-separated phases to run (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated phases to run (default: all): " + ",".join(n for n, *_ in PHASES)
+    )
     parser.add_argument("--out", default=None, help="folder for gpu.json and RESULTS.md (dry run: a temporary folder)")
     args = parser.parse_args(argv)
     args.argv = list(argv)
@@ -934,6 +936,8 @@ def main(argv=None):
     bench = Bench(args, config, out_json, results_md)
     log(f"{bench.report['machine']}; writing {out_json} and the GPU section of {results_md}")
     only = set(args.only.split(",")) if args.only else None
+    if only and only - {name for name, *_ in PHASES}:
+        raise SystemExit(f"--only: unknown phases {sorted(only - {name for name, *_ in PHASES})}")
     for name, fn, slow, need_s in PHASES:
         if only is None or name in only:
             bench.run(name, fn, slow=slow, need_s=need_s)
