@@ -52,3 +52,29 @@ test-serve-slow: $(STAMP)
 .PHONY: bench-kernels
 bench-kernels: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m benchmarks.kernels --json outputs/bench/kernels.json
+
+# Every GPU measurement in one command (python -m benchmarks.gpu): kernels against float64, kernel time
+# against the HBM floor, SD1.5/SDXL steps, 50-step images, energy; writes outputs/bench/gpu.json and the
+# "## GPU" section of benchmarks/RESULTS.md. It runs on the machine's own python3, torch and triton (no
+# virtualenv); benchmarks/bench_gpu.sh installs sgfast (and with WHEELS=dir the wheels `make wheelhouse`
+# collected) into GPU_SITE with no network, and is the same command where make is missing.
+# ARGS passes options through, e.g. ARGS=--quick, ARGS="--budget-s 300", ARGS=--dry-run.
+.PHONY: bench-gpu wheelhouse
+GPU_PYTHON ?= python3
+GPU_SITE ?= outputs/gpu-site
+WHEELS ?=
+ARGS ?=
+bench-gpu:
+	GPU_PYTHON="$(GPU_PYTHON)" GPU_SITE="$(GPU_SITE)" WHEELS="$(WHEELS)" sh benchmarks/bench_gpu.sh $(ARGS)
+
+# The wheels the GPU machine lacks, for Python 3.12 on manylinux x86_64, into wheelhouse/ (needs network).
+# Its image already has torch, triton, transformers, huggingface-hub, safetensors, regex, numpy,
+# pillow, filelock, requests, nvidia-ml-py and the rest of diffusers' needs (importlib_metadata is for
+# Python < 3.8 only): diffusers alone is missing. Pure-python wheels come as py3-none-any.
+WHEELHOUSE_PACKAGES ?= diffusers==0.42.1
+wheelhouse:
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --dest wheelhouse $(WHEELHOUSE_PACKAGES)
+	ls wheelhouse

@@ -25,9 +25,7 @@ VARIANTS = [
     {},
     {"programs_per_sm": 2},
     {"programs_per_sm": 4},
-    {"programs_per_sm": 8},
     {"block_n": 16},
-    {"num_warps": 2},
     {"num_warps": 8},
     {"num_stages": 1},
     {"num_stages": 3},
@@ -71,7 +69,10 @@ def median_us(fn, graph=True):
     import triton.testing
 
     if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+        except Exception as error:  # a launch that cannot be captured: timed eagerly, and said so
+            print(f"  (no CUDA graph: {type(error).__name__}: {str(error)[:120]}; eager timing instead)")
     return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median") * 1e3
 
 
@@ -158,8 +159,9 @@ def layer_cases(quick=False):
 
 
 def variant_cases():
-    """The SD1.5 layers (batch 1 and 8) and SDXL's 32x32 (batch 1)."""
-    return [c for c in default_cases(batches=(1, 8)) if c.arch == "sd15" or (c.layer == "up_blocks.0" and c.batch == 1)]
+    """SD1.5's 32x32 layer at batch 1 and 8 and its 16x16 layer at batch 1: the guided step's."""
+    return [c for c in default_cases(batches=(1, 8))
+            if c.arch == "sd15" and (c.layer == "up_blocks.2" or c.batch == 1)]
 
 
 def dry_run_cases():

@@ -19,14 +19,18 @@ PROMPT = "a red circle and a blue square"
 EDITED_WORD = "circle"
 SEED = 0
 
-# Where the public architectures' configs live: an `architectures` folder beside the checkout,
-# `../shared/architectures` (override with --arch-dir or SGFAST_ARCH_DIR).
+# Where the public architectures' configs live: benchmarks/architectures (a copy inside the repo, so
+# that a checkout carried alone to a GPU machine has them), else an `architectures` folder beside the
+# checkout, `../shared/architectures` (override with --arch-dir or SGFAST_ARCH_DIR).
 REPO = Path(__file__).resolve().parents[1]
+ARCH_DIRS = (REPO / "benchmarks" / "architectures", REPO.parent / "shared" / "architectures")
 
 
 def default_arch_dir():
     env = os.environ.get("SGFAST_ARCH_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "architectures"
+    if env:
+        return Path(env)
+    return next((path for path in ARCH_DIRS if (path / "sd15_unet.json").exists()), ARCH_DIRS[-1])
 
 
 def load_config(arch_dir, name):
