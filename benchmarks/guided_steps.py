@@ -24,6 +24,7 @@ class GuidedStep:
 
     def __init__(self, sg, prompt, edits, reference, steps, step=1, guidance_scale=7.5):
         pipe = sg.pipe
+        pipe.unet.requires_grad_(False)  # as fast mode: gradients to the latents only
         device = pipe._execution_device
         self.sg, self.edits, self.reference, self.step = sg, list(edits), reference, step
         self.guidance_scale = guidance_scale

@@ -30,8 +30,9 @@ Backward (per head h, position p; g the upstream gradient of the maps, the sums'
     dlogit        = P * (dP - sum_t P * dP)
     dq            = scale * dlogit @ k
 
-Gradients flow to `q` only: `k` comes from the text encoder and carries no gradient to the
-latents. Asking the fused path for a gradient of `k` is an error (use `impl="torch"`).
+The guided step needs gradients for `q` only (`k` comes from the text and the UNet's weights are
+frozen); where `k` requires a gradient too, the same backward also writes per-block shares of
+dk = scale * dlogit^T @ q, summed afterwards in a fixed order.
 
 Public entry: `attention_stats(...)`. `launch_config(...)` is the launch plan (grid, block sizes,
 warps, dot precisions) the op uses; `benchmarks.kernels` compiles exactly that offline.
@@ -219,19 +220,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _maps_bwd_kernel(
-        q_ptr, k_ptr, tok_ptr, g_ptr, dq_ptr,
+        q_ptr, k_ptr, tok_ptr, g_ptr, dq_ptr, dk_ptr,
         N, T, D, S, qk_scale, dq_scale,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_tb, stride_ts,
         stride_db, stride_dh, stride_dn, stride_dd,
         UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, SEL_PRECISION: tl.constexpr,
-        DQ_PRECISION: tl.constexpr,
+        DQ_PRECISION: tl.constexpr, WRITE_DK: tl.constexpr,
         HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_T2: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         """One program per (block of positions, head, batch item): recompute the softmax rows, dP by
-        one one-hot matmul per BLOCK_S tokens from g [B, S, N], then dq = dq_scale * dlogit @ K."""
+        one one-hot matmul per BLOCK_S tokens from g [B, S, N], then dq = dq_scale * dlogit @ K and,
+        if WRITE_DK, this block's share of dk, dq_scale * dlogit^T @ Q, to
+        dk_ptr [B, heads, blocks, BLOCK_T + BLOCK_T2, D] (fp32; summed over blocks afterwards)."""
         ACC: tl.constexpr = g_ptr.dtype.element_ty  # the maps' gradient comes in the accumulation dtype
         pid_n = tl.program_id(0)
         h = tl.program_id(1)
@@ -287,6 +290,18 @@ if HAS_TRITON:
                 mask = mask & (cols < D)[None, :]
             tl.store(dq_base + offs_n[:, None] * stride_dn + cols[None, :] * stride_dd,
                      (dq * dq_scale).to(dq_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DK:
+                # Q in fp16/bf16 is exact in tf32, as K is for dq.
+                q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_n, n_mask, stride_qn, d0, offs_d, D,
+                               stride_qd, EVEN_D).to(ACC)
+                rows = BLOCK_T + BLOCK_T2
+                dk_base = dk_ptr + ((b * tl.num_programs(1) + h) * tl.num_programs(0) + pid_n) * rows * D
+                d_mask = cols < D
+                dk = tl.dot(tl.trans(dlogits), q, input_precision=DQ_PRECISION, out_dtype=ACC)
+                tl.store(dk_base + offs_t[:, None] * D + cols[None, :], dk * dq_scale, mask=d_mask[None, :])
+                if HAS_TAIL:
+                    dk2 = tl.dot(tl.trans(dlogits2), q, input_precision=DQ_PRECISION, out_dtype=ACC)
+                    tl.store(dk_base + offs_t2[:, None] * D + cols[None, :], dk2 * dq_scale, mask=d_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,6 +369,15 @@ def _cuda_sm_count(index):
 PROGRAMS_PER_SM = 0.9
 
 
+def _stages(kernel, block_d):
+    """Software-pipelining depth of the d-loop: 3 was the fastest on an H200 (benchmarks/RESULTS.md,
+    kernel_variants), taken wherever it compiles without spills for sm_90 (benchmarks.kernels): the
+    forward with d-chunks under 64, the backward with 64 (elsewhere its extra tiles spill)."""
+    if kernel == "forward":
+        return 3 if block_d < 64 else 2
+    return 3 if block_d == 64 else 1
+
+
 def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret=INTERPRET,
                   programs_per_sm=None, block_n=None, num_warps=None, num_stages=None):
     """The launch of `kernel` ("forward" or "backward") for these shapes: `grid`, `groups` (forward:
@@ -377,9 +401,7 @@ def launch_config(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms,
         QK_PRECISION=qk, SEL_PRECISION=sel,
         HAS_TAIL=block_t2 > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16),
         BLOCK_D=block_d, BLOCK_S=min(64, max(16, _next_power_of_2(selected))), EVEN_D=even_d,
-        # The backward holds three more [BLOCK_N, 80] fp32 tiles than the forward: pipelining its
-        # d-loop (2 stages) spills at head dim 160 on sm_90.
-        num_warps=num_warps or 4, num_stages=num_stages or (2 if kernel == "forward" else 1),
+        num_warps=num_warps or 4, num_stages=num_stages or _stages(kernel, block_d),
     )
     if kernel == "backward":
         meta["DQ_PRECISION"] = dq
@@ -413,19 +435,26 @@ def launch_forward(q, k, token_index, scale, cfg):
     return out if groups == 1 else out.sum(dim=1)
 
 
-def launch_backward(q, k, token_index, grad_maps, scale, cfg):
-    """The backward kernel with launch `cfg`: dq, contiguous, in q's dtype (inputs unchecked)."""
-    _, heads, n, d = q.shape
+def launch_backward(q, k, token_index, grad_maps, scale, cfg, with_dk=False):
+    """The backward kernel with launch `cfg`: (dq, contiguous, in q's dtype; dk in k's dtype if
+    `with_dk`, else an empty tensor). Inputs unchecked."""
+    batch, heads, n, d = q.shape
     t, s = k.shape[2], token_index.shape[1]
-    grad_maps = grad_maps.to(_acc_dtype(q.dtype)).contiguous()
+    acc = _acc_dtype(q.dtype)
+    grad_maps = grad_maps.to(acc).contiguous()
     dq = _new_output(q.shape, q.dtype, q.device)
+    blocks, meta = cfg["grid"][0], cfg["meta"]
+    rows = meta["BLOCK_T"] + meta["BLOCK_T2"]
+    # dk is a sum over positions: per-block shares, summed here in a fixed order (no atomics).
+    dk_blocks = _new_output((batch, heads, blocks, rows, d) if with_dk else (1,), acc, q.device)  # (1,): unused
     _launcher(_maps_bwd_kernel)[cfg["grid"]](
-        q, k, token_index, grad_maps, dq,
+        q, k, token_index, grad_maps, dq, dk_blocks,
         n, t, d, s, float(scale) * math.log2(math.e), float(scale) / heads,
         *q.stride(), *k.stride(), *token_index.stride(), *dq.stride(),
-        **cfg["meta"],
+        WRITE_DK=with_dk, **meta,
     )
-    return dq
+    dk = dk_blocks.sum(dim=2)[:, :, :t].to(k.dtype).contiguous() if with_dk else k.new_empty((0,))
+    return dq, dk
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -467,10 +496,12 @@ if HAS_TRITON:
 
     @_define_op("sgfast::attention_maps_backward", mutates_args=())
     def _attention_maps_backward(
-        q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, grad_maps: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """dq of `sgfast::attention_maps` (first-order only)."""
-        return launch_backward(q, k, token_index, grad_maps, scale, _config_for("backward", q, k, token_index))
+        q: torch.Tensor, k: torch.Tensor, token_index: torch.Tensor, grad_maps: torch.Tensor, scale: float,
+        with_dk: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dq, dk) of `sgfast::attention_maps` (first-order only); dk empty unless `with_dk`."""
+        cfg = _config_for("backward", q, k, token_index)
+        return launch_backward(q, k, token_index, grad_maps, scale, cfg, with_dk)
 
     def _setup_context(ctx, inputs, output):
         q, k, token_index, scale = inputs
@@ -479,15 +510,13 @@ if HAS_TRITON:
 
     def _backward(ctx, grad_maps):
         q, k, token_index = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError(
-                "attention_stats: the fused Triton path computes no gradient for k (text keys carry none "
-                "to the latents); detach k, or use impl='torch' for a gradient of k"
-            )
-        dq = None
-        if ctx.needs_input_grad[0]:
-            dq = _attention_maps_backward(q, k, token_index, grad_maps, ctx.scale)
-        return dq, None, None, None
+        need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dq or need_dk):
+            return None, None, None, None
+        # dk costs a [B, heads, blocks, T, d] buffer: only when k requires a gradient (the guided
+        # step freezes the UNet, so its keys never do).
+        dq, dk = _attention_maps_backward(q, k, token_index, grad_maps, ctx.scale, need_dk)
+        return (dq if need_dq else None), (dk if need_dk else None), None, None
 
     _attention_maps.register_autograd(_backward, setup_context=_setup_context)
 
@@ -497,8 +526,8 @@ if HAS_TRITON:
             return q.new_empty((q.shape[0], token_index.shape[1], q.shape[2]), dtype=_acc_dtype(q.dtype))
 
         @_attention_maps_backward.register_fake
-        def _(q, k, token_index, grad_maps, scale):
-            return q.new_empty(q.shape)
+        def _(q, k, token_index, grad_maps, scale, with_dk):
+            return q.new_empty(q.shape), k.new_empty(k.shape if with_dk else (0,))
 
 
 def fused_attention_stats(q, k, token_index, height, width, scale, return_maps=True):
@@ -568,8 +597,7 @@ def attention_stats(q, k, token_index, height, width, scale=None, return_maps=Tr
     impl: "torch" (reference), "triton" (fused kernels: CUDA, or CPU with TRITON_INTERPRET=1), or
     "auto" (Triton on CUDA, the reference elsewhere).
     Returns `(sums [B, S, 3], maps [B, S, N] or None)`, float32 (float64 for float64 inputs).
-    Differentiable in q; in k on the reference path only (the fused path refuses a k that
-    requires a gradient).
+    Differentiable in q and k.
     """
     _check_inputs(q, k, token_index, height, width, impl)
     if scale is None:
@@ -578,9 +606,4 @@ def attention_stats(q, k, token_index, height, width, scale=None, return_maps=Tr
         impl = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
     if impl == "torch":
         return attention_stats_reference(q, k, token_index, height, width, scale, return_maps)
-    if k.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "attention_stats: the fused Triton path computes no gradient for k, and k requires one; "
-            "detach k (text keys carry no gradient to the latents) or use impl='torch'"
-        )
     return fused_attention_stats(q, k, token_index, height, width, scale, return_maps)

@@ -258,18 +258,37 @@ def test_triton_gradcheck_float64():
 
 
 @needs_triton
-def test_triton_refuses_gradient_for_k():
-    q, k, token_index = on_device(*make_inputs(27, 1, 2, 2, 3, 13, 2, 8, torch.float32))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gradient_for_k(dtype):
+    # k requiring a gradient (a UNet whose weights are not frozen): the fused backward gives it,
+    # summed over position blocks, equal to the float64 reference's.
+    q, k, token_index = make_inputs(27, 2, 3, 5, 7, 77, 3, 40, dtype, strided=True, spread=2.0)
+    qd, kd, td = on_device(q, k, token_index)
+    qd.requires_grad_(True)
+    kd.requires_grad_(True)
+    sums, maps = attention_stats(qd, kd, td, 5, 7, impl="triton")
+    g = torch.Generator().manual_seed(28)
+    grad_sums, grad_maps = torch.randn(sums.shape, generator=g), torch.randn(maps.shape, generator=g)
+    dq, dk = torch.autograd.grad((sums * grad_sums.to(DEVICE)).sum() + (maps * grad_maps.to(DEVICE)).sum(), (qd, kd))
+    q64, k64 = q.double().requires_grad_(True), k.double().requires_grad_(True)
+    want_sums, want_maps = attention_stats_reference(q64, k64, token_index, 5, 7, 40**-0.5)
+    want_dq, want_dk = torch.autograd.grad(
+        (want_sums * grad_sums.double()).sum() + (want_maps * grad_maps.double()).sum(), (q64, k64)
+    )
+    assert dk.dtype == dtype and dk.shape == k.shape
+    tol = DQ_TOLERANCE[dtype]
+    torch.testing.assert_close(dk.double().cpu(), want_dk, rtol=tol, atol=tol * want_dk.abs().max().item())
+    torch.testing.assert_close(dq.double().cpu(), want_dq, rtol=tol, atol=tol * want_dq.abs().max().item())
+
+
+@needs_triton
+def test_triton_gradcheck_k_float64():
+    q, k, token_index = on_device(*make_inputs(29, 1, 2, 4, 5, 13, 3, 8, torch.float64))
+    q.requires_grad_(True)
     k.requires_grad_(True)
-    with pytest.raises(ValueError, match="no gradient for k"):
-        attention_stats(q, k, token_index, 2, 3, impl="triton")
-    # Without grad mode nothing is asked: the op runs.
-    with torch.no_grad():
-        attention_stats(q, k, token_index, 2, 3, impl="triton")
-    # The op itself, called directly, fails at the backward rather than returning None for k.
-    maps = torch.ops.sgfast.attention_maps(q.requires_grad_(True), k, token_index, 0.3)
-    with pytest.raises(RuntimeError, match="no gradient for k"):
-        maps.sum().backward()
+    assert torch.autograd.gradcheck(
+        lambda q, k: attention_stats(q, k, token_index, 4, 5, impl="triton"), (q, k), fast_mode=True
+    )
 
 
 @needs_triton
@@ -283,7 +302,9 @@ def test_opcheck():
 def test_opcheck_backward():
     q, k, token_index = on_device(*make_inputs(25, 1, 2, 2, 3, 13, 2, 8, torch.float32))
     grad_maps = torch.randn(1, 2, 6, device=DEVICE)
-    torch.library.opcheck(torch.ops.sgfast.attention_maps_backward.default, (q, k, token_index, grad_maps, 0.3))
+    for with_dk in (False, True):
+        torch.library.opcheck(torch.ops.sgfast.attention_maps_backward.default,
+                              (q, k, token_index, grad_maps, 0.3, with_dk))
 
 
 @needs_triton
