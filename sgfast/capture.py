@@ -176,7 +176,7 @@ class Capture:
         return {
             name: type(module.processor).__name__
             for name, module in self.modules.items()
-            if not isinstance(module.processor, PLAIN_PROCESSORS + (CaptureAttnProcessor,))
+            if type(module.processor) not in PLAIN_PROCESSORS + (CaptureAttnProcessor,)
         }
 
     def check_processors(self):

@@ -59,15 +59,21 @@ def call_steps(num_calls, num_inference_steps=None, order=1):
 
 def applied_sigma(scheduler, timestep):
     """The sigma (z = x0 + sigma eps) the scheduler applies at this call, or None for schedulers that
-    keep no sigma table (DDIM, DDPM, PNDM, LCM: they index alphas_cumprod by the timestep)."""
+    keep no sigma table (DDIM, DDPM, PNDM, LCM: they index alphas_cumprod by the timestep).
+
+    Sigma-space schedulers scale the UNet's input by 1 / sqrt(sigma^2 + 1): that scale is read off
+    their own scale_model_input, which knows which table and index apply (KDPM2's interpolated
+    sigmas on its second evaluation, at an index that differs between its two variants). VP solvers
+    with a sigma table (DPM-Solver++, UniPC, DEIS; Karras sigmas) hold the latents at sigmas[step_index].
+    """
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is None or not hasattr(scheduler, "step_index"):
         return None
+    if float(scheduler.init_noise_sigma) != 1.0:
+        scale = float(scheduler.scale_model_input(torch.ones((), dtype=torch.float64, device=sigmas.device), timestep))
+        return math.sqrt(max(1.0 / (scale * scale) - 1.0, 0.0))
     if scheduler.step_index is None:
         scheduler._init_step_index(timestep)  # what the scheduler's own step would do first
-    interpolated = getattr(scheduler, "sigmas_interpol", None)
-    if interpolated is not None and not scheduler.state_in_first_order:
-        sigmas = interpolated  # KDPM2's second evaluation is at the interpolated sigma
     return float(sigmas[scheduler.step_index])
 
 
@@ -213,19 +219,17 @@ def guided_energy(pipe, capture, latents, timestep, cond_embeds, edits, prompt_w
 
 def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits, prompt_words, words, tokens, *,
                 unet_kwargs, guidance_rescale, self_guidance_scale, normalize_gradient, call):
-    """CFG with the conditional pass differentiated: (noise with the guidance term, energy)."""
-    scheduler = pipe.scheduler
-    batch = latents.shape[0]
-    uncond_embeds, cond_embeds = embeds.chunk(2) if do_cfg else (None, embeds)
-    cond_rows = slice(batch, 2 * batch) if do_cfg else None
+    """diffusers' CFG step plus the guidance term: (noise, energy). The CFG noise comes from the same
+    batched pass as an unguided step, so that with v = 0 the step is the unedited one bit for bit
+    (a UNet's output depends on the batch it ran in, by float rounding); the energy's gradient
+    comes from a conditional pass of its own."""
     with torch.no_grad():
-        uncond = None
-        if do_cfg:
-            uncond_kwargs = _rows(unet_kwargs, slice(0, batch))
-            uncond = _unet(pipe, scheduler.scale_model_input(latents, t), t, uncond_embeds, uncond_kwargs)
+        noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
+    cond_embeds = embeds.chunk(2)[1] if do_cfg else embeds
+    cond_rows = slice(latents.shape[0], None) if do_cfg else None
     z = latents.detach().requires_grad_(True)
     with torch.enable_grad():
-        cond, energy = guided_energy(
+        _, energy = guided_energy(
             pipe, capture, z, t, cond_embeds, edits, prompt_words, words, tokens, _rows(unet_kwargs, cond_rows), call
         )
         # fp16 latents: scale the energy so that small gradients do not underflow.
@@ -236,8 +240,7 @@ def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits
         raise FloatingPointError(f"the self-guidance gradient is not finite at UNet call {call}; lower the edit weights")
     if normalize_gradient:
         grad = unit_rms(grad)
-    noise = combine(uncond, cond.detach(), guidance_scale, guidance_rescale)
-    term = guidance_term(scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
+    term = guidance_term(pipe.scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
     return noise + term.to(noise.dtype), energy
 
 
