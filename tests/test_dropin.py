@@ -183,13 +183,14 @@ def test_zero_scale_edit_reproduces_the_unedited_image(pipes, name):
 
 def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     sg = SelfGuidancePipeline.from_pipe(pipes["ddim_eta"])
-    kwargs = dict(num_images_per_prompt=2, negative_prompt="blurry", **call_kwargs("ddim_eta"))
     prompts = [PROMPT, "a red cat"]
-    plain = sg(prompts, **kwargs)
     edits = [[move("circle", dx=0.3)], [keep_shape(["cat"])]]
-    inside = sg(prompts, edits=edits, self_guidance_scale=0.0, **kwargs)
-    kwargs.pop("generator")
-    reused = sg(prompts, edits=edits, self_guidance_scale=0.0, trace=plain.trace, **kwargs)
+    kwargs = lambda: dict(num_images_per_prompt=2, negative_prompt="blurry", **call_kwargs("ddim_eta"))  # noqa: E731
+    plain = sg(prompts, **kwargs())
+    inside = sg(prompts, edits=edits, self_guidance_scale=0.0, **kwargs())
+    no_generator = kwargs()
+    no_generator.pop("generator")
+    reused = sg(prompts, edits=edits, self_guidance_scale=0.0, trace=plain.trace, **no_generator)
     assert len(plain.trace) == 4 and [t.prompt for t in plain.trace] == [PROMPT, PROMPT, "a red cat", "a red cat"]
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
 
