@@ -129,21 +129,11 @@ class SelfGuidancePipeline:
             negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )
         self._check_count(num_images_per_prompt)
-        prompts, batch = self._prompts(prompt, prompt_embeds)
         images_per_prompt = num_images_per_prompt
-        prompts = [p for p in prompts for _ in range(images_per_prompt)] if prompts is not None else None
-        edits = [item for item in self._edits_per_item(edits, batch) for _ in range(images_per_prompt)]
+        prompts, batch = self._prompts(prompt, prompt_embeds)
+        prompts, prompt_words, edits = self._checked_edits(prompts, edits, batch, images_per_prompt)
         has_edits = any(edits)
-        if has_edits and prompts is None:
-            raise ValueError("edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`")
-        prompt_words = [PromptWords.from_tokenizer(pipe.tokenizer, p) for p in prompts] if prompts is not None else None
-        for item, words in zip(edits, prompt_words or []):
-            for edit in item:
-                edit.validate(words)
-        if not (isinstance(self_guidance_scale, (int, float)) and math.isfinite(self_guidance_scale)):
-            raise ValueError(f"self_guidance_scale must be a finite number, got {self_guidance_scale!r}")
-        if not isinstance(normalize_gradient, bool):
-            raise ValueError(f"normalize_gradient must be True or False, got {normalize_gradient!r}")
+        self._check_guidance(self_guidance_scale, normalize_gradient)
         needs_capture = has_edits or (record_trace and prompt_words is not None)
         if needs_capture and not has_edits and self._capture.foreign_processors():
             # The user's own processors (IP-Adapter, ...) run untouched; only a trace needs ours.
@@ -151,7 +141,7 @@ class SelfGuidancePipeline:
         if has_edits:
             self._capture.check_processors()
         device = pipe._execution_device
-        timesteps, num_inference_steps = self._timesteps(num_inference_steps, timesteps, sigmas, device)
+        timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
         schedule = resolve_schedule(guidance_schedule, num_inference_steps)
         if has_edits and not any(schedule):
             raise ValueError(
@@ -197,17 +187,16 @@ class SelfGuidancePipeline:
         # 3. The unedited pass where edits need it and no trace was given, then the call's own pass.
         needs_reference = any(e.needs_reference for item in edits for e in item)
         traces, energies = None, []
-        new_traces = lambda: self._new_traces(prompts, prompt_words, initial, settings, noise_state)  # noqa: E731
         with self.capture() if needs_capture else nullcontext() as capture:
             if has_edits and needs_reference and references[0] is None:
-                references = new_traces()
+                references = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
                 denoise(pipe, initial.clone(), timesteps, embeds, guidance_scale, capture=capture, traces=references, **loop)
-                pipe.scheduler.set_timesteps(**self._timestep_args)
+                pipe.scheduler.set_timesteps(**reset)  # a fresh scheduler state for the edited pass
                 restore_noise_state(generator, device, noise_state)  # the edited pass draws the same step noise
             if references[0] is not None:
                 traces = references
             elif not has_edits and needs_capture:
-                traces = new_traces()
+                traces = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
             latents = denoise(
                 pipe,
                 latents,
@@ -252,6 +241,27 @@ class SelfGuidancePipeline:
         if not (isinstance(num_images_per_prompt, int) and not isinstance(num_images_per_prompt, bool) and num_images_per_prompt >= 1):
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
 
+    def _checked_edits(self, prompts, edits, batch, images_per_prompt):
+        """(prompts, their PromptWords, edits), one per image; every edit checked against its prompt."""
+        edits = [item for item in self._edits_per_item(edits, batch) for _ in range(images_per_prompt)]
+        if prompts is None:
+            if any(edits):
+                raise ValueError("edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`")
+            return None, None, edits
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        prompt_words = [PromptWords.from_tokenizer(self.pipe.tokenizer, p) for p in prompts]
+        for item, words in zip(edits, prompt_words):
+            for edit in item:
+                edit.validate(words)
+        return prompts, prompt_words, edits
+
+    @staticmethod
+    def _check_guidance(self_guidance_scale, normalize_gradient):
+        if not (isinstance(self_guidance_scale, (int, float)) and math.isfinite(self_guidance_scale)):
+            raise ValueError(f"self_guidance_scale must be a finite number, got {self_guidance_scale!r}")
+        if not isinstance(normalize_gradient, bool):
+            raise ValueError(f"normalize_gradient must be True or False, got {normalize_gradient!r}")
+
     @staticmethod
     def _prompts(prompt, prompt_embeds):
         """(prompts whose words edits and traces use, or None, batch size)."""
@@ -263,13 +273,15 @@ class SelfGuidancePipeline:
         return prompts, len(prompts)
 
     def _timesteps(self, num_inference_steps, timesteps, sigmas, device):
-        """diffusers' retrieve_timesteps: the scheduler's own, or custom `timesteps` / `sigmas`."""
-        self._timestep_args = dict(num_inference_steps=num_inference_steps, device=device)
+        """diffusers' retrieve_timesteps (the scheduler's own, or custom `timesteps` / `sigmas`), and
+        the set_timesteps arguments that set the same schedule again."""
+        reset = dict(num_inference_steps=num_inference_steps, device=device)
         if timesteps is not None:
-            self._timestep_args = dict(timesteps=timesteps, device=device)
+            reset = dict(timesteps=timesteps, device=device)
         elif sigmas is not None:
-            self._timestep_args = dict(sigmas=sigmas, device=device)
-        return retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+            reset = dict(sigmas=sigmas, device=device)
+        timesteps, num_inference_steps = retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+        return timesteps, num_inference_steps, reset
 
     def _unet_kwargs(self, ip_image, ip_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, dtype):
         """The UNet's inputs besides latents, timestep and text, as diffusers builds them."""
