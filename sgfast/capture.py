@@ -98,6 +98,10 @@ def xformers_attention(unet):
     return memory_efficient_attention
 
 
+class RecordingDone(Exception):
+    """Raised inside the UNet once every captured layer has recorded, when the recording asked to stop."""
+
+
 # Processors whose output ours reproduces (plain attention); any other (IP-Adapter, prompt-to-prompt,
 # a user's own) does something ours would drop.
 PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
@@ -168,6 +172,8 @@ class Capture:
         self.modules = {name: modules[name] for name in self.layers}
         self.feature_module = check_feature_layer(unet, feature_layer) if feature_layer else None
         self.recording = False
+        self.stop = False
+        self.can_stop_early = True  # the pipeline turns it off for a compiled UNet
         self.maps, self.features = {}, None
         self._saved, self._hook = None, None
 
@@ -213,10 +219,12 @@ class Capture:
         return False
 
     @contextmanager
-    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True):
+    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True, stop=False):
         """Record maps of the tokens `token_index` ([B, T_sel] key indices) grouped into words by
         `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call, and the
-        feature layer's output if `features`."""
+        feature layer's output if `features`. `stop`: raise RecordingDone inside the UNet as soon as
+        everything is recorded (a caller that needs the maps only skips the rest of the UNet)."""
+        self.stop = stop
         self.token_index, self.word_weights = token_index, word_weights
         self.latent_size, self.batch_slice = latent_size, batch_slice
         self.maps, self.features = {}, None
@@ -237,7 +245,11 @@ class Capture:
 
     def _recorded(self, name):
         self.pending.discard(name)
-        if self.cut_graph and not self.pending:
+        if self.pending:
+            return
+        if self.stop:
+            raise RecordingDone
+        if self.cut_graph:
             torch.set_grad_enabled(False)
 
     def record_attention(self, name, query, key, scale):

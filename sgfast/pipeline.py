@@ -4,8 +4,9 @@
     out = sg("a red circle and a blue square", edits=[move("circle", dx=0.25)], generator=g)
     out.images, out.trace
 
-Calling it takes the wrapped pipeline's usual arguments plus `edits`. Every argument is checked
-before anything runs; the wrapped pipeline's processors are restored whatever happens.
+Calling it takes every argument of the wrapped pipeline's `__call__`, with diffusers' meaning, plus
+`edits` and the guidance settings. Every argument is checked before anything runs; the wrapped
+pipeline's processors are restored whatever happens, and left alone when nothing is captured.
 """
 
 import math
@@ -70,6 +71,7 @@ class SelfGuidancePipeline:
             # `compile` may name a torch.compile backend ("inductor" for True).
             backend = "inductor" if compile is True else compile
             pipe.unet.forward = torch.compile(pipe.unet.forward, backend=backend)
+            self._capture.can_stop_early = False  # no exception out of the compiled graph
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):

@@ -14,6 +14,7 @@ import torch
 
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from sgfast.capture import RecordingDone
 from sgfast.trace import Trace, View, selection
 
 
@@ -204,14 +205,21 @@ def edit_selection(edits, prompt_words, device):
     return words, tokens
 
 
-def guided_energy(pipe, capture, latents, timestep, cond_embeds, edits, prompt_words, words, tokens, unet_kwargs=None, call=None):
+def guided_energy(
+    pipe, capture, latents, timestep, cond_embeds, edits, prompt_words, words, tokens, unet_kwargs=None, call=None, stop=False
+):
     """The conditional UNet pass on `latents` with the edits' words recorded, and the edits' total
-    energy. Differentiable with respect to `latents`. Returns (eps_c, energy)."""
+    energy. Differentiable with respect to `latents`. Returns (eps_c, energy); with `stop` the pass
+    ends once the edits' maps and features are recorded, and eps_c is None."""
     scheduler = pipe.scheduler
     items = [item for item, _ in edits]
     features = any(e.needs_features for item in items for e in item)
-    with capture.record(*tokens, tuple(latents.shape[-2:]), features=features):
-        cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds, unet_kwargs)
+    cond = None
+    with capture.record(*tokens, tuple(latents.shape[-2:]), features=features, stop=stop):
+        try:
+            cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds, unet_kwargs)
+        except RecordingDone:
+            pass  # the rest of the UNet would compute nothing the energy reads
     # Outside the recording: the fast path switched gradients off after the last captured layer.
     energy = energy_of(items, capture, prompt_words, words, [r for _, r in edits], timestep, call)
     return cond, energy
@@ -230,7 +238,8 @@ def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits
     z = latents.detach().requires_grad_(True)
     with torch.enable_grad():
         _, energy = guided_energy(
-            pipe, capture, z, t, cond_embeds, edits, prompt_words, words, tokens, _rows(unet_kwargs, cond_rows), call
+            pipe, capture, z, t, cond_embeds, edits, prompt_words, words, tokens, _rows(unet_kwargs, cond_rows), call,
+            stop=can_stop_early(capture, unet_kwargs),
         )
         # fp16 latents: scale the energy so that small gradients do not underflow.
         loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
@@ -242,6 +251,13 @@ def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits
         grad = unit_rms(grad)
     term = guidance_term(pipe.scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
     return noise + term.to(noise.dtype), energy
+
+
+def can_stop_early(capture, unet_kwargs):
+    """Whether the energy's pass may end inside the UNet: not in a compiled UNet (an exception out of
+    the compiled graph), nor with a LoRA scale (the UNet undoes it only at the end of its forward)."""
+    scale = (unet_kwargs or {}).get("cross_attention_kwargs") or {}
+    return capture.can_stop_early and scale.get("scale", 1.0) == 1.0
 
 
 def step_callback(pipe, callback, tensor_inputs, i, t, state):

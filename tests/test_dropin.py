@@ -447,3 +447,30 @@ def test_the_tuned_move_lands_on_target_under_every_scheduler(name):
     print(f"{name}: |measured - asked| dx per image {[round(e, 3) for e in errors]}, median {np.median(errors):.3f}")
     assert len(errors) >= MOVE_SEEDS // 2, "too few unedited images show their caption"
     assert float(np.median(errors)) < 0.05, errors
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_stopping_the_energy_pass_early_gives_the_same_gradient(mode):
+    from sgfast.sampler import edit_selection, guided_energy
+    from sgfast.trace import PromptWords
+
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode, layers=["up_blocks.0"])  # the finest up block is left out
+    reference = sg(PROMPT, num_inference_steps=2, generator=seeded(), output_type="latent").trace
+    edits = [[move("circle", dx=0.2)]]
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edits, words, "cpu")
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(2)
+    t = pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 8, 8, generator=seeded(3))
+    grads, outputs = [], []
+    for stop in (False, True):
+        with sg.capture() as capture, torch.enable_grad():
+            zz = z.clone().requires_grad_(True)
+            cond, energy = guided_energy(pipe, capture, zz, t, embeds, list(zip(edits, [reference])), words, chosen, tokens, stop=stop)
+            grads.append(torch.autograd.grad(energy, zz)[0])
+            outputs.append(cond)
+    assert outputs[0] is not None and outputs[1] is None  # the stopped pass never reached the output
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
