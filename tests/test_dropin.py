@@ -474,3 +474,37 @@ def test_stopping_the_energy_pass_early_gives_the_same_gradient(mode):
     assert outputs[0] is not None and outputs[1] is None  # the stopped pass never reached the output
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def with_ip_adapter(pipe, embed_dim=16):
+    """Load a seeded IP-Adapter (image projection and per-layer to_k_ip / to_v_ip) through diffusers'
+    own loader: its IPAdapterAttnProcessor2_0 replaces every cross-attention processor."""
+    unet, dim = pipe.unet, pipe.unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(1)
+    image_proj = {
+        "proj.weight": torch.randn(4 * dim, embed_dim, generator=g) * 0.1, "proj.bias": torch.zeros(4 * dim),
+        "norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim),
+    }
+    layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):  # diffusers numbers cross-attention layers 1, 3, 5, ...
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_q.out_features
+            layers[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, dim, generator=g) * 0.1
+            layers[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, dim, generator=g) * 0.1
+            key_id += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": layers}])
+    return pipe
+
+
+def test_ip_adapter_image_embeds_as_diffusers_and_edits_refused():
+    pipe = with_ip_adapter(tiny_pipeline(image_size=32))
+    embeds = [torch.randn(2, 1, 16, generator=seeded(5))]  # [negative; positive] image embeddings
+    kwargs = lambda: dict(num_inference_steps=2, generator=seeded(), output_type="latent", ip_adapter_image_embeds=embeds)  # noqa: E731
+    expected = pipe(PROMPT, **kwargs()).images
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    out = sg(PROMPT, **kwargs())
+    assert torch.equal(out.images, expected) and out.trace is None  # no trace: its processors were left alone
+    before = processors(pipe)
+    with pytest.raises(ValueError, match=r"have their own: up_blocks.0.attentions.0.transformer_blocks.0.attn2 \(IPAdapterAttnProcessor2_0\)"):
+        sg(PROMPT, edits=[move("circle", dx=0.2)], **kwargs())
+    assert processors(pipe) == before
