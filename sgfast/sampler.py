@@ -97,12 +97,16 @@ def noise_level(scheduler, timestep):
     return sigma, alpha_bar
 
 
+# diffusers' stand-in for alpha_bar = 0 in zero-terminal-SNR schedules where it must stay finite
+# (Euler, DPM-Solver: alphas_cumprod[-1] = 2**-24, sigma = 4096).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
 def can_guide(scheduler, timestep):
-    """False where the model's output cannot carry the term: a v-prediction model at alpha_bar = 0
-    (zero-terminal-SNR schedules' first step), where eps = z whatever it predicts."""
-    if scheduler.config.get("prediction_type", "epsilon") != "v_prediction":
-        return True
-    return noise_level(scheduler, timestep)[1] > 0.0
+    """False at zero SNR (the first step of a zero-terminal-SNR schedule): there eps = z whatever the
+    model predicts, and the term, converted to the model's output (v = (eps - ...) / sqrt(ab)) or
+    carried into x0 (by sqrt(1 - ab) / sqrt(ab)), is unbounded."""
+    return noise_level(scheduler, timestep)[1] > ZERO_SNR_ALPHA_BAR * (1 + 1e-3)
 
 
 def guidance_term(scheduler, step_index, timestep, grad, weight, normalized=False):

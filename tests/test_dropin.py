@@ -244,14 +244,22 @@ def test_a_move_lowers_its_energy(pipes, name):
     assert runs[3.0].energies[-1][1] < runs[3.0].energies[0][1]
 
 
-def test_a_move_on_a_zero_snr_v_prediction_model_is_finite():
-    pipe = tiny_pipeline(layout="zero_snr")
+@pytest.mark.parametrize("layout", ["sd2", "zero_snr"])
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_a_move_on_a_v_prediction_model(layout, scheduler):
+    pipe = tiny_pipeline(image_size=32, layout=layout)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     sg = SelfGuidancePipeline.from_pipe(pipe)
-    out = sg(PROMPT, edits=[move("circle", dx=0.3)], num_inference_steps=STEPS, generator=seeded(), output_type="latent",
-             guidance_schedule=[True] * STEPS, self_guidance_scale=3.0, normalize_gradient=True)
-    assert torch.isfinite(out.images).all()
-    # alpha_bar is 0 at the first step: a v-prediction cannot carry the term there, so it is not guided.
-    assert [step for step, _ in out.energies] == [1, 2]
+    runs = {
+        v: sg(PROMPT, edits=[move("circle", dx=0.3, keep_others=False)], num_inference_steps=STEPS, generator=seeded(),
+              output_type="latent", guidance_schedule=[True] * STEPS, self_guidance_scale=v, normalize_gradient=True)
+        for v in (0.0, 1.0)
+    }
+    assert torch.isfinite(runs[1.0].images).all()
+    assert runs[1.0].energies[-1][1] < runs[0.0].energies[-1][1]
+    # Zero SNR at the first step (alpha_bar 0, or diffusers' 2**-24 stand-in): no model output can carry
+    # the term there, so that step is not guided.
+    assert [step for step, _ in runs[1.0].energies] == ([1, 2] if layout == "zero_snr" else [0, 1, 2])
 
 
 # ---- the guidance term is the same push under every scheduler -----------------------------------------
