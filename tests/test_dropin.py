@@ -195,20 +195,40 @@ def test_a_zero_scale_edit_on_a_guidance_embedded_unet():
 # ---- a zero-scale edit reproduces the unedited image, under every scheduler ---------------------------
 
 
+MOVE = dict(edits=[move("circle", dx=0.3, keep_others=False)], normalize_gradient=True, guidance_schedule=[True] * STEPS)
+
+
+@pytest.fixture(scope="module")
+def edited(pipes):
+    """Per scheduler, computed once: the unedited generation, and a move at v = 0 (run inside the call,
+    and from the trace without a generator) and at v = 3."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            sg = SelfGuidancePipeline.from_pipe(pipes[name])
+            plain = sg(PROMPT, **call_kwargs(name))
+            no_generator = call_kwargs(name)
+            no_generator.pop("generator")
+            runs[name] = dict(
+                plain=plain,
+                inside=sg(PROMPT, self_guidance_scale=0.0, **MOVE, **call_kwargs(name)),
+                reused=sg(PROMPT, self_guidance_scale=0.0, trace=plain.trace, **MOVE, **no_generator),
+                moved=sg(PROMPT, self_guidance_scale=3.0, **MOVE, **call_kwargs(name)),
+            )
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_zero_scale_edit_reproduces_the_unedited_image(pipes, name):
-    sg = SelfGuidancePipeline.from_pipe(pipes[name])
-    plain = sg(PROMPT, **call_kwargs(name))
-    edit = [move("circle", dx=0.3)]
+def test_zero_scale_edit_reproduces_the_unedited_image(edited, name):
+    runs = edited(name)
     # Without a trace the unedited pass runs inside the call: the step noise must not be consumed by it.
-    inside = sg(PROMPT, edits=edit, self_guidance_scale=0.0, **call_kwargs(name))
     # With a trace (and no generator) the step noise is replayed from the trace.
-    kwargs = call_kwargs(name)
-    kwargs.pop("generator")
-    reused = sg(PROMPT, edits=edit, self_guidance_scale=0.0, trace=plain.trace, **kwargs)
-    assert inside.energies and reused.energies
-    assert torch.equal(inside.images, plain.images)
-    assert torch.equal(reused.images, plain.images)
+    assert runs["inside"].energies and runs["reused"].energies
+    assert torch.equal(runs["inside"].images, runs["plain"].images)
+    assert torch.equal(runs["reused"].images, runs["plain"].images)
 
 
 def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
@@ -229,19 +249,12 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_a_move_lowers_its_energy(pipes, name):
-    sg = SelfGuidancePipeline.from_pipe(pipes[name])
-    schedule = [True] * STEPS
-    runs = {
-        v: sg(
-            PROMPT, edits=[move("circle", dx=0.3, keep_others=False)], self_guidance_scale=v, normalize_gradient=True,
-            guidance_schedule=schedule, **call_kwargs(name),
-        )
-        for v in (0.0, 3.0)
-    }
-    assert torch.isfinite(runs[3.0].images).all()
-    assert runs[3.0].energies[-1][1] < runs[0.0].energies[-1][1]
-    assert runs[3.0].energies[-1][1] < runs[3.0].energies[0][1]
+def test_a_move_lowers_its_energy(edited, name):
+    runs = edited(name)
+    moved, unmoved = runs["moved"].energies, runs["inside"].energies
+    assert torch.isfinite(runs["moved"].images).all()
+    assert [s for s, _ in moved] == [s for s, _ in unmoved]
+    assert moved[-1][1] < unmoved[-1][1] and moved[-1][1] < moved[0][1]
 
 
 @pytest.mark.parametrize("layout", ["sd2", "zero_snr"])
