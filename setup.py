@@ -24,7 +24,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "scipy"],  # scipy: diffusers' LMS scheduler (parity tests)
         "xformers": ["xformers"],
         # `python -m sgfast serve`: the HTTP server, its metrics, and the load test's client.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],

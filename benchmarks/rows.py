@@ -185,7 +185,12 @@ class SgfastRunner:
         self.sg = SelfGuidancePipeline.from_pipe(pipe, **kwargs)
         self.pipe, self.row, self.steps = pipe, row, steps
         self.device = pipe._execution_device
-        self.reference = self.sg(PROMPT, num_inference_steps=steps, generator=generator(self.device), output_type="latent").trace
+        # A trace is the reference of a call with its own step count: one per count the runner uses
+        # (1 for the FLOP count), made here so that no timed or counted call includes one.
+        self.references = {
+            n: self.sg(PROMPT, num_inference_steps=n, generator=generator(self.device), output_type="latent").trace
+            for n in sorted({1, steps})
+        }
 
     def edits(self):
         from sgfast import move
@@ -193,8 +198,9 @@ class SgfastRunner:
         keep = self.row.edit == "move_keep"
         return [move(EDITED_WORD, dx=0.25)] if keep else [move(EDITED_WORD, dx=0.25, keep_others=False)]
 
-    def _trace(self, batch):
-        return self.reference if batch == 1 else [self.reference] * batch
+    def _trace(self, batch, n):
+        reference = self.references[n]
+        return reference if batch == 1 else [reference] * batch
 
     def unguided(self, n, batch=1, output_type="latent"):
         return self.sg(
@@ -204,13 +210,13 @@ class SgfastRunner:
 
     def guided(self, n, batch=1, output_type="latent"):
         return self.sg(
-            _prompts(batch), edits=self.edits(), trace=self._trace(batch), num_inference_steps=n,
+            _prompts(batch), edits=self.edits(), trace=self._trace(batch, n), num_inference_steps=n,
             guidance_schedule=[True] * n, generator=generator(self.device), output_type=output_type,
         )
 
     def image(self, n, batch=1):
         return self.sg(
-            _prompts(batch), edits=self.edits(), trace=self._trace(batch), num_inference_steps=n,
+            _prompts(batch), edits=self.edits(), trace=self._trace(batch, n), num_inference_steps=n,
             generator=generator(self.device), output_type="np",
         )
 
@@ -224,11 +230,11 @@ class SgfastRunner:
 
         pipe = self.pipe
         cond, uncond = pipe.encode_prompt(PROMPT, self.device, 1, True)
-        latents = self.reference.latents.to(self.device, cond.dtype)
+        latents = self.references[self.steps].latents.to(self.device, cond.dtype)
         pipe.scheduler.set_timesteps(self.steps, device=self.device)
         timestep = pipe.scheduler.timesteps[1]
         recorded = []
-        sgfast_step(self.sg, self.edits(), self.reference, latents, timestep, cond, uncond, recorded)
+        sgfast_step(self.sg, self.edits(), self.references[self.steps], latents, timestep, cond, uncond, recorded)
         return recorded[0]
 
 

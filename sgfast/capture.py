@@ -8,12 +8,11 @@ and the UNet is on a GPU); next to it, it recomputes
 conditional half of the batch only.
 """
 
-import math
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from sgfast.kernels.attention_stats import attention_stats
 
@@ -76,9 +75,12 @@ def check_feature_layer(unet, name):
 
 
 def grid_size(tokens, latent_height, latent_width):
-    """(H, W) of a layer's query grid from its sequence length and the latent size."""
-    factor = math.isqrt(max(latent_height * latent_width // tokens, 1))
-    height, width = -(-latent_height // factor), -(-latent_width // factor)
+    """(H, W) of a layer's query grid from its sequence length and the latent size. Each of the UNet's
+    downsamplers (stride-2 convolutions, padding 1) maps n to ceil(n / 2), so a layer k downsamples
+    deep sees ceil(h / 2**k) x ceil(w / 2**k): odd sizes included (a 9x9 latent gives 5x5, then 3x3)."""
+    height, width = latent_height, latent_width
+    while height * width > tokens and (height > 1 or width > 1):
+        height, width = -(-height // 2), -(-width // 2)
     if height * width != tokens:
         raise ValueError(f"cannot place {tokens} queries on a grid for latents {latent_height}x{latent_width}")
     return height, width
@@ -94,6 +96,15 @@ def xformers_attention(unet):
     except ImportError:
         return None
     return memory_efficient_attention
+
+
+class RecordingDone(Exception):
+    """Raised inside the UNet once every captured layer has recorded, when the recording asked to stop."""
+
+
+# Processors whose output ours reproduces (plain attention); any other (IP-Adapter, prompt-to-prompt,
+# a user's own) does something ours would drop.
+PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 
 class CaptureAttnProcessor:
@@ -161,10 +172,31 @@ class Capture:
         self.modules = {name: modules[name] for name in self.layers}
         self.feature_module = check_feature_layer(unet, feature_layer) if feature_layer else None
         self.recording = False
+        self.stop = False
+        self.can_stop_early = True  # the pipeline turns it off for a compiled UNet
         self.maps, self.features = {}, None
         self._saved, self._hook = None, None
 
+    def foreign_processors(self):
+        """{layer: processor class name} of captured layers whose processor is not plain attention."""
+        return {
+            name: type(module.processor).__name__
+            for name, module in self.modules.items()
+            if type(module.processor) not in PLAIN_PROCESSORS + (CaptureAttnProcessor,)
+        }
+
+    def check_processors(self):
+        """Refuse to replace processors that do more than plain attention: their work would be lost."""
+        foreign = self.foreign_processors()
+        if foreign:
+            raise ValueError(
+                "self-guidance replaces the attention processors of the captured layers, and these have their own: "
+                + ", ".join(f"{n} ({c})" for n, c in foreign.items())
+                + "; restore plain attention there (unet.set_default_attn_processor()) or capture other layers (layers=...)"
+            )
+
     def __enter__(self):
+        self.check_processors()
         self._saved = {name: module.processor for name, module in self.modules.items()}
         self.attention = xformers_attention(self.unet)  # per call: the UNet may have moved; None: SDPA
         try:
@@ -187,10 +219,12 @@ class Capture:
         return False
 
     @contextmanager
-    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True):
+    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True, stop=False):
         """Record maps of the tokens `token_index` ([B, T_sel] key indices) grouped into words by
         `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call, and the
-        feature layer's output if `features`."""
+        feature layer's output if `features`. `stop`: raise RecordingDone inside the UNet as soon as
+        everything is recorded (a caller that needs the maps only skips the rest of the UNet)."""
+        self.stop = stop
         self.token_index, self.word_weights = token_index, word_weights
         self.latent_size, self.batch_slice = latent_size, batch_slice
         self.maps, self.features = {}, None
@@ -211,7 +245,11 @@ class Capture:
 
     def _recorded(self, name):
         self.pending.discard(name)
-        if self.cut_graph and not self.pending:
+        if self.pending:
+            return
+        if self.stop:
+            raise RecordingDone
+        if self.cut_graph:
             torch.set_grad_enabled(False)
 
     def record_attention(self, name, query, key, scale):

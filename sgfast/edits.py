@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from sgfast.properties import transform_shape
 
@@ -48,9 +49,16 @@ def _l1(current, target):
     return torch.where(distance < L1_SMOOTHING, 0.5 * distance * distance / L1_SMOOTHING, distance - 0.5 * L1_SMOOTHING)
 
 
+def _resampled(target, current):
+    """`target` ([H, W]) on `current`'s grid: a source traced at another resolution has other grids."""
+    if target.shape == current.shape:
+        return target
+    return F.interpolate(target[None, None].to(current), size=current.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+
+
 def _shape_distance(current, target):
     """Mean over layers of the mean distance of silhouettes."""
-    return torch.stack([_l1(c, t).mean() for c, t in zip(current, target)]).mean()
+    return torch.stack([_l1(c, _resampled(t, c)).mean() for c, t in zip(current, target)]).mean()
 
 
 def _appearance_distance(current, target):
@@ -87,7 +95,13 @@ class Edit:
 
     def validate(self, prompt_words):
         """Raise a clear error when the edit does not fit the prompt."""
-        for word in self.needed_words(prompt_words):
+        words = self.needed_words(prompt_words)
+        if not words:
+            raise ValueError(
+                f"{type(self).__name__} names no word of the prompt {prompt_words.prompt!r} (its words: {prompt_words.words}); "
+                "name the words it should act on"
+            )
+        for word in words:
             prompt_words.index(word)
 
     def energy(self, current, reference, timestep):

@@ -4,15 +4,18 @@
     out = sg("a red circle and a blue square", edits=[move("circle", dx=0.25)], generator=g)
     out.images, out.trace
 
-Calling it takes the wrapped pipeline's usual arguments plus `edits`. Every argument is checked
-before anything runs; the wrapped pipeline's processors are restored whatever happens.
+Calling it takes every argument of the wrapped pipeline's `__call__`, with diffusers' meaning, plus
+`edits` and the guidance settings. Every argument is checked before anything runs; the wrapped
+pipeline's processors are restored whatever happens, and left alone when nothing is captured.
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import BaseOutput
 
 from sgfast.capture import Capture, default_feature_layer, resolve_layers, check_feature_layer
@@ -30,6 +33,7 @@ class SelfGuidanceOutput(BaseOutput):
     images: object
     trace: object = None
     energies: list = None  # (step index, total energy) at each guided step
+    nsfw_content_detected: object = None  # as diffusers: one flag per image, None without a safety checker
 
 
 MODES = ("reference", "fast")
@@ -67,6 +71,7 @@ class SelfGuidancePipeline:
             # `compile` may name a torch.compile backend ("inductor" for True).
             backend = "inductor" if compile is True else compile
             pipe.unet.forward = torch.compile(pipe.unet.forward, backend=backend)
+            self._capture.can_stop_early = False  # no exception out of the compiled graph
 
     @classmethod
     def from_pipe(cls, pipe, **kwargs):
@@ -82,71 +87,118 @@ class SelfGuidancePipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt,
+        prompt=None,
         edits=None,
         *,
         height=None,
         width=None,
         num_inference_steps=50,
+        timesteps=None,
+        sigmas=None,
         guidance_scale=7.5,
         negative_prompt=None,
+        num_images_per_prompt=1,
+        eta=0.0,
         generator=None,
         latents=None,
-        eta=0.0,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
+        output_type="pil",
+        return_dict=True,
+        cross_attention_kwargs=None,
+        guidance_rescale=0.0,
+        clip_skip=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
         self_guidance_scale=1.0,
         normalize_gradient=False,
         guidance_schedule=None,
         trace=None,
         record_trace=True,
-        output_type="pil",
     ):
         pipe = self.pipe
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        pipe.check_inputs(prompts, height, width, None, negative_prompt)
-        prompt_words = [PromptWords.from_tokenizer(pipe.tokenizer, p) for p in prompts]
-        edits = self._edits_per_item(edits, batch)
-        for item, words in zip(edits, prompt_words):
-            for edit in item:
-                edit.validate(words)
-        resolve_schedule(guidance_schedule, num_inference_steps)
-        if not (isinstance(self_guidance_scale, (int, float)) and math.isfinite(self_guidance_scale)):
-            raise ValueError(f"self_guidance_scale must be a finite number, got {self_guidance_scale!r}")
-        if not isinstance(normalize_gradient, bool):
-            raise ValueError(f"normalize_gradient must be True or False, got {normalize_gradient!r}")
-        references = self._references(trace, prompts)
+        # 1. Check everything before anything runs.
+        height, width = self._size(height, width)
+        if hasattr(callback_on_step_end, "tensor_inputs"):  # PipelineCallback / MultiPipelineCallbacks
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        if isinstance(negative_prompt, str) and isinstance(prompt, (list, tuple)):
+            negative_prompt = [negative_prompt] * len(prompt)  # one negative prompt for every prompt
+        pipe.check_inputs(
+            None if prompt_embeds is not None else prompt, height, width, None, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+        )
+        self._check_count(num_images_per_prompt)
+        images_per_prompt = num_images_per_prompt
+        prompts, batch = self._prompts(prompt, prompt_embeds)
+        prompts, prompt_words, edits = self._checked_edits(prompts, edits, batch, images_per_prompt)
+        has_edits = any(edits)
+        self._check_guidance(self_guidance_scale, normalize_gradient)
+        needs_capture = has_edits or (record_trace and prompt_words is not None)
+        if needs_capture and not has_edits and self._capture.foreign_processors():
+            # The user's own processors (IP-Adapter, ...) run untouched; only a trace needs ours.
+            needs_capture = False
+        if has_edits:
+            self._capture.check_processors()
+        device = pipe._execution_device
+        timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
+        schedule = resolve_schedule(guidance_schedule, num_inference_steps)
+        if has_edits and not any(schedule):
+            raise ValueError(
+                f"the guidance schedule guides none of the {num_inference_steps} steps, so the edits would do nothing; "
+                "use more steps or a guidance_schedule that guides at least one"
+            )
+        settings = self._settings(height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch)
+        settings = [s for s in settings for _ in range(images_per_prompt)]  # one per image
+        references = self._references(trace, prompts, settings)
         if latents is None and references[0] is not None:
             latents = torch.cat([r.latents for r in references])
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or infinite values")
 
-        device = pipe._execution_device
+        # 2. Encode, prepare latents and the UNet's extra inputs, as diffusers does.
+        pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, guidance_rescale, clip_skip
+        pipe._cross_attention_kwargs, pipe._interrupt, pipe._num_timesteps = cross_attention_kwargs, False, len(timesteps)
         do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, do_cfg, negative_prompt)
+        cond, uncond = pipe.encode_prompt(
+            prompt if prompt_embeds is None else None, device, images_per_prompt, do_cfg, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip,
+        )
         embeds = torch.cat([uncond, cond]) if do_cfg else cond
-        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = pipe.scheduler.timesteps
+        rows = batch * images_per_prompt
         latents = pipe.prepare_latents(
-            batch, pipe.unet.config.in_channels, height, width, cond.dtype, device, generator, latents
+            rows, pipe.unet.config.in_channels, height, width, cond.dtype, device, generator, latents
+        )
+        unet_kwargs = self._unet_kwargs(
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, latents.dtype
         )
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
+        # Where the scheduler's step noise starts: an edit of a traced generation replays it.
+        noise_state = save_noise_state(generator, device)
+        if references[0] is not None and references[0].noise_state is not None and "generator" in extra_step_kwargs:
+            extra_step_kwargs["generator"] = replay_generators(references[0].noise_state)
         initial = latents.clone()
-        loop = dict(prompt_words=prompt_words, extra_step_kwargs=extra_step_kwargs)
+        loop = dict(
+            prompt_words=prompt_words, extra_step_kwargs=extra_step_kwargs, num_inference_steps=num_inference_steps,
+            unet_kwargs=unet_kwargs, guidance_rescale=guidance_rescale,
+        )
 
-        has_edits = any(edits)
+        # 3. The unedited pass where edits need it and no trace was given, then the call's own pass.
         needs_reference = any(e.needs_reference for item in edits for e in item)
         traces, energies = None, []
-        with self.capture() as capture:
+        with self.capture() if needs_capture else nullcontext() as capture:
             if has_edits and needs_reference and references[0] is None:
-                references = self._new_traces(prompts, prompt_words, initial, (height, width))
+                references = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
                 denoise(pipe, initial.clone(), timesteps, embeds, guidance_scale, capture=capture, traces=references, **loop)
-                pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+                pipe.scheduler.set_timesteps(**reset)  # a fresh scheduler state for the edited pass
+                restore_noise_state(generator, device, noise_state)  # the edited pass draws the same step noise
             if references[0] is not None:
                 traces = references
-            elif not has_edits and record_trace:
-                traces = self._new_traces(prompts, prompt_words, initial, (height, width))
+            elif not has_edits and needs_capture:
+                traces = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
             latents = denoise(
                 pipe,
                 latents,
@@ -157,17 +209,125 @@ class SelfGuidancePipeline:
                 edits=edits if has_edits else None,
                 references=references,
                 traces=traces if not has_edits and traces is not references else None,
-                schedule=guidance_schedule,
+                schedule=schedule,
                 self_guidance_scale=self_guidance_scale,
                 normalize_gradient=normalize_gradient,
                 energies=energies,
+                callback=callback_on_step_end,
+                callback_inputs=callback_on_step_end_tensor_inputs,
+                negative_embeds=uncond,
                 **loop,
             )
-        images = self.decode(latents, output_type, generator)
+
+        # 4. Decode and check the images as diffusers does.
+        images, nsfw = self._decode_checked(latents, output_type, generator, device, embeds.dtype)
         pipe.maybe_free_model_hooks()
-        if traces is not None and batch == 1:
+        if not return_dict:
+            return images, nsfw
+        if traces is not None and len(traces) == 1:
             traces = traces[0]
-        return SelfGuidanceOutput(images=images, trace=traces, energies=energies if has_edits else None)
+        return SelfGuidanceOutput(
+            images=images, nsfw_content_detected=nsfw, trace=traces, energies=energies if has_edits else None
+        )
+
+    def _size(self, height, width):
+        """diffusers' default size: the UNet's sample size times the VAE's scale factor."""
+        sample = self.pipe.unet.config.sample_size
+        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        if not height or not width:
+            height, width = sample[0] * self.pipe.vae_scale_factor, sample[1] * self.pipe.vae_scale_factor
+        return height, width
+
+    @staticmethod
+    def _check_count(num_images_per_prompt):
+        if not (isinstance(num_images_per_prompt, int) and not isinstance(num_images_per_prompt, bool) and num_images_per_prompt >= 1):
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+
+    def _checked_edits(self, prompts, edits, batch, images_per_prompt):
+        """(prompts, their PromptWords, edits), one per image; every edit checked against its prompt."""
+        edits = [item for item in self._edits_per_item(edits, batch) for _ in range(images_per_prompt)]
+        if prompts is None:
+            if any(edits):
+                raise ValueError("edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`")
+            return None, None, edits
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        prompt_words = [PromptWords.from_tokenizer(self.pipe.tokenizer, p) for p in prompts]
+        for item, words in zip(edits, prompt_words):
+            for edit in item:
+                edit.validate(words)
+        return prompts, prompt_words, edits
+
+    @staticmethod
+    def _check_guidance(self_guidance_scale, normalize_gradient):
+        if not (isinstance(self_guidance_scale, (int, float)) and math.isfinite(self_guidance_scale)):
+            raise ValueError(f"self_guidance_scale must be a finite number, got {self_guidance_scale!r}")
+        if not isinstance(normalize_gradient, bool):
+            raise ValueError(f"normalize_gradient must be True or False, got {normalize_gradient!r}")
+
+    @staticmethod
+    def _prompts(prompt, prompt_embeds):
+        """(prompts whose words edits and traces use, or None, batch size)."""
+        if prompt is None:
+            return None, prompt_embeds.shape[0]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompt_embeds is not None and len(prompts) != prompt_embeds.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {prompt_embeds.shape[0]} rows of prompt_embeds")
+        return prompts, len(prompts)
+
+    def _timesteps(self, num_inference_steps, timesteps, sigmas, device):
+        """diffusers' retrieve_timesteps (the scheduler's own, or custom `timesteps` / `sigmas`), and
+        the set_timesteps arguments that set the same schedule again."""
+        reset = dict(num_inference_steps=num_inference_steps, device=device)
+        if timesteps is not None:
+            reset = dict(timesteps=timesteps, device=device)
+        elif sigmas is not None:
+            reset = dict(sigmas=sigmas, device=device)
+        timesteps, num_inference_steps = retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
+        return timesteps, num_inference_steps, reset
+
+    def _unet_kwargs(self, ip_image, ip_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, dtype):
+        """The UNet's inputs besides latents, timestep and text, as diffusers builds them."""
+        pipe = self.pipe
+        kwargs = {}
+        if cross_attention_kwargs is not None:
+            kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        if ip_image is not None or ip_embeds is not None:
+            image_embeds = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, rows, do_cfg)
+            kwargs["added_cond_kwargs"] = {"image_embeds": image_embeds}
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            # Guidance-embedded UNets (LCM): the guidance scale enters as an embedding, not as CFG.
+            scale = torch.tensor(guidance_scale - 1).repeat(rows)
+            kwargs["timestep_cond"] = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=dtype)
+        return kwargs
+
+    def _settings(self, height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch):
+        """What a trace must share with an edit that takes it as its unedited reference, per prompt."""
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * batch
+        return [
+            dict(
+                size=(height, width),
+                scheduler=type(self.pipe.scheduler).__name__,
+                timesteps=tuple(float(t) for t in timesteps),
+                guidance_scale=float(guidance_scale),
+                guidance_rescale=float(guidance_rescale),
+                eta=float(eta),
+                negative_prompt=n,
+            )
+            for n in negatives
+        ]
+
+    def _decode_checked(self, latents, output_type, generator, device, dtype):
+        """diffusers' decode, safety check (when the pipeline has a checker) and post-processing."""
+        pipe = self.pipe
+        if output_type == "latent":
+            return latents, None
+        vae = pipe.vae
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image, nsfw = pipe.run_safety_checker(image, device, dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw
 
     def decode(self, latents, output_type="pil", generator=None):
         if output_type == "latent":
@@ -226,24 +386,62 @@ class SelfGuidancePipeline:
         return per_item
 
     @staticmethod
-    def _references(trace, prompts):
+    def _references(trace, prompts, settings):
+        rows = len(settings)
         if trace is None:
-            return [None] * len(prompts)
+            return [None] * rows
         traces = [trace] if isinstance(trace, Trace) else list(trace)
-        if len(traces) != len(prompts):
-            raise ValueError(f"got {len(traces)} traces for {len(prompts)} prompts")
-        for t, p in zip(traces, prompts):
+        if len(traces) != rows:
+            raise ValueError(f"got {len(traces)} traces for {rows} images")
+        for t, p, wanted in zip(traces, prompts or [None] * rows, settings):
             if t.prompt != p or t.latents is None:
                 raise ValueError(
                     f"the trace of {t.prompt!r} is not the unedited generation of {p!r}; use it as an edit's source instead"
                 )
+            differ = [k for k in wanted if t.settings is not None and t.settings.get(k) != wanted[k]]
+            if differ:
+                raise ValueError(
+                    "the trace was recorded with other settings than this call: "
+                    + "; ".join(f"{k}: {t.settings.get(k)!r} there, {wanted[k]!r} here" for k in differ)
+                    + ". Call with the trace's settings, or use it as an edit's source instead"
+                )
         return traces
 
-    def _new_traces(self, prompts, prompt_words, initial, image_size):
+    def _new_traces(self, prompts, prompt_words, initial, settings, noise_state):
         # Keep the noise as `latents=` takes it: prepare_latents scales by init_noise_sigma again.
         noise = initial / self.pipe.scheduler.init_noise_sigma
         return [
-            Trace(p, list(dict.fromkeys(w.words)), latents=noise[b : b + 1].clone(), image_size=image_size)
+            Trace(
+                p, list(dict.fromkeys(w.words)), latents=noise[b : b + 1].clone(), image_size=settings[b]["size"],
+                noise_state=noise_state, settings=settings[b],
+            )
             for b, (p, w) in enumerate(zip(prompts, prompt_words))
         ]
 
+
+def _generators(generator, device):
+    """The generators the scheduler's step noise is drawn from: the given ones, else the device's default."""
+    if generator is not None:
+        return list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    device = torch.device(device)
+    if device.type == "cpu":
+        return [torch.default_generator]
+    if device.type == "cuda":
+        return [torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]]
+    return []
+
+
+def save_noise_state(generator, device):
+    """[(device, state)] of the generators the step noise comes from."""
+    return [(g.device, g.get_state()) for g in _generators(generator, device)]
+
+
+def restore_noise_state(generator, device, saved):
+    for g, (_, state) in zip(_generators(generator, device), saved):
+        g.set_state(state)
+
+
+def replay_generators(saved):
+    """Fresh generators in the saved states (the caller's own are left alone)."""
+    generators = [torch.Generator(device=d).set_state(state) for d, state in saved]
+    return generators[0] if len(generators) == 1 else generators

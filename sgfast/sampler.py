@@ -12,6 +12,9 @@ from contextlib import nullcontext
 
 import torch
 
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from sgfast.capture import RecordingDone
 from sgfast.trace import Trace, View, selection
 
 
@@ -40,24 +43,82 @@ def resolve_schedule(schedule, num_steps):
     return [i in set(schedule) for i in range(num_steps)]
 
 
-def noise_level(scheduler, step_index, timestep):
-    """(sigma_t, alpha_bar_t) of the latents the scheduler holds at this step.
+def call_steps(num_calls, num_inference_steps=None, order=1):
+    """The inference step each UNet call belongs to, by diffusers' own progress rule: PNDM makes
+    N + 1 calls for N steps (its first step calls twice), second-order schedulers (Heun, KDPM2) two
+    per step after the first. Without `num_inference_steps`, every call is its own step."""
+    if num_inference_steps is None:
+        return list(range(num_calls))
+    warmup = num_calls - num_inference_steps * order
+    steps, step = [], 0
+    for i in range(num_calls):
+        steps.append(min(step, num_inference_steps - 1))
+        if i == num_calls - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+            step += 1
+    return steps
 
-    Variance-preserving schedulers (DDIM, DDPM, DPM-Solver++: init_noise_sigma == 1) keep
-    z = sqrt(ab) x0 + sqrt(1 - ab) eps, so a score converts to eps with sqrt(1 - ab). Sigma-
-    parameterised ones (Euler and friends) keep z = x0 + sigma eps: sigma is theirs, ab = 1/(1+sigma^2).
+
+def applied_sigma(scheduler, timestep):
+    """The sigma (z = x0 + sigma eps) the scheduler applies at this call, or None for schedulers that
+    keep no sigma table (DDIM, DDPM, PNDM, LCM: they index alphas_cumprod by the timestep).
+
+    Sigma-space schedulers scale the UNet's input by 1 / sqrt(sigma^2 + 1): that scale is read off
+    their own scale_model_input, which knows which table and index apply (KDPM2's interpolated
+    sigmas on its second evaluation, at an index that differs between its two variants). VP solvers
+    with a sigma table (DPM-Solver++, UniPC, DEIS; Karras sigmas) hold the latents at sigmas[step_index].
     """
-    if float(scheduler.init_noise_sigma) == 1.0:
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or not hasattr(scheduler, "step_index"):
+        return None
+    if float(scheduler.init_noise_sigma) != 1.0:
+        scale = float(scheduler.scale_model_input(torch.ones((), dtype=torch.float64, device=sigmas.device), timestep))
+        return math.sqrt(max(1.0 / (scale * scale) - 1.0, 0.0))
+    if scheduler.step_index is None:
+        scheduler._init_step_index(timestep)  # what the scheduler's own step would do first
+    return float(sigmas[scheduler.step_index])
+
+
+def noise_level(scheduler, timestep):
+    """(sigma_t, alpha_bar_t) of the latents the scheduler holds at this call.
+
+    Variance-preserving schedulers (DDIM, DDPM, PNDM, DPM-Solver++, UniPC, DEIS: init_noise_sigma
+    == 1) keep z = sqrt(ab) x0 + sqrt(1 - ab) eps: sigma_t = sqrt(1 - ab). Sigma-parameterised
+    ones (Euler and friends) keep z = x0 + sigma eps: sigma_t is theirs. ab comes from the sigma the
+    scheduler applies where it has one (Karras sigmas, KDPM2's interpolated ones), else from the
+    timestep.
+    """
+    sigma = applied_sigma(scheduler, timestep)
+    if sigma is None:
         alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    else:
+        alpha_bar = 1.0 / (1.0 + sigma * sigma)
+    if float(scheduler.init_noise_sigma) == 1.0:
         return math.sqrt(1.0 - alpha_bar), alpha_bar
-    sigma = float(scheduler.sigmas[step_index])
-    return sigma, 1.0 / (1.0 + sigma * sigma)
+    return sigma, alpha_bar
 
 
-def guidance_term(scheduler, step_index, timestep, grad, weight):
-    """v * sigma_t * grad, expressed in the model's prediction type."""
-    sigma, alpha_bar = noise_level(scheduler, step_index, timestep)
-    term = weight * sigma * grad
+# diffusers' stand-in for alpha_bar = 0 in zero-terminal-SNR schedules where it must stay finite
+# (Euler, DPM-Solver: alphas_cumprod[-1] = 2**-24, sigma = 4096).
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def can_guide(scheduler, timestep):
+    """False at zero SNR (the first step of a zero-terminal-SNR schedule): there eps = z whatever the
+    model predicts, and the term, converted to the model's output (v = (eps - ...) / sqrt(ab)) or
+    carried into x0 (by sqrt(1 - ab) / sqrt(ab)), is unbounded."""
+    return noise_level(scheduler, timestep)[1] > ZERO_SNR_ALPHA_BAR * (1 + 1e-3)
+
+
+def guidance_term(scheduler, step_index, timestep, grad, weight, normalized=False):
+    """v * sigma_t * grad, expressed in the model's prediction type (`step_index` is unused: the
+    scheduler's own step index is read). The raw gradient is taken with respect to the latents
+    the scheduler holds, so `sigma_t` of their parameterisation makes the term the same in eps
+    units under every scheduler. A `normalized` (unit-RMS) gradient has lost that
+    parameterisation's scale: it is scaled by the variance-preserving noise level sqrt(1 - ab),
+    which is what sigma_t * grad amounts to on a VP scheduler."""
+    sigma, alpha_bar = noise_level(scheduler, timestep)
+    scale = math.sqrt(1.0 - alpha_bar) if normalized else sigma
+    term = weight * scale * grad
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction == "v_prediction":
         term = term / math.sqrt(alpha_bar)  # eps = sqrt(ab) v + sqrt(1-ab) z, so dv = deps / sqrt(ab)
@@ -72,18 +133,42 @@ def unit_rms(grad):
     return torch.where(rms > 0, grad / rms.clamp_min(torch.finfo(grad.dtype).tiny), grad)
 
 
-def _unet(pipe, latents, timestep, embeds):
-    return pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+def _rows(unet_kwargs, rows):
+    """The UNet's extra inputs for the batch rows `rows` of a CFG batch (all of them when None)."""
+    if not unet_kwargs or rows is None:
+        return unet_kwargs or {}
+    out = dict(unet_kwargs)
+    if out.get("timestep_cond") is not None:
+        out["timestep_cond"] = out["timestep_cond"][rows]
+    if out.get("added_cond_kwargs"):
+        out["added_cond_kwargs"] = {
+            k: [x[rows] for x in v] if isinstance(v, (list, tuple)) else v[rows] for k, v in out["added_cond_kwargs"].items()
+        }
+    return out
 
 
-def _cfg_step(pipe, latents, timestep, embeds, guidance_scale, do_cfg):
+def _unet(pipe, latents, timestep, embeds, unet_kwargs=None):
+    return pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False, **(unet_kwargs or {}))[0]
+
+
+def combine(uncond, cond, guidance_scale, guidance_rescale=0.0):
+    """diffusers' classifier-free guidance, with its optional rescale (Lin et al. 2023, 3.4)."""
+    if uncond is None:
+        return cond
+    noise = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale > 0.0:
+        noise = rescale_noise_cfg(noise, cond, guidance_rescale=guidance_rescale)
+    return noise
+
+
+def _cfg_step(pipe, latents, timestep, embeds, guidance_scale, do_cfg, unet_kwargs=None, guidance_rescale=0.0):
     """Exactly diffusers' StableDiffusionPipeline step (batch-2 CFG)."""
     latent_in = torch.cat([latents] * 2) if do_cfg else latents
     latent_in = pipe.scheduler.scale_model_input(latent_in, timestep)
-    noise = _unet(pipe, latent_in, timestep, embeds)
+    noise = _unet(pipe, latent_in, timestep, embeds, unet_kwargs)
     if do_cfg:
         uncond, cond = noise.chunk(2)
-        noise = uncond + guidance_scale * (cond - uncond)
+        return combine(uncond, cond, guidance_scale, guidance_rescale)
     return noise
 
 
@@ -105,11 +190,12 @@ def record_traces(traces, capture, words, timestep):
         trace.add(timestep, {layer: m[: len(view.words)] for layer, m in view.maps.items()}, appearance)
 
 
-def energy_of(edits, capture, prompt_words, words, references, timestep):
-    """Sum over batch items and their edits of each edit's energy at this step (float32 scalar)."""
+def energy_of(edits, capture, prompt_words, words, references, timestep, call=None):
+    """Sum over batch items and their edits of each edit's energy at this step (float32 scalar).
+    `call`: the UNet call's index, where the references recorded it (repeated timesteps)."""
     total = 0.0
     for b, view in enumerate(current_views(capture, words)):
-        reference = references[b].view(timestep) if references[b] is not None else None
+        reference = references[b].view(timestep, call=call) if references[b] is not None else None
         for edit in edits[b]:
             total = total + edit.energy(view.subset(edit.needed_words(prompt_words[b])), reference, timestep)
     return total
@@ -123,17 +209,68 @@ def edit_selection(edits, prompt_words, device):
     return words, tokens
 
 
-def guided_energy(pipe, capture, latents, timestep, cond_embeds, edits, prompt_words, words, tokens):
+def guided_energy(
+    pipe, capture, latents, timestep, cond_embeds, edits, prompt_words, words, tokens, unet_kwargs=None, call=None, stop=False
+):
     """The conditional UNet pass on `latents` with the edits' words recorded, and the edits' total
-    energy. Differentiable with respect to `latents`. Returns (eps_c, energy)."""
+    energy. Differentiable with respect to `latents`. Returns (eps_c, energy); with `stop` the pass
+    ends once the edits' maps and features are recorded, and eps_c is None."""
     scheduler = pipe.scheduler
     items = [item for item, _ in edits]
     features = any(e.needs_features for item in items for e in item)
-    with capture.record(*tokens, tuple(latents.shape[-2:]), features=features):
-        cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds)
+    cond = None
+    with capture.record(*tokens, tuple(latents.shape[-2:]), features=features, stop=stop):
+        try:
+            cond = _unet(pipe, scheduler.scale_model_input(latents, timestep), timestep, cond_embeds, unet_kwargs)
+        except RecordingDone:
+            pass  # the rest of the UNet would compute nothing the energy reads
     # Outside the recording: the fast path switched gradients off after the last captured layer.
-    energy = energy_of(items, capture, prompt_words, words, [r for _, r in edits], timestep)
+    energy = energy_of(items, capture, prompt_words, words, [r for _, r in edits], timestep, call)
     return cond, energy
+
+
+def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits, prompt_words, words, tokens, *,
+                unet_kwargs, guidance_rescale, self_guidance_scale, normalize_gradient, call):
+    """diffusers' CFG step plus the guidance term: (noise, energy). The CFG noise comes from the same
+    batched pass as an unguided step, so that with v = 0 the step is the unedited one bit for bit
+    (a UNet's output depends on the batch it ran in, by float rounding); the energy's gradient
+    comes from a conditional pass of its own."""
+    with torch.no_grad():
+        noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
+    cond_embeds = embeds.chunk(2)[1] if do_cfg else embeds
+    cond_rows = slice(latents.shape[0], None) if do_cfg else None
+    z = latents.detach().requires_grad_(True)
+    with torch.enable_grad():
+        _, energy = guided_energy(
+            pipe, capture, z, t, cond_embeds, edits, prompt_words, words, tokens, _rows(unet_kwargs, cond_rows), call,
+            stop=can_stop_early(capture, unet_kwargs),
+        )
+        # fp16 latents: scale the energy so that small gradients do not underflow.
+        loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
+        (grad,) = torch.autograd.grad(energy * loss_scale, z)
+        grad = grad.float() / loss_scale
+    if not torch.isfinite(grad).all():
+        raise FloatingPointError(f"the self-guidance gradient is not finite at UNet call {call}; lower the edit weights")
+    if normalize_gradient:
+        grad = unit_rms(grad)
+    term = guidance_term(pipe.scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
+    return noise + term.to(noise.dtype), energy
+
+
+def can_stop_early(capture, unet_kwargs):
+    """Whether the energy's pass may end inside the UNet: not in a compiled UNet (an exception out of
+    the compiled graph), nor with a LoRA scale (the UNet undoes it only at the end of its forward)."""
+    scale = (unet_kwargs or {}).get("cross_attention_kwargs") or {}
+    return capture.can_stop_early and scale.get("scale", 1.0) == 1.0
+
+
+def step_callback(pipe, callback, tensor_inputs, i, t, state):
+    """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})`: it may replace the latents and
+    the prompt embeddings ([negative; prompt] under CFG), and change `pipe._guidance_scale`."""
+    outputs = callback(pipe, i, t, {name: state[name] for name in tensor_inputs}) or {}
+    state["latents"] = outputs.pop("latents", state["latents"])
+    state["prompt_embeds"] = outputs.pop("prompt_embeds", state["prompt_embeds"])
+    state["negative_prompt_embeds"] = outputs.pop("negative_prompt_embeds", state["negative_prompt_embeds"])
 
 
 def denoise(
@@ -154,58 +291,63 @@ def denoise(
     extra_step_kwargs=None,
     energies=None,
     progress=True,
+    num_inference_steps=None,
+    unet_kwargs=None,
+    guidance_rescale=0.0,
+    callback=None,
+    callback_inputs=("latents",),
+    negative_embeds=None,
 ):
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
     self-guidance term and append (step, energy) to `energies`; with `traces` (one per item), every
-    step's maps and appearance are recorded. `normalize_gradient`: each item's energy gradient is
-    scaled to unit RMS before `self_guidance_scale * sigma_t` multiplies it."""
+    UNet call's maps and appearance are recorded. `normalize_gradient`: each item's energy gradient is
+    scaled to unit RMS before `self_guidance_scale * sigma_t` multiplies it. `schedule` is per
+    inference step (`num_inference_steps` of them; default: one per UNet call); every UNet call of
+    a guided step is guided. `unet_kwargs` (timestep_cond, cross_attention_kwargs,
+    added_cond_kwargs), `guidance_rescale` and `callback` (diffusers' callback_on_step_end) as in
+    diffusers' StableDiffusionPipeline."""
     scheduler = pipe.scheduler
-    do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     batch = latents.shape[0]
-    uncond_embeds, cond_embeds = embeds.chunk(2) if do_cfg else (None, embeds)
     latent_size = tuple(latents.shape[-2:])
     extra_step_kwargs = extra_step_kwargs or {}
-    guided_steps = [False] * len(timesteps)
+    steps = call_steps(len(timesteps), num_inference_steps, getattr(scheduler, "order", 1))
+    guided_steps = [False] * (steps[-1] + 1 if steps else 0)
     if edits is not None and any(edits):
-        guided_steps = resolve_schedule(schedule, len(timesteps))
+        guided_steps = resolve_schedule(schedule, len(guided_steps))
         edit_words, edit_tokens = edit_selection(edits, prompt_words, latents.device)
         edits_with_references = list(zip(edits, references))
     if traces is not None:
         trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
         trace_tokens = selection(prompt_words, trace_words, latents.device)
-    cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
+    state = dict(latents=latents, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
 
-    with pipe.progress_bar(total=len(timesteps)) if progress else nullcontext() as bar:
+    with pipe.progress_bar(total=len(guided_steps)) if progress else nullcontext() as bar:
         for i, t in enumerate(timesteps):
-            if guided_steps[i]:
-                with torch.no_grad():
-                    uncond = _unet(pipe, scheduler.scale_model_input(latents, t), t, uncond_embeds) if do_cfg else None
-                z = latents.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    cond, energy = guided_energy(
-                        pipe, capture, z, t, cond_embeds, edits_with_references, prompt_words, edit_words, edit_tokens
-                    )
-                    # fp16 latents: scale the energy so that small gradients do not underflow.
-                    loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
-                    (grad,) = torch.autograd.grad(energy * loss_scale, z)
-                    grad = grad.float() / loss_scale
-                if not torch.isfinite(grad).all():
-                    raise FloatingPointError(f"the self-guidance gradient is not finite at step {i}; lower the edit weights")
-                if normalize_gradient:
-                    grad = unit_rms(grad)
+            if getattr(pipe, "_interrupt", False):
+                continue
+            latents, embeds = state["latents"], state["prompt_embeds"]
+            if callback is not None:  # a callback may change the guidance scale, as diffusers reads it
+                guidance_scale = getattr(pipe, "_guidance_scale", guidance_scale)
+            do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+            if guided_steps[steps[i]] and can_guide(scheduler, t):
+                noise, energy = guided_step(
+                    pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits_with_references, prompt_words,
+                    edit_words, edit_tokens, unet_kwargs=unet_kwargs, guidance_rescale=guidance_rescale,
+                    self_guidance_scale=self_guidance_scale, normalize_gradient=normalize_gradient, call=i,
+                )
                 if energies is not None:
-                    energies.append((i, float(energy)))
-                cond = cond.detach()
-                noise = uncond + guidance_scale * (cond - uncond) if do_cfg else cond
-                noise = noise + guidance_term(scheduler, i, t, grad, self_guidance_scale).to(noise.dtype)
+                    energies.append((steps[i], float(energy)))
             elif traces is not None:
+                cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
                 with capture.record(*trace_tokens, latent_size, batch_slice=cond_rows):
-                    noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg)
+                    noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
                     record_traces(traces, capture, trace_words, t)
             else:
-                noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg)
-            latents = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            if bar is not None:
+                noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
+            state["latents"] = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                step_callback(pipe, callback, callback_inputs, i, t, state)
+            if bar is not None and (i == len(timesteps) - 1 or steps[min(i + 1, len(steps) - 1)] != steps[i]):
                 bar.update()
-    return latents
+    return state["latents"]

@@ -94,21 +94,63 @@ def build_tokenizer(words=TINY_WORDS, max_length=77):
         )
 
 
-def tiny_components(seed=0, image_size=64, words=TINY_WORDS):
-    """The parts of a tiny SD pipeline: 64x64 images, 16x16x4 latents, cross-attention at 16x16 and 8x8."""
+# UNet block layouts, as in the real checkpoints' configs but tiny. "tiny": two blocks, one downsample.
+# "sd15": SD1.x's four blocks (three with cross-attention, three downsamples). "sd2": SD2's linear
+# projections, upcast attention and per-block head counts, for v-prediction. "lcm": a guidance-embedded
+# UNet (`time_cond_proj_dim`, as LCM distillations have).
+LAYOUTS = {
+    "tiny": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    ),
+    "sd15": dict(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=4,
+    ),
+    "sd2": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
+    "lcm": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+        time_cond_proj_dim=16,
+    ),
+}
+
+# Scheduler settings per layout: SD2 predicts v; "zero_snr" is SD2 with a zero-terminal-SNR schedule
+# (Lin et al. 2023: rescaled betas, trailing timesteps).
+SCHEDULER_CONFIGS = {
+    "sd2": dict(prediction_type="v_prediction"),
+    "zero_snr": dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"),
+}
+
+
+def tiny_components(seed=0, image_size=64, words=TINY_WORDS, layout="tiny"):
+    """The parts of a tiny SD pipeline: 64x64 images, 16x16x4 latents; with the "tiny" layout,
+    cross-attention at 16x16 and 8x8. `layout`: a key of LAYOUTS, or "zero_snr" (the "sd2" UNet)."""
+    if layout not in LAYOUTS and layout not in SCHEDULER_CONFIGS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(set(LAYOUTS) | set(SCHEDULER_CONFIGS))}")
     tokenizer = build_tokenizer(words)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=image_size // 4,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **LAYOUTS["sd2" if layout == "zero_snr" else layout],
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -136,17 +178,18 @@ def tiny_components(seed=0, image_size=64, words=TINY_WORDS):
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
+        steps_offset=1, **SCHEDULER_CONFIGS.get(layout, {}),
     )
     for model in (unet, vae, text_encoder):
         model.eval().requires_grad_(False)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def tiny_pipeline(seed=0, image_size=64):
-    """A real diffusers StableDiffusionPipeline with tiny seeded weights, built offline."""
+def tiny_pipeline(seed=0, image_size=64, layout="tiny"):
+    """A real diffusers StableDiffusionPipeline with tiny seeded weights, built offline (`layout`: see
+    LAYOUTS and SCHEDULER_CONFIGS)."""
     pipe = StableDiffusionPipeline(
-        **tiny_components(seed, image_size),
+        **tiny_components(seed, image_size, layout=layout),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

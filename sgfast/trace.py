@@ -142,26 +142,41 @@ class Trace:
     prompt: str
     words: list
     latents: torch.Tensor = None  # initial noise [1, C, h, w] of a generation (None for a real image)
-    steps: dict = field(default_factory=dict)  # {timestep: TraceStep}
+    steps: dict = field(default_factory=dict)  # {timestep: TraceStep}, a repeated timestep's first call
     image_size: tuple = None
+    # Every UNet call in order, [(timestep, TraceStep)]: PNDM and second-order schedulers call the UNet
+    # twice at some timesteps, and an edit of the same generation reads each call's own record.
+    calls: list = field(default_factory=list)
+    # The generator state(s) the scheduler's step noise starts from, [(device, state)], so that an
+    # edit of this generation on a stochastic scheduler draws the same step noise.
+    noise_state: list = None
+    # What the generation was called with (size, timesteps, guidance scale, negative prompt,
+    # scheduler): an edit that reuses the trace as its unedited reference must match it.
+    settings: dict = None
 
     def add(self, timestep, maps, appearance):
-        self.steps[int(timestep)] = TraceStep(
+        step = TraceStep(
             {layer: at_least_float32(m.detach()) for layer, m in maps.items()},
             None if appearance is None else at_least_float32(appearance.detach()),
         )
+        self.steps.setdefault(int(timestep), step)
+        self.calls.append((int(timestep), step))
 
-    def view(self, timestep, sharpness=10.0):
-        """The recorded properties nearest to `timestep`."""
+    def view(self, timestep, sharpness=10.0, call=None):
+        """The recorded properties of UNet call `call` when it was at `timestep`, else those nearest
+        to `timestep`."""
         if not self.steps:
             raise ValueError("the trace is empty")
-        nearest = min(self.steps, key=lambda t: abs(t - int(timestep)))
-        step = self.steps[nearest]
+        if call is not None and call < len(self.calls) and self.calls[call][0] == int(timestep):
+            step = self.calls[call][1]
+        else:
+            step = self.steps[min(self.steps, key=lambda t: abs(t - int(timestep)))]
         return View(self.words, step.maps, appearance=step.appearance, sharpness=sharpness)
 
     def nbytes(self):
-        tensors = [m for s in self.steps.values() for m in s.maps.values()]
-        tensors += [s.appearance for s in self.steps.values() if s.appearance is not None]
+        steps = [s for _, s in self.calls] or list(self.steps.values())
+        tensors = [m for s in steps for m in s.maps.values()]
+        tensors += [s.appearance for s in steps if s.appearance is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def index(self, word):

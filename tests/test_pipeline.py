@@ -201,8 +201,9 @@ def test_batch_with_different_edits_per_prompt(sg):
     )
     assert out.images.shape[0] == 2 and isinstance(out.trace, list) and len(out.trace) == 2
     alone = sg(prompts[1], num_inference_steps=STEPS, latents=out.trace[1].latents, output_type="latent")
-    # The second item had no edits: its gradient is zero, so it matches its own unedited run.
-    torch.testing.assert_close(out.images[1:], alone.images, rtol=1e-4, atol=1e-5)
+    # The second item had no edits: its gradient is zero, so it matches its own unedited run (to the
+    # float rounding of a batch of 2 prompts against 1).
+    torch.testing.assert_close(out.images[1:], alone.images, rtol=1e-4, atol=1e-4)
 
 
 def test_every_edit_runs(sg, base):
