@@ -231,20 +231,29 @@ def guided_energy(
 
 def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits, prompt_words, words, tokens, *,
                 unet_kwargs, guidance_rescale, self_guidance_scale, normalize_gradient, call):
-    """diffusers' CFG step plus the guidance term: (noise, energy). The CFG noise comes from the same
-    batched pass as an unguided step, so that with v = 0 the step is the unedited one bit for bit
-    (a UNet's output depends on the batch it ran in, by float rounding); the energy's gradient
-    comes from a conditional pass of its own."""
-    with torch.no_grad():
-        noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
-    cond_embeds = embeds.chunk(2)[1] if do_cfg else embeds
-    cond_rows = slice(latents.shape[0], None) if do_cfg else None
+    """diffusers' CFG step plus the guidance term: (noise, energy).
+
+    The guided step costs two batch-1 UNet passes: the unconditional one without gradients and the
+    conditional one with them (its gradient graph ends at the last captured layer), whose output is
+    also the CFG's conditional noise. With v = 0 the term vanishes: the noise then comes from the
+    same batched pass as an unguided step, so that the step is the unedited one bit for bit (a
+    UNet's output depends on the batch it ran in, by float rounding), and the energy from a
+    conditional pass without gradients that ends at the last captured layer."""
+    if self_guidance_scale == 0:
+        with torch.no_grad():
+            noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
+            _, energy = _conditional_pass(pipe, capture, latents, t, embeds, do_cfg, edits, prompt_words, words,
+                                          tokens, unet_kwargs, call, stop=can_stop_early(capture, unet_kwargs))
+        return noise, energy
+    uncond = None
+    if do_cfg:
+        with torch.no_grad():
+            uncond = _unet(pipe, pipe.scheduler.scale_model_input(latents, t), t, embeds.chunk(2)[0],
+                           _rows(unet_kwargs, slice(0, latents.shape[0])))
     z = latents.detach().requires_grad_(True)
     with torch.enable_grad():
-        _, energy = guided_energy(
-            pipe, capture, z, t, cond_embeds, edits, prompt_words, words, tokens, _rows(unet_kwargs, cond_rows), call,
-            stop=can_stop_early(capture, unet_kwargs),
-        )
+        cond, energy = _conditional_pass(pipe, capture, z, t, embeds, do_cfg, edits, prompt_words, words, tokens,
+                                         unet_kwargs, call, stop=False)
         # fp16 latents: scale the energy so that small gradients do not underflow.
         loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
         (grad,) = torch.autograd.grad(energy * loss_scale, z)
@@ -253,8 +262,18 @@ def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits
         raise FloatingPointError(f"the self-guidance gradient is not finite at UNet call {call}; lower the edit weights")
     if normalize_gradient:
         grad = unit_rms(grad)
+    noise = combine(uncond, cond.detach(), guidance_scale, guidance_rescale)
     term = guidance_term(pipe.scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
-    return noise + term.to(noise.dtype), energy
+    return noise + term.to(noise.dtype), energy.detach()
+
+
+def _conditional_pass(pipe, capture, latents, t, embeds, do_cfg, edits, prompt_words, words, tokens, unet_kwargs,
+                      call, stop):
+    """guided_energy on the conditional half of a CFG batch's inputs."""
+    cond_embeds = embeds.chunk(2)[1] if do_cfg else embeds
+    cond_rows = slice(latents.shape[0], None) if do_cfg else None
+    return guided_energy(pipe, capture, latents, t, cond_embeds, edits, prompt_words, words, tokens,
+                         _rows(unet_kwargs, cond_rows), call, stop=stop)
 
 
 def can_stop_early(capture, unet_kwargs):
