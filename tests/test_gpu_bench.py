@@ -23,7 +23,9 @@ STEP_ROW = [
 # Fields each phase's records must carry, as finite numbers (or booleans / strings where named).
 NUMBERS = {
     "kernels_correctness": ["err_sums", "err_maps", "err_dq", "tol", "tol_dq", "head_dim"],
-    "kernel_timing": ["triton_us", "torch_us", "speedup", "bytes_moved", "floor_us", "pct_roofline"],
+    "kernel_timing": ["triton_us", "torch_us", "speedup", "bytes_moved", "floor_us", "pct_roofline",
+                      "triton_eager_us", "torch_eager_us"],
+    "kernel_variants": ["forward_us", "backward_us", "maps_error", "dq_error", "programs_forward", "block_n"],
     "sd15_image": ["image_s", "over_plain", "images_per_s"],
     "energy": ["image_s"],
     "sdxl_step": STEP_ROW,
