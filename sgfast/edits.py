@@ -102,15 +102,23 @@ class _KeepOthers(Edit):
 
     keep_others: bool = field(default=True, kw_only=True)
     keep: list = field(default=None, kw_only=True)  # words to hold; default: the other objects' words
-    keep_shape_weight: float = field(default=SHAPE_WEIGHT, kw_only=True)
-    keep_appearance_weight: float = field(default=APPEARANCE_WEIGHT, kw_only=True)
+    # Weights left None take the model's settings (`sgfast.settings`), else these library defaults.
+    keep_shape_weight: float = field(default=None, kw_only=True)
+    keep_appearance_weight: float = field(default=None, kw_only=True)
     # Holding the other objects' centroids too (off by default, as in the paper): on a model whose maps
     # are too peaked for silhouettes to hold anything, positions still do.
-    keep_centroid_weight: float = field(default=0.0, kw_only=True)
+    keep_centroid_weight: float = field(default=None, kw_only=True)
 
     needs_reference = True
+    model_defaults = {"weight": None, "keep_shape_weight": SHAPE_WEIGHT, "keep_appearance_weight": APPEARANCE_WEIGHT,
+                      "keep_centroid_weight": 0.0}
+    default_weight = None  # the edit's own weight (the subclass's)
 
     def __post_init__(self):
+        # Remember which weights the caller left to the model, then fill in the library's.
+        self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
+        for name in self.unset:
+            setattr(self, name, self.default_weight if name == "weight" else self.model_defaults[name])
         for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight):
             _check_weight(w)
         self.word = self.word.strip().lower()
@@ -155,7 +163,8 @@ class Move(_KeepOthers):
     word: str
     dx: float = 0.0
     dy: float = 0.0
-    weight: float = CENTROID_WEIGHT
+    weight: float = None  # None: the model's setting, else CENTROID_WEIGHT
+    default_weight = CENTROID_WEIGHT
 
     def __post_init__(self):
         _check_unit("dx", self.dx, -1.0, 1.0)
@@ -175,7 +184,8 @@ class Place(_KeepOthers):
     word: str
     x: float = 0.5
     y: float = 0.5
-    weight: float = CENTROID_WEIGHT
+    weight: float = None  # None: the model's setting, else CENTROID_WEIGHT
+    default_weight = CENTROID_WEIGHT
 
     def __post_init__(self):
         _check_unit("x", self.x, 0.0, 1.0)
@@ -194,7 +204,8 @@ class Resize(_KeepOthers):
 
     word: str
     scale: float = 1.0
-    weight: float = SIZE_WEIGHT
+    weight: float = None  # None: the model's setting, else SIZE_WEIGHT
+    default_weight = SIZE_WEIGHT
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from sgfast.capture import Capture, default_feature_layer, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.sampler import denoise, record_traces, resolve_schedule
+from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
 
 
@@ -40,7 +41,7 @@ class SelfGuidancePipeline:
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
     cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
 
-    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False):
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None):
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(
                 f"SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (SD 1.x/2.x); got {type(pipe).__name__}"
@@ -49,6 +50,8 @@ class SelfGuidancePipeline:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.pipe = pipe
         self.mode = mode
+        # The model's guidance defaults (its folder's self_guidance.json; sgfast.settings).
+        self.settings = model_settings(pipe, settings)
         if mode == "fast":
             pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         self.layers = resolve_layers(pipe.unet, layers)
@@ -93,8 +96,8 @@ class SelfGuidancePipeline:
         generator=None,
         latents=None,
         eta=0.0,
-        self_guidance_scale=1.0,
-        normalize_gradient=False,
+        self_guidance_scale=None,
+        normalize_gradient=None,
         guidance_schedule=None,
         trace=None,
         record_trace=True,
@@ -108,6 +111,10 @@ class SelfGuidancePipeline:
         pipe.check_inputs(prompts, height, width, None, negative_prompt)
         prompt_words = [PromptWords.from_tokenizer(pipe.tokenizer, p) for p in prompts]
         edits = self._edits_per_item(edits, batch)
+        # Arguments left None take the model's settings (else the paper's defaults).
+        edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = self.settings.resolve(
+            edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
+        )
         for item, words in zip(edits, prompt_words):
             for edit in item:
                 edit.validate(words)
