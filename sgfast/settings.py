@@ -177,6 +177,6 @@ def model_settings(pipe, settings=None):
         return GuidanceSettings.read(settings)
     if settings is not None:
         raise TypeError(f'settings must be None, "paper", a path, a dict or GuidanceSettings; got {settings!r}')
-    folder = getattr(pipe, "name_or_path", None)
-    path = os.path.join(folder, FILENAME) if isinstance(folder, str) and folder else None
+    folder = getattr(pipe, "name_or_path", None)  # from_pretrained's argument: a str or a Path
+    path = os.path.join(os.fspath(folder), FILENAME) if isinstance(folder, (str, os.PathLike)) and folder else None
     return GuidanceSettings.read(path) if path and os.path.isfile(path) else GuidanceSettings()
