@@ -228,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("outputs", "bench"))
     parser.add_argument("--edits", default=",".join(EDITS), help="the edit kinds to measure, comma-separated")
     parser.add_argument("--scale", default=None, help="comma-separated self-guidance scales v that replace each setting's own (a sweep)")
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     unknown = set(args.edits.split(",")) - set(EDITS)
@@ -238,6 +239,7 @@ def main(argv=None):
 
     pipe, name = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
     os.makedirs(args.out, exist_ok=True)
     results, examples, start = {}, {}, time.perf_counter()
     for mode in args.modes.split(","):
@@ -269,7 +271,8 @@ def main(argv=None):
         step = f", training step {json.load(open(trained))['step']}" if os.path.exists(trained) else ""
         section = (
             f"## Edit fidelity ({args.model} model{step})\n\n"
-            f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device}"
+            f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
             f"torch {torch.__version__}; `{command.strip()}` ({elapsed:.0f} s)\n\n"
             f"{args.seeds} held-out two-object captions, one seed each, {args.steps} DDIM steps, guidance scale "
             f"{args.guidance_scale}, bare calls (the model's own settings unless named); an image counts when the reader finds "

@@ -6,7 +6,7 @@ image). Edits compose by summation. Each checks its arguments when built and its
 prompt before sampling starts, so a bad edit fails before anything runs.
 
 Default weights follow the public ports' relative scales (centroid 4, size 2, shape 6, appearance
-12); tune them per model (the built-in model's: `sgfast.shapes.guidance_settings`).
+12); a model's settings file may set others for the weights an edit leaves unset (`sgfast.settings`).
 """
 
 import math
@@ -198,6 +198,9 @@ class Place(_KeepOthers):
         return _l1(centroid, target).sum(-1).mean()
 
 
+SIZE_FLOOR = 1e-4  # of the image: keeps the log of a vanished silhouette finite
+
+
 @dataclass
 class Resize(_KeepOthers):
     """Scale the area of `word`'s object by `scale` (> 0) relative to the reference."""
@@ -213,8 +216,13 @@ class Resize(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        size = current.size(self.word)
-        return _l1(size, self.scale * reference.size(self.word).to(size)).mean()
+        # Sizes are compared as log ratios, not differences: a small object's size (a few % of the
+        # image) is of the order of L1_SMOOTHING, so a difference would sit in the smoothed zone, where
+        # the pull fades, for most of the way (x0.5 of a 5% object: 0.025 to go). In logs, x2 and x0.5
+        # are the same distance (0.69) whatever the object's size.
+        size = current.size(self.word).clamp_min(SIZE_FLOOR)
+        target = math.log(self.scale) + reference.size(self.word).to(size).clamp_min(SIZE_FLOOR).log()
+        return _l1(size.log(), target).mean()
 
 
 @dataclass
