@@ -228,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("outputs", "bench"))
     parser.add_argument("--edits", default=",".join(EDITS), help="the edit kinds to measure, comma-separated")
     parser.add_argument("--scale", default=None, help="comma-separated self-guidance scales v that replace each setting's own (a sweep)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: OpenMP's spinning threads slow every step on a shared machine)")
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
@@ -236,6 +237,8 @@ def main(argv=None):
         parser.error(f"unknown edit kinds {sorted(unknown)}; allowed: {', '.join(EDITS)}")
 
     from sgfast.shapes import load_pipeline
+
+    torch.set_num_threads(args.threads)
 
     pipe, name = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)

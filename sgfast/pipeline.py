@@ -55,7 +55,7 @@ class SelfGuidancePipeline:
         if mode == "fast":
             pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         self.layers = resolve_layers(pipe.unet, layers)
-        self.feature_layer = feature_layer or default_feature_layer(pipe.unet, self.layers)
+        self.feature_layer = feature_layer or self.settings.feature_layer or default_feature_layer(pipe.unet, self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.

@@ -14,7 +14,8 @@ an edit, overrides them; a pipeline without the file keeps the paper's defaults.
 A call takes its scale, normalisation and schedule from the entry of its first edit's kind, then
 from "defaults", then the paper's; each edit takes its weights from its own kind's entry.
 `guidance_schedule` is "paper" (the paper's schedule) or {"from_step": k, "to_share": s}: steps
-k <= i < s * steps are guided, whatever the step count.
+k <= i < s * steps are guided, whatever the step count. An optional "feature_layer" names the UNet
+block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it).
 """
 
 import dataclasses
@@ -84,10 +85,13 @@ class GuidanceSettings:
 
     defaults: dict = dataclasses.field(default_factory=dict)
     edits: dict = dataclasses.field(default_factory=dict)
+    feature_layer: str = None  # the UNet block whose output appearance reads (from_pipe's feature_layer)
     source: str = None  # where they were read from, for messages
 
     def __post_init__(self):
         where = self.source or "guidance settings"
+        if self.feature_layer is not None and not (isinstance(self.feature_layer, str) and self.feature_layer):
+            raise ValueError(f"{where}: feature_layer must be a UNet block name such as \"up_blocks.2\", got {self.feature_layer!r}")
         _check_entry(f"{where} defaults", self.defaults, ())
         if not isinstance(self.edits, dict):
             raise ValueError(f"{where}: edits must be an object of edit kinds, got {self.edits!r}")
@@ -101,10 +105,11 @@ class GuidanceSettings:
         where = source or "guidance settings"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{where}: expected an object with "format": {FORMAT}')
-        unknown = set(data) - {"format", "defaults", "edits", "about"}
+        unknown = set(data) - {"format", "defaults", "edits", "feature_layer", "about"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, about")
-        return cls(dict(data.get("defaults", {})), {k: dict(v) if isinstance(v, dict) else v for k, v in data.get("edits", {}).items()}, source)
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, about")
+        edits = {k: dict(v) if isinstance(v, dict) else v for k, v in data.get("edits", {}).items()}
+        return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source)
 
     @classmethod
     def read(cls, path):
@@ -120,6 +125,8 @@ class GuidanceSettings:
         if about:
             data["about"] = about
         data.update(defaults=self.defaults, edits=self.edits)
+        if self.feature_layer:
+            data["feature_layer"] = self.feature_layer
         return data
 
     def write(self, folder, about=None):
