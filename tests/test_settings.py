@@ -103,6 +103,7 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"defaults": {"guidance_schedule": {"from_step": 1, "to_share": 1.5}}}, "to_share must be in (0, 1]"),
         ({"format": 2}, 'expected an object with "format": 1'),
         ({"extra": 1}, "unknown keys ['extra']"),
+        ({"feature_layer": 3}, "feature_layer must be a UNet block name"),
     ],
 )
 def test_a_bad_file_is_a_clear_error_naming_the_file(tmp_path, change, message):
@@ -128,8 +129,20 @@ def test_every_edit_has_a_kind_and_copy_edits_take_only_call_settings():
 
 def test_the_built_in_model_ships_its_settings_and_the_export_writes_them(tmp_path):
     shipped = GuidanceSettings.read(os.path.join(shapes_model.default_model_path(), FILENAME))
-    assert (shipped.defaults, shipped.edits) == (shapes_model.GUIDANCE_SETTINGS["defaults"], shapes_model.GUIDANCE_SETTINGS["edits"])
+    assert shipped.to_dict() == {"format": 1, **shapes_model.GUIDANCE_SETTINGS}
     written = GuidanceSettings.read(shapes_model.write_guidance_settings(str(tmp_path)))
-    assert (written.defaults, written.edits) == (shipped.defaults, shipped.edits)
-    pipe = shapes_model.load_default_pipeline()
-    assert SelfGuidancePipeline.from_pipe(pipe).settings.edits == shipped.edits
+    assert written.to_dict() == shipped.to_dict()
+    sg = SelfGuidancePipeline.from_pipe(shapes_model.load_default_pipeline())
+    assert sg.settings.edits == shipped.edits and sg.feature_layer == shipped.feature_layer
+
+
+def test_the_files_feature_layer_is_used_unless_from_pipe_names_one(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    with open(tmp_path / FILENAME, "w") as f:
+        json.dump({**SETTINGS, "feature_layer": "up_blocks.1"}, f)
+    assert SelfGuidancePipeline.from_pipe(load(tmp_path)).feature_layer == "up_blocks.1"
+    assert SelfGuidancePipeline.from_pipe(load(tmp_path), feature_layer="up_blocks.0").feature_layer == "up_blocks.0"
+    with open(tmp_path / FILENAME, "w") as f:
+        json.dump({**SETTINGS, "feature_layer": "up_blocks.9"}, f)
+    with pytest.raises(ValueError, match="unknown feature layer 'up_blocks.9'; choose a UNet block such as"):
+        SelfGuidancePipeline.from_pipe(load(tmp_path))
