@@ -89,7 +89,9 @@ def mean_colour(image, mask):
 
 
 def measure_appearance(image_before, image_after, before, after, colour, source_colour):
-    """(distance before, distance after, read as the source colour) for the object at `colour`'s place."""
+    """(distance before, distance after, read as the source colour) for the object at `colour`'s place;
+    it counts as read only when the edited image still holds as many objects as the original (a
+    guidance step that breaks the image up can leave a blob of any colour there)."""
     a0 = by_colour(before, colour)
     if a0 is None:
         return None
@@ -98,7 +100,7 @@ def measure_appearance(image_before, image_after, before, after, colour, source_
     mask = edited.mask if edited is not None else a0.mask
     distance_before = float(np.linalg.norm(mean_colour(image_before, a0.mask) - target))
     distance_after = float(np.linalg.norm(mean_colour(image_after, mask) - target))
-    return distance_before, distance_after, edited is not None and edited.colour == source_colour
+    return distance_before, distance_after, edited is not None and edited.colour == source_colour and len(after) == len(before)
 
 
 def measure_layout(before, after, source, colours):

@@ -224,6 +224,15 @@ class Resize(_KeepOthers):
         target = math.log(self.scale) + reference.size(self.word).to(size).clamp_min(SIZE_FLOOR).log()
         return _l1(size.log(), target).mean()
 
+    def energy(self, current, reference, timestep):
+        # Where the other objects' centroids are held (keep_centroid_weight), the resized object's is
+        # too: it grows or shrinks in place instead of drifting to where there is room.
+        energy = super().energy(current, reference, timestep)
+        if self.keep_others and self.keep_centroid_weight:
+            distance = _l1(current.centroid(self.word), reference.centroid(self.word).to(energy)).sum(-1).mean()
+            energy = energy + self.keep_centroid_weight * distance
+        return energy
+
 
 @dataclass
 class KeepShape(Edit):

@@ -84,10 +84,6 @@ GUIDANCE_SETTINGS = {
         "copy_appearance": {"self_guidance_scale": 8.0},
         "copy_layout": {"self_guidance_scale": 1.5},
     },
-    # Appearance from the last up block's output (16x16, 32 channels), not the default (the block that
-    # feeds the finest captured one): with that one a copied appearance took the source's colour in
-    # 1 of 10 images (RESULTS.md, "Copy appearance").
-    "feature_layer": "up_blocks.2",
 }
 SETTINGS_ABOUT = "Self-guidance defaults of the built-in shapes model (sgfast.shapes.model.GUIDANCE_SETTINGS); see benchmarks/RESULTS.md."
 
