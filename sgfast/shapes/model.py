@@ -82,7 +82,7 @@ GUIDANCE_SETTINGS = {
         "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS},
         "resize": {"self_guidance_scale": 1.5, **KEEP_OTHERS},
         "copy_appearance": {"self_guidance_scale": 8.0},
-        "copy_layout": {"self_guidance_scale": 1.5},
+        "copy_layout": {"self_guidance_scale": 2.0},
     },
 }
 SETTINGS_ABOUT = "Self-guidance defaults of the built-in shapes model (sgfast.shapes.model.GUIDANCE_SETTINGS); see benchmarks/RESULTS.md."
