@@ -1,18 +1,21 @@
 """Edit fidelity in pixels: do the edits do what they say on the built-in model?
 
 For each held-out two-object caption and seed, generate the unedited image, read it with the scene
-reader, apply each edit, read the edited image and compare:
+reader, apply each edit with a bare call (the model's own settings, `self_guidance.json`), read the
+edited image and compare:
 
-- move: requested vs measured centroid displacement of the moved object (error in pixels), and the
-  IoU of the other object with itself before the move (keep);
-- resize: requested vs measured area ratio;
-- copy appearance: colour distance (RGB, 0-255) of the edited object to the source object's colour,
-  before and after, and how often the reader now reads the source colour;
+- move (0.25 of the width, toward the far side): the error of the moved object's centroid in x and
+  in y (fractions of the width), and the IoU of the other object with itself before the move;
+- resize x2 and x0.5: the measured area ratio, and the other object's;
+- copy appearance (from a second generation of the same shape in a third colour): how often the
+  reader now reads the source colour, and the colour distance (RGB, 0-255) before and after;
 - copy layout: IoU of the edited objects' masks with the source's, against the unedited image's.
 
     python -m benchmarks.quality --seeds 20                  # table, JSON and an example sheet
     python -m benchmarks.quality --seeds 20 --results        # also updates benchmarks/RESULTS.md
-    python -m benchmarks.quality --settings tuned --scale 1,1.5,2   # a sweep of the self-guidance scale v
+    python -m benchmarks.quality --settings paper            # the paper's defaults instead of the model's
+    python -m benchmarks.quality --settings my.json          # another settings file (same format)
+    python -m benchmarks.quality --scale 1,1.5,2             # a sweep of the self-guidance scale v
 """
 
 import argparse
@@ -26,16 +29,10 @@ import numpy as np
 import torch
 
 from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, move, resize
-from sgfast.shapes import model as default_model
 from sgfast.shapes.scenes import COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, parse_caption, read_scene
 
-# Settings compared: the paper's (raw gradients, its schedule, its relative weights, v = 1) and the
-# one tuned by hand on the built-in model (`sgfast.shapes.guidance_settings`, `KEEP_OTHERS`).
-# Each is (call arguments for an edit kind and a step count, keep arguments of move and resize).
-SETTINGS = {
-    "paper defaults": (lambda kind, steps: {"self_guidance_scale": 1.0}, {}),
-    "tuned": (default_model.guidance_settings, default_model.KEEP_OTHERS),
-}
+MOVE = 0.25  # of the width
+SCALES = (2.0, 0.5)
 
 
 def captions(count, first_seed=HELDOUT_SEED + 50_000):
@@ -65,23 +62,26 @@ def nearest(objects, centroid):
     return min(objects, key=lambda o: (o.centroid[0] - centroid[0]) ** 2 + (o.centroid[1] - centroid[1]) ** 2)
 
 
-def measure_move(before, after, colour, other_colour, dx, dy, size=64):
-    """(error in pixels, measured (dx, dy), IoU of the other object) or None when unreadable."""
+def measure_move(before, after, colour, other_colour, dx, dy):
+    """(|error x|, |error y| in fractions of the width, measured (dx, dy), IoU of the other object)
+    or None when unreadable."""
     a0, a1 = by_colour(before, colour), by_colour(after, colour)
     b0, b1 = by_colour(before, other_colour), by_colour(after, other_colour)
     if a0 is None or a1 is None:
         return None
     measured = (a1.centroid[0] - a0.centroid[0], a1.centroid[1] - a0.centroid[1])
-    error = float(np.hypot(measured[0] - dx, measured[1] - dy) * size)
     keep = iou(b0.mask, b1.mask) if b0 is not None and b1 is not None else 0.0
-    return error, measured, keep
+    return abs(measured[0] - dx), abs(measured[1] - dy), measured, keep
 
 
-def measure_resize(before, after, colour):
+def measure_resize(before, after, colour, other_colour):
+    """(area ratio of the object, area ratio of the other object) or None when unreadable; a lost
+    other object counts as ratio 0."""
     a0, a1 = by_colour(before, colour), by_colour(after, colour)
+    b0, b1 = by_colour(before, other_colour), by_colour(after, other_colour)
     if a0 is None or a1 is None:
         return None
-    return a1.area / a0.area
+    return a1.area / a0.area, (b1.area / b0.area if b0 is not None and b1 is not None else 0.0)
 
 
 def mean_colour(image, mask):
@@ -89,7 +89,9 @@ def mean_colour(image, mask):
 
 
 def measure_appearance(image_before, image_after, before, after, colour, source_colour):
-    """(distance before, distance after, read as the source colour) for the object at `colour`'s place."""
+    """(distance before, distance after, read as the source colour) for the object at `colour`'s place;
+    it counts as read only when the edited image still holds as many objects as the original (a
+    guidance step that breaks the image up can leave a blob of any colour there)."""
     a0 = by_colour(before, colour)
     if a0 is None:
         return None
@@ -98,7 +100,7 @@ def measure_appearance(image_before, image_after, before, after, colour, source_
     mask = edited.mask if edited is not None else a0.mask
     distance_before = float(np.linalg.norm(mean_colour(image_before, a0.mask) - target))
     distance_after = float(np.linalg.norm(mean_colour(image_after, mask) - target))
-    return distance_before, distance_after, edited is not None and edited.colour == source_colour
+    return distance_before, distance_after, edited is not None and edited.colour == source_colour and len(after) == len(before)
 
 
 def measure_layout(before, after, source, colours):
@@ -113,76 +115,95 @@ def measure_layout(before, after, source, colours):
     return mean_iou(after), mean_iou(before)
 
 
-def summary(values):
+def median(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+    return statistics.median(values) if values else float("nan")
 
 
-def run(sg, seeds, steps, guidance_scale, setting, progress=print, scale=None):
-    """Measurements for every seed; images of the first seed for the example sheet. `scale`, when
-    given, replaces the setting's self-guidance scale v for every edit kind."""
-    settings_for, keep = SETTINGS[setting]
-    guided = settings_for if scale is None else (lambda kind, n: {**settings_for(kind, n), "self_guidance_scale": scale})
+def settings_for(setting):
+    """from_pipe's `settings` for a --settings value: "model" (the folder's own), "paper", or a file."""
+    return None if setting == "model" else setting
+
+
+EDITS = ("move", "resize", "copy_appearance", "copy_layout")
+
+
+def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale=None, edits=EDITS):
+    """Measurements for every seed; images of the first seed for the example sheet. Edits are bare
+    calls: the pipeline's settings decide scale, normalisation, schedule and keep weights; `scale`,
+    when given, is passed as every call's self-guidance scale v; `edits`: the kinds to measure."""
+    guided = {} if scale is None else {"self_guidance_scale": scale}
     rows, skipped, example = [], 0, None
-    spare = [c for c in COLOURS]
     for k, caption in enumerate(captions(seeds)):
         (colour_a, shape_a), (colour_b, _) = parse_caption(caption)
-        base = sg(caption, num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(k))
+        common = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
+        base = sg(caption, generator=torch.Generator().manual_seed(k), **common)
         image0 = to_array(base.images[0])
         read0 = read_scene(image0)
         if not matches_caption(read0, caption):
             skipped += 1
             continue
         a0 = by_colour(read0, colour_a)
-        dx = 0.25 if a0.centroid[0] < 0.5 else -0.25
-        common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, trace=base.trace)
+        dx = MOVE if a0.centroid[0] < 0.5 else -MOVE
+        edit = dict(trace=base.trace, **guided, **common)
         row = {"caption": caption, "seed": k}
 
-        moved = sg(caption, edits=[move(shape_a, dx=dx, **keep)], **guided("move", steps), **common)
-        image1 = to_array(moved.images[0])
-        row["move"] = measure_move(read0, read_scene(image1), colour_a, colour_b, dx, 0.0)
+        moved = resized = looked = laid = source = layout_source = None
+        if "move" in edits:
+            moved = to_array(sg(caption, edits=[move(shape_a, dx=dx)], **edit).images[0])
+            row["move"] = measure_move(read0, read_scene(moved), colour_a, colour_b, dx, 0.0)
+        resized = []
+        for factor in SCALES if "resize" in edits else ():
+            resized.append(to_array(sg(caption, edits=[resize(shape_a, factor)], **edit).images[0]))
+            row[f"resize x{factor:g}"] = measure_resize(read0, read_scene(resized[-1]), colour_a, colour_b)
 
-        bigger = sg(caption, edits=[resize(shape_a, 2.0, **keep)], **guided("resize", steps), **common)
-        image2 = to_array(bigger.images[0])
-        row["resize"] = measure_resize(read0, read_scene(image2), colour_a)
-
-        source_colour = next(c for c in spare if c not in (colour_a, colour_b))
-        source = sg(f"a {source_colour} {shape_a}", num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(1000 + k))
-        looked = sg(caption, edits=[copy_appearance(shape_a, source.trace)], **guided("copy_appearance", steps), **common)
-        image3 = to_array(looked.images[0])
-        row["copy_appearance"] = measure_appearance(image0, image3, read0, read_scene(image3), colour_a, source_colour)
-
-        layout_source = sg(caption, num_inference_steps=steps, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(2000 + k))
-        laid = sg(caption, edits=[copy_layout(layout_source.trace)], **guided("copy_layout", steps), **common)
-        image4 = to_array(laid.images[0])
-        row["copy_layout"] = measure_layout(read0, read_scene(image4), read_scene(to_array(layout_source.images[0])), [colour_a, colour_b])
+        if "copy_appearance" in edits:
+            source_colour = next(c for c in COLOURS if c not in (colour_a, colour_b))
+            source = sg(f"a {source_colour} {shape_a}", generator=torch.Generator().manual_seed(1000 + k), **common)
+            looked = to_array(sg(caption, edits=[copy_appearance(shape_a, source.trace)], **edit).images[0])
+            row["copy_appearance"] = measure_appearance(image0, looked, read0, read_scene(looked), colour_a, source_colour)
+        if "copy_layout" in edits:
+            layout_source = sg(caption, generator=torch.Generator().manual_seed(2000 + k), **common)
+            laid = to_array(sg(caption, edits=[copy_layout(layout_source.trace)], **edit).images[0])
+            row["copy_layout"] = measure_layout(read0, read_scene(laid), read_scene(to_array(layout_source.images[0])), [colour_a, colour_b])
         rows.append(row)
         if example is None:
-            example = (caption, [image0, image1, image2, to_array(source.images[0]), image3, to_array(layout_source.images[0]), image4])
+            sources = [to_array(t.images[0]) if t is not None else None for t in (source, layout_source)]
+            tiles = [image0, moved, *resized, sources[0], looked, sources[1], laid]
+            example = (caption, [t if t is not None else np.full_like(image0, 255) for t in tiles])
         progress(f"  [{setting}] {k + 1}/{seeds} {caption!r}")
     return rows, skipped, example
 
 
+def within(values, target, tolerance):
+    """'n/N' of values within `tolerance` (relative) of `target`."""
+    values = [v for v in values if v is not None]
+    return f"{sum(abs(v / target - 1) <= tolerance for v in values)}/{len(values)}"
+
+
 def table(results):
+    """Medians (the targets are medians) and how many images reach each target."""
     header = (
-        "| path | weights | images read | move error (px) | keep IoU | resize ratio (asked 2.0) | "
-        "appearance distance before -> after | read as source colour | layout IoU unedited -> edited |"
+        "| path | settings | images read | move: median error x / y (of the width) | move: other's IoU, median | "
+        "resize x2: ratio median (within 20%) | x2: other's area | resize x0.5: ratio median (within 20%) | x0.5: other's area | "
+        "copy appearance: read as source | colour distance before -> after | copy layout: IoU unedited -> edited, median |"
     )
-    lines = [header, "|" + "---|" * 9]
+    lines = [header, "|" + "---|" * 12]
     for (mode, setting), (rows, skipped) in results.items():
-        moves = [r["move"] for r in rows if r["move"]]
-        looks = [r["copy_appearance"] for r in rows if r["copy_appearance"]]
-        layouts = [r["copy_layout"] for r in rows]
-        lines.append(
-            f"| {mode} | {setting} | {len(rows)}/{len(rows) + skipped} | {summary([m[0] for m in moves])} | "
-            f"{summary([m[2] for m in moves])} | {summary([r['resize'] for r in rows])} | "
-            f"{summary([l[0] for l in looks])} -> {summary([l[1] for l in looks])} | "
-            f"{sum(l[2] for l in looks)}/{len(looks)} | "
-            f"{summary([l[1] for l in layouts])} -> {summary([l[0] for l in layouts])} |"
-        )
+        moves = [r["move"] for r in rows if r.get("move")]
+        looks = [r["copy_appearance"] for r in rows if r.get("copy_appearance")]
+        layouts = [r["copy_layout"] for r in rows if "copy_layout" in r]
+        cells = [mode, setting, f"{len(rows)}/{len(rows) + skipped}",
+                 f"{median([m[0] for m in moves]):.3f} / {median([m[1] for m in moves]):.3f}",
+                 f"{median([m[3] for m in moves]):.2f}"]
+        for factor in SCALES:
+            sizes = [r[f"resize x{factor:g}"] for r in rows if r.get(f"resize x{factor:g}")]
+            cells += [f"{median([s[0] for s in sizes]):.2f} ({within([s[0] for s in sizes], factor, 0.2)})",
+                      f"{median([s[1] for s in sizes]):.2f} (within 15%: {within([s[1] for s in sizes], 1.0, 0.15)})"]
+        cells += [f"{sum(l[2] for l in looks)}/{len(looks)}",
+                  f"{median([l[0] for l in looks]):.0f} -> {median([l[1] for l in looks]):.0f}",
+                  f"{median([l[1] for l in layouts]):.2f} -> {median([l[0] for l in layouts]):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,25 +225,34 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--modes", default="reference,fast")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--modes", default="fast", help="SelfGuidancePipeline modes, comma-separated (reference and fast give the same figures)")
+    parser.add_argument("--settings", default="model", help='comma-separated: "model" (the model folder\'s own), "paper", or settings files')
     parser.add_argument("--out", default=os.path.join("outputs", "bench"))
+    parser.add_argument("--edits", default=",".join(EDITS), help="the edit kinds to measure, comma-separated")
     parser.add_argument("--scale", default=None, help="comma-separated self-guidance scales v that replace each setting's own (a sweep)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: OpenMP's spinning threads slow every step on a shared machine)")
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
+    unknown = set(args.edits.split(",")) - set(EDITS)
+    if unknown:
+        parser.error(f"unknown edit kinds {sorted(unknown)}; allowed: {', '.join(EDITS)}")
 
     from sgfast.shapes import load_pipeline
 
+    torch.set_num_threads(args.threads)
+
     pipe, name = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
     os.makedirs(args.out, exist_ok=True)
     results, examples, start = {}, {}, time.perf_counter()
     for mode in args.modes.split(","):
-        sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode)
         for setting in args.settings.split(","):
+            sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode, settings=settings_for(setting))
             for scale in [None] if args.scale is None else [float(v) for v in args.scale.split(",")]:
                 label = setting if scale is None else f"{setting}, v={scale:g}"
-                rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting, scale=scale)
+                rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting, scale=scale, edits=args.edits.split(","))
                 results[(mode, label)] = (rows, skipped)
                 examples[(mode, label)] = example
     elapsed = time.perf_counter() - start
@@ -235,21 +265,23 @@ def main(argv=None):
     written = [json_path]
     for (mode, setting), example in examples.items():
         if example is not None:
-            name_ = f"quality_{mode}_{setting.replace(', ', '_').replace(' ', '_').replace('=', '')}.png"
+            label = os.path.splitext(os.path.basename(setting))[0]
+            name_ = f"quality_{mode}_{label.replace(', ', '_').replace(' ', '_').replace('=', '')}.png"
             written.append(example_sheet(example, os.path.join(args.out, name_)))
     print("\nwrote " + ", ".join(written))
-    print("sheet columns: original | move | resize | appearance source | copy appearance | layout source | copy layout")
+    print("sheet columns: original | move | resize x2 | resize x0.5 | appearance source | copy appearance | layout source | copy layout")
     if args.results:
         command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
         trained = os.path.join(getattr(pipe, "name_or_path", "") or "", "training.json")
         step = f", training step {json.load(open(trained))['step']}" if os.path.exists(trained) else ""
         section = (
             f"## Edit fidelity ({args.model} model{step})\n\n"
-            f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device}"
+            f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
             f"torch {torch.__version__}; `{command.strip()}` ({elapsed:.0f} s)\n\n"
             f"{args.seeds} held-out two-object captions, one seed each, {args.steps} DDIM steps, guidance scale "
-            f"{args.guidance_scale}; an image counts when the reader finds the caption's objects in the unedited image. "
-            f"Mean ± standard deviation over those images.\n\n{text}\n"
+            f"{args.guidance_scale}, bare calls (the model's own settings unless named); an image counts when the reader finds "
+            f"the caption's objects in the unedited image. Medians over those images; in brackets, how many reach the target.\n\n{text}\n"
         )
         replace_section("benchmarks/RESULTS.md", "## Edit fidelity", section)
 

@@ -179,7 +179,9 @@ class SgfastRunner:
     def __init__(self, pipe, row, steps):
         from sgfast import SelfGuidancePipeline
 
-        kwargs = dict(mode=row.mode)
+        # The paper's settings whatever the model's folder holds: the rows time the paper's schedule and
+        # its full move (keep shape + keep appearance).
+        kwargs = dict(mode=row.mode, settings="paper")
         if row.compile:
             kwargs["compile"] = True
         self.sg = SelfGuidancePipeline.from_pipe(pipe, **kwargs)

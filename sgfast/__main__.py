@@ -1,7 +1,8 @@
 """Command line: `python -m sgfast demo|serve|serve-ray|train`.
 
-`demo` generates an image, moves and resizes an object, and writes the images and a sheet of attention
-maps and centroids; `serve` runs the HTTP server (`sgfast.serve`), `serve-ray` the same API on Ray
+`demo` generates an image, moves and resizes an object and copies its appearance from a second
+generation, says what each edit did as the scene reader sees it, and writes the images and a sheet of
+attention maps and centroids; `serve` runs the HTTP server (`sgfast.serve`), `serve-ray` the same API on Ray
 Serve, `train` trains the built-in model (`sgfast.shapes.train`). The web stack and Ray are imported
 only when their command runs."""
 
@@ -14,42 +15,42 @@ import torch
 
 
 def demo(args):
-    from sgfast import SelfGuidancePipeline, move, resize
+    from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
     from sgfast.edits import content_words
-    from sgfast.shapes import KEEP_OTHERS, guidance_settings, load_pipeline
-    from sgfast.shapes.scenes import read_change
+    from sgfast.shapes import load_pipeline
+    from sgfast.shapes.scenes import describe_changes
     from sgfast.sheet import sheet
     from sgfast.trace import PromptWords
 
     pipe, name = load_pipeline(args.model)
+    # Bare calls: the model's own guidance settings (its folder's self_guidance.json) are the defaults.
     sg = SelfGuidancePipeline.from_pipe(pipe)
     os.makedirs(args.out, exist_ok=True)
     settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    if args.weight is not None:
+        settings["self_guidance_scale"] = args.weight
     print(f"model: {name}\nprompt: {args.prompt!r}")
     start = time.perf_counter()
     original = sg(args.prompt, generator=torch.Generator().manual_seed(args.seed), **settings)
-    # The built-in model's tuned settings (sgfast.shapes.model); --weight overrides their scale v.
+    source = sg(args.source_prompt, generator=torch.Generator().manual_seed(args.source_seed), **settings)
     edits = {
-        f"move {args.move_word} by dx={args.dx:+}": ("move", [move(args.move_word, dx=args.dx, **KEEP_OTHERS)]),
-        f"resize {args.resize_word} x{args.scale}": ("resize", [resize(args.resize_word, args.scale, **KEEP_OTHERS)]),
+        "move": (f"move {args.move_word} by dx={args.dx:+}", move(args.move_word, dx=args.dx)),
+        "resize": (f"resize {args.resize_word} x{args.scale}", resize(args.resize_word, args.scale)),
+        "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r}", copy_appearance(args.appearance_word, source.trace)),
     }
     rows = [("original", original.images[0], original.trace)]
-    written = [os.path.join(args.out, "original.png")]
+    written = [os.path.join(args.out, "original.png"), os.path.join(args.out, "source.png")]
     original.images[0].save(written[0])
-    for title, (kind, edit) in edits.items():
-        guidance = guidance_settings(kind, args.steps)
-        if args.weight is not None:
-            guidance["self_guidance_scale"] = args.weight
+    source.images[0].save(written[1])
+    for name_, (title, edit) in edits.items():
         # The original's trace is reused: the unedited pass is not run again.
-        out = sg(args.prompt, edits=edit, trace=original.trace, **guidance, **settings)
-        path = os.path.join(args.out, title.split()[0] + ".png")
+        out = sg(args.prompt, edits=[edit], trace=original.trace, **settings)
+        path = os.path.join(args.out, name_ + ".png")
         out.images[0].save(path)
         written.append(path)
-        word = args.move_word if kind == "move" else args.resize_word
-        change = read_change(args.prompt, word, original.images[0], out.images[0])
-        if change is not None:  # a scene of the built-in model: say what the edit did, as the reader sees it
-            (dx, dy), ratio = change
-            print(f"{title}: the {word} moved dx={dx:+.2f} dy={dy:+.2f} (image fractions), area x{ratio:.2f}")
+        # A scene of the built-in model: say what the edit did to every object, as the reader sees it.
+        for line in describe_changes(args.prompt, original.images[0], out.images[0]):
+            print(f"{title}: {line}")
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
@@ -64,17 +65,20 @@ def demo(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sgfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    d = commands.add_parser("demo", help="generate, move and resize; write images and an attention sheet")
+    d = commands.add_parser("demo", help="generate, move, resize and copy appearance; write images and an attention sheet")
     d.add_argument("--model", default="default", help='"default", "tiny", or a local diffusers pipeline folder')
     d.add_argument("--prompt", default="a red circle and a blue square")
     d.add_argument("--move-word", default="circle")
     d.add_argument("--dx", type=float, default=-0.3, help="horizontal move, image fractions (negative: left)")
     d.add_argument("--resize-word", default="circle")
     d.add_argument("--scale", type=float, default=2.0)
-    d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the built-in model's tuned one per edit)")
+    d.add_argument("--appearance-word", default="circle")
+    d.add_argument("--source-prompt", default="a green circle", help="the second generation whose appearance is copied")
+    d.add_argument("--source-seed", type=int, default=1)
+    d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the model's own settings per edit)")
     d.add_argument("--steps", type=int, default=25)
     d.add_argument("--guidance-scale", type=float, default=5.0)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=12, help="the default draws the circle with room to move left by 0.3 and to double")
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)
     from sgfast.serve.cli import add_arguments as add_serve_arguments, serve

@@ -6,7 +6,7 @@ image). Edits compose by summation. Each checks its arguments when built and its
 prompt before sampling starts, so a bad edit fails before anything runs.
 
 Default weights follow the public ports' relative scales (centroid 4, size 2, shape 6, appearance
-12); tune them per model (the built-in model's: `sgfast.shapes.guidance_settings`).
+12); a model's settings file may set others for the weights an edit leaves unset (`sgfast.settings`).
 """
 
 import math
@@ -116,15 +116,23 @@ class _KeepOthers(Edit):
 
     keep_others: bool = field(default=True, kw_only=True)
     keep: list = field(default=None, kw_only=True)  # words to hold; default: the other objects' words
-    keep_shape_weight: float = field(default=SHAPE_WEIGHT, kw_only=True)
-    keep_appearance_weight: float = field(default=APPEARANCE_WEIGHT, kw_only=True)
+    # Weights left None take the model's settings (`sgfast.settings`), else these library defaults.
+    keep_shape_weight: float = field(default=None, kw_only=True)
+    keep_appearance_weight: float = field(default=None, kw_only=True)
     # Holding the other objects' centroids too (off by default, as in the paper): on a model whose maps
     # are too peaked for silhouettes to hold anything, positions still do.
-    keep_centroid_weight: float = field(default=0.0, kw_only=True)
+    keep_centroid_weight: float = field(default=None, kw_only=True)
 
     needs_reference = True
+    model_defaults = {"weight": None, "keep_shape_weight": SHAPE_WEIGHT, "keep_appearance_weight": APPEARANCE_WEIGHT,
+                      "keep_centroid_weight": 0.0}
+    default_weight = None  # the edit's own weight (the subclass's)
 
     def __post_init__(self):
+        # Remember which weights the caller left to the model, then fill in the library's.
+        self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
+        for name in self.unset:
+            setattr(self, name, self.default_weight if name == "weight" else self.model_defaults[name])
         for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight):
             _check_weight(w)
         self.word = self.word.strip().lower()
@@ -169,7 +177,8 @@ class Move(_KeepOthers):
     word: str
     dx: float = 0.0
     dy: float = 0.0
-    weight: float = CENTROID_WEIGHT
+    weight: float = None  # None: the model's setting, else CENTROID_WEIGHT
+    default_weight = CENTROID_WEIGHT
 
     def __post_init__(self):
         _check_unit("dx", self.dx, -1.0, 1.0)
@@ -189,7 +198,8 @@ class Place(_KeepOthers):
     word: str
     x: float = 0.5
     y: float = 0.5
-    weight: float = CENTROID_WEIGHT
+    weight: float = None  # None: the model's setting, else CENTROID_WEIGHT
+    default_weight = CENTROID_WEIGHT
 
     def __post_init__(self):
         _check_unit("x", self.x, 0.0, 1.0)
@@ -202,13 +212,17 @@ class Place(_KeepOthers):
         return _l1(centroid, target).sum(-1).mean()
 
 
+SIZE_FLOOR = 1e-4  # of the image: keeps the log of a vanished silhouette finite
+
+
 @dataclass
 class Resize(_KeepOthers):
     """Scale the area of `word`'s object by `scale` (> 0) relative to the reference."""
 
     word: str
     scale: float = 1.0
-    weight: float = SIZE_WEIGHT
+    weight: float = None  # None: the model's setting, else SIZE_WEIGHT
+    default_weight = SIZE_WEIGHT
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
@@ -216,8 +230,22 @@ class Resize(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        size = current.size(self.word)
-        return _l1(size, self.scale * reference.size(self.word).to(size)).mean()
+        # Sizes are compared as log ratios, not differences: a small object's size (a few % of the
+        # image) is of the order of L1_SMOOTHING, so a difference would sit in the smoothed zone, where
+        # the pull fades, for most of the way (x0.5 of a 5% object: 0.025 to go). In logs, x2 and x0.5
+        # are the same distance (0.69) whatever the object's size.
+        size = current.size(self.word).clamp_min(SIZE_FLOOR)
+        target = math.log(self.scale) + reference.size(self.word).to(size).clamp_min(SIZE_FLOOR).log()
+        return _l1(size.log(), target).mean()
+
+    def energy(self, current, reference, timestep):
+        # Where the other objects' centroids are held (keep_centroid_weight), the resized object's is
+        # too: it grows or shrinks in place instead of drifting to where there is room.
+        energy = super().energy(current, reference, timestep)
+        if self.keep_others and self.keep_centroid_weight:
+            distance = _l1(current.centroid(self.word), reference.centroid(self.word).to(energy)).sum(-1).mean()
+            energy = energy + self.keep_centroid_weight * distance
+        return energy
 
 
 @dataclass

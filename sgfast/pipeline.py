@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from sgfast.capture import Capture, default_feature_layer, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.sampler import denoise, record_traces, resolve_schedule
+from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
 
 
@@ -44,7 +45,7 @@ class SelfGuidancePipeline:
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
     cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
 
-    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False):
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None):
         if not isinstance(pipe, StableDiffusionPipeline):
             raise TypeError(
                 f"SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (SD 1.x/2.x); got {type(pipe).__name__}"
@@ -53,10 +54,12 @@ class SelfGuidancePipeline:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.pipe = pipe
         self.mode = mode
+        # The model's guidance defaults (its folder's self_guidance.json; sgfast.settings).
+        self.settings = model_settings(pipe, settings)
         if mode == "fast":
             pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         self.layers = resolve_layers(pipe.unet, layers)
-        self.feature_layer = feature_layer or default_feature_layer(pipe.unet, self.layers)
+        self.feature_layer = feature_layer or self.settings.feature_layer or default_feature_layer(pipe.unet, self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.
@@ -112,8 +115,8 @@ class SelfGuidancePipeline:
         clip_skip=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
-        self_guidance_scale=1.0,
-        normalize_gradient=False,
+        self_guidance_scale=None,
+        normalize_gradient=None,
         guidance_schedule=None,
         trace=None,
         record_trace=True,
@@ -135,7 +138,6 @@ class SelfGuidancePipeline:
         prompts, batch = self._prompts(prompt, prompt_embeds)
         prompts, prompt_words, edits = self._checked_edits(prompts, edits, batch, images_per_prompt)
         has_edits = any(edits)
-        self._check_guidance(self_guidance_scale, normalize_gradient)
         needs_capture = has_edits or (record_trace and prompt_words is not None)
         if needs_capture and not has_edits and self._capture.foreign_processors():
             # The user's own processors (IP-Adapter, ...) run untouched; only a trace needs ours.
@@ -144,15 +146,20 @@ class SelfGuidancePipeline:
             self._capture.check_processors()
         device = pipe._execution_device
         timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
+        # Arguments left None take the model's settings (else the paper's defaults).
+        edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = self.settings.resolve(
+            edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
+        )
+        self._check_guidance(self_guidance_scale, normalize_gradient)
         schedule = resolve_schedule(guidance_schedule, num_inference_steps)
         if has_edits and not any(schedule):
             raise ValueError(
                 f"the guidance schedule guides none of the {num_inference_steps} steps, so the edits would do nothing; "
                 "use more steps or a guidance_schedule that guides at least one"
             )
-        settings = self._settings(height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch)
-        settings = [s for s in settings for _ in range(images_per_prompt)]  # one per image
-        references = self._references(trace, prompts, settings)
+        trace_settings = self._settings(height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch)
+        trace_settings = [s for s in trace_settings for _ in range(images_per_prompt)]  # one per image
+        references = self._references(trace, prompts, trace_settings)
         if latents is None and references[0] is not None:
             latents = torch.cat([r.latents for r in references])
         if latents is not None and not torch.isfinite(latents).all():
@@ -191,14 +198,14 @@ class SelfGuidancePipeline:
         traces, energies = None, []
         with self.capture() if needs_capture else nullcontext() as capture:
             if has_edits and needs_reference and references[0] is None:
-                references = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
+                references = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state)
                 denoise(pipe, initial.clone(), timesteps, embeds, guidance_scale, capture=capture, traces=references, **loop)
                 pipe.scheduler.set_timesteps(**reset)  # a fresh scheduler state for the edited pass
                 restore_noise_state(generator, device, noise_state)  # the edited pass draws the same step noise
             if references[0] is not None:
                 traces = references
             elif not has_edits and needs_capture:
-                traces = self._new_traces(prompts, prompt_words, initial, settings, noise_state)
+                traces = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state)
             latents = denoise(
                 pipe,
                 latents,

@@ -20,9 +20,9 @@ def test_demo_writes_images_and_sheet(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "--model", "tiny", "--steps", "4", "--out", str(out)])
     printed = capsys.readouterr().out
-    for name in ("original.png", "move.png", "resize.png", "sheet.png"):
+    for name in ("original.png", "source.png", "move.png", "resize.png", "appearance.png", "sheet.png"):
         path = out / name
         assert path.exists() and str(path) in printed
         assert PIL.Image.open(path).size[0] >= 64
-    # rows: original, move, resize; columns: the image, then "circle", "red", "blue", "square"
-    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 3 * (192 + 18))
+    # rows: original, move, resize, copy appearance; columns: the image, then "circle", "red", "blue", "square"
+    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 4 * (192 + 18))

@@ -23,25 +23,28 @@ def test_captions_name_two_objects_of_different_shapes():
         assert shape_a != shape_b
 
 
-def test_move_measured_in_pixels():
+def test_move_measured_in_fractions_of_the_width():
     scene = two_object_scene()
     (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
     before = read_scene(scene.image)
     shifted = np.full_like(scene.image, 240)
     shifted[:, 3:] = scene.image[:, :-3]  # everything 3 px to the right
     after = read_scene(shifted)
-    error, measured, keep = quality.measure_move(before, after, colour_a, colour_b, dx=3 / 64, dy=0.0)
-    assert error == pytest.approx(0.0, abs=1e-6) and measured[0] == pytest.approx(3 / 64)
+    error_x, error_y, measured, keep = quality.measure_move(before, after, colour_a, colour_b, dx=3 / 64, dy=0.0)
+    assert error_x == pytest.approx(0.0, abs=1e-6) and error_y == pytest.approx(0.0, abs=1e-6)
+    assert measured[0] == pytest.approx(3 / 64)
     assert 0.0 < keep < 1.0  # the other object moved too, so it was not kept
-    error, _, keep = quality.measure_move(before, before, colour_a, colour_b, dx=0.25, dy=0.0)
-    assert error == pytest.approx(16.0) and keep == 1.0
+    error_x, error_y, _, keep = quality.measure_move(before, before, colour_a, colour_b, dx=0.25, dy=0.0)
+    assert error_x == pytest.approx(0.25) and error_y == 0.0 and keep == 1.0
 
 
 def test_resize_layout_and_appearance_measures():
     scene = two_object_scene()
     (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
     objects = read_scene(scene.image)
-    assert quality.measure_resize(objects, objects, colour_a) == 1.0
+    assert quality.measure_resize(objects, objects, colour_a, colour_b) == (1.0, 1.0)
+    without_b = np.where(quality.by_colour(objects, colour_b).mask[..., None], 240, scene.image).astype(np.uint8)
+    assert quality.measure_resize(objects, read_scene(without_b), colour_a, colour_b) == (1.0, 0.0)  # the other is lost
     assert quality.measure_layout(objects, objects, objects, [colour_a, colour_b]) == (1.0, 1.0)
     before, after, read_as = quality.measure_appearance(scene.image, scene.image, objects, objects, colour_a, colour_b)
     assert before == after > 50 and not read_as
@@ -53,15 +56,21 @@ def test_resize_layout_and_appearance_measures():
 
 def test_smoke_run_prints_the_table(tmp_path, capsys):
     # The built-in model draws a readable scene, so every edit of the benchmark runs and is measured.
-    quality.main(["--model", "default", "--seeds", "1", "--steps", "10", "--modes", "fast", "--settings", "tuned", "--out", str(tmp_path)])
+    quality.main(["--model", "default", "--seeds", "1", "--steps", "10", "--modes", "fast", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| fast | tuned | 1/1 |" in printed
-    rows = json.loads((tmp_path / "quality.json").read_text())["fast/tuned"]["rows"]
-    assert all(rows[0][key] is not None for key in ("move", "resize", "copy_appearance", "copy_layout"))
-    assert (tmp_path / "quality_fast_tuned.png").exists()
+    assert "| fast | model | 1/1 |" in printed
+    rows = json.loads((tmp_path / "quality.json").read_text())["fast/model"]["rows"]
+    assert all(rows[0][key] is not None for key in ("move", "resize x2", "resize x0.5", "copy_appearance", "copy_layout"))
+    assert (tmp_path / "quality_fast_model.png").exists()
 
 
-def test_scale_replaces_each_edits_own_scale():
+def test_unknown_edit_kind_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--edits", "move,spin"])
+    assert "unknown edit kinds ['spin']; allowed: move, resize, copy_appearance, copy_layout" in capsys.readouterr().err
+
+
+def test_calls_are_bare_unless_a_scale_is_swept():
     # A stand-in pipeline that draws the caption's true scene and records the guidance arguments.
     scene, calls = two_object_scene(), []
 
@@ -74,16 +83,17 @@ def test_scale_replaces_each_edits_own_scale():
 
     def sg(prompt, edits=None, **kwargs):
         if edits:
-            calls.append((type(edits[0]).__name__, kwargs["self_guidance_scale"], kwargs.get("normalize_gradient")))
+            calls.append((type(edits[0]).__name__, {k for k in kwargs if k not in ("trace", "num_inference_steps", "guidance_scale")},
+                          kwargs.get("self_guidance_scale"), edits[0]))
         return Drawn()
 
-    quality.run(sg, 1, 10, 5.0, "tuned", progress=lambda line: None, scale=2.5)
-    assert [c[0] for c in calls] == ["Move", "Resize", "CopyAppearance", "CopyLayout"]
-    assert all(v == 2.5 and normalized for _, v, normalized in calls)  # the rest of the setting is kept
+    quality.run(sg, 1, 10, 5.0, progress=lambda line: None)
+    assert [c[0] for c in calls] == ["Move", "Resize", "Resize", "CopyAppearance", "CopyLayout"]
+    assert all(extra == set() for _, extra, _, _ in calls)  # the model's own settings decide the rest
+    assert calls[0][3].unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight")
     calls.clear()
-    quality.run(sg, 1, 10, 5.0, "tuned", progress=lambda line: None)
-    assert [v for _, v, _ in calls] == [quality.default_model.SELF_GUIDANCE_SCALE[k] for k in
-                                        ("move", "resize", "copy_appearance", "copy_layout")]
+    quality.run(sg, 1, 10, 5.0, progress=lambda line: None, scale=2.5, edits=("resize",))
+    assert [(c[0], c[2]) for c in calls] == [("Resize", 2.5), ("Resize", 2.5)]
 
 
 def test_results_section_is_replaced_up_to_the_next_heading(tmp_path):

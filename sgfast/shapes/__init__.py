@@ -4,8 +4,9 @@ circles, squares and triangles, shipped with the package.
 - `scenes`: the scene generator (training data, captions) and the scene reader that scores images;
 - `train`: its training (`python -m sgfast train`);
 - `model`: loading it (`load_default_pipeline`; `load_pipeline` by name for the command line and the
-  server), and the guidance settings tuned on it (`guidance_settings`, `KEEP_OTHERS`);
-- `assets/default/`: its weights (safetensors) and configs.
+  server), and the guidance settings tuned on it (`GUIDANCE_SETTINGS`, shipped in its folder as
+  `self_guidance.json`, which `SelfGuidancePipeline.from_pipe` reads);
+- `assets/default/`: its weights (safetensors), configs and guidance settings.
 
 It imports the library (`sgfast`); the library never imports it.
 """
@@ -13,10 +14,10 @@ It imports the library (`sgfast`); the library never imports it.
 from sgfast.shapes.model import (
     CAPTION_WORDS,
     IMAGE_SIZE,
-    KEEP_OTHERS,
-    SELF_GUIDANCE_SCALE,
+    GUIDANCE_SETTINGS,
     default_model_path,
     guidance_settings,
+    write_guidance_settings,
     load_default_pipeline,
     load_pipeline,
 )

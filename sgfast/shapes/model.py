@@ -15,7 +15,7 @@ from sgfast.shapes.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
 
 __all__ = [
     "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline", "load_pipeline",
-    "SELF_GUIDANCE_SCALE", "KEEP_OTHERS", "guidance_settings",
+    "GUIDANCE_SETTINGS", "guidance_settings", "write_guidance_settings",
 ]
 
 IMAGE_SIZE = SIZE  # the model draws 64x64 images (16x16 latents)
@@ -65,25 +65,36 @@ def load_pipeline(model):
         return load_default_pipeline(), f"built-in model ({default_model_path()})"
     return StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None), model
 
-# Self-guidance settings tuned by hand on this model (benchmarks/RESULTS.md, "Edit fidelity"). Its
-# maps are trained to spread over their objects with a small floor elsewhere (`--attn-loss-kind
-# mask-kl`), but raw energy gradients are still small and vary widely between prompts and steps (with
-# the paper's settings nothing moves at v = 1 and the image reshuffles at v = 100, benchmarks/RESULTS.md
-# "Scale sweep"): they are normalised, and v sets the step. The
-# first step is skipped (at t ~ 950 the slightest push reshuffles the whole layout); every step is
-# guided up to 80% of the schedule. Moves and resizes hold the other objects' silhouettes and
-# centroids, not appearance (the decoder features it reads also encode position, so it would pin the
-# edited object in place).
-SELF_GUIDANCE_SCALE = {"move": 1.5, "place": 1.5, "resize": 1.5, "copy_appearance": 8.0, "copy_layout": 1.5}
+# Self-guidance settings tuned on this model (benchmarks/RESULTS.md, "Edit fidelity"), shipped in its
+# folder as `self_guidance.json` (written by the training export; `sgfast.settings`), so that a bare
+# `SelfGuidancePipeline.from_pipe(load_default_pipeline())` uses them. Its maps are trained to spread
+# over their objects with a small floor elsewhere (`--attn-loss-kind mask-kl`), but raw energy
+# gradients are small and vary widely between prompts and steps (with the paper's settings nothing
+# moves at v = 1 and the image reshuffles at v = 100, RESULTS.md "Scale sweep"): they are normalised,
+# and v sets the step. The first step is skipped (at t ~ 950 the slightest push reshuffles the whole
+# layout). Moves and resizes hold the other objects' silhouettes and centroids, not appearance (the
+# decoder features it reads also encode position, so it would pin the edited object in place).
 KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
-GUIDED_SHARE = 0.8  # guide steps 1 .. GUIDED_SHARE * steps
+GUIDANCE_SETTINGS = {
+    "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
+    "edits": {
+        "move": {"self_guidance_scale": 1.5, **KEEP_OTHERS},
+        "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS},
+        "resize": {"self_guidance_scale": 1.5, **KEEP_OTHERS},
+        "copy_appearance": {"self_guidance_scale": 8.0},
+        "copy_layout": {"self_guidance_scale": 2.0},
+    },
+}
+SETTINGS_ABOUT = "Self-guidance defaults of the built-in shapes model (sgfast.shapes.model.GUIDANCE_SETTINGS); see benchmarks/RESULTS.md."
 
 
-def guidance_settings(kind, num_inference_steps):
-    """Keyword arguments of a `SelfGuidancePipeline` call for an edit of `kind` ("move", "resize", ...)
-    on this model: its self-guidance scale, gradient normalisation and schedule."""
-    return dict(
-        self_guidance_scale=SELF_GUIDANCE_SCALE[kind],
-        normalize_gradient=True,
-        guidance_schedule=[1 <= i < GUIDED_SHARE * num_inference_steps for i in range(num_inference_steps)],
-    )
+def guidance_settings():
+    """The built-in model's guidance settings (what its folder's `self_guidance.json` holds)."""
+    from sgfast.settings import GuidanceSettings
+
+    return GuidanceSettings(**GUIDANCE_SETTINGS)
+
+
+def write_guidance_settings(folder):
+    """Write the built-in model's guidance settings into a pipeline folder (the training export)."""
+    return guidance_settings().write(folder, about=SETTINGS_ABOUT)

@@ -215,6 +215,36 @@ def read_change(caption, word, before, after):
     return (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1]), b.area / a.area
 
 
+def describe_changes(caption, before, after):
+    """What happened to each object of a scene caption between two RGB images, as the reader sees it:
+    one line per object ("red circle: dx=-0.29 dy=+0.01 area x1.02 IoU 0.10, reads red"). An object
+    is followed by its colour, or, when no object of its colour is left (a copied appearance), by the
+    nearest object. [] when the caption is not a scene caption."""
+    try:
+        objects = parse_caption(caption)
+    except ValueError:
+        return []
+    read_before, read_after = read_scene(before), read_scene(after)
+    lines = []
+    for colour, shape in objects:
+        a = by_colour(read_before, colour)
+        if a is None:
+            lines.append(f"{colour} {shape}: not found in the original")
+            continue
+        b = by_colour(read_after, colour) or min(
+            read_after, key=lambda o: (o.centroid[0] - a.centroid[0]) ** 2 + (o.centroid[1] - a.centroid[1]) ** 2, default=None
+        )
+        if b is None:
+            lines.append(f"{colour} {shape}: gone")
+            continue
+        overlap = np.logical_and(a.mask, b.mask).sum() / np.logical_or(a.mask, b.mask).sum()
+        lines.append(
+            f"{colour} {shape}: dx={b.centroid[0] - a.centroid[0]:+.2f} dy={b.centroid[1] - a.centroid[1]:+.2f} "
+            f"area x{b.area / a.area:.2f} IoU {overlap:.2f}, reads {b.colour} {b.shape}"
+        )
+    return lines
+
+
 def _components(labels):
     """4-connected components of equal positive labels: int array, 0 = none, k = component id.
 

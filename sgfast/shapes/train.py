@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sgfast.shapes import scenes
-from sgfast.shapes.model import default_model_path
+from sgfast.shapes.model import default_model_path, write_guidance_settings
 
 DEFAULT_EXPORT = default_model_path()
 MAX_LENGTH = 77
@@ -473,6 +473,8 @@ class Trainer:
         pipe.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=1)
+        # The guidance settings travel with the model: `from_pipe` reads them as its defaults.
+        write_guidance_settings(tmp)
         old = target.rstrip("/") + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(target):
