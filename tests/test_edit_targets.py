@@ -1,0 +1,199 @@
+"""Each edit pulls toward what it is for, read independently of the edit code.
+
+A synthetic generation stands in for the UNet: every word's map is a rendered Gaussian blob (centre,
+two radii, an angle) at two resolutions, and the appearance features are a free tensor. The edits'
+energies go through the sampler's own batching (`energy_of`, views per batch item) and references
+and sources are real Traces recorded with `record_traces`. Gradient descent on the blobs' parameters
+and the features plays the role of guidance; the result is then read off the parameters themselves
+(where the blob is, how big, which way it points) and off the features inside each blob (plain
+tensor code), never through sgfast's properties or energies.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sgfast import collage, copy_appearance, copy_layout, copy_shape, keep_appearance, keep_shape, move, place, resize, restyle
+from sgfast.sampler import edit_selection, energy_of, record_traces
+from sgfast.trace import PromptWords, Trace
+
+LAYERS = {"coarse": (16, 16), "fine": (32, 32)}
+FEATURE_GRID = (16, 16)
+CHANNELS = 6
+T = 500  # the one timestep of every trace here
+
+# Orthogonal appearance vectors: which one an object took is read by cosine similarity.
+COLOURS = {name: torch.eye(CHANNELS, dtype=torch.float64)[i] * 2.0 for i, name in enumerate(["red", "blue", "green", "oil"])}
+
+
+def blob(cx, cy, rx=0.12, ry=0.12, angle=0.0):
+    """Blob parameters: centre (image fractions, y down), radii (fractions), angle (degrees,
+    clockwise on screen: the x radius turned toward +y)."""
+    return torch.tensor([cx, cy, math.log(rx), math.log(ry), math.radians(angle)], dtype=torch.float64)
+
+
+def render(params, height, width):
+    """A Gaussian blob on the pixel-centre grid, with a small floor (attention is never exactly 0)."""
+    cx, cy, log_rx, log_ry, angle = params
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    dx, dy = xs[None, :] - cx, ys[:, None] - cy
+    u = dx * torch.cos(angle) + dy * torch.sin(angle)  # along the x radius
+    w = -dx * torch.sin(angle) + dy * torch.cos(angle)
+    return torch.exp(-0.5 * ((u / log_rx.exp()) ** 2 + (w / log_ry.exp()) ** 2)) + 1e-3
+
+
+class Scene:
+    """One batch of synthetic generations: per item, each prompt word's blob; per item, features.
+
+    Words outside `blobs` (stop words) get a faint uniform map. `features` start as a background
+    value plus each object's colour inside its blob.
+    """
+
+    def __init__(self, prompts, blobs, colours=None):
+        self.words = [PromptWords(p, p.split(), [[i + 1] for i in range(len(p.split()))]) for p in prompts]
+        self.params = [{w: b.clone().requires_grad_(True) for w, b in item.items()} for item in blobs]
+        self.features = torch.stack([self._paint(item, colours[b] if colours else {}) for b, item in enumerate(blobs)])
+        self.features.requires_grad_(True)
+
+    def _paint(self, blobs, colours):
+        features = torch.full((CHANNELS, *FEATURE_GRID), 0.1, dtype=torch.float64)
+        for word, colour in colours.items():
+            mask = render(blobs[word], *FEATURE_GRID) > 0.5
+            features[:, mask] = colour[:, None]
+        return features
+
+    def map(self, b, word, size):
+        if word in self.params[b]:
+            return render(self.params[b][word], *size)
+        return torch.full(size, 0.01, dtype=torch.float64)
+
+    def capture(self, words):
+        """What the sampler's capture holds after a UNet pass recording `words` per item."""
+        count = max(len(ws) for ws in words)
+        maps = {}
+        for layer, size in LAYERS.items():
+            rows = []
+            for b, ws in enumerate(words):
+                item = [self.map(b, w, size) for w in ws]
+                item += [item[0]] * (count - len(item))  # padding, as the capture's rectangular batch
+                rows.append(torch.stack(item))
+            maps[layer] = torch.stack(rows)
+        return SimpleNamespace(maps=maps, features=self.features)
+
+    def traces(self):
+        """Each item recorded the way the sampler records an unedited generation."""
+        words = [list(dict.fromkeys(pw.words)) for pw in self.words]
+        traces = [Trace(pw.prompt, ws) for pw, ws in zip(self.words, words)]
+        with torch.no_grad():
+            record_traces(traces, self.capture(words), words, T)
+        return traces
+
+    def guide(self, edits, references=None, steps=300, lr=0.01):
+        """Minimise the edits' energy over the blobs and the features (one edit list per item)."""
+        references = references or [None] * len(edits)
+        words, _ = edit_selection(edits, self.words, "cpu")
+        leaves = [p for item in self.params for p in item.values()] + [self.features]
+        optimiser = torch.optim.Adam(leaves, lr=lr)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            energy = energy_of(edits, self.capture(words), self.words, words, references, T)
+            energy.backward()
+            optimiser.step()
+        return self
+
+    # ---- independent readings ---------------------------------------------------------------
+
+    def centre(self, b, word):
+        return self.params[b][word][:2].detach()
+
+    def area(self, b, word):
+        """The blob's area up to a constant: the product of its radii."""
+        return self.params[b][word][2:4].detach().sum().exp().item()
+
+    def orientation(self, b, word):
+        """Angle (degrees, clockwise on screen, in [-90, 90)) of the blob's long axis, from its
+        second moments on a fine grid."""
+        m = render(self.params[b][word].detach(), 64, 64) - 1e-3
+        ys, xs = torch.meshgrid(torch.arange(64.0, dtype=torch.float64), torch.arange(64.0, dtype=torch.float64), indexing="ij")
+        mx, my = (m * xs).sum() / m.sum(), (m * ys).sum() / m.sum()
+        cxx, cyy = (m * (xs - mx) ** 2).sum(), (m * (ys - my) ** 2).sum()
+        cxy = (m * (xs - mx) * (ys - my)).sum()
+        angle = 0.5 * math.degrees(math.atan2(2 * cxy.item(), (cxx - cyy).item()))
+        return (angle + 90) % 180 - 90
+
+    def appearance(self, b, word):
+        """Mean feature over the pixels where the word's blob is above half its peak."""
+        m = render(self.params[b][word].detach(), *FEATURE_GRID) - 1e-3
+        mask = m > 0.5 * m.max()
+        return self.features[b].detach()[:, mask].mean(-1)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+PROMPT = "a red circle and a blue square"
+CIRCLE, SQUARE = blob(0.45, 0.45, 0.08, 0.08), blob(0.7, 0.65, 0.07, 0.07)
+
+
+def two_objects(prompts=(PROMPT,), circle=CIRCLE, square=SQUARE):
+    return Scene(list(prompts), [{"red": circle, "circle": circle, "blue": square, "square": square} for _ in prompts],
+                 [{"circle": COLOURS["red"], "square": COLOURS["blue"]} for _ in prompts])
+
+
+# ---- move, place, resize ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dx, dy", [(0.2, 0.0), (-0.2, 0.0), (0.0, 0.15), (0.0, -0.15), (0.15, -0.1)])
+def test_move_goes_the_asked_way(dx, dy):
+    scene = two_objects()
+    reference = scene.traces()
+    scene.guide([[move("circle", dx=dx, dy=dy)]], reference)
+    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2] + torch.tensor([dx, dy], dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("x, y", [(0.25, 0.7), (0.7, 0.25)])
+def test_place_puts_the_centre_at_x_y(x, y):
+    scene = two_objects()
+    scene.guide([[place("circle", x, y, keep_others=False)]], scene.traces())
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([x, y], dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_resize_scales_the_area(scale):
+    scene = two_objects()
+    before = scene.area(0, "circle")
+    scene.guide([[resize("circle", scale, keep_others=False)]], scene.traces())
+    assert scene.area(0, "circle") / before == pytest.approx(scale, rel=0.15)
+    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2], atol=0.02, rtol=0)
+
+
+# ---- what is held -------------------------------------------------------------------------------
+
+
+def disturbed(reference_scene, word, by=(0.08, -0.06)):
+    """A scene whose `word` blob has drifted off the reference (as the rest of an image does while
+    an edit pulls on one object)."""
+    scene = two_objects()
+    with torch.no_grad():
+        scene.params[0][word][:2] += torch.tensor(by, dtype=torch.float64)
+        if word == "square":
+            scene.params[0]["blue"][:2] += torch.tensor(by, dtype=torch.float64)
+    return scene
+
+
+@pytest.mark.parametrize("with_term, without_term", [
+    (lambda: move("circle", dx=0.1), lambda: move("circle", dx=0.1, keep_shape_weight=0.0)),
+    (lambda: resize("circle", 1.5), lambda: resize("circle", 1.5, keep_shape_weight=0.0)),
+    (lambda: keep_shape(["blue", "square"]), lambda: keep_shape(["blue", "square"], weight=0.0)),
+])
+def test_keep_shape_pulls_a_drifted_object_back(with_term, without_term):
+    reference = two_objects().traces()
+    drift = {}
+    for name, edit in (("with", with_term), ("without", without_term)):
+        scene = disturbed(two_objects(), "square").guide([[edit()]], reference)
+        drift[name] = (scene.centre(0, "square") - SQUARE[:2]).norm().item()
+    assert drift["with"] < 0.02 and drift["without"] > 0.08
