@@ -91,17 +91,20 @@ class Scene:
             record_traces(traces, self.capture(words), words, T)
         return traces
 
-    def guide(self, edits, references=None, steps=300, lr=0.01):
+    def guide(self, edits, references=None, steps=150, lr=0.02):
         """Minimise the edits' energy over the blobs and the features (one edit list per item)."""
         references = references or [None] * len(edits)
         words, _ = edit_selection(edits, self.words, "cpu")
         leaves = [p for item in self.params for p in item.values()] + [self.features]
         optimiser = torch.optim.Adam(leaves, lr=lr)
+        # A decaying step size settles within a small fraction of the tolerances below.
+        decay = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 1 - i / steps)
         for _ in range(steps):
             optimiser.zero_grad()
             energy = energy_of(edits, self.capture(words), self.words, words, references, T)
             energy.backward()
             optimiser.step()
+            decay.step()
         return self
 
     # ---- independent readings ---------------------------------------------------------------
@@ -139,9 +142,10 @@ PROMPT = "a red circle and a blue square"
 CIRCLE, SQUARE = blob(0.45, 0.45, 0.08, 0.08), blob(0.7, 0.65, 0.07, 0.07)
 
 
-def two_objects(prompts=(PROMPT,), circle=CIRCLE, square=SQUARE):
+def two_objects(prompts=(PROMPT,), circle=CIRCLE, square=SQUARE, colours=None):
+    colours = colours or {"circle": COLOURS["red"], "square": COLOURS["blue"]}
     return Scene(list(prompts), [{"red": circle, "circle": circle, "blue": square, "square": square} for _ in prompts],
-                 [{"circle": COLOURS["red"], "square": COLOURS["blue"]} for _ in prompts])
+                 [colours for _ in prompts])
 
 
 # ---- move, place, resize ------------------------------------------------------------------------
@@ -197,3 +201,144 @@ def test_keep_shape_pulls_a_drifted_object_back(with_term, without_term):
         scene = disturbed(two_objects(), "square").guide([[edit()]], reference)
         drift[name] = (scene.centre(0, "square") - SQUARE[:2]).norm().item()
     assert drift["with"] < 0.02 and drift["without"] > 0.08
+
+
+def test_keep_appearance_pulls_drifted_features_back():
+    reference = two_objects().traces()
+    error = {}
+    for name, edit in (("with", keep_appearance(["circle"])), ("without", keep_appearance(["circle"], weight=0.0))):
+        scene = two_objects(colours={"circle": COLOURS["green"], "square": COLOURS["blue"]})
+        scene.guide([[edit]], reference)
+        error[name] = cosine(scene.appearance(0, "circle"), COLOURS["red"])
+    assert error["with"] > 0.9 and error["without"] < 0.3
+
+
+def test_move_holds_the_other_objects_appearance():
+    reference = two_objects().traces()
+    held = {}
+    for name, edit in (("with", move("circle", dx=0.1)), ("without", move("circle", dx=0.1, keep_appearance_weight=0.0))):
+        scene = two_objects(colours={"circle": COLOURS["red"], "square": COLOURS["green"]})
+        scene.guide([[edit]], reference)
+        held[name] = cosine(scene.appearance(0, "square"), COLOURS["blue"])
+    assert held["with"] > 0.9 and held["without"] < 0.3
+
+
+# ---- copies from a source -----------------------------------------------------------------------
+
+
+def source_scene(circle, square, circle_colour="green", square_colour="oil", prompt="a green circle and a big square"):
+    """Another generation, recorded as a source: its "circle" and "square" are where and what they are here."""
+    words = prompt.split()
+    colour_word = words[1]
+    blobs = {colour_word: circle, "circle": circle, "big": square, "square": square}
+    return Scene([prompt], [blobs], [{"circle": COLOURS[circle_colour], "square": COLOURS[square_colour]}]).traces()[0]
+
+
+# A long thin source object: where it points shows which way a rotation went.
+BAR = blob(0.45, 0.5, 0.13, 0.06, 0.0)
+START = blob(0.5, 0.5, 0.1, 0.08, 0.0)
+
+
+@pytest.mark.parametrize("kwargs, centre, radii, angle", [
+    (dict(), (0.45, 0.5), (0.13, 0.06), 0.0),
+    (dict(translate=(0.1, -0.08)), (0.55, 0.42), (0.13, 0.06), 0.0),
+    (dict(translate=(-0.05, 0.1)), (0.4, 0.6), (0.13, 0.06), 0.0),
+    (dict(scale=1.4), (0.45, 0.5), (0.182, 0.084), 0.0),
+    (dict(scale=0.7), (0.45, 0.5), (0.091, 0.042), 0.0),
+    (dict(rotate=30), (0.45, 0.5), (0.13, 0.06), 30.0),
+    (dict(rotate=-30), (0.45, 0.5), (0.13, 0.06), -30.0),
+])
+def test_copy_shape_takes_the_transformed_source_silhouette(kwargs, centre, radii, angle):
+    source = source_scene(BAR, blob(0.7, 0.3))
+    scene = Scene([PROMPT], [{"red": START, "circle": START, "blue": SQUARE, "square": SQUARE}])
+    scene.guide([[copy_shape("circle", source, **kwargs)]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor(centre, dtype=torch.float64), atol=0.02, rtol=0)
+    read = sorted(scene.params[0]["circle"][2:4].detach().exp().tolist(), reverse=True)
+    assert read == pytest.approx(list(radii), rel=0.12)
+    assert scene.orientation(0, "circle") == pytest.approx(angle, abs=6)
+
+
+def test_copy_shape_from_a_named_source_word():
+    # The source's square stands upright at another place: the circle takes that, not the source's circle.
+    source = source_scene(BAR, blob(0.6, 0.45, 0.05, 0.12))
+    scene = Scene([PROMPT], [{"red": START, "circle": START, "blue": SQUARE, "square": SQUARE}])
+    scene.guide([[copy_shape("circle", source, "square")]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([0.6, 0.45], dtype=torch.float64), atol=0.02, rtol=0)
+    assert abs(scene.orientation(0, "circle")) == pytest.approx(90, abs=6)
+
+
+@pytest.mark.parametrize("source_word, colour", [(None, "green"), ("circle", "green"), ("square", "oil")])
+def test_copy_appearance_from_the_named_source_word(source_word, colour):
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    scene = two_objects()
+    scene.guide([[copy_appearance("circle", source, source_word)]])
+    read = scene.appearance(0, "circle")
+    other = "oil" if colour == "green" else "green"  # the source's other object
+    assert cosine(read, COLOURS[colour]) > 0.9 and cosine(read, COLOURS[other]) < 0.3
+
+
+def test_copy_layout_takes_every_shared_objects_place():
+    circle, square = blob(0.3, 0.6), blob(0.62, 0.56, 0.07, 0.07)
+    source = source_scene(circle, square, prompt="a red circle and a blue square")
+    scene = two_objects()
+    scene.guide([[copy_layout(source)]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), circle[:2], atol=0.02, rtol=0)
+    torch.testing.assert_close(scene.centre(0, "square"), square[:2], atol=0.02, rtol=0)
+
+
+def test_collage_takes_each_object_from_its_own_source():
+    first = source_scene(blob(0.32, 0.62), blob(0.8, 0.2), circle_colour="green", square_colour="red")
+    second = source_scene(blob(0.2, 0.2), blob(0.64, 0.56, 0.07, 0.07), circle_colour="red", square_colour="oil")
+    scene = two_objects()
+    scene.guide([[collage([(first, ["circle"]), (second, ["square"])])]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([0.32, 0.62], dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(scene.centre(0, "square"), torch.tensor([0.64, 0.56], dtype=torch.float64), atol=0.02, rtol=0)
+    assert cosine(scene.appearance(0, "circle"), COLOURS["green"]) > 0.9
+    assert cosine(scene.appearance(0, "square"), COLOURS["oil"]) > 0.9
+
+
+# ---- restyle --------------------------------------------------------------------------------------
+
+STYLED = "a red circle painting"
+BACKDROP = blob(0.5, 0.5, 0.3, 0.3)  # "painting" attends to the whole picture
+
+
+def styled_scene(circle=CIRCLE, backdrop_colour="red"):
+    blobs = {"red": circle, "circle": circle, "painting": BACKDROP}
+    scene = Scene([STYLED], [blobs], [{"painting": COLOURS["blue"], "circle": COLOURS[backdrop_colour]}])
+    return scene
+
+
+def test_restyle_takes_the_style_words_appearance_and_holds_the_layout():
+    source = Scene([STYLED], [{"red": blob(0.3, 0.3), "circle": blob(0.3, 0.3), "painting": BACKDROP}],
+                   [{"painting": COLOURS["oil"]}]).traces()[0]
+    reference = styled_scene().traces()
+    moved = blob(0.53, 0.4)  # the circle drifted off its reference place
+    results = {}
+    for name, edit in (("on", restyle(source, ["painting"])), ("off", restyle(source, ["painting"], weight=0.0, keep_shape_weight=0.0))):
+        scene = styled_scene(circle=moved)
+        scene.guide([[edit]], reference)
+        results[name] = (cosine(scene.appearance(0, "painting"), COLOURS["oil"]), (scene.centre(0, "circle") - CIRCLE[:2]).norm().item())
+    assert results["on"][0] > 0.8 and results["off"][0] < 0.3
+    assert results["on"][1] < 0.02 and results["off"][1] > 0.08
+
+
+# ---- every batch item gets its own edit -----------------------------------------------------------
+
+
+def test_each_batch_item_gets_its_own_edit():
+    prompts = [PROMPT, "a blue square and a red circle"]
+    scene = Scene(prompts, [{"red": CIRCLE, "circle": CIRCLE, "blue": SQUARE, "square": SQUARE}] * 2,
+                  [{"circle": COLOURS["red"], "square": COLOURS["blue"]}] * 2)
+    reference = scene.traces()
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    edits = [[move("circle", dx=0.15, keep_appearance_weight=0.0)],
+             [move("square", dy=-0.2, keep_appearance_weight=0.0), copy_appearance("circle", source, "square")]]
+    scene.guide(edits, reference)
+    shift = lambda b, word, start: (scene.centre(b, word) - start[:2]).tolist()
+    assert shift(0, "circle", CIRCLE) == pytest.approx([0.15, 0.0], abs=0.02)
+    assert shift(0, "square", SQUARE) == pytest.approx([0.0, 0.0], abs=0.02)
+    assert shift(1, "square", SQUARE) == pytest.approx([0.0, -0.2], abs=0.02)
+    assert shift(1, "circle", CIRCLE) == pytest.approx([0.0, 0.0], abs=0.02)
+    assert cosine(scene.appearance(1, "circle"), COLOURS["oil"]) > 0.9
+    assert cosine(scene.appearance(0, "circle"), COLOURS["red"]) > 0.9
