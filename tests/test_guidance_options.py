@@ -178,3 +178,32 @@ def test_every_batch_item_is_guided_as_it_would_be_alone(tiny):
         alone = sg(prompt, edits=edits[b], trace=unedited.trace[b], **settings).images
         assert (alone - unedited.images[b : b + 1]).abs().max() > 1e-2  # the edit changes the item
         torch.testing.assert_close(batch[b : b + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+# ---- fast mode ------------------------------------------------------------------------------------
+
+
+def saved_for_backward(sg, reference):
+    """Bytes autograd saves in one guided step of `sg` (a move: maps only)."""
+    pipe = sg.pipe
+    edits = [[move("circle", dx=0.2, keep_others=False)]]
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edits, words, "cpu")
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(STEPS)
+    t = pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 16, 16, generator=seeded(3)).requires_grad_(True)
+    saved = []
+    pack = lambda x: saved.append(x.numel() * x.element_size()) or x  # noqa: E731
+    with torch.enable_grad(), sg.capture() as capture, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        guided_energy(pipe, capture, z, t, embeds, list(zip(edits, [reference])), words, chosen, tokens)
+    return sum(saved)
+
+
+def test_fast_mode_saves_nothing_after_the_last_captured_layer():
+    # Maps from the first decoder block only: the fast pipeline's graph stops there, the
+    # reference one's runs through the last decoder block.
+    reference = SelfGuidancePipeline.from_pipe(tiny_pipeline(), layers=["up_blocks.0"])
+    fast = SelfGuidancePipeline.from_pipe(tiny_pipeline(), layers=["up_blocks.0"], mode="fast")
+    trace = reference(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").trace
+    assert 0 < saved_for_backward(fast, trace) < 0.75 * saved_for_backward(reference, trace)

@@ -117,3 +117,20 @@ def test_transform_shape_translate_scale_rotate():
     cols = (turned[0, 0] > 0.5).any(0).sum().item()
     assert (rows, cols) == (16, 8)  # the bar now stands upright
     torch.testing.assert_close(properties.centroid(turned)[0, 0], c0, atol=1 / 64, rtol=0)
+
+
+@pytest.mark.parametrize("degrees", [30.0, -30.0, 120.0])
+def test_transform_shape_rotates_clockwise_on_screen(degrees):
+    # A long bar along x: after the rotation its long axis, read from second moments with y
+    # pointing down, is at +degrees (clockwise on screen), not -degrees.
+    import math
+
+    sil = torch.zeros(1, 1, 48, 48, dtype=torch.float64)
+    sil[..., 21:27, 8:40] = 1.0
+    turned = properties.transform_shape(sil, rotate=degrees)[0, 0]
+    ys, xs = torch.meshgrid(torch.arange(48.0, dtype=torch.float64), torch.arange(48.0, dtype=torch.float64), indexing="ij")
+    mx, my = (turned * xs).sum() / turned.sum(), (turned * ys).sum() / turned.sum()
+    cxx, cyy = (turned * (xs - mx) ** 2).sum(), (turned * (ys - my) ** 2).sum()
+    cxy = (turned * (xs - mx) * (ys - my)).sum()
+    angle = 0.5 * math.degrees(math.atan2(2 * cxy.item(), (cxx - cyy).item()))
+    assert (angle - degrees + 90) % 180 - 90 == pytest.approx(0.0, abs=2.0)
