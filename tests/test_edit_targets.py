@@ -342,3 +342,84 @@ def test_each_batch_item_gets_its_own_edit():
     assert shift(1, "circle", CIRCLE) == pytest.approx([0.0, 0.0], abs=0.02)
     assert cosine(scene.appearance(1, "circle"), COLOURS["oil"]) > 0.9
     assert cosine(scene.appearance(0, "circle"), COLOURS["red"]) > 0.9
+
+
+# ---- energy values: the formula, written out --------------------------------------------------------
+
+
+def smooth_l1(gap, beta=0.02):
+    gap = abs(gap)
+    return 0.5 * gap * gap / beta if gap < beta else gap - 0.5 * beta
+
+
+def loop_centroid(m):
+    height, width = m.shape
+    mass = float(m.sum())
+    x = sum(float(m[i, j]) * (j + 0.5) / width for i in range(height) for j in range(width)) / mass
+    y = sum(float(m[i, j]) * (i + 0.5) / height for i in range(height) for j in range(width)) / mass
+    return x, y
+
+
+def loop_size(m, sharpness=10.0):
+    values = [float(v) for v in m.flatten()]
+    low, high = min(values), max(values)
+    soft = [1 / (1 + math.exp(-sharpness * ((v - low) / (high - low) - 0.5))) for v in values]
+    low, high = min(soft), max(soft)
+    return sum((v - low) / (high - low) for v in soft) / len(soft)
+
+
+def random_views():
+    """A current and a reference View of "circle" and "square" with random maps at two layers."""
+    g = torch.Generator().manual_seed(7)
+    words = ["circle", "square"]
+    make = lambda: {"a": torch.rand(2, 5, 7, generator=g, dtype=torch.float64), "b": torch.rand(2, 8, 8, generator=g, dtype=torch.float64)}  # noqa: E731
+    from sgfast.trace import View
+
+    return View(words, make()), View(words, make())
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (move("circle", dx=0.3, dy=-0.1, keep_others=False, weight=2.5),
+     lambda c, r: 2.5 * sum(smooth_l1(loop_centroid(c[l])[0] - loop_centroid(r[l])[0] - 0.3)
+                            + smooth_l1(loop_centroid(c[l])[1] - loop_centroid(r[l])[1] + 0.1) for l in c) / len(c)),
+    (place("circle", 0.2, 0.9, keep_others=False, weight=3.0),
+     lambda c, r: 3.0 * sum(smooth_l1(loop_centroid(c[l])[0] - 0.2) + smooth_l1(loop_centroid(c[l])[1] - 0.9) for l in c) / len(c)),
+    (resize("circle", 1.7, keep_others=False, weight=1.5),
+     lambda c, r: 1.5 * sum(smooth_l1(loop_size(c[l]) - 1.7 * loop_size(r[l])) for l in c) / len(c)),
+])
+def test_energy_is_the_mean_over_layers_of_the_l1_distance(edit, expected):
+    current, reference = random_views()
+    value = edit.energy(current.subset(["circle"]), reference, T).item()
+    circle = lambda view: {layer: m[0] for layer, m in view.maps.items()}  # noqa: E731
+    assert value == pytest.approx(expected(circle(current), circle(reference)), rel=1e-6)  # targets built in float32
+
+
+def test_an_edit_on_target_has_zero_energy():
+    # Sources and references equal to the current generation: nothing to do, energy 0.
+    scene = two_objects(prompts=["a red circle and a blue square painting"])
+    scene.params[0]["painting"] = BACKDROP.clone()
+    trace = scene.traces()[0]
+    edits = [copy_layout(trace), collage([(trace, ["circle", "square"])]), restyle(trace, ["painting"]),
+             keep_shape(), keep_appearance(), copy_shape("circle", trace), copy_appearance("circle", trace),
+             move("circle"), resize("circle", 1.0), place("circle", *trace.view(T).centroid("circle").mean(0).tolist())]
+    for edit in edits:
+        words, _ = edit_selection([[edit]], scene.words, "cpu")
+        with torch.no_grad():
+            energy = energy_of([[edit]], scene.capture(words), scene.words, words, [trace], T)
+        assert float(energy) == pytest.approx(0.0, abs=1e-3), type(edit).__name__
+
+
+def test_restyle_without_layout_reads_only_the_style_words():
+    source = styled_scene().traces()[0]
+    words = PromptWords(STYLED, STYLED.split(), [[i + 1] for i in range(4)])
+    assert restyle(source, ["painting"], keep_layout=False).needed_words(words) == ["painting"]
+    assert restyle(source, ["painting"]).needed_words(words) == ["painting", "red", "circle"]
+
+
+def test_edits_that_cannot_apply_say_why():
+    source = two_objects().traces()[0]
+    words = PromptWords("a green triangle", ["a", "green", "triangle"], [[1], [2], [3]])
+    with pytest.raises(ValueError, match="copy_layout: the prompt 'a green triangle' and the source 'a red circle and a blue square' share no object word"):
+        copy_layout(source).validate(words)
+    with pytest.raises(ValueError, match=r"collage needs at least one \(source, words\) part"):
+        collage([])
