@@ -421,5 +421,31 @@ def test_edits_that_cannot_apply_say_why():
     words = PromptWords("a green triangle", ["a", "green", "triangle"], [[1], [2], [3]])
     with pytest.raises(ValueError, match="copy_layout: the prompt 'a green triangle' and the source 'a red circle and a blue square' share no object word"):
         copy_layout(source).validate(words)
-    with pytest.raises(ValueError, match=r"collage needs at least one \(source, words\) part"):
+    with pytest.raises(ValueError, match=r"^collage needs at least one \(source, words\) part$"):
         collage([])
+    with pytest.raises(ValueError, match=r"^word 'zebra' is not in the source prompt 'a red circle and a blue square'"):
+        copy_layout(source, ["circle", "zebra"])
+
+
+def test_chosen_words_are_the_ones_held_or_copied():
+    source = two_objects().traces()[0]
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    assert keep_shape(["Square "]).needed_words(words) == ["square"]
+    assert keep_shape().needed_words(words) == ["red", "circle", "blue", "square"]
+    assert copy_layout(source, ["circle"]).needed_words(words) == ["circle"]
+    assert copy_layout(source).needed_words(words) == ["red", "circle", "blue", "square"]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda s: copy_shape("circle", s, translate=(1.5, 0.0)), r"^translate x must be in \[-1.0, 1.0\], got 1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(-1.5, 0.0)), r"^translate x must be in \[-1.0, 1.0\], got -1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(0.0, 1.5)), r"^translate y must be in \[-1.0, 1.0\], got 1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(0.0, -1.5)), r"^translate y must be in \[-1.0, 1.0\], got -1.5$"),
+    (lambda s: copy_shape("circle", s, scale=0.0), r"^scale must be a finite number > 0, got 0.0$"),
+    (lambda s: copy_shape("circle", s, scale=float("inf")), r"^scale must be a finite number > 0, got inf$"),
+])
+def test_bad_copy_shape_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(two_objects().traces()[0])
+    build_ok = copy_shape("circle", two_objects().traces()[0], translate=(-1.0, 1.0), scale=1e-3)
+    assert build_ok.translate == (-1.0, 1.0)

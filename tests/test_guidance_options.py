@@ -1,5 +1,7 @@
 """Options reach the sampling they are for, checked against diffusers and float64 references."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,20 @@ def test_v_prediction_term_moves_the_step_as_the_epsilon_term_does(scheduler_cla
     assert dx0_eps.abs().max() > 1e-3
     torch.testing.assert_close(dx0_v, dx0_eps, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(dprev_v, dprev_eps, rtol=1e-6, atol=1e-9)  # the schedules are float32
+
+
+def test_prediction_types():
+    # A scheduler whose config names no prediction type predicts eps (diffusers' default); one that
+    # predicts x0 is refused with the kinds that are supported.
+    ddim = tiny_pipeline().scheduler
+    ddim.set_timesteps(10)
+    t = ddim.timesteps[3]
+    grad = torch.ones(1, 4, 2, 2, dtype=torch.float64)
+    bare = SimpleNamespace(config={}, init_noise_sigma=1.0, alphas_cumprod=ddim.alphas_cumprod)
+    torch.testing.assert_close(guidance_term(bare, 3, t, grad, 2.0), guidance_term(ddim, 3, t, grad, 2.0))
+    sample = DDIMScheduler.from_config(ddim.config, prediction_type="sample")
+    with pytest.raises(ValueError, match="^self-guidance supports epsilon and v_prediction models, not 'sample'$"):
+        guidance_term(sample, 3, t, grad, 2.0)
 
 
 # ---- fp16: the loss-scaled gradient ---------------------------------------------------------------
