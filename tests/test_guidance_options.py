@@ -148,6 +148,19 @@ def test_eta_noise_of_a_guided_run_is_the_seeds(tiny):
     np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+def test_a_batch_of_three_at_low_guidance_is_diffusers(tiny):
+    # Three prompts (odd CFG halves), guidance 1.5 (CFG on), with and without guided steps at v = 0.
+    prompts = [PROMPT, "a green triangle", "a red circle"]
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=1.5, output_type="np")
+    expected = tiny(prompts, generator=seeded(), **kwargs).images
+    assert np.abs(expected - tiny(prompts, generator=seeded(), **dict(kwargs, guidance_scale=1.0)).images).max() > 1e-3
+    sg = SelfGuidancePipeline.from_pipe(tiny)
+    np.testing.assert_array_equal(sg(prompts, generator=seeded(), **kwargs).images, expected)
+    edits = [[move("circle", dx=0.1)], [move("triangle", dy=0.1)], [resize("circle", 1.5)]]
+    guided = sg(prompts, edits=edits, self_guidance_scale=0.0, generator=seeded(), **kwargs).images
+    np.testing.assert_allclose(guided, expected, atol=1e-4)
+
+
 # ---- traces ---------------------------------------------------------------------------------------
 
 
@@ -159,6 +172,13 @@ def test_trace_view_is_the_nearest_recorded_step():
         view = trace.view(asked)
         assert view.maps["layer"][0, 0, 0].item() == nearest
         assert view.appearance("circle")[0].item() == nearest
+
+
+def test_trace_nbytes_counts_maps_and_appearance():
+    trace = Trace("a red circle", ["a", "red", "circle"])
+    trace.add(901, {"x": torch.zeros(3, 4, 4), "y": torch.zeros(3, 2, 2, dtype=torch.float64)}, torch.zeros(3, 5))
+    trace.add(501, {"x": torch.zeros(3, 4, 4), "y": torch.zeros(3, 2, 2, dtype=torch.float64)}, None)
+    assert trace.nbytes() == 2 * (3 * 16 * 4 + 3 * 4 * 8) + 3 * 5 * 4
 
 
 def test_trace_image_noises_the_image_to_each_timestep(tiny):
