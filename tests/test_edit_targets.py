@@ -369,10 +369,11 @@ def loop_size(m, sharpness=10.0):
 
 
 def random_views():
-    """A current and a reference View of "circle" and "square" with random maps at two layers."""
+    """A current and a reference View of "circle" and "square" with random maps at three layers."""
     g = torch.Generator().manual_seed(7)
     words = ["circle", "square"]
-    make = lambda: {"a": torch.rand(2, 5, 7, generator=g, dtype=torch.float64), "b": torch.rand(2, 8, 8, generator=g, dtype=torch.float64)}  # noqa: E731
+    sizes = {"a": (5, 7), "b": (8, 8), "c": (3, 4)}  # three layers: a mean over layers differs from a sum over two
+    make = lambda: {k: torch.rand(2, *hw, generator=g, dtype=torch.float64) for k, hw in sizes.items()}  # noqa: E731
     from sgfast.trace import View
 
     return View(words, make()), View(words, make())
