@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench bench-quality clean
+.PHONY: demo test test-slow test-all bench bench-quality mutate clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+# Mutation testing of the core modules (setup.cfg's [mutmut] section) with mutmut, in mutants/.
+# MUTANTS picks mutants by name ("sgfast.edits*"); empty: all of them. Hours on 2 CPU cores.
+MUTANTS ?=
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutate]'
+	# Go on to the list of survivors whatever the run's exit status.
+	-$(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -25,6 +25,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "scipy"],  # scipy: diffusers' LMS scheduler (parity tests)
+        # `make mutate`: mutation testing of the core modules (configured in setup.cfg).
+        "mutate": ["mutmut>=3.3"],
         "xformers": ["xformers"],
         # `python -m sgfast serve`: the HTTP server, its metrics, and the load test's client.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],

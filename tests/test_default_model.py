@@ -1,6 +1,7 @@
 """The shipped default model loads offline and runs."""
 
 import os
+import socket
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ from sgfast.shapes.model import CAPTION_WORDS, IMAGE_SIZE, default_model_path, l
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(default_model_path(), "model_index.json")),
-    reason="sgfast/assets/default/model_index.json does not exist yet: train and export it with `python -m sgfast.train`",
+    reason="sgfast/shapes/assets/default/model_index.json does not exist yet: train and export it with `python -m sgfast train`",
 )
 
 
@@ -25,8 +26,13 @@ def loaded():
 def test_loads_offline_quickly(loaded, monkeypatch):
     pipe, seconds = loaded
     assert seconds < 15, f"loading took {seconds:.1f} s"
-    # Offline: with the hub switched off, loading still works (local folder, no downloads).
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Offline: with every network connection refused, loading still works (local folder, no
+    # downloads). An HF_HUB_OFFLINE set here would not count: the hub reads it once, on import.
+    def refuse(*args, **kwargs):
+        raise OSError("network access during an offline load")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     load_default_pipeline()
 
 

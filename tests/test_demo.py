@@ -26,3 +26,24 @@ def test_demo_writes_images_and_sheet(tmp_path, capsys):
         assert PIL.Image.open(path).size[0] >= 64
     # rows: original, move, resize, copy appearance; columns: the image, then "circle", "red", "blue", "square"
     assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 4 * (192 + 18))
+
+
+def test_demo_images_are_the_librarys(tmp_path):
+    # What the demo writes is the library's output for its arguments: the seed's image, and the
+    # move with the asked word and distance under the model's own settings (bare calls).
+    import numpy as np
+    import torch
+
+    from sgfast import SelfGuidancePipeline, move
+    from sgfast.testing import tiny_pipeline
+
+    out = tmp_path / "demo"
+    main(["demo", "--model", "tiny", "--steps", "3", "--seed", "4", "--dx", "0.4", "--weight", "300", "--out", str(out)])
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    settings = dict(num_inference_steps=3, guidance_scale=5.0, self_guidance_scale=300.0)
+    original = sg("a red circle and a blue square", generator=torch.Generator().manual_seed(4), **settings)
+    moved = sg("a red circle and a blue square", edits=[move("circle", dx=0.4)], trace=original.trace, **settings)
+    pixels = lambda image: np.asarray(image, np.int16)  # noqa: E731
+    assert np.abs(pixels(moved.images[0]) - pixels(original.images[0])).max() > 2  # the move changes the image
+    for name, image in (("original.png", original.images[0]), ("move.png", moved.images[0])):
+        assert np.abs(pixels(PIL.Image.open(out / name)) - pixels(image)).max() <= 1, name

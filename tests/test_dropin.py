@@ -437,8 +437,8 @@ def move_errors(name, seeds=MOVE_SEEDS, steps=MOVE_STEPS, guidance_scale=5.0):
     of held-out captions, read by the scene reader; None where the unedited image does not show the
     caption (as the quality benchmark counts them), inf where the moved object is not found."""
     from benchmarks.quality import captions
-    from sgfast.default_model import KEEP_OTHERS, guidance_settings, load_default_pipeline
-    from sgfast.scenes import by_colour, matches_caption, parse_caption, read_change, read_scene
+    from sgfast.shapes import load_default_pipeline
+    from sgfast.shapes.scenes import by_colour, matches_caption, parse_caption, read_change, read_scene
 
     pipe = with_scheduler(load_default_pipeline(), name)
     pipe.set_progress_bar_config(disable=True)
@@ -454,7 +454,8 @@ def move_errors(name, seeds=MOVE_SEEDS, steps=MOVE_STEPS, guidance_scale=5.0):
             continue
         (colour, shape), _ = parse_caption(caption)
         dx = 0.25 if by_colour(objects, colour).centroid[0] < 0.5 else -0.25
-        moved = sg(caption, edits=[move(shape, dx=dx, **KEEP_OTHERS)], trace=base.trace, **guidance_settings("move", steps), **common)
+        # A bare call: the model's own settings (its self_guidance.json) are the defaults.
+        moved = sg(caption, edits=[move(shape, dx=dx)], trace=base.trace, **common)
         after = (moved.images[0] * 255).round().astype(np.uint8)
         change = read_change(caption, shape, before, after)
         errors.append(float("inf") if change is None else abs(change[0][0] - dx))

@@ -207,6 +207,8 @@ def test_batch_with_different_edits_per_prompt(sg):
 
 
 def test_every_edit_runs(sg, base):
+    # Together in one call; what each edit does is checked in test_edit_targets.py (restyle needs a
+    # style word in the prompt: test_restyle_through_a_style_word).
     other = sg("a blue square and a red circle painting", num_inference_steps=STEPS, generator=seeded(1), output_type="latent").trace
     edits = [
         place("circle", 0.2, 0.8),
@@ -214,7 +216,7 @@ def test_every_edit_runs(sg, base):
         copy_shape("circle", other, translate=(0.1, 0.0), scale=1.2, rotate=30),
         copy_layout(other),
         collage([(other, ["circle"]), (base.trace, ["square"])]),
-        restyle(other, ["painting"]) if False else keep_shape(),
+        keep_shape(),
     ]
     out = sg(PROMPT, edits=edits, num_inference_steps=STEPS, generator=seeded(), trace=base.trace, output_type="np")
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()

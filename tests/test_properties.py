@@ -117,3 +117,57 @@ def test_transform_shape_translate_scale_rotate():
     cols = (turned[0, 0] > 0.5).any(0).sum().item()
     assert (rows, cols) == (16, 8)  # the bar now stands upright
     torch.testing.assert_close(properties.centroid(turned)[0, 0], c0, atol=1 / 64, rtol=0)
+
+
+@pytest.mark.parametrize("degrees", [30.0, -30.0, 120.0])
+def test_transform_shape_rotates_clockwise_on_screen(degrees):
+    # A long bar along x: after the rotation its long axis, read from second moments with y
+    # pointing down, is at +degrees (clockwise on screen), not -degrees.
+    import math
+
+    sil = torch.zeros(1, 1, 48, 48, dtype=torch.float64)
+    sil[..., 21:27, 8:40] = 1.0
+    turned = properties.transform_shape(sil, rotate=degrees)[0, 0]
+    ys, xs = torch.meshgrid(torch.arange(48.0, dtype=torch.float64), torch.arange(48.0, dtype=torch.float64), indexing="ij")
+    mx, my = (turned * xs).sum() / turned.sum(), (turned * ys).sum() / turned.sum()
+    cxx, cyy = (turned * (xs - mx) ** 2).sum(), (turned * (ys - my) ** 2).sum()
+    cxy = (turned * (xs - mx) * (ys - my)).sum()
+    angle = 0.5 * math.degrees(math.atan2(2 * cxy.item(), (cxx - cyy).item()))
+    assert (angle - degrees + 90) % 180 - 90 == pytest.approx(0.0, abs=2.0)
+
+
+def test_hard_shape_and_default_sharpness_match_loops():
+    g = torch.Generator().manual_seed(21)
+    maps = torch.rand(1, 2, 5, 6, generator=g, dtype=torch.float64)
+    for k in range(2):
+        flat = [float(v) for v in maps[0, k].flatten()]
+        expected = torch.tensor([v > 0.5 for v in loop_normalize(flat)], dtype=torch.float64).reshape(5, 6)
+        torch.testing.assert_close(properties.hard_shape(maps)[0, k], expected)
+        # The documented default sharpness is 10, for shape and size alike.
+        torch.testing.assert_close(properties.shape(maps)[0, k], loop_shape(maps[0, k], 10.0), rtol=1e-10, atol=1e-12)
+        assert properties.size(maps)[0, k].item() == pytest.approx(loop_shape(maps[0, k], 10.0).mean().item(), abs=1e-12)
+
+
+def test_view_uses_its_sharpness():
+    from sgfast.trace import View
+
+    g = torch.Generator().manual_seed(22)
+    maps = {"a": torch.rand(1, 6, 6, generator=g, dtype=torch.float64)}
+    view = View(["circle"], maps, sharpness=4.0)
+    assert view.size("circle").item() == pytest.approx(loop_shape(maps["a"][0], 4.0).mean().item(), abs=1e-12)
+
+
+def test_transform_shape_translation_is_a_pure_shift():
+    # 0.25 of a 32-pixel grid is 8 pixels exactly: bilinear resampling gives the rolled silhouette,
+    # with nothing turned or scaled by the defaults.
+    sil = torch.zeros(1, 1, 32, 32, dtype=torch.float64)
+    sil[..., 8:16, 4:20] = 1.0
+    torch.testing.assert_close(properties.transform_shape(sil, translate=(0.25, 0.125)), sil.roll((4, 8), dims=(-2, -1)), atol=1e-9, rtol=0)
+    assert properties.transform_shape(sil) is sil
+
+
+@pytest.mark.parametrize("kwargs", [dict(translate=(1.0, 0.0)), dict(translate=(0.0, 1.0)), dict(scale=2.0), dict(rotate=1.0)])
+def test_transform_shape_applies_every_non_identity(kwargs):
+    sil = torch.zeros(1, 1, 32, 32, dtype=torch.float64)
+    sil[..., 8:16, 4:20] = 1.0
+    assert (properties.transform_shape(sil, **kwargs) - sil).abs().max() > 0.01

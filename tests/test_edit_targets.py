@@ -1,0 +1,452 @@
+"""Each edit pulls toward what it is for, read independently of the edit code.
+
+A synthetic generation stands in for the UNet: every word's map is a rendered Gaussian blob (centre,
+two radii, an angle) at two resolutions, and the appearance features are a free tensor. The edits'
+energies go through the sampler's own batching (`energy_of`, views per batch item) and references
+and sources are real Traces recorded with `record_traces`. Gradient descent on the blobs' parameters
+and the features plays the role of guidance; the result is then read off the parameters themselves
+(where the blob is, how big, which way it points) and off the features inside each blob (plain
+tensor code), never through sgfast's properties or energies.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sgfast import collage, copy_appearance, copy_layout, copy_shape, keep_appearance, keep_shape, move, place, resize, restyle
+from sgfast.sampler import edit_selection, energy_of, record_traces
+from sgfast.trace import PromptWords, Trace
+
+LAYERS = {"coarse": (16, 16), "fine": (32, 32)}
+FEATURE_GRID = (16, 16)
+CHANNELS = 6
+T = 500  # the one timestep of every trace here
+
+# Orthogonal appearance vectors: which one an object took is read by cosine similarity.
+COLOURS = {name: torch.eye(CHANNELS, dtype=torch.float64)[i] * 2.0 for i, name in enumerate(["red", "blue", "green", "oil"])}
+
+
+def blob(cx, cy, rx=0.12, ry=0.12, angle=0.0):
+    """Blob parameters: centre (image fractions, y down), radii (fractions), angle (degrees,
+    clockwise on screen: the x radius turned toward +y)."""
+    return torch.tensor([cx, cy, math.log(rx), math.log(ry), math.radians(angle)], dtype=torch.float64)
+
+
+def render(params, height, width):
+    """A Gaussian blob on the pixel-centre grid, with a small floor (attention is never exactly 0)."""
+    cx, cy, log_rx, log_ry, angle = params
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    dx, dy = xs[None, :] - cx, ys[:, None] - cy
+    u = dx * torch.cos(angle) + dy * torch.sin(angle)  # along the x radius
+    w = -dx * torch.sin(angle) + dy * torch.cos(angle)
+    return torch.exp(-0.5 * ((u / log_rx.exp()) ** 2 + (w / log_ry.exp()) ** 2)) + 1e-3
+
+
+class Scene:
+    """One batch of synthetic generations: per item, each prompt word's blob; per item, features.
+
+    Words outside `blobs` (stop words) get a faint uniform map. `features` start as a background
+    value plus each object's colour inside its blob.
+    """
+
+    def __init__(self, prompts, blobs, colours=None):
+        self.words = [PromptWords(p, p.split(), [[i + 1] for i in range(len(p.split()))]) for p in prompts]
+        self.params = [{w: b.clone().requires_grad_(True) for w, b in item.items()} for item in blobs]
+        self.features = torch.stack([self._paint(item, colours[b] if colours else {}) for b, item in enumerate(blobs)])
+        self.features.requires_grad_(True)
+
+    def _paint(self, blobs, colours):
+        features = torch.full((CHANNELS, *FEATURE_GRID), 0.1, dtype=torch.float64)
+        for word, colour in colours.items():
+            mask = render(blobs[word], *FEATURE_GRID) > 0.5
+            features[:, mask] = colour[:, None]
+        return features
+
+    def map(self, b, word, size):
+        if word in self.params[b]:
+            return render(self.params[b][word], *size)
+        return torch.full(size, 0.01, dtype=torch.float64)
+
+    def capture(self, words):
+        """What the sampler's capture holds after a UNet pass recording `words` per item."""
+        count = max(len(ws) for ws in words)
+        maps = {}
+        for layer, size in LAYERS.items():
+            rows = []
+            for b, ws in enumerate(words):
+                item = [self.map(b, w, size) for w in ws]
+                item += [item[0]] * (count - len(item))  # padding, as the capture's rectangular batch
+                rows.append(torch.stack(item))
+            maps[layer] = torch.stack(rows)
+        return SimpleNamespace(maps=maps, features=self.features)
+
+    def traces(self):
+        """Each item recorded the way the sampler records an unedited generation."""
+        words = [list(dict.fromkeys(pw.words)) for pw in self.words]
+        traces = [Trace(pw.prompt, ws) for pw, ws in zip(self.words, words)]
+        with torch.no_grad():
+            record_traces(traces, self.capture(words), words, T)
+        return traces
+
+    def guide(self, edits, references=None, steps=150, lr=0.02):
+        """Minimise the edits' energy over the blobs and the features (one edit list per item)."""
+        references = references or [None] * len(edits)
+        words, _ = edit_selection(edits, self.words, "cpu")
+        leaves = [p for item in self.params for p in item.values()] + [self.features]
+        optimiser = torch.optim.Adam(leaves, lr=lr)
+        # A decaying step size settles within a small fraction of the tolerances below.
+        decay = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 1 - i / steps)
+        for _ in range(steps):
+            optimiser.zero_grad()
+            energy = energy_of(edits, self.capture(words), self.words, words, references, T)
+            energy.backward()
+            optimiser.step()
+            decay.step()
+        return self
+
+    # ---- independent readings ---------------------------------------------------------------
+
+    def centre(self, b, word):
+        return self.params[b][word][:2].detach()
+
+    def area(self, b, word):
+        """The blob's area up to a constant: the product of its radii."""
+        return self.params[b][word][2:4].detach().sum().exp().item()
+
+    def orientation(self, b, word):
+        """Angle (degrees, clockwise on screen, in [-90, 90)) of the blob's long axis, from its
+        second moments on a fine grid."""
+        m = render(self.params[b][word].detach(), 64, 64) - 1e-3
+        ys, xs = torch.meshgrid(torch.arange(64.0, dtype=torch.float64), torch.arange(64.0, dtype=torch.float64), indexing="ij")
+        mx, my = (m * xs).sum() / m.sum(), (m * ys).sum() / m.sum()
+        cxx, cyy = (m * (xs - mx) ** 2).sum(), (m * (ys - my) ** 2).sum()
+        cxy = (m * (xs - mx) * (ys - my)).sum()
+        angle = 0.5 * math.degrees(math.atan2(2 * cxy.item(), (cxx - cyy).item()))
+        return (angle + 90) % 180 - 90
+
+    def appearance(self, b, word):
+        """Mean feature over the pixels where the word's blob is above half its peak."""
+        m = render(self.params[b][word].detach(), *FEATURE_GRID) - 1e-3
+        mask = m > 0.5 * m.max()
+        return self.features[b].detach()[:, mask].mean(-1)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+PROMPT = "a red circle and a blue square"
+CIRCLE, SQUARE = blob(0.45, 0.45, 0.08, 0.08), blob(0.7, 0.65, 0.07, 0.07)
+
+
+def two_objects(prompts=(PROMPT,), circle=CIRCLE, square=SQUARE, colours=None):
+    colours = colours or {"circle": COLOURS["red"], "square": COLOURS["blue"]}
+    return Scene(list(prompts), [{"red": circle, "circle": circle, "blue": square, "square": square} for _ in prompts],
+                 [colours for _ in prompts])
+
+
+# ---- move, place, resize ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dx, dy", [(0.2, 0.0), (-0.2, 0.0), (0.0, 0.15), (0.0, -0.15), (0.15, -0.1)])
+def test_move_goes_the_asked_way(dx, dy):
+    scene = two_objects()
+    reference = scene.traces()
+    scene.guide([[move("circle", dx=dx, dy=dy)]], reference)
+    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2] + torch.tensor([dx, dy], dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("x, y", [(0.25, 0.7), (0.7, 0.25)])
+def test_place_puts_the_centre_at_x_y(x, y):
+    scene = two_objects()
+    scene.guide([[place("circle", x, y, keep_others=False)]], scene.traces())
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([x, y], dtype=torch.float64), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_resize_scales_the_area(scale):
+    scene = two_objects()
+    before = scene.area(0, "circle")
+    scene.guide([[resize("circle", scale, keep_others=False)]], scene.traces())
+    assert scene.area(0, "circle") / before == pytest.approx(scale, rel=0.15)
+    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2], atol=0.02, rtol=0)
+
+
+# ---- what is held -------------------------------------------------------------------------------
+
+
+def disturbed(reference_scene, word, by=(0.08, -0.06)):
+    """A scene whose `word` blob has drifted off the reference (as the rest of an image does while
+    an edit pulls on one object)."""
+    scene = two_objects()
+    with torch.no_grad():
+        scene.params[0][word][:2] += torch.tensor(by, dtype=torch.float64)
+        if word == "square":
+            scene.params[0]["blue"][:2] += torch.tensor(by, dtype=torch.float64)
+    return scene
+
+
+@pytest.mark.parametrize("with_term, without_term", [
+    (lambda: move("circle", dx=0.1), lambda: move("circle", dx=0.1, keep_shape_weight=0.0)),
+    (lambda: resize("circle", 1.5), lambda: resize("circle", 1.5, keep_shape_weight=0.0)),
+    (lambda: keep_shape(["blue", "square"]), lambda: keep_shape(["blue", "square"], weight=0.0)),
+])
+def test_keep_shape_pulls_a_drifted_object_back(with_term, without_term):
+    reference = two_objects().traces()
+    drift = {}
+    for name, edit in (("with", with_term), ("without", without_term)):
+        scene = disturbed(two_objects(), "square").guide([[edit()]], reference)
+        drift[name] = (scene.centre(0, "square") - SQUARE[:2]).norm().item()
+    assert drift["with"] < 0.02 and drift["without"] > 0.08
+
+
+def test_keep_appearance_pulls_drifted_features_back():
+    reference = two_objects().traces()
+    error = {}
+    for name, edit in (("with", keep_appearance(["circle"])), ("without", keep_appearance(["circle"], weight=0.0))):
+        scene = two_objects(colours={"circle": COLOURS["green"], "square": COLOURS["blue"]})
+        scene.guide([[edit]], reference)
+        error[name] = cosine(scene.appearance(0, "circle"), COLOURS["red"])
+    assert error["with"] > 0.9 and error["without"] < 0.3
+
+
+def test_move_holds_the_other_objects_appearance():
+    reference = two_objects().traces()
+    held = {}
+    for name, edit in (("with", move("circle", dx=0.1)), ("without", move("circle", dx=0.1, keep_appearance_weight=0.0))):
+        scene = two_objects(colours={"circle": COLOURS["red"], "square": COLOURS["green"]})
+        scene.guide([[edit]], reference)
+        held[name] = cosine(scene.appearance(0, "square"), COLOURS["blue"])
+    assert held["with"] > 0.9 and held["without"] < 0.3
+
+
+# ---- copies from a source -----------------------------------------------------------------------
+
+
+def source_scene(circle, square, circle_colour="green", square_colour="oil", prompt="a green circle and a big square"):
+    """Another generation, recorded as a source: its "circle" and "square" are where and what they are here."""
+    words = prompt.split()
+    colour_word = words[1]
+    blobs = {colour_word: circle, "circle": circle, "big": square, "square": square}
+    return Scene([prompt], [blobs], [{"circle": COLOURS[circle_colour], "square": COLOURS[square_colour]}]).traces()[0]
+
+
+# A long thin source object: where it points shows which way a rotation went.
+BAR = blob(0.45, 0.5, 0.13, 0.06, 0.0)
+START = blob(0.5, 0.5, 0.1, 0.08, 0.0)
+
+
+@pytest.mark.parametrize("kwargs, centre, radii, angle", [
+    (dict(), (0.45, 0.5), (0.13, 0.06), 0.0),
+    (dict(translate=(0.1, -0.08)), (0.55, 0.42), (0.13, 0.06), 0.0),
+    (dict(translate=(-0.05, 0.1)), (0.4, 0.6), (0.13, 0.06), 0.0),
+    (dict(scale=1.4), (0.45, 0.5), (0.182, 0.084), 0.0),
+    (dict(scale=0.7), (0.45, 0.5), (0.091, 0.042), 0.0),
+    (dict(rotate=30), (0.45, 0.5), (0.13, 0.06), 30.0),
+    (dict(rotate=-30), (0.45, 0.5), (0.13, 0.06), -30.0),
+])
+def test_copy_shape_takes_the_transformed_source_silhouette(kwargs, centre, radii, angle):
+    source = source_scene(BAR, blob(0.7, 0.3))
+    scene = Scene([PROMPT], [{"red": START, "circle": START, "blue": SQUARE, "square": SQUARE}])
+    scene.guide([[copy_shape("circle", source, **kwargs)]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor(centre, dtype=torch.float64), atol=0.02, rtol=0)
+    read = sorted(scene.params[0]["circle"][2:4].detach().exp().tolist(), reverse=True)
+    assert read == pytest.approx(list(radii), rel=0.12)
+    assert scene.orientation(0, "circle") == pytest.approx(angle, abs=6)
+
+
+def test_copy_shape_from_a_named_source_word():
+    # The source's square stands upright at another place: the circle takes that, not the source's circle.
+    source = source_scene(BAR, blob(0.6, 0.45, 0.05, 0.12))
+    scene = Scene([PROMPT], [{"red": START, "circle": START, "blue": SQUARE, "square": SQUARE}])
+    scene.guide([[copy_shape("circle", source, "square")]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([0.6, 0.45], dtype=torch.float64), atol=0.02, rtol=0)
+    assert abs(scene.orientation(0, "circle")) == pytest.approx(90, abs=6)
+
+
+@pytest.mark.parametrize("source_word, colour", [(None, "green"), ("circle", "green"), ("square", "oil")])
+def test_copy_appearance_from_the_named_source_word(source_word, colour):
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    scene = two_objects()
+    scene.guide([[copy_appearance("circle", source, source_word)]])
+    read = scene.appearance(0, "circle")
+    other = "oil" if colour == "green" else "green"  # the source's other object
+    assert cosine(read, COLOURS[colour]) > 0.9 and cosine(read, COLOURS[other]) < 0.3
+
+
+def test_copy_layout_takes_every_shared_objects_place():
+    circle, square = blob(0.3, 0.6), blob(0.62, 0.56, 0.07, 0.07)
+    source = source_scene(circle, square, prompt="a red circle and a blue square")
+    scene = two_objects()
+    scene.guide([[copy_layout(source)]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), circle[:2], atol=0.02, rtol=0)
+    torch.testing.assert_close(scene.centre(0, "square"), square[:2], atol=0.02, rtol=0)
+
+
+def test_collage_takes_each_object_from_its_own_source():
+    first = source_scene(blob(0.32, 0.62), blob(0.8, 0.2), circle_colour="green", square_colour="red")
+    second = source_scene(blob(0.2, 0.2), blob(0.64, 0.56, 0.07, 0.07), circle_colour="red", square_colour="oil")
+    scene = two_objects()
+    scene.guide([[collage([(first, ["circle"]), (second, ["square"])])]], steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([0.32, 0.62], dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(scene.centre(0, "square"), torch.tensor([0.64, 0.56], dtype=torch.float64), atol=0.02, rtol=0)
+    assert cosine(scene.appearance(0, "circle"), COLOURS["green"]) > 0.9
+    assert cosine(scene.appearance(0, "square"), COLOURS["oil"]) > 0.9
+
+
+# ---- restyle --------------------------------------------------------------------------------------
+
+STYLED = "a red circle painting"
+BACKDROP = blob(0.5, 0.5, 0.3, 0.3)  # "painting" attends to the whole picture
+
+
+def styled_scene(circle=CIRCLE, backdrop_colour="red"):
+    blobs = {"red": circle, "circle": circle, "painting": BACKDROP}
+    scene = Scene([STYLED], [blobs], [{"painting": COLOURS["blue"], "circle": COLOURS[backdrop_colour]}])
+    return scene
+
+
+def test_restyle_takes_the_style_words_appearance_and_holds_the_layout():
+    source = Scene([STYLED], [{"red": blob(0.3, 0.3), "circle": blob(0.3, 0.3), "painting": BACKDROP}],
+                   [{"painting": COLOURS["oil"]}]).traces()[0]
+    reference = styled_scene().traces()
+    moved = blob(0.53, 0.4)  # the circle drifted off its reference place
+    results = {}
+    for name, edit in (("on", restyle(source, ["painting"])), ("off", restyle(source, ["painting"], weight=0.0, keep_shape_weight=0.0))):
+        scene = styled_scene(circle=moved)
+        scene.guide([[edit]], reference)
+        results[name] = (cosine(scene.appearance(0, "painting"), COLOURS["oil"]), (scene.centre(0, "circle") - CIRCLE[:2]).norm().item())
+    assert results["on"][0] > 0.8 and results["off"][0] < 0.3
+    assert results["on"][1] < 0.02 and results["off"][1] > 0.08
+
+
+# ---- every batch item gets its own edit -----------------------------------------------------------
+
+
+def test_each_batch_item_gets_its_own_edit():
+    prompts = [PROMPT, "a blue square and a red circle"]
+    scene = Scene(prompts, [{"red": CIRCLE, "circle": CIRCLE, "blue": SQUARE, "square": SQUARE}] * 2,
+                  [{"circle": COLOURS["red"], "square": COLOURS["blue"]}] * 2)
+    reference = scene.traces()
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    edits = [[move("circle", dx=0.15, keep_appearance_weight=0.0)],
+             [move("square", dy=-0.2, keep_appearance_weight=0.0), copy_appearance("circle", source, "square")]]
+    scene.guide(edits, reference)
+    shift = lambda b, word, start: (scene.centre(b, word) - start[:2]).tolist()
+    assert shift(0, "circle", CIRCLE) == pytest.approx([0.15, 0.0], abs=0.02)
+    assert shift(0, "square", SQUARE) == pytest.approx([0.0, 0.0], abs=0.02)
+    assert shift(1, "square", SQUARE) == pytest.approx([0.0, -0.2], abs=0.02)
+    assert shift(1, "circle", CIRCLE) == pytest.approx([0.0, 0.0], abs=0.02)
+    assert cosine(scene.appearance(1, "circle"), COLOURS["oil"]) > 0.9
+    assert cosine(scene.appearance(0, "circle"), COLOURS["red"]) > 0.9
+
+
+# ---- energy values: the formula, written out --------------------------------------------------------
+
+
+def smooth_l1(gap, beta=0.02):
+    gap = abs(gap)
+    return 0.5 * gap * gap / beta if gap < beta else gap - 0.5 * beta
+
+
+def loop_centroid(m):
+    height, width = m.shape
+    mass = float(m.sum())
+    x = sum(float(m[i, j]) * (j + 0.5) / width for i in range(height) for j in range(width)) / mass
+    y = sum(float(m[i, j]) * (i + 0.5) / height for i in range(height) for j in range(width)) / mass
+    return x, y
+
+
+def loop_size(m, sharpness=10.0):
+    values = [float(v) for v in m.flatten()]
+    low, high = min(values), max(values)
+    soft = [1 / (1 + math.exp(-sharpness * ((v - low) / (high - low) - 0.5))) for v in values]
+    low, high = min(soft), max(soft)
+    return sum((v - low) / (high - low) for v in soft) / len(soft)
+
+
+def random_views():
+    """A current and a reference View of "circle" and "square" with random maps at three layers."""
+    g = torch.Generator().manual_seed(7)
+    words = ["circle", "square"]
+    sizes = {"a": (5, 7), "b": (8, 8), "c": (3, 4)}  # three layers: a mean over layers differs from a sum over two
+    make = lambda: {k: torch.rand(2, *hw, generator=g, dtype=torch.float64) for k, hw in sizes.items()}  # noqa: E731
+    from sgfast.trace import View
+
+    return View(words, make()), View(words, make())
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (move("circle", dx=0.3, dy=-0.1, keep_others=False, weight=2.5),
+     lambda c, r: 2.5 * sum(smooth_l1(loop_centroid(c[l])[0] - loop_centroid(r[l])[0] - 0.3)
+                            + smooth_l1(loop_centroid(c[l])[1] - loop_centroid(r[l])[1] + 0.1) for l in c) / len(c)),
+    (place("circle", 0.2, 0.9, keep_others=False, weight=3.0),
+     lambda c, r: 3.0 * sum(smooth_l1(loop_centroid(c[l])[0] - 0.2) + smooth_l1(loop_centroid(c[l])[1] - 0.9) for l in c) / len(c)),
+    (resize("circle", 1.7, keep_others=False, weight=1.5),
+     lambda c, r: 1.5 * sum(smooth_l1(loop_size(c[l]) - 1.7 * loop_size(r[l])) for l in c) / len(c)),
+])
+def test_energy_is_the_mean_over_layers_of_the_l1_distance(edit, expected):
+    current, reference = random_views()
+    value = edit.energy(current.subset(["circle"]), reference, T).item()
+    circle = lambda view: {layer: m[0] for layer, m in view.maps.items()}  # noqa: E731
+    assert value == pytest.approx(expected(circle(current), circle(reference)), rel=1e-6)  # targets built in float32
+
+
+def test_an_edit_on_target_has_zero_energy():
+    # Sources and references equal to the current generation: nothing to do, energy 0.
+    scene = two_objects(prompts=["a red circle and a blue square painting"])
+    scene.params[0]["painting"] = BACKDROP.clone()
+    trace = scene.traces()[0]
+    edits = [copy_layout(trace), collage([(trace, ["circle", "square"])]), restyle(trace, ["painting"]),
+             keep_shape(), keep_appearance(), copy_shape("circle", trace), copy_appearance("circle", trace),
+             move("circle"), resize("circle", 1.0), place("circle", *trace.view(T).centroid("circle").mean(0).tolist())]
+    for edit in edits:
+        words, _ = edit_selection([[edit]], scene.words, "cpu")
+        with torch.no_grad():
+            energy = energy_of([[edit]], scene.capture(words), scene.words, words, [trace], T)
+        assert float(energy) == pytest.approx(0.0, abs=1e-3), type(edit).__name__
+
+
+def test_restyle_without_layout_reads_only_the_style_words():
+    source = styled_scene().traces()[0]
+    words = PromptWords(STYLED, STYLED.split(), [[i + 1] for i in range(4)])
+    assert restyle(source, ["painting"], keep_layout=False).needed_words(words) == ["painting"]
+    assert restyle(source, ["painting"]).needed_words(words) == ["painting", "red", "circle"]
+
+
+def test_edits_that_cannot_apply_say_why():
+    source = two_objects().traces()[0]
+    words = PromptWords("a green triangle", ["a", "green", "triangle"], [[1], [2], [3]])
+    with pytest.raises(ValueError, match="copy_layout: the prompt 'a green triangle' and the source 'a red circle and a blue square' share no object word"):
+        copy_layout(source).validate(words)
+    with pytest.raises(ValueError, match=r"^collage needs at least one \(source, words\) part$"):
+        collage([])
+    with pytest.raises(ValueError, match=r"^word 'zebra' is not in the source prompt 'a red circle and a blue square'"):
+        copy_layout(source, ["circle", "zebra"])
+
+
+def test_chosen_words_are_the_ones_held_or_copied():
+    source = two_objects().traces()[0]
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    assert keep_shape(["Square "]).needed_words(words) == ["square"]
+    assert keep_shape().needed_words(words) == ["red", "circle", "blue", "square"]
+    assert copy_layout(source, ["circle"]).needed_words(words) == ["circle"]
+    assert copy_layout(source).needed_words(words) == ["red", "circle", "blue", "square"]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda s: copy_shape("circle", s, translate=(1.5, 0.0)), r"^translate x must be in \[-1.0, 1.0\], got 1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(-1.5, 0.0)), r"^translate x must be in \[-1.0, 1.0\], got -1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(0.0, 1.5)), r"^translate y must be in \[-1.0, 1.0\], got 1.5$"),
+    (lambda s: copy_shape("circle", s, translate=(0.0, -1.5)), r"^translate y must be in \[-1.0, 1.0\], got -1.5$"),
+    (lambda s: copy_shape("circle", s, scale=0.0), r"^scale must be a finite number > 0, got 0.0$"),
+    (lambda s: copy_shape("circle", s, scale=float("inf")), r"^scale must be a finite number > 0, got inf$"),
+])
+def test_bad_copy_shape_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(two_objects().traces()[0])
+    build_ok = copy_shape("circle", two_objects().traces()[0], translate=(-1.0, 1.0), scale=1e-3)
+    assert build_ok.translate == (-1.0, 1.0)
