@@ -28,6 +28,11 @@ def add_arguments(parser):
     parser.add_argument("--cache-mb", type=float, default=256, help="memory bound of the reference-trace cache")
     parser.add_argument("--calibrate-sizes", default="", help="extra square sizes to calibrate, e.g. 256,768 (native always)")
     parser.add_argument("--no-drain", action="store_true", help="on shutdown answer queued requests 503 instead of running them")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds from SIGTERM/SIGINT to stopping: every request is answered by then (503 if it cannot run)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request has to send its whole body")
+    parser.add_argument("--max-connections", type=int, default=256, help="open connections at most (more are answered 503)")
+    parser.add_argument("--allowed-hosts", default="", help="extra Host header names to answer (comma-separated); loopback names and --host always")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the model worker (0: torch's default)")
     parser.add_argument("--log-level", default="info")
 
@@ -62,6 +67,7 @@ def build_engine(args, log=print):
     )
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]
+    name = display_name(args.model, name)
     log(f"model: {name} on {device} ({mode} mode); the cost model is calibrated when the worker starts")
     return Engine(
         sg, model=name, cost=None, policy=args.policy, limits=limits, cache_bytes=int(args.cache_mb * 2**20), log=log,
@@ -69,14 +75,47 @@ def build_engine(args, log=print):
     )
 
 
+def display_name(flag, description):
+    """The model's name for /healthz and logs: no machine paths."""
+    import os
+
+    if flag == "default":
+        return description.split(" (")[0]
+    if os.path.isdir(flag):
+        return os.path.basename(os.path.normpath(flag))
+    return description
+
+
+def allowed_hosts(args):
+    """Host header names to answer: loopback, --host (unless it is a wildcard) and --allowed-hosts."""
+    from sgfast.serve.app import LOOPBACK_NAMES
+
+    names = list(LOOPBACK_NAMES) + [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if args.host not in ("0.0.0.0", "::", ""):
+        names.append(args.host)
+    return tuple(dict.fromkeys(n.lower() for n in names))
+
+
 def serve(args):
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         sys.exit("serving needs the serve extra: pip install -e '.[serve]'")
     from sgfast.serve.app import create_app
+    from sgfast.serve.http import bind, server
 
+    try:
+        sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    except OSError as e:
+        sys.exit(f"error: {e}")
     engine = build_engine(args)
-    app = create_app(engine, drain_on_shutdown=not args.no_drain)
-    print(f"serving on http://{args.host}:{args.port}/  (policy: {args.policy}; Ctrl-C drains the queue and stops)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=120)
+    app = create_app(
+        engine, drain_on_shutdown=not args.no_drain, shutdown_timeout=args.drain_timeout,
+        allowed_hosts=allowed_hosts(args), body_timeout_s=args.body_timeout,
+    )
+    http = server(
+        app, engine, host=args.host, port=args.port, drain=not args.no_drain, drain_timeout_s=args.drain_timeout,
+        header_timeout_s=args.header_timeout, max_connections=args.max_connections, log_level=args.log_level,
+    )
+    print(f"serving on http://{args.host}:{args.port}/  (policy: {args.policy}; SIGTERM/Ctrl-C answers every request and stops within {args.drain_timeout:g} s)")
+    http.run(sockets=[sock])

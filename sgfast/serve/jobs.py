@@ -51,6 +51,19 @@ class Job:
     seq: int
     future: Future = field(default_factory=Future)
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
+    abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
+
+    def answer(self, result=None, error=None):
+        """Resolve the future once; later answers (a batch finishing after its client left or the
+        shutdown deadline answered it) are dropped. Returns whether this one was delivered."""
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+            return True
+        except Exception:  # InvalidStateError: already answered or cancelled
+            return False
 
     @property
     def has_edits(self):
