@@ -74,7 +74,7 @@ class Guard:
             self._count(scope, state, status, time.monotonic() - start)
 
     async def _handle(self, scope, receive, send):
-        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
             allowed = ", ".join(sorted(self.allowed_hosts))
             return await send_error(send, 400, f"host {headers.get('host', '')!r} is not served here; allowed host names: {allowed}", close=True)
