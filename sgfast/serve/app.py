@@ -246,7 +246,7 @@ def create_app(
     async def index():
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
-    return Guard(app, metrics, engine.limits.max_body_bytes, body_timeout_s, allowed_hosts)
+    return Guard(app, metrics, engine.limits.max_body_bytes, body_timeout_s, allowed_hosts, stop_at=lambda: engine.stop_at)
 
 
 def app_of(asgi):

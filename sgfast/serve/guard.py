@@ -12,6 +12,7 @@ and the one place that counts how each request ended.
 """
 
 import asyncio
+import math
 import time
 
 from sgfast.serve.errors import outcome_of, send_error
@@ -43,10 +44,14 @@ class Guard:
     """ASGI middleware: host check, JSON-only bodies with a size cap and a read deadline, outcome
     counting. `allowed_hosts`: names without ports (None: any)."""
 
-    def __init__(self, app, metrics, max_body_bytes=64 * 1024, body_timeout_s=10.0, allowed_hosts=("127.0.0.1", "localhost", "::1")):
+    def __init__(
+        self, app, metrics, max_body_bytes=64 * 1024, body_timeout_s=10.0, allowed_hosts=("127.0.0.1", "localhost", "::1"),
+        stop_at=lambda: None,
+    ):
         self.app = app
+        self.stop_at = stop_at  # -> time.monotonic() of the shutdown deadline, or None
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes or math.inf
         self.body_timeout_s = body_timeout_s
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
@@ -89,7 +94,8 @@ class Guard:
         try:
             body = await self._read_body(receive)
         except _BodyError as e:
-            return await send_error(send, e.status, str(e), close=True)
+            extra = {"retry_after_s": 5} if e.status == 503 else {}
+            return await send_error(send, e.status, str(e), "shutting_down" if e.status == 503 else None, close=True, **extra)
         if body is None:  # the client went away while sending
             scope["sgfast"]["outcome"] = "cancelled"
             return
@@ -101,9 +107,15 @@ class Guard:
         chunks, size = [], 0
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                # In slices, so that a shutdown is seen; a cancelled receive loses nothing.
+                message = await asyncio.wait_for(receive(), min(max(deadline - time.monotonic(), 0.001), 0.25))
             except asyncio.TimeoutError:
-                raise _BodyError(408, f"the request body was not received within {self.body_timeout_s:g} s") from None
+                stop_at = self.stop_at()
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    raise _BodyError(503, "the server stopped before the request body arrived") from None
+                if time.monotonic() >= deadline:
+                    raise _BodyError(408, f"the request body was not received within {self.body_timeout_s:g} s") from None
+                continue
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
