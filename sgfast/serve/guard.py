@@ -86,8 +86,9 @@ class Guard:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         content_type = headers.get("content-type")
-        if content_type is not None and not is_json(content_type):
-            return await send_error(send, 415, f"content-type {content_type!r} is not accepted; send application/json", close=True)
+        if content_type is None or not is_json(content_type):
+            what = "no content-type" if content_type is None else f"content-type {content_type!r}"
+            return await send_error(send, 415, f"{what}: the body must be JSON, sent as content-type application/json", close=True)
         declared = headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
             return await send_error(send, 413, f"request body of {int(declared)} bytes is over the cap of {self.max_body_bytes} bytes", close=True)
