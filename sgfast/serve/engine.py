@@ -29,7 +29,7 @@ import torch
 from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
 from sgfast.serve.cache import TraceCache, call_pipeline
 from sgfast.serve.cost import CostModel
-from sgfast.serve.jobs import Job, Result
+from sgfast.serve.jobs import Job, result_of
 
 SHUTDOWN_RETRY_S = 5  # Retry-After of requests answered 503 because the server stopped
 NO_BUDGET_MS = 3_600_000.0  # requests without a budget are ordered as if due in an hour (FIFO among themselves)
@@ -266,9 +266,9 @@ class Engine:
         else:
             job.plan = Plan(job.plan.steps, job.plan.guided_steps, job.plan.schedule, decision.plan.reference_steps)
 
-    def _next_batch(self):
-        """Pop the earliest-deadline job that can still run, then the queued jobs of the same shape
-        (earliest deadlines first) while the batch's predicted time meets every member's deadline."""
+    def _pop_head(self):
+        """Pop the earliest-deadline job that can still run, replanned against the time it has left;
+        those whose client went away are dropped, those whose deadline passed are answered 503."""
         while self.queue:
             now = time.monotonic()
             _, _, head = heapq.heappop(self.queue)
@@ -285,30 +285,39 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.deadline_miss()
                 continue
-            batch, chosen_cancelled = [head], []
-            key = self._batch_key(head)
-            pixels = head.spec.height * head.spec.width
-            for item in sorted(self.queue, key=lambda e: e[:2]):
-                if len(batch) >= self.limits.max_batch:
-                    break
-                job = item[2]
-                self._refresh_reference(job)  # the cache may have changed since it was admitted
-                if self._batch_key(job) != key:
-                    continue
-                p = head.plan
-                predicted = self.cost.call_ms(len(batch) + 1, pixels, p.steps, p.guided_steps, p.reference_steps)
-                if any(j.spec.budget_ms is not None and now + predicted / 1000 > j.deadline for j in batch + [job]):
-                    continue
-                if job.future.set_running_or_notify_cancel():
-                    batch.append(job)
-                else:
-                    chosen_cancelled.append(job)
-            if len(batch) > 1 or chosen_cancelled:
-                chosen = {id(j) for j in batch + chosen_cancelled}
-                self.queue = [e for e in self.queue if id(e[2]) not in chosen]
-                heapq.heapify(self.queue)
-            return batch
+            return head
         return None
+
+    def _next_batch(self):
+        """Pop the earliest-deadline job that can still run, then the queued jobs of the same shape
+        (earliest deadlines first) while the batch's predicted time meets every member's deadline."""
+        head = self._pop_head()
+        if head is None:
+            return None
+        now = time.monotonic()
+        batch, chosen_cancelled = [head], []
+        key = self._batch_key(head)
+        pixels = head.spec.height * head.spec.width
+        for item in sorted(self.queue, key=lambda e: e[:2]):
+            if len(batch) >= self.limits.max_batch:
+                break
+            job = item[2]
+            self._refresh_reference(job)  # the cache may have changed since it was admitted
+            if self._batch_key(job) != key:
+                continue
+            p = head.plan
+            predicted = self.cost.call_ms(len(batch) + 1, pixels, p.steps, p.guided_steps, p.reference_steps)
+            if any(j.spec.budget_ms is not None and now + predicted / 1000 > j.deadline for j in batch + [job]):
+                continue
+            if job.future.set_running_or_notify_cancel():
+                batch.append(job)
+            else:
+                chosen_cancelled.append(job)
+        if len(batch) > 1 or chosen_cancelled:
+            chosen = {id(j) for j in batch + chosen_cancelled}
+            self.queue = [e for e in self.queue if id(e[2]) not in chosen]
+            heapq.heapify(self.queue)
+        return batch
 
     def _loop(self):
         while True:
@@ -375,25 +384,8 @@ class Engine:
             self._deliver(job, image, hit, start, elapsed_ms, len(batch), done)
 
     def _deliver(self, job, image, hit, start, elapsed_ms, batch_size, done):
-        missed = job.spec.budget_ms is not None and done > job.deadline
-        result = Result(
-            image=image,
-            spec=job.spec,
-            plan=job.plan,
-            degraded=job.degraded,
-            degradation=degradation_of(job.spec, job.plan),
-            timings={
-                "queue_ms": round((start - job.arrival) * 1000, 1),
-                "run_ms": round(elapsed_ms, 1),
-                "total_ms": round((done - job.arrival) * 1000, 1),
-                "predicted_ms": round(job.predicted_ms, 1),
-                "budget_ms": job.spec.budget_ms,
-            },
-            cache_hit=hit,
-            batch_size=batch_size,
-            deadline_missed=missed,
-        )
-        if job.answer(result) and missed and self.metrics is not None:
+        result = result_of(job, image, hit, start, elapsed_ms, batch_size, done)
+        if job.answer(result) and result.deadline_missed and self.metrics is not None:
             self.metrics.deadline_miss()
 
     def _call(self, batch):

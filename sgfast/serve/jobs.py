@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgfast.serve.admission import Plan
+from sgfast.serve.admission import Plan, degradation_of
 
 
 @dataclass
@@ -72,6 +72,27 @@ class Job:
     def trace_key(self, model, steps=None):
         s = self.spec
         return (model, s.prompt, s.negative_prompt, s.seed, steps or self.plan.steps, s.height, s.width, s.guidance_scale)
+
+
+def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
+    """The Result of a job that ran from `start` to `done` (time.monotonic())."""
+    return Result(
+        image=image,
+        spec=job.spec,
+        plan=job.plan,
+        degraded=job.degraded,
+        degradation=degradation_of(job.spec, job.plan),
+        timings={
+            "queue_ms": round((start - job.arrival) * 1000, 1),
+            "run_ms": round(run_ms, 1),
+            "total_ms": round((done - job.arrival) * 1000, 1),
+            "predicted_ms": round(job.predicted_ms, 1),
+            "budget_ms": job.spec.budget_ms,
+        },
+        cache_hit=cache_hit,
+        batch_size=batch_size,
+        deadline_missed=job.spec.budget_ms is not None and done > job.deadline,
+    )
 
 
 def seeded_latents(pipe, seeds, height, width):
