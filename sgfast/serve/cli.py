@@ -16,7 +16,9 @@ def add_arguments(parser):
     parser.add_argument("--policy", choices=POLICIES, default="degrade", help="requests predicted to miss their budget: degrade or reject (503)")
     parser.add_argument("--device", default="auto", help='"auto" (cuda when available), "cpu", "cuda", ...')
     parser.add_argument("--mode", choices=("auto", "reference", "fast"), default="auto", help="SelfGuidancePipeline mode (auto: fast on CUDA)")
-    parser.add_argument("--max-batch", type=int, default=4, help="most requests of the same shape run in one pipeline call")
+    parser.add_argument("--scheduler", choices=("iteration", "request"), default="iteration",
+                        help="iteration: batch per denoising step, requests join and leave between steps; request: same-shape requests run as one pipeline call")
+    parser.add_argument("--max-batch", type=int, default=4, help="most requests in one UNet call (iteration) or pipeline call (request)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--default-steps", type=int, default=20)
     parser.add_argument("--min-steps", type=int, default=10, help="degradation floor (or the requested steps if fewer)")
@@ -44,6 +46,7 @@ def build_engine(args, log=print):
     from sgfast import SelfGuidancePipeline
     from sgfast.serve.admission import Limits
     from sgfast.serve.engine import Engine
+    from sgfast.serve.iteration import IterationEngine
     from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline(args.model)
@@ -69,7 +72,8 @@ def build_engine(args, log=print):
     sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]
     name = display_name(args.model, name)
     log(f"model: {name} on {device} ({mode} mode); the cost model is calibrated when the worker starts")
-    return Engine(
+    engine_class = IterationEngine if args.scheduler == "iteration" else Engine
+    return engine_class(
         sg, model=name, cost=None, policy=args.policy, limits=limits, cache_bytes=int(args.cache_mb * 2**20), log=log,
         threads=args.threads or None, calibrate_sizes=sizes,
     )

@@ -39,6 +39,8 @@ class Engine:
     """The single worker that owns the model, its EDF queue, the trace cache and the cost model.
     `metrics`: an object with the hooks of `sgfast.serve.metrics.Metrics` (or None)."""
 
+    scheduler = "request"  # request-level batching; sgfast.serve.iteration.IterationEngine batches per step
+
     def __init__(
         self, sg, model="model", cost=None, policy="degrade", limits=None, cache_bytes=256 * 2**20, metrics=None, log=None,
         threads=None, calibrate_sizes=None,
