@@ -60,7 +60,7 @@ def latency_plot(rows, path, slos, panel=(620, 420)):
     x = 80
     for scheduler, colour in COLOURS.items():
         draw.line((x, height - 22, x + 30, height - 22), fill=colour, width=3)
-        draw.text((x + 36, height - 30), f"{scheduler}-level batching: p95 (thick), p50 (thin)", fill=(0, 0, 0), font=small)
-        x += 360
+        draw.text((x + 36, height - 30), f"{scheduler}-level: p95 thick, p50 thin", fill=(0, 0, 0), font=small)
+        x += 280
     image.save(path)
     return path

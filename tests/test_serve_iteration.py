@@ -168,3 +168,28 @@ def test_shutdown_deadline_answers_running_requests(tiny_sg):
         assert not engine.alive
     finally:
         pause.remove()
+
+
+def test_a_request_waits_rather_than_make_a_running_one_miss_its_deadline(tiny_sg):
+    # Batches of 2 cost twice as much per step: a second request would double the first one's time.
+    cost = CostModel.fixed(10, 30, 1, batch_factor=1.0)
+    engine = IterationEngine(tiny_sg, model="tiny", cost=cost, limits=Limits(min_steps=1, max_batch=4), threads=1)
+    engine.start()
+    pause = Pause(tiny_sg.pipe.unet)
+    try:
+        pause.hold()
+        due = engine.submit(Spec(prompt="a cat", steps=20, budget_ms=cost.call_ms(1, 64 * 64, 20, 0) * 1.5))
+        assert pause.entered.wait(WAIT)
+        later = engine.submit(Spec(prompt="a dog", steps=4))
+        pause.go.set()
+        assert due.future.result(WAIT).batch_size == 1 and later.future.result(WAIT).batch_size == 1
+        # Without a budget to protect, the next one joins the running one.
+        pause.hold()
+        first = engine.submit(Spec(prompt="a cat", steps=20))
+        assert pause.entered.wait(WAIT)
+        second = engine.submit(Spec(prompt="a dog", steps=4))
+        pause.go.set()
+        assert first.future.result(WAIT).batch_size == 2 and second.future.result(WAIT).batch_size == 2
+    finally:
+        pause.remove()
+        engine.shutdown(timeout=WAIT)

@@ -53,9 +53,12 @@ class IterationEngine(Engine):
                     self.running = None
 
     def _admit_to_active(self):
-        """Queued jobs to start now (EDF), up to the cap on active requests."""
+        """Queued jobs to start now (EDF), up to the cap on active requests, while every budgeted
+        request already running is still predicted to meet its deadline with one more beside it."""
         joining = []
         while self.queue and len(self.active) + len(joining) < self.limits.max_batch:
+            if (self.active or joining) and not self._fits(joining + [self.queue[0][2]]):
+                break  # later deadlines would hurt as much: wait for a request to finish
             job = self._pop_head()
             if job is None:
                 break
@@ -64,6 +67,20 @@ class IterationEngine(Engine):
                 continue
             joining.append(job)
         return joining
+
+    def _fits(self, joining):
+        """Whether the active requests plus `joining` (jobs) all meet their deadlines, as the cost
+        model predicts steps at that many requests per UNet call."""
+        now, n = time.monotonic(), len(self.active) + len(joining)
+        pixels = {r.size[0] * r.size[1] for r in self.active} | {j.spec.height * j.spec.width for j in joining}
+        plain_ms = max(self.cost.ms("plain", n, p) for p in pixels)
+        guided_ms = max(self.cost.ms("guided", n, p) for p in pixels)
+        left = [(r.job, r.steps_left(), r.guided_left()) for r in self.active]
+        left += [(j, j.plan.steps + j.plan.reference_steps, j.plan.guided_steps) for j in joining]
+        for job, steps, guided in left:
+            if job.spec.budget_ms is not None and now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 > job.deadline:
+                return False
+        return True
 
     def _remaining_ms(self):
         """Predicted time until the active requests are done (for the queue-ahead estimate)."""

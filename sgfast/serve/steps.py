@@ -70,6 +70,16 @@ class Run:
     def finished(self):
         return self.phase == "main" and self.i >= len(self.timesteps)
 
+    def steps_left(self):
+        """Steps still to run, the main pass's included when in the reference pass."""
+        later = self.job.plan.steps if self.phase == "reference" else 0
+        return len(self.timesteps) - self.i + later
+
+    def guided_left(self):
+        if self.phase == "reference":
+            return self.job.plan.guided_steps
+        return sum(self.guided[self.i :])
+
     @property
     def size(self):
         return (self.job.spec.height, self.job.spec.width)
