@@ -17,15 +17,20 @@ negative_prompt, self_guidance_scale, normalize_gradient, size (a side, or [widt
 
 Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedited trace was cached),
 `degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
-`cache_hit`, `batch_size`, `words`; 422 for bad input (schema, caps, unknown words naming the prompt's
-words, a budget no plan can ever meet); 413 for a body over the cap; 503 when the request would miss
-its budget under `--policy reject` (or would make queued requests miss theirs), the queue is full, its
-deadline passed while queued, or the server is shutting down (`detail` says which, with the predicted
-time and what would fit, and Retry-After); 500 when generation failed (the worker carries on).
+`cache_hit`, `batch_size`, `words`. Every other answer has one schema (`sgfast.serve.errors`):
+`{"detail": {"status", "type", "message", ...}}`: 400 for a Host header this server does not answer
+to; 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a body
+over the cap (declared or chunked); 415 for a body not sent as application/json; 422 for bad input
+(schema, caps, unknown words naming the prompt's words, an edit with no word to hold or no guided
+step, a budget no plan can ever meet: `errors` lists the schema's complaints); 503 with Retry-After
+when the request would miss its budget under `--policy reject` (or make queued requests miss theirs),
+the queue is full, its deadline passed while queued, or the server is stopping; 500 when generation
+failed (the worker carries on). A client that goes away cancels its request.
 
-The engine (`sgfast.serve.engine`) does the work: admission against the budget, EDF queue, one worker
-thread owning the model, batching of same-shape requests and the reference-trace cache. Flags:
-`python -m sgfast serve --help`. Needs the `serve` extra: `pip install -e '.[serve]'`.
+The engine (`sgfast.serve.engine`, with the per-step scheduler of `sgfast.serve.iteration`) does the
+work: admission against the budget, EDF queue, one worker thread owning the model, batching and the
+reference-trace cache. Flags: `python -m sgfast serve --help`. Needs the `serve` extra:
+`pip install -e '.[serve]'`.
 """
 
 import asyncio
