@@ -278,3 +278,21 @@ def test_fuzz_the_request_schema_thousands(tiny_sg):
     with make_client(tiny_sg, cost=CostModel.fixed(0.01, 0.02, 0.01)) as c:
         statuses = fuzz(c, 3000, seed=1)
     assert statuses.get(200, 0) >= 100, statuses
+
+
+def test_health_and_host_names_of_the_command_line(tmp_path):
+    import argparse
+
+    from sgfast.serve.cli import add_arguments, allowed_hosts, display_name
+    from sgfast.serve.guard import host_name
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert display_name(str(folder), str(folder)) == "my-model"  # a folder's name, not its path
+    assert display_name("default", f"built-in model ({tmp_path})") == "built-in model"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert allowed_hosts(parser.parse_args([])) == ("127.0.0.1", "localhost", "::1")
+    args = parser.parse_args(["--host", "0.0.0.0", "--allowed-hosts", "gpu-box.lan, Serve.Example"])
+    assert allowed_hosts(args) == ("127.0.0.1", "localhost", "::1", "gpu-box.lan", "serve.example")
+    assert [host_name(h) for h in ("LocalHost:8000", "[::1]:8000", "::1", "127.0.0.1")] == ["localhost", "::1", "::1", "127.0.0.1"]

@@ -22,7 +22,7 @@ import itertools
 import math
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 import torch
 
@@ -361,6 +361,8 @@ class Engine:
             outputs = self._call(batch)
         except Abandoned:
             self.log(f"stopped a batch of {len(batch)}: every request of it had gone")
+            for job in batch:
+                job.answer(error=CancelledError("the request was cancelled while it ran"))
             return
         except Exception as error:
             if len(batch) == 1:

@@ -11,6 +11,7 @@ the engine's (`sgfast.serve.engine`); `--scheduler request` falls back to reques
 """
 
 import time
+from concurrent.futures import CancelledError
 
 from sgfast.serve.admission import ShuttingDown
 from sgfast.serve.engine import SHUTDOWN_RETRY_S, Engine
@@ -35,7 +36,9 @@ class IterationEngine(Engine):
                     self.cond.wait()
                 if not self.queue and not self.active and self.closing:
                     return
-                self.active = [r for r in self.active if not r.job.abandoned]  # clients gone, or stopped
+                for run in [r for r in self.active if r.job.abandoned]:  # clients gone, or stopped
+                    run.job.answer(error=CancelledError("the request was cancelled while it ran"))
+                self.active = [r for r in self.active if not r.job.abandoned]
                 joining = self._admit_to_active()
                 self.running = (time.monotonic(), self._remaining_ms(), [r.job for r in self.active] + joining)
             self.active += [run for run in map(self._start, joining) if run is not None]
