@@ -195,3 +195,19 @@ def test_a_request_waits_rather_than_make_a_running_one_miss_its_deadline(tiny_s
     finally:
         pause.remove()
         engine.shutdown(timeout=WAIT)
+
+
+def test_a_pipeline_with_trainable_weights(tiny_sg):
+    """Weights loaded with from_pretrained require grad (the tiny pipeline's do not): no step may
+    leave a graph on what it returns (the decoded image, the prompt embeddings)."""
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(seed=0))
+    for module in (sg.pipe.unet, sg.pipe.vae, sg.pipe.text_encoder):
+        module.requires_grad_(True)
+    engine = IterationEngine(sg, model="tiny", cost=CostModel.fixed(1, 2, 1), limits=Limits(min_steps=1), threads=1)
+    engine.start()
+    try:
+        edits = [move("circle", dx=0.25)]
+        result = engine.submit(Spec(prompt=PROMPT, seed=2, steps=4, edits=edits)).future.result(WAIT)
+    finally:
+        engine.shutdown(timeout=WAIT)
+    assert_same_image(result.image, library_image(tiny_sg, PROMPT, 2, 4, edits=edits))

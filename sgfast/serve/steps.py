@@ -32,7 +32,8 @@ class Run:
         self.words = PromptWords.from_tokenizer(pipe.tokenizer, spec.prompt)
         self.trace_words = list(dict.fromkeys(self.words.words))
         self.do_cfg = spec.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt([spec.prompt], self.device, 1, self.do_cfg, spec.negative_prompt)
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt([spec.prompt], self.device, 1, self.do_cfg, spec.negative_prompt)
         self.cond, self.uncond = cond, uncond
         self.scheduler = copy.deepcopy(pipe.scheduler)  # its own step state and timesteps
         self.extra = pipe.prepare_extra_step_kwargs(None, 0.0)
@@ -96,6 +97,7 @@ class Run:
             return self.reference
         return None
 
+    @torch.no_grad()
     def image(self):
         return self.sg.decode(self.latents, "pil")[0]
 
