@@ -225,7 +225,7 @@ def fmt(value, digits=0):
 
 
 def table(rows):
-    head = ["model", "scheduler", "offered req/s", "sent", "answered", "lost", "200", "503", "expired", "422", "degraded",
+    head = ["model", "scheduler", "offered req/s", "sent", "answered", "lost", "200", "503", "expired", "422", "errors", "degraded",
             "cache hits", "mean batch", "p50 ms", "p95 ms", "p99 ms", "req/s", "miss rate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -233,7 +233,7 @@ def table(rows):
         miss = s["deadline_miss_rate"]
         cells = [
             r["model"], r["scheduler"], fmt(r["rate"], 2), s["sent"], s["answered"], s["lost"], s["ok"], s["rejected_503"],
-            s["expired_in_queue"], s["rejected_422"], s["degraded"], s["cache_hits"], fmt(s["mean_batch"], 2),
+            s["expired_in_queue"], s["rejected_422"], s["errors"], s["degraded"], s["cache_hits"], fmt(s["mean_batch"], 2),
             fmt(s["p50_ms"]), fmt(s["p95_ms"]), fmt(s["p99_ms"]), fmt(s["throughput_rps"], 2),
             "-" if miss is None else f"{100 * miss:.1f}%",
         ]
@@ -301,8 +301,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="auto", help='comma-separated; "auto": tiny, and default when installed')
     parser.add_argument("--schedulers", default="request,iteration")
-    parser.add_argument("--loads", default="0.5,1,1.5,2.5", help="offered loads, in requests per predicted plain-request time")
-    parser.add_argument("--requests", type=int, default=24, help="requests per load")
+    parser.add_argument("--loads", default="0.3,0.6,1.2,2.4", help="offered loads, in requests per predicted plain-request time")
+    parser.add_argument("--requests", type=int, default=20, help="requests per load")
     parser.add_argument("--steps", type=int, default=10, help="steps of the mix's middle (it uses -2, +0, +2)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -361,7 +361,7 @@ def main(argv=None):
             f"4 prompts x 3 seeds (new seeds at each load), at {args.steps - 2}, {args.steps} or {args.steps + 2} steps; every other "
             f"request has a budget of 8x that time (policy degrade). Latency is the client's, of answered 200s; throughput "
             f"is 200s per second from the first send to the last answer; the miss rate counts budgeted requests answered late "
-            f"or expired in the queue; lost = sent - answered.\n\n"
+            f"or expired in the queue; errors: any status but 200, 422 and 503; lost = sent - answered.\n\n"
             f"Throughput with p95 latency within the SLO (8x the plain-request time), the highest over the loads:\n\n"
             + slo_table(rows, slos) + "\n\n"
             f"![p95 latency against offered load](../{args.plot})\n\n" + table(rows) + "\n"
