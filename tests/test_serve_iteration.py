@@ -106,6 +106,10 @@ def test_trace_cache_and_degraded_schedules(engine, tiny_sg):
     assert_same_image(second.image, library_image(tiny_sg, PROMPT, 7, 4, edits=[resize("circle", 2.0)]))
     plain = engine.submit(Spec(prompt="a red circle", seed=8, steps=3)).future.result(WAIT)
     assert plain.image.size == (64, 64) and engine.cache.peek(("tiny", "a red circle", None, 8, 3, 64, 64, 7.5))
+    # The plain generation's own recorded trace is a good reference: editing that image matches the library.
+    edited = engine.submit(Spec(prompt="a red circle", seed=8, steps=3, edits=[move("circle", dx=0.3)])).future.result(WAIT)
+    assert edited.cache_hit
+    assert_same_image(edited.image, library_image(tiny_sg, "a red circle", 8, 3, edits=[move("circle", dx=0.3)]))
 
 
 class NotFinite(Edit):

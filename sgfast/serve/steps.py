@@ -120,10 +120,8 @@ def _combine(run, uncond, cond):
 
 
 def _record(runs, capture):
-    """Add this step's maps and appearance to each recording run's trace (cond rows, in run order)."""
+    """Add this step's maps and appearance to each run's trace (the recorded rows, in run order)."""
     for run, view in zip(runs, current_views(capture, [r.trace_words for r in runs])):
-        if run.trace is None:
-            continue
         appearance = None
         if view.features is not None:
             appearance = torch.stack([view.appearance(w) for w in view.words])
@@ -135,18 +133,21 @@ def unguided_step(runs, capture):
     """One UNet call for every run in `runs` (the same size, each at an unguided step). Returns the
     reference traces finished by this step, as [(run, trace)]."""
     pipe = runs[0].pipe
+    # Recording runs last: their cond rows are then one slice, and only they pay for the maps.
+    recording = [r for r in runs if r.trace is not None]
+    runs = [r for r in runs if r.trace is None] + recording
     cfg = [r for r in runs if r.do_cfg]
     scaled = [r.scheduler.scale_model_input(r.latents, r.t) for r in runs]
     by_run = dict(zip(map(id, runs), scaled))
     latents = torch.cat([by_run[id(r)] for r in cfg] + scaled)
     embeds = torch.cat([r.uncond for r in cfg] + [r.cond for r in runs])
     timesteps = _timestep_rows(runs, cfg_first=True)
-    recording = [r for r in runs if r.trace is not None]
     if recording:
-        tokens = selection([r.words for r in runs], [r.trace_words for r in runs], runs[0].device)
-        with capture.record(*tokens, tuple(runs[0].latents.shape[-2:]), batch_slice=slice(len(cfg), None)):
+        tokens = selection([r.words for r in recording], [r.trace_words for r in recording], runs[0].device)
+        rows = slice(len(cfg) + len(runs) - len(recording), None)
+        with capture.record(*tokens, tuple(runs[0].latents.shape[-2:]), batch_slice=rows):
             noise = _unet(pipe, latents, timesteps, embeds)
-            _record(runs, capture)
+            _record(recording, capture)
     else:
         noise = _unet(pipe, latents, timesteps, embeds)
     uncond_rows = dict(zip(map(id, cfg), noise[: len(cfg)]))
