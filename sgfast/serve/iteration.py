@@ -72,24 +72,16 @@ class IterationEngine(Engine):
         return joining
 
     def _fits(self, joining):
-        """Whether adding `joining` (jobs) makes no budgeted request miss a deadline it would meet
-        without them, as the cost model predicts steps at that many requests per UNet call. One that
-        misses anyway does not hold the others back (no convoy behind a lost cause)."""
-        now = time.monotonic()
+        """Whether the active requests plus `joining` (jobs) all meet their deadlines, as the cost
+        model predicts steps at that many requests per UNet call."""
+        now, n = time.monotonic(), len(self.active) + len(joining)
         pixels = {r.size[0] * r.size[1] for r in self.active} | {j.spec.height * j.spec.width for j in joining}
-
-        def done_at(steps, guided, n):
-            plain_ms = max(self.cost.ms("plain", n, p) for p in pixels)
-            guided_ms = max(self.cost.ms("guided", n, p) for p in pixels)
-            return now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000
-
-        n, before = len(self.active) + len(joining), max(len(self.active) + len(joining) - 1, 1)
+        plain_ms = max(self.cost.ms("plain", n, p) for p in pixels)
+        guided_ms = max(self.cost.ms("guided", n, p) for p in pixels)
         left = [(r.job, r.steps_left(), r.guided_left()) for r in self.active]
         left += [(j, j.plan.steps + j.plan.reference_steps, j.plan.guided_steps) for j in joining]
         for job, steps, guided in left:
-            if job.spec.budget_ms is None:
-                continue
-            if done_at(steps, guided, n) > job.deadline and done_at(steps, guided, before) <= job.deadline:
+            if job.spec.budget_ms is not None and now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 > job.deadline:
                 return False
         return True
 
