@@ -45,15 +45,17 @@ clean:
 	rm -rf $(VENV) build *.egg-info outputs
 
 # Load test of `python -m sgfast serve` on loopback (tiny model, and the built-in one when installed):
-# latency percentiles, throughput, deadline misses; writes outputs/bench/serve_load.json and the
-# "## Serving" section of benchmarks/RESULTS.md.
+# both schedulers on the same Poisson arrivals at several loads; latency percentiles, throughput within
+# a p95 SLO, deadline misses; writes outputs/bench/serve_load.{json,png} and the "## Serving" section of
+# benchmarks/RESULTS.md.
 .PHONY: bench-serve test-serve-slow
 bench-serve: $(STAMP)
 	$(PY) benchmarks/serve_load.py
 
-# The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas.
+# The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas, SIGTERM
+# to `python -m sgfast serve`, the request-schema fuzz with thousands of bodies.
 test-serve-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests/test_serve_page.py tests/test_serve_ray.py
+	$(PY) -m pytest -q -m slow tests/test_serve_page.py tests/test_serve_ray.py tests/test_serve_faults.py tests/test_serve_input.py
 
 # The attention-statistics kernels compiled offline for sm_80 / sm_90 (no GPU needed): registers,
 # spills, shared memory, tensor-core instructions, programs against SMs; writes the "Kernels"

@@ -17,17 +17,39 @@ POLICIES = ("degrade", "reject")
 
 class Rejected(Exception):
     """A request the engine will not run. `status`: 503 (overloaded, shutting down, deadline passed
-    while queued) or 422 (can never be met); `detail`: a JSON-able dict (message, predictions, what fits)."""
+    while queued) or 422 (can never be met); `detail`: a JSON-able dict (message, predictions, what fits);
+    `outcome`: how the request ended (the error's `type`)."""
+
+    outcome = None
 
     def __init__(self, status, message, **detail):
         super().__init__(message)
         self.status = status
         self.detail = {"message": message, **detail}
+        if self.outcome is None:
+            self.outcome = "rejected" if status == 503 else "invalid"
 
 
 class ShuttingDown(Rejected):
-    def __init__(self, message="the server is shutting down"):
-        super().__init__(503, message)
+    outcome = "shutting_down"
+
+    def __init__(self, message="the server is shutting down", retry_after_s=5):
+        super().__init__(503, message, retry_after_s=retry_after_s)
+
+
+class Expired(Rejected):
+    """Its deadline passed while it was queued."""
+
+    outcome = "expired"
+
+    def __init__(self, message, **detail):
+        super().__init__(503, message, **detail)
+
+
+# A budget is "never met" (422) only when even an idle server is predicted to take this many times
+# longer: the cost model is refreshed from live timings and moves as the server runs, so a budget just
+# under today's estimate may well fit tomorrow's (503 with Retry-After instead).
+NEVER_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,15 +141,17 @@ def admit(
     allowed = candidates if policy == "degrade" else [full]
     idle_best = min(allowed, key=predict)
     idle_ms = predict(idle_best)
-    if idle_ms > budget_ms:
+    if idle_ms > NEVER_MARGIN * budget_ms:
         what = "the request" if policy == "reject" else "the most degraded plan"
         raise Rejected(
             422,
-            f"budget_ms={budget_ms:g} can never be met: {what} takes about {idle_ms:.0f} ms on an idle server",
+            f"budget_ms={budget_ms:g} can never be met: {what} takes about {idle_ms:.0f} ms on an idle server "
+            f"(more than {NEVER_MARGIN:g}x the budget)",
             predicted_ms=round(idle_ms, 1),
             min_budget_ms=math.ceil(idle_ms),
             plan=idle_best.as_dict(),
         )
+    # From here on, a plan may fit later (a quieter server, a faster live estimate): 503, never 422.
     fitting = next((p for p in candidates if fits(p)), None)
     if policy == "degrade" and fitting is not None:
         return Decision(fitting, ahead_ms + predict(fitting), True)
@@ -138,7 +162,13 @@ def admit(
         would_fit=fitting.as_dict() if fitting is not None else None,
         retry_after_s=max(1, math.ceil(max(ahead_ms + full_ms - budget_ms, full_ms - slack_ms) / 1000)),
     )
-    if ahead_ms + full_ms <= budget_ms:  # it would meet its own budget, but make queued requests miss theirs
+    if idle_ms > budget_ms:  # within the margin of the estimate: maybe later, not now
+        detail["min_budget_ms"] = math.ceil(idle_ms)
+        message = (
+            f"budget_ms={budget_ms:g} is under the {idle_ms:.0f} ms the live cost model predicts for the fastest "
+            f"allowed plan even on an idle server; ask for at least {math.ceil(idle_ms)} ms, or retry"
+        )
+    elif ahead_ms + full_ms <= budget_ms:  # it would meet its own budget, but make queued requests miss theirs
         detail["slack_ms"] = round(slack_ms, 1)
         message = (
             f"overloaded: running it ({full_ms:.0f} ms) would make queued requests miss their deadlines "

@@ -17,15 +17,20 @@ negative_prompt, self_guidance_scale, normalize_gradient, size (a side, or [widt
 
 Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedited trace was cached),
 `degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
-`cache_hit`, `batch_size`, `words`; 422 for bad input (schema, caps, unknown words naming the prompt's
-words, a budget no plan can ever meet); 413 for a body over the cap; 503 when the request would miss
-its budget under `--policy reject` (or would make queued requests miss theirs), the queue is full, its
-deadline passed while queued, or the server is shutting down (`detail` says which, with the predicted
-time and what would fit, and Retry-After); 500 when generation failed (the worker carries on).
+`cache_hit`, `batch_size`, `words`. Every other answer has one schema (`sgfast.serve.errors`):
+`{"detail": {"status", "type", "message", ...}}`: 400 for a Host header this server does not answer
+to; 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a body
+over the cap (declared or chunked); 415 for a body not sent as application/json; 422 for bad input
+(schema, caps, unknown words naming the prompt's words, an edit with no word to hold or no guided
+step, a budget no plan can ever meet: `errors` lists the schema's complaints); 503 with Retry-After
+when the request would miss its budget under `--policy reject` (or make queued requests miss theirs),
+the queue is full, its deadline passed while queued, or the server is stopping; 500 when generation
+failed (the worker carries on). A client that goes away cancels its request.
 
-The engine (`sgfast.serve.engine`) does the work: admission against the budget, EDF queue, one worker
-thread owning the model, batching of same-shape requests and the reference-trace cache. Flags:
-`python -m sgfast serve --help`. Needs the `serve` extra: `pip install -e '.[serve]'`.
+The engine (`sgfast.serve.engine`, with the per-step scheduler of `sgfast.serve.iteration`) does the
+work: admission against the budget, EDF queue, one worker thread owning the model, batching and the
+reference-trace cache. Flags: `python -m sgfast serve --help`. Needs the `serve` extra:
+`pip install -e '.[serve]'`.
 """
 
 import asyncio
@@ -35,49 +40,46 @@ import json
 import os
 
 from sgfast.serve.admission import Rejected
+from sgfast.serve.errors import error_detail, retry_after
+from sgfast.serve.guard import Guard
 from sgfast.serve.metrics import Metrics
 from sgfast.serve.schema import ImageRequest, InvalidRequest, to_spec
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
-class BodyLimit:
-    """ASGI middleware: answer 413 to a request body over `max_bytes` (declared or streamed)."""
+def preferred_type(accept, offered=("application/json", "image/png")):
+    """The offered media type the Accept header ranks highest (q-values, then specificity; ties go to
+    the first offered), or None when it accepts none of them. No header: the first offered."""
+    if not accept or not accept.strip():
+        return offered[0]
+    ranges = []
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media:
+            ranges.append((media.lower(), q if 0.0 <= q <= 1.0 else 0.0))
 
-    def __init__(self, app, max_bytes):
-        self.app = app
-        self.max_bytes = max_bytes
+    def quality(media_type):
+        kind = media_type.split("/")[0]
+        best = None  # (specificity, q) of the most specific matching range
+        for media, q in ranges:
+            specificity = 2 if media == media_type else 1 if media == kind + "/*" else 0 if media == "*/*" else None
+            if specificity is not None and (best is None or specificity > best[0]):
+                best = (specificity, q)
+        return 0.0 if best is None else best[1]
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
-        received = 0
-
-        async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
-
-    async def _too_large(self, send):
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+    scored = [(quality(t), -i, t) for i, t in enumerate(offered)]
+    q, _, chosen = max(scored)
+    return chosen if q > 0 else None
 
 
 def result_payload(result, words):
@@ -107,14 +109,19 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
-def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=True):
-    """The FastAPI app in front of `engine`. The engine's worker starts with the app (lifespan) unless
-    it is already running; on shutdown it drains (or cancels) the queue so every request is answered."""
+def create_app(
+    engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=True, allowed_hosts=LOOPBACK_NAMES, body_timeout_s=10.0
+):
+    """The FastAPI app in front of `engine`, inside its guard (`sgfast.serve.guard`: host names,
+    JSON bodies, size cap, body read deadline, outcome counting). The engine's worker starts with the
+    app (lifespan) unless it is already running; on shutdown every request gets an answer within
+    `shutdown_timeout` seconds (queued ones run when `drain_on_shutdown`, else 503)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     metrics = engine.metrics
     if metrics is None:
@@ -130,39 +137,74 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
     app = FastAPI(title="sgfast", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.engine = engine
 
+    def error(status, message, type=None, headers=None, **extra):
+        detail = error_detail(status, message, type, **extra)
+        if status == 503:
+            headers = {**(headers or {}), "Retry-After": retry_after(detail)}
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
-        metrics.request_done("invalid")
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else "body"
+        return error(422, f"{where}: {errors[0]['msg']}" if errors else "invalid request", errors=errors)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc):
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     def words_of(prompt):
         return engine.sg.words(prompt)
 
+    def set_outcome(request, outcome):
+        request.scope.setdefault("sgfast", {})["outcome"] = outcome
+
+    async def until_disconnected(request):
+        """Returns when the client has gone (the body was already read: only a disconnect comes)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def answer_of(job, request):
+        """The job's result, or None when the client went away first (the job is then cancelled)."""
+        waiting = asyncio.ensure_future(asyncio.wrap_future(job.future))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait([waiting, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()  # raises the job's error
+        waiting.cancel()
+        engine.cancel(job)
+        return None
+
     @app.post("/v1/images")
     async def images(body: ImageRequest, request: Request):
+        media = "image/png" if body.format == "png" else preferred_type(request.headers.get("accept", ""))
+        if media is None:
+            return error(406, f"Accept {request.headers.get('accept')!r} takes neither application/json nor image/png")
         try:
             spec = to_spec(body, engine)
         except InvalidRequest as e:
-            metrics.request_done("invalid")
-            return JSONResponse({"detail": e.detail}, status_code=422)
+            return error(422, str(e), errors=e.errors, **e.extra)
         try:
             job = engine.submit(spec)
+            result = await answer_of(job, request)
         except Rejected as e:
-            metrics.request_done("rejected" if e.status == 503 else "invalid")
-            return rejected(e)
-        try:
-            result = await asyncio.wrap_future(job.future)
-        except Rejected as e:
-            return rejected(e)
+            set_outcome(request, e.outcome)
+            detail = dict(e.detail)
+            return error(e.status, detail.pop("message"), e.outcome, **detail)
         except ValueError as e:
-            return JSONResponse({"detail": f"invalid request: {e}"}, status_code=422)
+            return error(422, f"invalid request: {e}")
         except Exception as e:
-            return JSONResponse({"detail": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
+            return error(500, f"generation failed: {type(e).__name__}: {e}")
+        if result is None:
+            set_outcome(request, "cancelled")
+            return error(499, "the client closed the connection", "cancelled")
+        set_outcome(request, "degraded" if result.degradation else "ok")
         payload = result_payload(result, words_of(spec.prompt))
         png = await asyncio.get_running_loop().run_in_executor(None, png_bytes, result.image)  # off the event loop
-        accept = request.headers.get("accept", "")
-        if body.format == "png" or ("image/png" in accept and "application/json" not in accept):
+        if media == "image/png":
             headers = {
                 "X-Sgfast-Timings": json.dumps(result.timings),
                 "X-Sgfast-Plan": json.dumps({k: payload[k] for k in ("steps", "guided_steps", "reference_steps")}),
@@ -175,16 +217,11 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
         payload["format"] = "png"
         return payload
 
-    def rejected(e):
-        headers = {}
-        if e.status == 503:
-            headers["Retry-After"] = str(e.detail.get("retry_after_s", 1))
-        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
-
     @app.get("/v1/words")
     async def words(prompt: str):
-        if not prompt.strip() or len(prompt) > engine.limits.max_prompt_chars:
-            return JSONResponse({"detail": "prompt must be non-blank and within the length cap"}, status_code=422)
+        cap = engine.limits.max_prompt_chars
+        if not prompt.strip() or len(prompt) > cap:
+            return error(422, f"prompt must be non-blank and at most {cap} characters (got {len(prompt)})")
         return {"prompt": prompt, "words": words_of(prompt)}
 
     @app.get("/healthz")
@@ -195,13 +232,14 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
             "model": engine.model,
             "replica": engine.replica,
             "policy": engine.policy,
+            "scheduler": getattr(engine, "scheduler", "request"),
             "queue_depth": engine.depth(),
             "native_size": engine.native,
             "limits": {k: getattr(engine.limits, k) for k in vars(engine.limits)},
             "cost_ms": engine.cost.snapshot() if engine.cost is not None else None,
             "trace_cache": {"entries": len(engine.cache), "bytes": engine.cache.bytes, "hits": engine.cache.hits},
         }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"})
 
     @app.get("/metrics")
     async def prometheus():
@@ -213,9 +251,9 @@ def create_app(engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=T
     async def index():
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
-    return BodyLimit(app, engine.limits.max_body_bytes) if engine.limits.max_body_bytes else app
+    return Guard(app, metrics, engine.limits.max_body_bytes, body_timeout_s, allowed_hosts, stop_at=lambda: engine.stop_at)
 
 
 def app_of(asgi):
-    """The FastAPI app inside the body-limit middleware."""
+    """The FastAPI app inside the guard."""
     return getattr(asgi, "app", asgi)

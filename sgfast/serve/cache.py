@@ -3,8 +3,24 @@ reuses them, so that a second edit of the same image skips the unedited pass."""
 
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 from sgfast.serve.jobs import seeded_latents
+from sgfast.trace import TraceStep
+
+
+def compact(trace):
+    """A copy of `trace` that owns its tensors. A trace recorded in a batch holds views of the whole
+    batch's capture tensors (its maps are rows of [B, S, H, W] tensors, its latents a row of the batch's
+    noise): stored as is, it would keep every row alive, many times the bytes it counts."""
+
+    def own(t):
+        return None if t is None else t.detach().clone()
+
+    steps = {
+        t: TraceStep({layer: own(m) for layer, m in step.maps.items()}, own(step.appearance)) for t, step in trace.steps.items()
+    }
+    return replace(trace, steps=steps, latents=own(trace.latents))
 
 
 class TraceCache:
@@ -39,13 +55,15 @@ class TraceCache:
             return entry[0]
 
     def put(self, key, trace):
+        """Keep a compact copy of `trace` (see `compact`); returns whether it was kept."""
         size = self.size_of(trace)
+        kept = compact(trace) if size <= self.max_bytes else None
         with self.lock:
             if key in self.entries:
                 self.bytes -= self.entries.pop(key)[1]
             if size > self.max_bytes:
                 return False
-            self.entries[key] = (trace, size)
+            self.entries[key] = (kept, size)
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, (_, evicted) = self.entries.popitem(last=False)

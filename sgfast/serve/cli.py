@@ -16,7 +16,10 @@ def add_arguments(parser):
     parser.add_argument("--policy", choices=POLICIES, default="degrade", help="requests predicted to miss their budget: degrade or reject (503)")
     parser.add_argument("--device", default="auto", help='"auto" (cuda when available), "cpu", "cuda", ...')
     parser.add_argument("--mode", choices=("auto", "reference", "fast"), default="auto", help="SelfGuidancePipeline mode (auto: fast on CUDA)")
-    parser.add_argument("--max-batch", type=int, default=4, help="most requests of the same shape run in one pipeline call")
+    # request by default: on the CPU, bench-serve measured no clear throughput gain on the built-in model (RESULTS.md)
+    parser.add_argument("--scheduler", choices=("iteration", "request"), default="request",
+                        help="iteration: batch per denoising step, requests join and leave between steps; request: same-shape requests run as one pipeline call")
+    parser.add_argument("--max-batch", type=int, default=4, help="most requests in one UNet call (iteration) or pipeline call (request)")
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--default-steps", type=int, default=20)
     parser.add_argument("--min-steps", type=int, default=10, help="degradation floor (or the requested steps if fewer)")
@@ -28,6 +31,11 @@ def add_arguments(parser):
     parser.add_argument("--cache-mb", type=float, default=256, help="memory bound of the reference-trace cache")
     parser.add_argument("--calibrate-sizes", default="", help="extra square sizes to calibrate, e.g. 256,768 (native always)")
     parser.add_argument("--no-drain", action="store_true", help="on shutdown answer queued requests 503 instead of running them")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds from SIGTERM/SIGINT to stopping: every request is answered by then (503 if it cannot run)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection has to send a request's headers")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request has to send its whole body")
+    parser.add_argument("--max-connections", type=int, default=256, help="open connections at most (more are answered 503)")
+    parser.add_argument("--allowed-hosts", default="", help="extra Host header names to answer (comma-separated); loopback names and --host always")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the model worker (0: torch's default)")
     parser.add_argument("--log-level", default="info")
 
@@ -39,6 +47,7 @@ def build_engine(args, log=print):
     from sgfast import SelfGuidancePipeline
     from sgfast.serve.admission import Limits
     from sgfast.serve.engine import Engine
+    from sgfast.serve.iteration import IterationEngine
     from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline(args.model)
@@ -62,21 +71,56 @@ def build_engine(args, log=print):
     )
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]
+    name = display_name(args.model, name)
     log(f"model: {name} on {device} ({mode} mode); the cost model is calibrated when the worker starts")
-    return Engine(
+    engine_class = IterationEngine if args.scheduler == "iteration" else Engine
+    return engine_class(
         sg, model=name, cost=None, policy=args.policy, limits=limits, cache_bytes=int(args.cache_mb * 2**20), log=log,
         threads=args.threads or None, calibrate_sizes=sizes,
     )
 
 
+def display_name(flag, description):
+    """The model's name for /healthz and logs: no machine paths."""
+    import os
+
+    if flag == "default":
+        return description.split(" (")[0]
+    if os.path.isdir(flag):
+        return os.path.basename(os.path.normpath(flag))
+    return description
+
+
+def allowed_hosts(args):
+    """Host header names to answer: loopback, --host (unless it is a wildcard) and --allowed-hosts."""
+    from sgfast.serve.app import LOOPBACK_NAMES
+
+    names = list(LOOPBACK_NAMES) + [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    if args.host not in ("0.0.0.0", "::", ""):
+        names.append(args.host)
+    return tuple(dict.fromkeys(n.lower() for n in names))
+
+
 def serve(args):
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         sys.exit("serving needs the serve extra: pip install -e '.[serve]'")
     from sgfast.serve.app import create_app
+    from sgfast.serve.http import bind, server
 
+    try:
+        sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    except OSError as e:
+        sys.exit(f"error: {e}")
     engine = build_engine(args)
-    app = create_app(engine, drain_on_shutdown=not args.no_drain)
-    print(f"serving on http://{args.host}:{args.port}/  (policy: {args.policy}; Ctrl-C drains the queue and stops)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=120)
+    app = create_app(
+        engine, drain_on_shutdown=not args.no_drain, shutdown_timeout=args.drain_timeout,
+        allowed_hosts=allowed_hosts(args), body_timeout_s=args.body_timeout,
+    )
+    http = server(
+        app, engine, host=args.host, port=args.port, drain=not args.no_drain, drain_timeout_s=args.drain_timeout,
+        header_timeout_s=args.header_timeout, max_connections=args.max_connections, log_level=args.log_level,
+    )
+    print(f"serving on http://{args.host}:{args.port}/  (policy: {args.policy}; SIGTERM/Ctrl-C answers every request and stops within {args.drain_timeout:g} s)")
+    http.run(sockets=[sock])

@@ -10,7 +10,8 @@ request's budget (`sgfast.serve.admission`), the reference-trace cache (`sgfast.
     job = engine.submit(Spec(prompt="a red circle and a blue square", edits=[move("circle", dx=0.25)],
                              edit_specs=[...], seed=0, steps=20, budget_ms=2000))
     result = job.future.result()     # Result: image, steps and guided steps run, timings, degradation
-    engine.shutdown(drain=True)      # answers every queued request
+    engine.cancel(job)               # its client went away: dropped from the queue, or from its batch
+    engine.shutdown(drain=True, timeout=30)   # answers every request within the deadline
 
 Each request is admitted when it arrives (planned against the work queued ahead of it) and planned
 again when it is dispatched, against the time it has left.
@@ -21,21 +22,24 @@ import itertools
 import math
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 import torch
 
-from sgfast.serve.admission import POLICIES, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
+from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
 from sgfast.serve.cache import TraceCache, call_pipeline
 from sgfast.serve.cost import CostModel
-from sgfast.serve.jobs import Job, Result
+from sgfast.serve.jobs import Job, result_of
 
+SHUTDOWN_RETRY_S = 5  # Retry-After of requests answered 503 because the server stopped
 NO_BUDGET_MS = 3_600_000.0  # requests without a budget are ordered as if due in an hour (FIFO among themselves)
 
 
 class Engine:
     """The single worker that owns the model, its EDF queue, the trace cache and the cost model.
     `metrics`: an object with the hooks of `sgfast.serve.metrics.Metrics` (or None)."""
+
+    scheduler = "request"  # request-level batching; sgfast.serve.iteration.IterationEngine batches per step
 
     def __init__(
         self, sg, model="model", cost=None, policy="degrade", limits=None, cache_bytes=256 * 2**20, metrics=None, log=None,
@@ -61,6 +65,7 @@ class Engine:
         self.running = None  # (started, predicted_ms, jobs)
         self.closing = False
         self.drain = True
+        self.stop_at = None  # time.monotonic() by which a shutting-down engine has answered everything
         self.thread = None
         self.batches = 0  # pipeline calls that succeeded
         self.admitted = 0  # requests queued
@@ -146,19 +151,57 @@ class Engine:
             self.cond.notify()
         return job
 
-    def shutdown(self, drain=True, timeout=None):
-        """Stop taking requests. `drain`: run every queued request first; otherwise answer each
-        queued one with ShuttingDown (503). Either way every request gets an answer."""
+    def cancel(self, job):
+        """Drop a request whose client went away: a queued one leaves the queue; a running one is
+        dropped from its batch at the next step where the scheduler can (request-level batching: the
+        call stops when every request of its batch has gone). Returns "queued", "running" or None."""
+        with self.cond:
+            job.abandoned = True
+            for i, entry in enumerate(self.queue):
+                if entry[2] is job:
+                    self.queue[i] = self.queue[-1]
+                    self.queue.pop()
+                    heapq.heapify(self.queue)
+                    job.future.cancel()
+                    return "queued"
+            return "running" if not job.future.done() else None
+
+    def begin_shutdown(self, drain=True, deadline_s=None):
+        """Stop taking requests and answer every one within `deadline_s` (None: no deadline). `drain`:
+        run queued requests that can finish by then; the rest, and any still running at the deadline,
+        are answered 503 (ShuttingDown, with Retry-After). Returns at once."""
         with self.cond:
             self.closing = True
-            self.drain = drain
-            if not drain:
+            self.drain = self.drain and drain
+            if deadline_s is not None:
+                stop_at = time.monotonic() + max(deadline_s, 0.0)
+                self.stop_at = stop_at if self.stop_at is None else min(self.stop_at, stop_at)
+            if not self.drain:
                 self._cancel_queued()
             self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join(timeout)
-        with self.cond:  # whatever is left (worker gone or timed out) is answered
+        if deadline_s is not None:
+            timer = threading.Timer(max(self.stop_at - time.monotonic(), 0.0), self._stop_now)
+            timer.daemon = True
+            timer.start()
+
+    def shutdown(self, drain=True, timeout=None):
+        """Stop taking requests and wait for the worker, at most `timeout` seconds: `begin_shutdown`
+        with that deadline. Every request gets an answer (a result, or 503 ShuttingDown)."""
+        self.begin_shutdown(drain, timeout)
+        if self.thread is not None and self.thread is not threading.current_thread():
+            left = None if self.stop_at is None else max(self.stop_at - time.monotonic(), 0.0) + 1.0
+            self.thread.join(left)
+        self._stop_now()
+
+    def _stop_now(self):
+        """The shutdown deadline: answer what is queued and what is running with 503."""
+        with self.cond:
             self._cancel_queued()
+            running = self.running[2] if self.running is not None else []
+            for job in running:
+                job.abandoned = True
+                job.answer(error=ShuttingDown("the server stopped before this request finished", retry_after_s=SHUTDOWN_RETRY_S))
+            self.cond.notify_all()
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -183,13 +226,7 @@ class Engine:
     def _cancel_queued(self):
         while self.queue:
             _, _, job = heapq.heappop(self.queue)
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("the server shut down before this request ran"))
-                self._count("cancelled")
-
-    def _count(self, outcome, job=None, latency_s=None):
-        if self.metrics is not None:
-            self.metrics.request_done(outcome, latency_s)
+            job.answer(error=ShuttingDown("the server shut down before this request ran", retry_after_s=SHUTDOWN_RETRY_S))
 
     def _batch_key(self, job):
         s, p = job.spec, job.plan
@@ -231,54 +268,58 @@ class Engine:
         else:
             job.plan = Plan(job.plan.steps, job.plan.guided_steps, job.plan.schedule, decision.plan.reference_steps)
 
-    def _next_batch(self):
-        """Pop the earliest-deadline job that can still run, then the queued jobs of the same shape
-        (earliest deadlines first) while the batch's predicted time meets every member's deadline."""
+    def _pop_head(self):
+        """Pop the earliest-deadline job that can still run, replanned against the time it has left;
+        those whose client went away are dropped, those whose deadline passed are answered 503."""
         while self.queue:
             now = time.monotonic()
             _, _, head = heapq.heappop(self.queue)
             if not head.future.set_running_or_notify_cancel():  # its client went away
-                self._count("cancelled")
                 continue
             try:
                 self._replan(head, now)
             except Exception as e:
                 if not isinstance(e, Rejected):
-                    head.future.set_exception(e)
-                    self._count("error")
+                    head.answer(error=e)
                     continue
                 late = (now - head.arrival) * 1000
-                head.future.set_exception(
-                    Rejected(503, f"deadline passed while queued ({late:.0f} ms waited): {e.detail['message']}", queued_ms=round(late, 1))
-                )
-                self._count("expired", latency_s=now - head.arrival)
+                head.answer(error=Expired(f"deadline passed while queued ({late:.0f} ms waited): {e.detail['message']}", queued_ms=round(late, 1)))
                 if self.metrics is not None:
                     self.metrics.deadline_miss()
                 continue
-            batch, chosen_cancelled = [head], []
-            key = self._batch_key(head)
-            pixels = head.spec.height * head.spec.width
-            for item in sorted(self.queue, key=lambda e: e[:2]):
-                if len(batch) >= self.limits.max_batch:
-                    break
-                job = item[2]
-                self._refresh_reference(job)  # the cache may have changed since it was admitted
-                if self._batch_key(job) != key:
-                    continue
-                p = head.plan
-                predicted = self.cost.call_ms(len(batch) + 1, pixels, p.steps, p.guided_steps, p.reference_steps)
-                if any(j.spec.budget_ms is not None and now + predicted / 1000 > j.deadline for j in batch + [job]):
-                    continue
-                if job.future.set_running_or_notify_cancel():
-                    batch.append(job)
-                else:
-                    chosen_cancelled.append(job)
-            if len(batch) > 1 or chosen_cancelled:
-                chosen = {id(j) for j in batch + chosen_cancelled}
-                self.queue = [e for e in self.queue if id(e[2]) not in chosen]
-                heapq.heapify(self.queue)
-            return batch
+            return head
         return None
+
+    def _next_batch(self):
+        """Pop the earliest-deadline job that can still run, then the queued jobs of the same shape
+        (earliest deadlines first) while the batch's predicted time meets every member's deadline."""
+        head = self._pop_head()
+        if head is None:
+            return None
+        now = time.monotonic()
+        batch, chosen_cancelled = [head], []
+        key = self._batch_key(head)
+        pixels = head.spec.height * head.spec.width
+        for item in sorted(self.queue, key=lambda e: e[:2]):
+            if len(batch) >= self.limits.max_batch:
+                break
+            job = item[2]
+            self._refresh_reference(job)  # the cache may have changed since it was admitted
+            if self._batch_key(job) != key:
+                continue
+            p = head.plan
+            predicted = self.cost.call_ms(len(batch) + 1, pixels, p.steps, p.guided_steps, p.reference_steps)
+            if any(j.spec.budget_ms is not None and now + predicted / 1000 > j.deadline for j in batch + [job]):
+                continue
+            if job.future.set_running_or_notify_cancel():
+                batch.append(job)
+            else:
+                chosen_cancelled.append(job)
+        if len(batch) > 1 or chosen_cancelled:
+            chosen = {id(j) for j in batch + chosen_cancelled}
+            self.queue = [e for e in self.queue if id(e[2]) not in chosen]
+            heapq.heapify(self.queue)
+        return batch
 
     def _loop(self):
         while True:
@@ -292,18 +333,25 @@ class Engine:
                     continue
                 p = batch[0].plan
                 predicted = self.cost.call_ms(len(batch), batch[0].spec.height * batch[0].spec.width, p.steps, p.guided_steps, p.reference_steps)
+                if self._past_stop(predicted):
+                    for job in batch:
+                        job.answer(error=ShuttingDown("the server is stopping and this request would not finish before it stops", retry_after_s=SHUTDOWN_RETRY_S))
+                    continue
                 self.running = (time.monotonic(), predicted, batch)
             try:
                 self._run_batch(batch)
             except BaseException as e:  # never leave a request unanswered, whatever happened
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+                    job.answer(error=e if isinstance(e, Exception) else RuntimeError(f"the worker stopped: {type(e).__name__}"))
                 if not isinstance(e, Exception):
                     raise
             finally:
                 with self.cond:
                     self.running = None
+
+    def _past_stop(self, predicted_ms):
+        """Whether work predicted to take `predicted_ms` would end after the shutdown deadline."""
+        return self.stop_at is not None and time.monotonic() + predicted_ms / 1000 > self.stop_at
 
     # -- running --------------------------------------------------------------------------------
 
@@ -311,16 +359,20 @@ class Engine:
         start = time.monotonic()
         try:
             outputs = self._call(batch)
+        except Abandoned:
+            self.log(f"stopped a batch of {len(batch)}: every request of it had gone")
+            for job in batch:
+                job.answer(error=CancelledError("the request was cancelled while it ran"))
+            return
         except Exception as error:
             if len(batch) == 1:
-                job = batch[0]
-                job.future.set_exception(error)
-                self._count("error", latency_s=time.monotonic() - job.arrival)
+                batch[0].answer(error=error)
                 self.log(f"request failed: {type(error).__name__}: {error}")
                 return
             # One bad request must not fail the others: run each alone.
             for job in batch:
-                self._run_batch([job])
+                if not job.abandoned:
+                    self._run_batch([job])
             return
         elapsed_ms = (time.monotonic() - start) * 1000
         head = batch[0]
@@ -333,30 +385,27 @@ class Engine:
         done = time.monotonic()
         images, hits = outputs
         for job, image, hit in zip(batch, images, hits):
-            missed = job.spec.budget_ms is not None and done > job.deadline
-            total_ms = (done - job.arrival) * 1000
-            result = Result(
-                image=image,
-                spec=job.spec,
-                plan=job.plan,
-                degraded=job.degraded,
-                degradation=degradation_of(job.spec, job.plan),
-                timings={
-                    "queue_ms": round((start - job.arrival) * 1000, 1),
-                    "run_ms": round(elapsed_ms, 1),
-                    "total_ms": round(total_ms, 1),
-                    "predicted_ms": round(job.predicted_ms, 1),
-                    "budget_ms": job.spec.budget_ms,
-                },
-                cache_hit=hit,
-                batch_size=len(batch),
-                deadline_missed=missed,
-            )
-            if missed and self.metrics is not None:
-                self.metrics.deadline_miss()
-            self._count("degraded" if result.degradation else "ok", latency_s=done - job.arrival)
-            job.future.set_result(result)
+            self._deliver(job, image, hit, start, elapsed_ms, len(batch), done)
+
+    def _deliver(self, job, image, hit, start, elapsed_ms, batch_size, done):
+        result = result_of(job, image, hit, start, elapsed_ms, batch_size, done)
+        if job.answer(result) and result.deadline_missed and self.metrics is not None:
+            self.metrics.deadline_miss()
 
     def _call(self, batch):
-        """One pipeline call for the batch. Returns (images, cache hit per job)."""
-        return call_pipeline(self.sg, self.cache, self.model, batch, self.metrics)
+        """One pipeline call for the batch. Returns (images, cache hit per job). Stops (Abandoned) at
+        the next UNet call once every request of the batch has gone."""
+
+        def stop_if_abandoned(module, args):
+            if all(j.abandoned for j in batch):
+                raise Abandoned()
+
+        hook = self.pipe.unet.register_forward_pre_hook(stop_if_abandoned)
+        try:
+            return call_pipeline(self.sg, self.cache, self.model, batch, self.metrics)
+        finally:
+            hook.remove()
+
+
+class Abandoned(Exception):
+    """Every request of a running batch has gone (clients left, or the shutdown deadline passed)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgfast.serve.admission import Plan
+from sgfast.serve.admission import Plan, degradation_of
 
 
 @dataclass
@@ -51,6 +51,19 @@ class Job:
     seq: int
     future: Future = field(default_factory=Future)
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
+    abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
+
+    def answer(self, result=None, error=None):
+        """Resolve the future once; later answers (a batch finishing after its client left or the
+        shutdown deadline answered it) are dropped. Returns whether this one was delivered."""
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+            return True
+        except Exception:  # InvalidStateError: already answered or cancelled
+            return False
 
     @property
     def has_edits(self):
@@ -59,6 +72,27 @@ class Job:
     def trace_key(self, model, steps=None):
         s = self.spec
         return (model, s.prompt, s.negative_prompt, s.seed, steps or self.plan.steps, s.height, s.width, s.guidance_scale)
+
+
+def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
+    """The Result of a job that ran from `start` to `done` (time.monotonic())."""
+    return Result(
+        image=image,
+        spec=job.spec,
+        plan=job.plan,
+        degraded=job.degraded,
+        degradation=degradation_of(job.spec, job.plan),
+        timings={
+            "queue_ms": round((start - job.arrival) * 1000, 1),
+            "run_ms": round(run_ms, 1),
+            "total_ms": round((done - job.arrival) * 1000, 1),
+            "predicted_ms": round(job.predicted_ms, 1),
+            "budget_ms": job.spec.budget_ms,
+        },
+        cache_hit=cache_hit,
+        batch_size=batch_size,
+        deadline_missed=job.spec.budget_ms is not None and done > job.deadline,
+    )
 
 
 def seeded_latents(pipe, seeds, height, width):

@@ -10,10 +10,11 @@ class Metrics:
 
         self.registry = r = CollectorRegistry()
         self.engine_ref = engine_ref
-        self.requests = Counter("sgfast_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("sgfast_requests", "Image requests (POST /v1/images) by how they ended: one count each", ["outcome"], registry=r)
+        self.other = Counter("sgfast_other_requests", "Requests to the other routes, by path and status", ["path", "status"], registry=r)
         self.latency = Histogram(
             "sgfast_request_latency_seconds",
-            "Time from arrival to answer of requests that ran",
+            "Time from arrival to answer of image requests answered 200",
             buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
@@ -36,6 +37,9 @@ class Metrics:
         self.requests.labels(outcome).inc()
         if latency_s is not None and outcome in ("ok", "degraded"):
             self.latency.observe(latency_s)
+
+    def other_request(self, path, status):
+        self.other.labels(path, str(status)).inc()
 
     def deadline_miss(self):
         self.misses.inc()

@@ -22,7 +22,7 @@ import threading
 
 from ray import serve
 
-from sgfast.serve.cli import add_arguments
+from sgfast.serve.cli import add_arguments, allowed_hosts
 
 _ENGINE = None  # this replica's engine: set by the deployment's constructor, read by the app builder
 
@@ -33,7 +33,8 @@ def _build_asgi_app():
     import sgfast.serve.ray_serve as module
     from sgfast.serve.app import create_app
 
-    return create_app(module._ENGINE, drain_on_shutdown=True)
+    engine = module._ENGINE
+    return create_app(engine, drain_on_shutdown=True, allowed_hosts=engine.allowed_hosts)
 
 
 def engine_arguments(options=None):
@@ -66,9 +67,11 @@ class SgfastReplica:
 
     def __init__(self, options=None):
         import sgfast.serve.ray_serve as module  # the importable module (this class may travel pickled by value)
-        from sgfast.serve.cli import build_engine
+        from sgfast.serve.cli import allowed_hosts, build_engine
 
-        engine = build_engine(engine_arguments(options))
+        args = engine_arguments(options)
+        engine = build_engine(args)
+        engine.allowed_hosts = allowed_hosts(args)  # Host names the replica's app answers
         engine.replica = f"{os.uname().nodename}:{os.getpid()}"
         engine.start()
         module._ENGINE = self.engine = engine
@@ -119,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     args = parser.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("host", "port", "replicas", "cpus_per_replica", "address", "log_level")}
+    options["allowed_hosts"] = ",".join(allowed_hosts(args))  # the proxy's --host, as `serve` does
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(deployment(options, args.replicas, args.cpus_per_replica), name="sgfast", route_prefix="/")

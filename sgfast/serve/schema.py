@@ -5,11 +5,16 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sgfast.sampler import default_schedule
 from sgfast.serve.jobs import Spec
 
 
+# Every number must be finite: a NaN would otherwise fail the bounds with a message about the bound.
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class _Edit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
 
 class _ObjectEdit(_Edit):
@@ -57,7 +62,7 @@ class ImageRequest(BaseModel):
     """The body of POST /v1/images. Server caps (steps, size, edits, prompt length) are checked after
     this schema, against the server's flags."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str = Field(min_length=1, max_length=10_000)
     negative_prompt: Optional[str] = Field(None, max_length=10_000)
@@ -96,11 +101,13 @@ def build_edit(spec):
 
 
 class InvalidRequest(Exception):
-    """A request the schema accepted but the server's caps or the prompt do not: HTTP 422."""
+    """A request the schema accepted but the server's caps or the prompt do not: HTTP 422.
+    `errors`: [{loc, msg, type}] as the schema's own errors; `extra`: more fields for the answer."""
 
     def __init__(self, loc, message, **extra):
         super().__init__(message)
-        self.detail = [{"loc": ["body", *loc], "msg": message, "type": "value_error", **extra}]
+        self.errors = [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
+        self.extra = extra
 
 
 def to_spec(request, engine):
@@ -132,7 +139,12 @@ def to_spec(request, engine):
             edit.validate(words)
         except ValueError as e:
             raise InvalidRequest(["edits", i], str(e), words=words.words) from None
+        if not edit.needed_words(words):  # it would read no word: nothing to hold, an energy of nothing
+            raise InvalidRequest(["edits", i], f"{edit_spec.type} names no word to hold: {_no_words(edit_spec, words)}", words=words.words)
         edits.append(edit)
+    if edits and not any(default_schedule(steps)):
+        first = next(n for n in range(1, limits.max_steps + 1) if any(default_schedule(n)))
+        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
     return Spec(
         prompt=request.prompt,
         edits=edits,
@@ -147,6 +159,14 @@ def to_spec(request, engine):
         negative_prompt=request.negative_prompt,
         budget_ms=request.budget_ms,
     )
+
+
+def _no_words(edit_spec, words):
+    from sgfast.edits import content_words
+
+    if edit_spec.words is not None:
+        return "`words` is empty; give at least one of the prompt's words, or leave it out for every content word"
+    return f"the prompt has no content words (its words are {words.words}, content words: {content_words(words.words)})"
 
 
 def size_multiple(pipe):

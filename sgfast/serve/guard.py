@@ -1,0 +1,152 @@
+"""The ASGI layer in front of the FastAPI app: the checks every request passes before a route sees it,
+and the one place that counts how each request ended.
+
+- Host: only the configured host names (DNS rebinding: a page on another name that resolves to
+  loopback must not reach the server) -> 400;
+- POST bodies: JSON only -> 415; at most `max_body_bytes`, declared or streamed (chunked) -> 413;
+  read in full within `body_timeout_s` -> 408. The route then gets the body already read, so a body
+  error is answered here and never becomes the framework's "error parsing the body";
+- outcomes: each request to /v1/images ends in exactly one `sgfast_requests_total{outcome}` count (the
+  route names finer outcomes such as degraded, expired or cancelled in `scope["sgfast"]`); every other
+  route counts in `sgfast_other_requests_total{path,status}`.
+"""
+
+import asyncio
+import math
+import time
+
+from sgfast.serve.errors import outcome_of, send_error
+
+IMAGES = "/v1/images"
+KNOWN_PATHS = ("/v1/images", "/v1/words", "/healthz", "/metrics", "/")
+
+
+def host_name(value):
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def is_json(content_type):
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class _BodyError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Guard:
+    """ASGI middleware: host check, JSON-only bodies with a size cap and a read deadline, outcome
+    counting. `allowed_hosts`: names without ports (None: any)."""
+
+    def __init__(
+        self, app, metrics, max_body_bytes=64 * 1024, body_timeout_s=10.0, allowed_hosts=("127.0.0.1", "localhost", "::1"),
+        stop_at=lambda: None,
+    ):
+        self.app = app
+        self.stop_at = stop_at  # -> time.monotonic() of the shutdown deadline, or None
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes or math.inf
+        self.body_timeout_s = body_timeout_s
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        state = scope.setdefault("sgfast", {"outcome": None})
+        status = None
+
+        async def recorded(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, recorded)
+        except Exception as e:  # a bug below: still one schema, one count
+            if status is None:
+                status = 500
+                await send_error(send, 500, f"internal error: {type(e).__name__}")
+            raise
+        finally:
+            self._count(scope, state, status, time.monotonic() - start)
+
+    async def _handle(self, scope, receive, send):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+            allowed = ", ".join(sorted(self.allowed_hosts))
+            return await send_error(send, 400, f"host {headers.get('host', '')!r} is not served here; allowed host names: {allowed}", close=True)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        content_type = headers.get("content-type")
+        if content_type is None or not is_json(content_type):
+            what = "no content-type" if content_type is None else f"content-type {content_type!r}"
+            return await send_error(send, 415, f"{what}: the body must be JSON, sent as content-type application/json", close=True)
+        declared = headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
+            return await send_error(send, 413, f"request body of {int(declared)} bytes is over the cap of {self.max_body_bytes} bytes", close=True)
+        try:
+            body = await self._read_body(receive)
+        except _BodyError as e:
+            extra = {"retry_after_s": 5} if e.status == 503 else {}
+            return await send_error(send, e.status, str(e), "shutting_down" if e.status == 503 else None, close=True, **extra)
+        if body is None:  # the client went away while sending
+            scope["sgfast"]["outcome"] = "cancelled"
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive):
+        """The whole body (None if the client disconnected), or _BodyError (413, 408)."""
+        deadline = time.monotonic() + self.body_timeout_s
+        chunks, size = [], 0
+        while True:
+            try:
+                # In slices, so that a shutdown is seen; a cancelled receive loses nothing.
+                message = await asyncio.wait_for(receive(), min(max(deadline - time.monotonic(), 0.001), 0.25))
+            except asyncio.TimeoutError:
+                stop_at = self.stop_at()
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    raise _BodyError(503, "the server stopped before the request body arrived") from None
+                if time.monotonic() >= deadline:
+                    raise _BodyError(408, f"the request body was not received within {self.body_timeout_s:g} s") from None
+                continue
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyError(413, f"request body over the cap of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _count(self, scope, state, status, elapsed_s):
+        if self.metrics is None:
+            return
+        path = scope.get("path", "")
+        if path != IMAGES:
+            self.metrics.other_request(path if path in KNOWN_PATHS else "other", status or 0)
+            return
+        outcome = state.get("outcome") or (outcome_of(status) if status is not None else "cancelled")
+        self.metrics.request_done(outcome, elapsed_s)
+
+
+def _replay(body, receive):
+    """An ASGI receive that gives the read body once, then the connection's own messages (disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
