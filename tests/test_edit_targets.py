@@ -172,7 +172,9 @@ def test_resize_scales_the_area(scale):
     before = scene.area(0, "circle")
     scene.guide([[resize("circle", scale, keep_others=False)]], scene.traces())
     assert scene.area(0, "circle") / before == pytest.approx(scale, rel=0.15)
-    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2], atol=0.02, rtol=0)
+    # Without keep terms nothing holds the centre; it stays near (the log-ratio pull is strongest
+    # on the size, and Adam moves every parameter a little).
+    torch.testing.assert_close(scene.centre(0, "circle"), CIRCLE[:2], atol=0.08, rtol=0)
 
 
 # ---- what is held -------------------------------------------------------------------------------
@@ -386,7 +388,9 @@ def random_views():
     (place("circle", 0.2, 0.9, keep_others=False, weight=3.0),
      lambda c, r: 3.0 * sum(smooth_l1(loop_centroid(c[l])[0] - 0.2) + smooth_l1(loop_centroid(c[l])[1] - 0.9) for l in c) / len(c)),
     (resize("circle", 1.7, keep_others=False, weight=1.5),
-     lambda c, r: 1.5 * sum(smooth_l1(loop_size(c[l]) - 1.7 * loop_size(r[l])) for l in c) / len(c)),
+     # sizes compared as log ratios (floored at 1e-4 of the image)
+     lambda c, r: 1.5 * sum(smooth_l1(math.log(max(loop_size(c[l]), 1e-4)) - math.log(1.7 * max(loop_size(r[l]), 1e-4)))
+                            for l in c) / len(c)),
 ])
 def test_energy_is_the_mean_over_layers_of_the_l1_distance(edit, expected):
     current, reference = random_views()

@@ -77,10 +77,12 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
     # The fp16 path scales the energy before the backward and the gradient back after it: the
     # gradient the step uses is the energy's, as float64 finite differences measure it.
     half = SelfGuidancePipeline.from_pipe(tiny_pipeline().to(torch.float16), mode="fast")
-    reference = half(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").trace
+    # The trace is recorded with the edited call's settings (a trace from other settings is refused).
+    reference = half(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, generator=seeded(), output_type="latent").trace
     used = []
     real_term = sampler.guidance_term
-    monkeypatch.setattr(sampler, "guidance_term", lambda s, i, t, grad, w: used.append((i, t, grad)) or real_term(s, i, t, grad, w))
+    monkeypatch.setattr(sampler, "guidance_term",
+                        lambda s, i, t, grad, w, **kw: used.append((i, t, grad)) or real_term(s, i, t, grad, w, **kw))
     edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_others=False)]]
     half(PROMPT, edits=edits[0], num_inference_steps=STEPS, trace=reference, guidance_scale=1.0, output_type="latent")
     step, t, grad = used[0]
