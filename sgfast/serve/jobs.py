@@ -19,8 +19,8 @@ class Spec:
     seed: int = 0
     steps: int = 20
     guidance_scale: float = 7.5
-    self_guidance_scale: float = 1.0
-    normalize_gradient: bool = False
+    self_guidance_scale: float = None  # None: the model's setting
+    normalize_gradient: bool = None
     height: int = 64
     width: int = 64
     negative_prompt: str = None

@@ -70,8 +70,9 @@ class ImageRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steps: Optional[int] = Field(None, ge=1, le=10_000)
     guidance_scale: float = Field(7.5, ge=0, le=50)
-    self_guidance_scale: float = Field(1.0, ge=0, le=100)
-    normalize_gradient: bool = Field(False, description="scale each image's guidance gradient to unit RMS (see the library)")
+    # None: the model's own setting (its self_guidance.json; the paper's defaults without one).
+    self_guidance_scale: Optional[float] = Field(None, ge=0, le=100)
+    normalize_gradient: Optional[bool] = Field(None, description="scale each image's guidance gradient to unit RMS (see the library)")
     size: Optional[Union[int, tuple[int, int]]] = Field(None, description="square side, or [width, height], in pixels")
     budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000, description="time to the answer, queue included")
     format: Literal["json", "png"] = "json"

@@ -38,7 +38,12 @@ class Run:
         self.scheduler = copy.deepcopy(pipe.scheduler)  # its own step state and timesteps
         self.extra = pipe.prepare_extra_step_kwargs(None, 0.0)
         self.noise = reference.latents if reference is not None else seeded_latents(pipe, [spec.seed], spec.height, spec.width)
-        self.edits = list(spec.edits)
+        # The request's guidance settings where it gives them, else the model's (its self_guidance.json).
+        edits, (self.scale, self.normalize, self.schedule) = sg.settings.resolve(
+            [list(spec.edits)], job.plan.steps, spec.self_guidance_scale, spec.normalize_gradient,
+            None if job.plan.schedule is None else list(job.plan.schedule),
+        )
+        self.edits = edits[0]
         self.reference = reference
         needs_reference = any(e.needs_reference for e in self.edits)
         self.phase = "reference" if needs_reference and reference is None else "main"
@@ -53,8 +58,7 @@ class Run:
         self.latents = (self.noise * self.scheduler.init_noise_sigma).to(self.device)
         self.i = 0
         main = self.phase == "main"
-        schedule = None if plan.schedule is None else list(plan.schedule)
-        self.guided = resolve_schedule(schedule, plan.steps) if main and self.edits else [False] * plan.steps
+        self.guided = resolve_schedule(self.schedule, plan.steps) if main and self.edits else [False] * plan.steps
         recording = self.phase == "reference" or (main and not self.edits)
         height, width = self.job.spec.height, self.job.spec.width
         self.trace = Trace(self.job.spec.prompt, self.trace_words, latents=self.noise.clone(), image_size=(height, width)) if recording else None
@@ -190,11 +194,12 @@ def guided_step(runs, capture):
             raise FloatingPointError(f"the self-guidance gradient is not finite at step {run.i}; lower the edit weights")
     for k, run in enumerate(runs):
         g = grad[k : k + 1]
-        if run.job.spec.normalize_gradient:
+        if run.normalize:
             g = unit_rms(g)
         u = uncond_rows[id(run)][None] if run.do_cfg else None
         noise = _combine(run, u, cond[k : k + 1])
-        noise = noise + guidance_term(run.scheduler, run.i, run.t, g, run.job.spec.self_guidance_scale).to(noise.dtype)
+        term = guidance_term(run.scheduler, run.i, run.t, g, run.scale, normalized=run.normalize)
+        noise = noise + term.to(noise.dtype)
         run.advance(noise)
 
 
