@@ -9,7 +9,7 @@ here exactly as the family's own diffusers pipeline does them.
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from sgfast.capture import cross_attention_layers, default_layers
+from sgfast.capture import cross_attention_layers, default_feature_layer, default_layers
 
 
 class StableDiffusion:
@@ -29,6 +29,9 @@ class StableDiffusion:
 
     def default_layers(self):
         return default_layers(self.pipe.unet)
+
+    def default_feature_layer(self, layers):
+        return default_feature_layer(self.pipe.unet, layers)
 
     def check_arguments(self, extra):
         """The family-only arguments, with defaults filled in; an unknown one is an error."""
@@ -107,6 +110,16 @@ class StableDiffusionXL(StableDiffusion):
             return []
         coarsest = min(int(name.split(".")[1]) for name in decoder)
         return [name for name in decoder if name.split(".")[1] == str(coarsest)]
+
+    def default_feature_layer(self, layers):
+        """Where the maps come from one up block only, the resnet that feeds its last attention (for
+        SDXL's default, up_blocks.0.resnets.2: 32x32, 1280 channels): the block's own output would
+        add its upsampler, at 64x64, to the backward (1.009x the floor instead of 1.001x)."""
+        blocks = sorted({int(name.split(".")[1]) for name in layers if name.startswith("up_blocks.")})
+        if len(blocks) != 1:
+            return default_feature_layer(self.pipe.unet, layers)
+        block = self.pipe.unet.up_blocks[blocks[0]]
+        return f"up_blocks.{blocks[0]}.resnets.{len(block.attentions) - 1}"
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, ip_image,
                      ip_embeds, callback_inputs, extra):

@@ -17,7 +17,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import BaseOutput
 
-from sgfast.capture import Capture, default_feature_layer, resolve_layers, check_feature_layer
+from sgfast.capture import Capture, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.families import family_of
 from sgfast.sampler import denoise, record_traces, resolve_schedule
@@ -53,7 +53,7 @@ class SelfGuidancePipeline:
         if mode == "fast":
             pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         self.layers = resolve_layers(pipe.unet, layers) if layers is not None else self.family.default_layers()
-        self.feature_layer = feature_layer or default_feature_layer(pipe.unet, self.layers)
+        self.feature_layer = feature_layer or self.family.default_feature_layer(self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.

@@ -110,7 +110,8 @@ def test_half_precision_vae_is_upcast_to_decode_as_diffusers_does():
 def test_default_layers_are_the_coarsest_decoder_level(sg):
     assert sg.layers and all(name.startswith("up_blocks.0.attentions.") for name in sg.layers)
     assert len(sg.layers) == 4  # two attentions x two transformer layers
-    assert sg.feature_layer == "up_blocks.0"
+    # Appearance from the resnet that feeds the block's last attention: computed before the last map.
+    assert sg.feature_layer == "up_blocks.0.resnets.1"
 
 
 def test_words_come_from_the_first_tokenizer_and_stop_at_the_end_token(sg, pipe):
