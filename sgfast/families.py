@@ -123,9 +123,6 @@ class StableDiffusionXL(StableDiffusion):
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, ip_image,
                      ip_embeds, callback_inputs, extra):
-        unsupported = [name for name in callback_inputs if name not in ("latents", "prompt_embeds")]
-        if unsupported:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name latents and prompt_embeds, not {unsupported}")
         self.pipe.check_inputs(
             prompt, extra["prompt_2"], height, width, None, negative_prompt, extra["negative_prompt_2"], prompt_embeds,
             negative_prompt_embeds, extra["pooled_prompt_embeds"], extra["negative_pooled_prompt_embeds"], ip_image,

@@ -78,6 +78,22 @@ def test_no_edits_is_the_sdxl_pipeline(pipe, sg, name):
     assert out.trace is not None  # recorded on the way, without changing a bit
 
 
+def test_a_callback_may_replace_the_added_conditioning(pipe, sg):
+    def callback(pipeline, i, t, tensors):
+        assert set(tensors) == {"latents", "prompt_embeds", "add_text_embeds", "add_time_ids"}
+        if i == 1:  # a later crop and half the pooled embedding from here on
+            return dict(add_time_ids=tensors["add_time_ids"] + 8, add_text_embeds=tensors["add_text_embeds"] / 2)
+        return {}
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=4, output_type="latent", callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"])
+    expected = pipe(generator=seeded(), **kwargs).images
+    out = sg(generator=seeded(), **kwargs)
+    assert torch.equal(out.images, expected)
+    plain = sg(PROMPT, num_inference_steps=4, output_type="latent", generator=seeded()).images
+    assert not torch.equal(out.images, plain)
+
+
 def test_denoising_end_hands_the_base_latents_to_a_refiner(pipe, sg):
     kwargs = dict(prompt=PROMPT, num_inference_steps=6, output_type="latent", denoising_end=0.5)
     expected = pipe(generator=seeded(), **kwargs).images
@@ -216,8 +232,8 @@ def test_real_image_trace_as_a_source(sg):
         (dict(denoising_end=1.5), ValueError, r"denoising_end must be a float in \(0, 1\]"),
         (dict(aesthetic_score=6.0), TypeError, "unexpected arguments for a Stable Diffusion XL pipeline: aesthetic_score"),
         (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "pooled_prompt_embeds"),
-        (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["add_time_ids"]), ValueError,
-         "may name latents and prompt_embeds"),
+        (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["negative_add_time_ids"]),
+         ValueError, "callback_on_step_end_tensor_inputs` has to be in"),
         (dict(edits=[move("dog", dx=0.1)]), ValueError, "word 'dog' is not in the prompt"),
         (dict(trace="base", original_size=(128, 128), edits=[move("circle", dx=0.1)]), ValueError,
          "original_size: None there, \\(128, 128\\) here"),
