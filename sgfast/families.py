@@ -6,6 +6,9 @@ embedding and micro-conditioning `time_ids`, given per batch row), the timestep 
 here exactly as the family's own diffusers pipeline does them.
 """
 
+import json
+import os
+
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -231,3 +234,19 @@ def family_of(pipe):
             return family(pipe)
     names = " or ".join(f"{c.__name__} ({f.name})" for c, f in FAMILIES)
     raise TypeError(f"SelfGuidancePipeline wraps diffusers' {names}; got {type(pipe).__name__}")
+
+
+def load_pipeline(folder, **kwargs):
+    """A local diffusers folder (`save_pretrained`) as the pipeline class its model_index.json names,
+    SD 1.x/2.x or SDXL, offline; `kwargs` go to `from_pretrained`. Another class is an error."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.exists(index):
+        raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: it has no model_index.json")
+    with open(index) as f:
+        name = json.load(f).get("_class_name")
+    classes = {pipeline_class.__name__: pipeline_class for pipeline_class, _ in FAMILIES}
+    if name not in classes:
+        raise ValueError(f"{folder!r} holds a {name}; sgfast loads {' or '.join(classes)} folders")
+    if classes[name] is StableDiffusionXLPipeline:
+        kwargs.pop("safety_checker", None)  # SDXL has none
+    return classes[name].from_pretrained(folder, local_files_only=True, **kwargs)

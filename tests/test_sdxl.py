@@ -213,6 +213,21 @@ def test_fast_gradient_equals_reference(pipe, base, other, name):
     assert ((g_fast - g_ref).norm() / g_ref.norm()).item() < 1e-4
 
 
+@pytest.mark.compile
+def test_compiled_guided_step_gradient_matches_eager(base, other):
+    eager = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline(), mode="fast")
+    compiled = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline(), mode="fast", compile=True)
+    for name in ("move", "copy_appearance"):
+        edit_list = [[edits(base, other)[name]]]
+        _, g_eager = step_gradient(eager, edit_list, base.trace)
+        _, g_compiled = step_gradient(compiled, edit_list, base.trace)
+        assert g_eager.abs().max() > 0
+        assert ((g_compiled - g_eager).norm() / g_eager.norm()).item() < 1e-4, name
+    out = compiled(PROMPT, edits=[move("circle", dx=0.3)], trace=base.trace, num_inference_steps=STEPS,
+                   generator=seeded(), output_type="latent")
+    assert torch.isfinite(out.images).all() and out.energies
+
+
 def test_real_image_trace_as_a_source(sg):
     image = np.zeros((64, 64, 3), dtype=np.float32)
     image[16:40, 8:32] = [1.0, 0.0, 0.0]
@@ -221,6 +236,19 @@ def test_real_image_trace_as_a_source(sg):
     out = sg(PROMPT, edits=[copy_appearance("square", photo)], num_inference_steps=STEPS, generator=seeded(),
              output_type="latent")
     assert torch.isfinite(out.images).all() and out.energies
+
+
+def test_a_saved_sdxl_folder_loads_as_an_sdxl_pipeline(pipe, tmp_path):
+    from sgfast.families import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "sdxl")
+    loaded = load_pipeline(str(tmp_path / "sdxl"), safety_checker=None)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, output_type="latent")
+    expected = loaded(generator=seeded(), **kwargs).images
+    assert torch.equal(SelfGuidancePipeline.from_pipe(loaded)(generator=seeded(), **kwargs).images, expected)
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        load_pipeline(str(tmp_path))
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
