@@ -599,7 +599,7 @@ def split_vs_batched(bench, records, key="sd15", edit="move"):
     cfg = bench.config
     bench.tick(10.0)
     run = sgfast_runner(bench, sd_pipeline(bench, key), "fast", edit, key)
-    step = GuidedStep(run.sg, PROMPT, run.edits(), run.reference, cfg.steps)
+    step = GuidedStep(run.sg, PROMPT, run.edits(), run.references[cfg.steps], cfg.steps)
     ways = {"split": lambda: split_step(step), "batched": lambda: batched_step(step)}
     times = interleaved_medians(ways, cfg.repeats, cfg.device)
     (noise_a, grad_a), (noise_b, grad_b) = split_step(step), batched_step(step)
@@ -711,7 +711,7 @@ def phase_sd15_compile(bench, records):
     plain_s = interleaved_medians({"plain": lambda: plain.unguided(cfg.step_call)}, cfg.repeats, cfg.device)["plain"]
     plain_s /= cfg.step_call
     compiled = SelfGuidancePipeline.from_pipe(pipe, mode="fast", compile=cfg.compile_backend)
-    step = GuidedStep(compiled, PROMPT, eager.edits(), eager.reference, cfg.steps)
+    step = GuidedStep(compiled, PROMPT, eager.edits(), eager.references[cfg.steps], cfg.steps)
     for way in cfg.compile_ways:
         fn = {"split": split_step, "batched": batched_step}[way]
         bench.tick(60.0)
@@ -768,7 +768,7 @@ def phase_cuda_graphs(bench, records):
     cfg = bench.config
     pipe = sd_pipeline(bench)
     run = sgfast_runner(bench, pipe, "fast", "move")
-    step = GuidedStep(run.sg, PROMPT, run.edits(), run.reference, cfg.steps)
+    step = GuidedStep(run.sg, PROMPT, run.edits(), run.references[cfg.steps], cfg.steps)
     latents = torch.cat([step.latents] * 2)
 
     def plain_forward():
