@@ -1,7 +1,7 @@
 """Exact FLOPs per denoising step on the real architectures, on the meta device (no GPU, no weights).
 
     python -m benchmarks.flops --arch sd15            # SD1.5 UNet at 512px (64x64 latents)
-    python -m benchmarks.flops --arch sdxl --json out.json
+    python -m benchmarks.flops --arch sdxl --json out.json   # diffusers' StableDiffusionXLPipeline at 1024px
 
 Rows: the plain CFG step (one forward at batch 2); the floor for growing sets of decoder layers
 (uncond forward + cond forward + backward to the latents through the layers up to the last
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.measure import CountFlops, SavedForBackward
-from benchmarks.models import EDITED_WORD, PROMPT, default_arch_dir, random_pipeline
+from benchmarks.models import EDITED_WORD, PROMPT, _sdxl_added_conditioning, default_arch_dir, random_pipeline, sdxl_pipeline
 
 GIB = 1024**3
 
@@ -120,7 +120,19 @@ def floor_step(unet, layers, latents, timestep, cond, uncond, batch2=False):
             hook.remove()
 
 
-def record_reference(sg, latents, timestep, cond):
+def unet_kwargs(pipe, rows, resolution, dtype):
+    """The UNet's added conditioning for `rows` batch rows as the SDXL pipeline passes it (pooled text
+    embedding, here zeros, and the micro-conditioning ids of an uncropped `resolution` image); none for SD."""
+    if not hasattr(pipe, "text_encoder_2"):
+        return {}
+    device = pipe.unet.device
+    pooled = pipe.text_encoder_2.config.projection_dim
+    ids = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), dtype, pooled)
+    added = dict(text_embeds=torch.zeros(rows, pooled, device=device, dtype=dtype), time_ids=ids.to(device).repeat(rows, 1))
+    return dict(added_cond_kwargs=added)
+
+
+def record_reference(sg, latents, timestep, cond, extra=None):
     """An unedited trace of one step (every word's maps and appearance), recorded with the capture."""
     from sgfast.sampler import record_traces
     from sgfast.trace import PromptWords, Trace, selection
@@ -129,12 +141,12 @@ def record_reference(sg, latents, timestep, cond):
     trace = Trace(PROMPT, list(dict.fromkeys(words.words)), latents=latents, image_size=None)
     tokens = selection([words], [trace.words], latents.device)
     with sg.capture() as capture, torch.no_grad(), capture.record(*tokens, tuple(latents.shape[-2:])):
-        sg.pipe.unet(latents, timestep, encoder_hidden_states=cond)
+        sg.pipe.unet(latents, timestep, encoder_hidden_states=cond, **(extra or {}))
         record_traces([trace], capture, [trace.words], timestep)
     return trace
 
 
-def sgfast_step(sg, edits, reference, latents, timestep, cond, uncond, attention_bytes=None):
+def sgfast_step(sg, edits, reference, latents, timestep, cond, uncond, attention_bytes=None, extra=None):
     """sgfast's guided step as `sgfast.sampler.denoise` runs it: uncond forward without grad, the
     conditional pass through `guided_energy` with the edits' words captured, and the gradient of the
     energy with respect to the latents only."""
@@ -146,10 +158,11 @@ def sgfast_step(sg, edits, reference, latents, timestep, cond, uncond, attention
     with sg.capture() as capture:
         chosen, tokens = edit_selection([edits], words, latents.device)
         with torch.no_grad():
-            pipe.unet(latents, timestep, encoder_hidden_states=uncond)
+            pipe.unet(latents, timestep, encoder_hidden_states=uncond, **(extra or {}))
         z = latents.detach().requires_grad_(True)
         with torch.enable_grad():
-            _, energy = guided_energy(pipe, capture, z, timestep, cond, [(edits, reference)], words, chosen, tokens)
+            _, energy = guided_energy(pipe, capture, z, timestep, cond, [(edits, reference)], words, chosen, tokens,
+                                      unet_kwargs=extra)
             if attention_bytes is not None:
                 attention_bytes.append(capture.captured_bytes())
             torch.autograd.grad(energy, z)
@@ -256,7 +269,13 @@ def flop_table(arch="sd15", arch_dir=None, resolution=None, dtype=torch.float16,
     from sgfast import SelfGuidancePipeline, move
 
     resolution = resolution or {"sd15": 512, "sdxl": 1024}[arch]
-    pipe = random_pipeline(arch, arch_dir or default_arch_dir(), device="meta", dtype=dtype, resolution=resolution)
+    if arch == "sdxl":
+        # diffusers' own SDXL pipeline; the rows that call the UNet directly (plain, floor, naive,
+        # Attend-and-Excite, which diffusers has for SD only) get the same added conditioning.
+        pipe = sdxl_pipeline(arch_dir or default_arch_dir(), device="meta", dtype=dtype, resolution=resolution)
+        _sdxl_added_conditioning(pipe.unet, resolution)
+    else:
+        pipe = random_pipeline(arch, arch_dir or default_arch_dir(), device="meta", dtype=dtype, resolution=resolution)
     unet = pipe.unet
     latent = resolution // pipe.vae_scale_factor
     latents = torch.zeros(1, unet.config.in_channels, latent, latent, device="meta", dtype=dtype)
@@ -265,6 +284,7 @@ def flop_table(arch="sd15", arch_dir=None, resolution=None, dtype=torch.float16,
     uncond = torch.zeros_like(cond)
     pipe.scheduler.set_timesteps(50)
     timestep = pipe.scheduler.timesteps[10]
+    extra = unet_kwargs(pipe, 1, resolution, dtype)
     rows = []
 
     def measure(name, fn, layers=None, note="", saved=True, frozen=None, **extra):
@@ -309,12 +329,12 @@ def flop_table(arch="sd15", arch_dir=None, resolution=None, dtype=torch.float16,
     }
     for mode in available_modes(pipe):
         sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode)
-        reference = record_reference(sg, latents, timestep, cond)
+        reference = record_reference(sg, latents, timestep, cond, extra)
         for edit_name, make in edits.items():
             measure(
                 f"sgfast {mode}: {edit_name}",
                 lambda attention, sg=sg, make=make, reference=reference: sgfast_step(
-                    sg, make(), reference, latents, timestep, cond, uncond, attention
+                    sg, make(), reference, latents, timestep, cond, uncond, attention, extra
                 ),
                 layers=list(sg.layers), feature_layer=sg.feature_layer, kind="sgfast", mode=mode,
             )
@@ -351,8 +371,11 @@ def flop_table(arch="sd15", arch_dir=None, resolution=None, dtype=torch.float16,
         floor = floors.get(tuple(row["layers"] or ()))
         if floor and row.get("kind") in ("sgfast", "attend_excite", "floor"):
             row["x_floor"] = row["flops"] / floor
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     info = dict(arch=arch, resolution=resolution, latent=latent, dtype=str(dtype).replace("torch.", ""),
-                unet_params=sum(p.numel() for p in unet.parameters()), timestep=int(timestep))
+                unet_params=sum(p.numel() for p in unet.parameters()), timestep=int(timestep),
+                pipeline=type(pipe).__name__, scheduler=type(pipe.scheduler).__name__,
+                text_encoder_params=[sum(p.numel() for p in m.parameters()) for m in encoders])
     return info, rows
 
 
@@ -361,6 +384,10 @@ def format_table(info, rows):
         (
             f"{info['arch'].upper()} UNet ({info['unet_params'] / 1e6:.2f} M params) at {info['resolution']}px "
             f"({info['latent']}x{info['latent']} latents), batch 1, meta device; saved for backward in {info['dtype']}"
+        ),
+        (
+            f"{info['pipeline']} ({info['scheduler']}); text encoders "
+            + " + ".join(f"{n / 1e6:.2f} M" for n in info["text_encoder_params"]) + " params"
         ),
         "",
         "| step | TFLOP | x plain | x floor (same layers) | saved for backward (GiB) | attention data kept (MiB) |",

@@ -120,6 +120,44 @@ def random_pipeline(arch, arch_dir, device="cpu", dtype=torch.float32, resolutio
     return pipe
 
 
+def _text_config(arch_dir, name, tokenizer):
+    from transformers import CLIPTextConfig
+
+    fields = load_config(arch_dir, name)
+    for key in ("architectures", "model_type", "_class_name"):
+        fields.pop(key, None)
+    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(**fields)
+
+
+def sdxl_pipeline(arch_dir, device="cpu", dtype=torch.float32, resolution=None):
+    """The real diffusers StableDiffusionXLPipeline with random weights, built on `device` from the
+    public configs: the SDXL base UNet, the SDXL VAE, CLIP ViT-L/14 (`sd15_text_encoder.json`) and
+    OpenCLIP ViT-bigG/14 with projection (`sdxl_text_encoder_2.json`), Euler as SDXL ships."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sgfast.testing import SDXL_SCHEDULER, build_tokenizer
+
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(load_config(arch_dir, "sdxl_unet.json"))
+        vae = AutoencoderKL.from_config(load_config(arch_dir, "sdxl_vae.json"))
+        text_encoder = CLIPTextModel(_text_config(arch_dir, "sd15_text_encoder.json", tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(arch_dir, "sdxl_text_encoder_2.json", tokenizer_2))
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.to(dtype).eval()
+    if resolution:
+        unet.register_to_config(sample_size=resolution // 8)  # the pipeline's default image size
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_pipeline(model, resolution=None, device="cpu", dtype=torch.float32, arch_dir=None):
     """The model's StableDiffusionPipeline on `device` in `dtype`, weights requiring grad as
     `from_pretrained` leaves them."""

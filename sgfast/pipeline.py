@@ -1,12 +1,13 @@
-"""SelfGuidancePipeline: a drop-in wrapper of a diffusers Stable Diffusion (1.x/2.x) pipeline.
+"""SelfGuidancePipeline: a drop-in wrapper of a diffusers Stable Diffusion (1.x/2.x or XL) pipeline.
 
     sg = SelfGuidancePipeline.from_pipe(pipe)
     out = sg("a red circle and a blue square", edits=[move("circle", dx=0.25)], generator=g)
     out.images, out.trace
 
 Calling it takes every argument of the wrapped pipeline's `__call__`, with diffusers' meaning, plus
-`edits` and the guidance settings. Every argument is checked before anything runs; the wrapped
-pipeline's processors are restored whatever happens, and left alone when nothing is captured.
+`edits` and the guidance settings; what differs between the families (SD 1.x/2.x, SDXL) is in
+`sgfast.families`. Every argument is checked before anything runs; the wrapped pipeline's
+processors are restored whatever happens, and left alone when nothing is captured.
 """
 
 import math
@@ -14,12 +15,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import BaseOutput
 
-from sgfast.capture import Capture, default_feature_layer, resolve_layers, check_feature_layer
+from sgfast.capture import Capture, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
+from sgfast.families import family_of
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
@@ -46,10 +47,7 @@ class SelfGuidancePipeline:
     cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
 
     def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None):
-        if not isinstance(pipe, StableDiffusionPipeline):
-            raise TypeError(
-                f"SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (SD 1.x/2.x); got {type(pipe).__name__}"
-            )
+        self.family = family_of(pipe)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.pipe = pipe
@@ -58,8 +56,8 @@ class SelfGuidancePipeline:
         self.settings = model_settings(pipe, settings)
         if mode == "fast":
             pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
-        self.layers = resolve_layers(pipe.unet, layers)
-        self.feature_layer = feature_layer or self.settings.feature_layer or default_feature_layer(pipe.unet, self.layers)
+        self.layers = resolve_layers(pipe.unet, layers) if layers is not None else self.family.default_layers()
+        self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.
@@ -82,7 +80,7 @@ class SelfGuidancePipeline:
 
     def words(self, prompt):
         """The words of `prompt` as edits name them."""
-        return PromptWords.from_tokenizer(self.pipe.tokenizer, prompt).words
+        return PromptWords.from_tokenizer(self.family.tokenizer, prompt).words
 
     def capture(self):
         return self._capture
@@ -98,7 +96,7 @@ class SelfGuidancePipeline:
         num_inference_steps=50,
         timesteps=None,
         sigmas=None,
-        guidance_scale=7.5,
+        guidance_scale=None,
         negative_prompt=None,
         num_images_per_prompt=1,
         eta=0.0,
@@ -120,18 +118,24 @@ class SelfGuidancePipeline:
         guidance_schedule=None,
         trace=None,
         record_trace=True,
+        **family_arguments,
     ):
-        pipe = self.pipe
+        """`family_arguments`: the wrapped pipeline's own (SDXL: prompt_2, negative_prompt_2,
+        pooled_prompt_embeds, negative_pooled_prompt_embeds, original_size, crops_coords_top_left,
+        target_size, their negative_ counterparts and denoising_end)."""
+        pipe, family = self.pipe, self.family
         # 1. Check everything before anything runs.
+        extra = family.check_arguments(family_arguments)
+        guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale  # 7.5 SD, 5.0 SDXL
         height, width = self._size(height, width)
         if hasattr(callback_on_step_end, "tensor_inputs"):  # PipelineCallback / MultiPipelineCallbacks
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         if isinstance(negative_prompt, str) and isinstance(prompt, (list, tuple)):
             negative_prompt = [negative_prompt] * len(prompt)  # one negative prompt for every prompt
-        pipe.check_inputs(
-            None if prompt_embeds is not None else prompt, height, width, None, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+        family.check_inputs(
+            None if prompt_embeds is not None else prompt, height, width, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs, extra,
         )
         self._check_count(num_images_per_prompt)
         images_per_prompt = num_images_per_prompt
@@ -146,6 +150,7 @@ class SelfGuidancePipeline:
             self._capture.check_processors()
         device = pipe._execution_device
         timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
+        timesteps, num_inference_steps = family.cut_timesteps(timesteps, num_inference_steps, extra)
         # Arguments left None take the model's settings (else the paper's defaults).
         edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = self.settings.resolve(
             edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
@@ -158,7 +163,7 @@ class SelfGuidancePipeline:
                 "use more steps or a guidance_schedule that guides at least one"
             )
         trace_settings = self._settings(height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch)
-        trace_settings = [s for s in trace_settings for _ in range(images_per_prompt)]  # one per image
+        trace_settings = [{**s, **family.settings(extra)} for s in trace_settings for _ in range(images_per_prompt)]  # one per image
         references = self._references(trace, prompts, trace_settings)
         if latents is None and references[0] is not None:
             latents = torch.cat([r.latents for r in references])
@@ -169,18 +174,18 @@ class SelfGuidancePipeline:
         pipe._guidance_scale, pipe._guidance_rescale, pipe._clip_skip = guidance_scale, guidance_rescale, clip_skip
         pipe._cross_attention_kwargs, pipe._interrupt, pipe._num_timesteps = cross_attention_kwargs, False, len(timesteps)
         do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(
-            prompt if prompt_embeds is None else None, device, images_per_prompt, do_cfg, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip,
+        rows = batch * images_per_prompt
+        cond, uncond, added = family.encode(
+            prompt if prompt_embeds is None else None, device, images_per_prompt, do_cfg, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, (cross_attention_kwargs or {}).get("scale"), clip_skip, (height, width), rows, extra,
         )
         embeds = torch.cat([uncond, cond]) if do_cfg else cond
-        rows = batch * images_per_prompt
         latents = pipe.prepare_latents(
             rows, pipe.unet.config.in_channels, height, width, cond.dtype, device, generator, latents
         )
         unet_kwargs = self._unet_kwargs(
-            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, latents.dtype
+            ip_adapter_image, ip_adapter_image_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device,
+            latents.dtype, added,
         )
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)
         # Where the scheduler's step noise starts: an edit of a traced generation replays it.
@@ -258,7 +263,7 @@ class SelfGuidancePipeline:
                 raise ValueError("edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`")
             return None, None, edits
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
-        prompt_words = [PromptWords.from_tokenizer(self.pipe.tokenizer, p) for p in prompts]
+        prompt_words = [PromptWords.from_tokenizer(self.family.tokenizer, p) for p in prompts]
         for item, words in zip(edits, prompt_words):
             for edit in item:
                 edit.validate(words)
@@ -292,15 +297,19 @@ class SelfGuidancePipeline:
         timesteps, num_inference_steps = retrieve_timesteps(self.pipe.scheduler, num_inference_steps, device, timesteps, sigmas)
         return timesteps, num_inference_steps, reset
 
-    def _unet_kwargs(self, ip_image, ip_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, dtype):
-        """The UNet's inputs besides latents, timestep and text, as diffusers builds them."""
+    def _unet_kwargs(self, ip_image, ip_embeds, cross_attention_kwargs, guidance_scale, rows, do_cfg, device, dtype,
+                     added):
+        """The UNet's inputs besides latents, timestep and text, as diffusers builds them; `added`: the
+        family's added conditioning (SDXL's pooled text and time ids), one row per CFG batch row."""
         pipe = self.pipe
         kwargs = {}
         if cross_attention_kwargs is not None:
             kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        added = dict(added)
         if ip_image is not None or ip_embeds is not None:
-            image_embeds = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, rows, do_cfg)
-            kwargs["added_cond_kwargs"] = {"image_embeds": image_embeds}
+            added["image_embeds"] = pipe.prepare_ip_adapter_image_embeds(ip_image, ip_embeds, device, rows, do_cfg)
+        if added:
+            kwargs["added_cond_kwargs"] = added
         if pipe.unet.config.time_cond_proj_dim is not None:
             # Guidance-embedded UNets (LCM): the guidance scale enters as an embedding, not as CFG.
             scale = torch.tensor(guidance_scale - 1).repeat(rows)
@@ -330,17 +339,15 @@ class SelfGuidancePipeline:
         pipe = self.pipe
         if output_type == "latent":
             return latents, None
-        vae = pipe.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        image, nsfw = pipe.run_safety_checker(image, device, dtype)
+        image = self.family.decode(latents, generator)
+        image, nsfw = self.family.check_images(image, device, dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize), nsfw
 
     def decode(self, latents, output_type="pil", generator=None):
         if output_type == "latent":
             return latents
-        vae = self.pipe.vae
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image = self.family.decode(latents, generator)
         return self.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
 
     @torch.no_grad()
@@ -350,14 +357,14 @@ class SelfGuidancePipeline:
         word's maps and appearance. `image`: PIL image, numpy array in [0, 1] or tensor in [-1, 1]."""
         pipe = self.pipe
         device = pipe._execution_device
-        pixels = pipe.image_processor.preprocess(image).to(device=device, dtype=pipe.vae.dtype)
+        pixels = pipe.image_processor.preprocess(image).to(device=device)
         if pixels.shape[0] != 1:
             raise ValueError("trace_image takes one image")
-        clean = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+        clean = self.family.encode_image(pixels)
         if noise is None:
             noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device="cpu").to(device)
-        words = PromptWords.from_tokenizer(pipe.tokenizer, prompt)
-        cond, _ = pipe.encode_prompt(prompt, device, 1, False)
+        words = PromptWords.from_tokenizer(self.family.tokenizer, prompt)
+        cond, added = self.family.image_conditioning(prompt, device, tuple(pixels.shape[-2:]))
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
         trace = Trace(prompt, list(dict.fromkeys(words.words)), image_size=tuple(pixels.shape[-2:]))
@@ -368,7 +375,8 @@ class SelfGuidancePipeline:
                 alpha_bar = alphas[int(t)]
                 noisy = alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
                 with capture.record(*tokens, tuple(clean.shape[-2:])):
-                    pipe.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)
+                    pipe.unet(noisy, t, encoder_hidden_states=cond, return_dict=False,
+                              **({"added_cond_kwargs": added} if added else {}))
                     record_traces([trace], capture, [trace.words], t)
         return trace
 

@@ -283,13 +283,23 @@ def can_stop_early(capture, unet_kwargs):
     return capture.can_stop_early and scale.get("scale", 1.0) == 1.0
 
 
+# The UNet's added conditioning as diffusers' callbacks name it (SDXL's pooled text and time ids).
+CALLBACK_ADDED_INPUTS = {"add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+
+
 def step_callback(pipe, callback, tensor_inputs, i, t, state):
-    """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})`: it may replace the latents and
-    the prompt embeddings ([negative; prompt] under CFG), and change `pipe._guidance_scale`."""
-    outputs = callback(pipe, i, t, {name: state[name] for name in tensor_inputs}) or {}
+    """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})`: it may replace the latents, the
+    prompt embeddings ([negative; prompt] under CFG) and the added conditioning (SDXL's
+    add_text_embeds, add_time_ids), and change `pipe._guidance_scale`."""
+    added = dict((state["unet_kwargs"] or {}).get("added_cond_kwargs") or {})
+    tensors = {**state, **{name: added.get(key) for name, key in CALLBACK_ADDED_INPUTS.items()}}
+    outputs = callback(pipe, i, t, {name: tensors[name] for name in tensor_inputs}) or {}
     state["latents"] = outputs.pop("latents", state["latents"])
     state["prompt_embeds"] = outputs.pop("prompt_embeds", state["prompt_embeds"])
     state["negative_prompt_embeds"] = outputs.pop("negative_prompt_embeds", state["negative_prompt_embeds"])
+    replaced = {key: outputs.pop(name) for name, key in CALLBACK_ADDED_INPUTS.items() if name in outputs}
+    if replaced:
+        state["unet_kwargs"] = {**state["unet_kwargs"], "added_cond_kwargs": {**added, **replaced}}
 
 
 def denoise(
@@ -339,13 +349,13 @@ def denoise(
     if traces is not None:
         trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
         trace_tokens = selection(prompt_words, trace_words, latents.device)
-    state = dict(latents=latents, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
+    state = dict(latents=latents, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, unet_kwargs=unet_kwargs)
 
     with pipe.progress_bar(total=len(guided_steps)) if progress else nullcontext() as bar:
         for i, t in enumerate(timesteps):
             if getattr(pipe, "_interrupt", False):
                 continue
-            latents, embeds = state["latents"], state["prompt_embeds"]
+            latents, embeds, unet_kwargs = state["latents"], state["prompt_embeds"], state["unet_kwargs"]
             if callback is not None:  # a callback may change the guidance scale, as diffusers reads it
                 guidance_scale = getattr(pipe, "_guidance_scale", guidance_scale)
             do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None

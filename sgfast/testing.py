@@ -1,7 +1,8 @@
-"""Tiny Stable Diffusion pipelines built offline from configs, for tests and examples.
+"""Tiny Stable Diffusion (1.x/2.x and XL) pipelines built offline from configs, for tests and examples.
 
 Every part is the real diffusers / transformers class (UNet2DConditionModel, AutoencoderKL,
-CLIPTextModel, CLIPTokenizer, DDIMScheduler); only the sizes are tiny and the weights seeded.
+CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, DDIMScheduler, EulerDiscreteScheduler);
+only the sizes are tiny and the weights seeded.
 """
 
 import json
@@ -9,8 +10,15 @@ import os
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Words the tiny tokenizer knows as single tokens; any other text still tokenizes, character by
 # character, through the byte-level base vocabulary.
@@ -83,14 +91,16 @@ def write_clip_vocabulary(folder, words):
     return vocab
 
 
-def build_tokenizer(words=TINY_WORDS, max_length=77):
-    """A real CLIPTokenizer from a locally written vocabulary (no network)."""
+def build_tokenizer(words=TINY_WORDS, max_length=77, **kwargs):
+    """A real CLIPTokenizer from a locally written vocabulary (no network); `kwargs` go to it
+    (SDXL's second tokenizer pads with "!": `pad_token="!"`)."""
     with tempfile.TemporaryDirectory() as folder:
         write_clip_vocabulary(folder, words)
         return CLIPTokenizer(
             vocab=os.path.join(folder, "vocab.json"),
             merges=os.path.join(folder, "merges.txt"),
             model_max_length=max_length,
+            **kwargs,
         )
 
 
@@ -136,6 +146,21 @@ SCHEDULER_CONFIGS = {
 }
 
 
+def _clip_config(tokenizer, hidden_size, **kwargs):
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+
+
 def tiny_components(seed=0, image_size=64, words=TINY_WORDS, layout="tiny"):
     """The parts of a tiny SD pipeline: 64x64 images, 16x16x4 latents; with the "tiny" layout,
     cross-attention at 16x16 and 8x8. `layout`: a key of LAYOUTS, or "zero_snr" (the "sd2" UNet)."""
@@ -163,19 +188,7 @@ def tiny_components(seed=0, image_size=64, words=TINY_WORDS, layout="tiny"):
         norm_num_groups=8,
         sample_size=image_size,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1, **SCHEDULER_CONFIGS.get(layout, {}),
@@ -194,5 +207,73 @@ def tiny_pipeline(seed=0, image_size=64, layout="tiny"):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SDXL's layout, tiny: no attention in the first (finest) block, linear projections, several
+# transformer layers per block at the coarsest level, and the "text_time" added conditioning
+# (pooled text embedding + six micro-conditioning numbers).
+SDXL_UNET = dict(
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 8),
+    transformer_layers_per_block=(1, 1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+)
+# SDXL's Euler scheduler config as the base checkpoint ships it.
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+    timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+)
+
+
+def tiny_sdxl_components(seed=0, image_size=64, words=TINY_WORDS):
+    """The parts of a tiny SDXL pipeline: 64x64 images, 16x16x4 latents, cross-attention at 8x8 and
+    4x4; two CLIP text encoders (the second with a projection, for the pooled embedding) whose hidden
+    states are concatenated per token, as SDXL's are."""
+    tokenizer = build_tokenizer(words)
+    tokenizer_2 = build_tokenizer(words, pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 32, projection_dim=16))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        cross_attention_dim=32 + 32,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        norm_num_groups=8,
+        **SDXL_UNET,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval().requires_grad_(False)
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, scheduler=scheduler,
+    )
+
+
+def tiny_sdxl_pipeline(seed=0, image_size=64):
+    """A real diffusers StableDiffusionXLPipeline with tiny seeded weights, built offline (no watermark)."""
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed, image_size), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

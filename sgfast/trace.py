@@ -29,11 +29,14 @@ class PromptWords:
     @classmethod
     def from_tokenizer(cls, tokenizer, prompt):
         ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-        special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
         words, positions, pieces = [], [], []
         for position, token_id in enumerate(ids):
-            if token_id in special:
+            if token_id == tokenizer.bos_token_id:
                 continue
+            # Padding follows the end token; it may be a real token (SDXL's second tokenizer and
+            # SD2's pad with "!"), so only the end token ends the prompt.
+            if token_id == tokenizer.eos_token_id:
+                break
             pieces.append(position)
             # CLIP's byte-level BPE marks the last piece of every word with "</w>".
             if tokenizer.convert_ids_to_tokens(token_id).endswith("</w>"):

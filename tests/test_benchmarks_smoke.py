@@ -156,3 +156,20 @@ def test_sd15_flops_on_meta_match_the_design_table():
         floor_step(unet, default_layers(unet), latents, 500, cond, cond)
     assert plain.total == 1_606_546_882_560
     assert floor.total == 2_225_306_664_960
+
+
+@pytest.mark.slow
+def test_sdxl_flops_count_the_real_sdxl_pipeline():
+    """`benchmarks.flops --arch sdxl` builds diffusers' StableDiffusionXLPipeline from the public configs
+    (both text encoders at their published sizes) and sgfast's default guided step on it costs the
+    floor of its layers (the coarsest decoder level) to within 0.2%."""
+    if not (default_arch_dir() / "sdxl_unet.json").exists():
+        pytest.skip("the shared architecture configs are not next to the repository")
+    from benchmarks.flops import flop_table
+
+    info, rows = flop_table("sdxl", attend_excite=False)
+    assert info["pipeline"] == "StableDiffusionXLPipeline"
+    assert [round(n / 1e6, 2) for n in info["text_encoder_params"]] == [123.06, 694.66]
+    guided = [row for row in rows if row["name"] == "sgfast fast: move + keep shape + keep appearance"][0]
+    assert all(name.startswith("up_blocks.0.") for name in guided["layers"])
+    assert 1.0 <= guided["x_floor"] < 1.002

@@ -1,0 +1,288 @@
+"""SDXL: without edits, the wrapped StableDiffusionXLPipeline's images bit for bit; every edit lowers its
+energy; the fast mode's gradient is the reference's; bad input refused. On the tiny SDXL pipeline of
+sgfast.testing (real diffusers/transformers classes: two CLIP text encoders, the second with a
+projection, a "text_time" UNet with two transformer layers per block at its coarsest level, Euler)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sgfast import (
+    SelfGuidancePipeline,
+    collage,
+    copy_appearance,
+    copy_layout,
+    copy_shape,
+    keep_appearance,
+    keep_shape,
+    move,
+    place,
+    resize,
+    restyle,
+)
+from sgfast.sampler import edit_selection, guided_energy
+from sgfast.testing import tiny_sdxl_pipeline
+from sgfast.trace import PromptWords
+
+PROMPT = "a red circle and a blue square painting"
+STEPS = 5
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sg(pipe):
+    return SelfGuidancePipeline.from_pipe(pipe)
+
+
+@pytest.fixture(scope="module")
+def base(sg):
+    return sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def other(sg):
+    return sg("a blue square and a red circle painting", num_inference_steps=STEPS, generator=seeded(1), output_type="latent").trace
+
+
+# ---- no edits: diffusers' StableDiffusionXLPipeline bit for bit ----------------------------------------
+
+CALLS = {
+    "plain": dict(),
+    "negative prompt, two images per prompt": dict(negative_prompt="green", num_images_per_prompt=2),
+    "two prompts, second encoder's own prompt": dict(prompt=[PROMPT, "a cat"], prompt_2=["a dog", "a cat"], negative_prompt_2="blue"),
+    "non-square": dict(height=48, width=80),
+    "denoising_end": dict(denoising_end=0.6),
+    "micro-conditioning, rescale": dict(
+        original_size=(128, 96), crops_coords_top_left=(4, 8), target_size=(64, 64), negative_original_size=(32, 32),
+        negative_crops_coords_top_left=(0, 4), negative_target_size=(64, 64), guidance_rescale=0.5,
+    ),
+    "no CFG": dict(guidance_scale=1.0),
+}
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_no_edits_is_the_sdxl_pipeline(pipe, sg, name):
+    kwargs = dict(dict(prompt=PROMPT, num_inference_steps=4, output_type="np"), **CALLS[name])
+    expected = pipe(generator=seeded(), **kwargs).images
+    out = sg(generator=seeded(), **kwargs)
+    assert out.images.shape == expected.shape
+    assert np.array_equal(out.images, expected)
+    assert out.trace is not None  # recorded on the way, without changing a bit
+
+
+def test_a_callback_may_replace_the_added_conditioning(pipe, sg):
+    def callback(pipeline, i, t, tensors):
+        assert set(tensors) == {"latents", "prompt_embeds", "add_text_embeds", "add_time_ids"}
+        if i == 1:  # a later crop and half the pooled embedding from here on
+            return dict(add_time_ids=tensors["add_time_ids"] + 8, add_text_embeds=tensors["add_text_embeds"] / 2)
+        return {}
+
+    kwargs = dict(prompt=PROMPT, num_inference_steps=4, output_type="latent", callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"])
+    expected = pipe(generator=seeded(), **kwargs).images
+    out = sg(generator=seeded(), **kwargs)
+    assert torch.equal(out.images, expected)
+    plain = sg(PROMPT, num_inference_steps=4, output_type="latent", generator=seeded()).images
+    assert not torch.equal(out.images, plain)
+
+
+def test_denoising_end_hands_the_base_latents_to_a_refiner(pipe, sg):
+    kwargs = dict(prompt=PROMPT, num_inference_steps=6, output_type="latent", denoising_end=0.5)
+    expected = pipe(generator=seeded(), **kwargs).images
+    out = sg(generator=seeded(), **kwargs)
+    assert torch.equal(out.images, expected)
+    pipe.scheduler.set_timesteps(6)
+    first_half = [t for t in pipe.scheduler.timesteps if t >= 500]  # diffusers' rule for the cut-off
+    assert 0 < len(first_half) < 6 and len(out.trace.calls) == len(first_half)
+
+
+def test_zero_scale_edit_is_the_unedited_image(pipe, sg, base):
+    expected = pipe(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").images
+    out = sg(PROMPT, edits=[move("circle", dx=0.3)], trace=base.trace, num_inference_steps=STEPS, generator=seeded(),
+             output_type="latent", self_guidance_scale=0.0)
+    assert torch.equal(out.images, expected) and out.energies
+
+
+def test_half_precision_vae_is_upcast_to_decode_as_diffusers_does():
+    pipe = tiny_sdxl_pipeline()
+    pipe.vae.to(torch.float16)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    expected = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np").images
+    out = sg(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np")
+    assert np.array_equal(out.images, expected) and pipe.vae.dtype == torch.float16
+
+
+# ---- defaults -----------------------------------------------------------------------------------------
+
+
+def test_default_layers_are_the_coarsest_decoder_level(sg):
+    assert sg.layers and all(name.startswith("up_blocks.0.attentions.") for name in sg.layers)
+    assert len(sg.layers) == 4  # two attentions x two transformer layers
+    # Appearance from the resnet that feeds the block's last attention: computed before the last map.
+    assert sg.feature_layer == "up_blocks.0.resnets.1"
+
+
+def test_words_come_from_the_first_tokenizer_and_stop_at_the_end_token(sg, pipe):
+    # The second tokenizer pads with "!", which is also a real token: a prompt's "!" is no padding.
+    assert pipe.tokenizer_2.pad_token == "!"
+    assert sg.words("a red circle!") == ["a", "red", "circle", "!"]
+    assert PromptWords.from_tokenizer(pipe.tokenizer_2, "a red circle!").words == ["a", "red", "circle", "!"]
+
+
+# ---- edits ----------------------------------------------------------------------------------------------
+
+
+EDITS = ("move", "place", "resize", "keep_shape", "keep_appearance", "copy_appearance", "copy_shape", "copy_layout",
+         "collage", "restyle")
+
+
+def edits(base, other):
+    return {
+        "move": move("circle", dx=0.3, keep_others=False),
+        "place": place("circle", 0.2, 0.8),
+        "resize": resize("circle", 2.0, keep_others=False),
+        "keep_shape": keep_shape(["square"]),
+        "keep_appearance": keep_appearance(["square"]),
+        "copy_appearance": copy_appearance("circle", other, "square"),
+        "copy_shape": copy_shape("circle", other, translate=(0.1, 0.0), scale=1.2, rotate=30),
+        "copy_layout": copy_layout(other),
+        "collage": collage([(other, ["circle"]), (base.trace, ["square"])]),
+        "restyle": restyle(other, ["painting"]),
+    }
+
+
+@pytest.mark.parametrize("name", EDITS)
+def test_every_edit_lowers_its_energy(sg, base, other, name):
+    # Other noise than the reference's, so that holding edits (keep_*) start away from their target.
+    noise = torch.randn(1, 4, 16, 16, generator=seeded(5))
+    edit = edits(base, other)[name]
+    runs = {
+        v: sg(PROMPT, edits=[edit], trace=base.trace, latents=noise, num_inference_steps=STEPS, generator=seeded(),
+              output_type="latent", self_guidance_scale=v, normalize_gradient=True,
+              guidance_schedule=[True] * (STEPS - 1) + [False])
+        for v in (0.0, 0.3)
+    }
+    assert torch.isfinite(runs[0.3].images).all()
+    assert [s for s, _ in runs[0.3].energies] == [0, 1, 2, 3]
+    assert runs[0.3].energies[-1][1] < runs[0.0].energies[-1][1]
+
+
+def test_fast_mode_moves_as_the_reference_does(pipe, sg, base):
+    fast = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline(), mode="fast")
+    kwargs = dict(edits=[move("circle", dx=0.3)], trace=base.trace, num_inference_steps=STEPS, generator=seeded(),
+                  output_type="latent", normalize_gradient=True, self_guidance_scale=0.3)
+    slow, quick = sg(PROMPT, **kwargs), fast(PROMPT, **kwargs)
+    torch.testing.assert_close(quick.images, slow.images, rtol=1e-4, atol=1e-4)
+    assert quick.energies[-1][1] == pytest.approx(slow.energies[-1][1], rel=1e-4)
+
+
+def step_gradient(sg, edit_list, reference):
+    """Energy and gradient of one guided step's conditional pass at the second of four timesteps."""
+    pipe, family = sg.pipe, sg.family
+    words = [PromptWords.from_tokenizer(family.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edit_list, words, "cpu")
+    cond, added = family.image_conditioning(PROMPT, "cpu", (64, 64))
+    pipe.scheduler.set_timesteps(4)
+    t = pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 16, 16, generator=seeded(3)).requires_grad_(True)
+    capture = sg.capture()
+    with torch.enable_grad(), capture:
+        _, energy = guided_energy(pipe, capture, z, t, cond, list(zip(edit_list, [reference])), words, chosen, tokens,
+                                  unet_kwargs={"added_cond_kwargs": added})
+        (grad,) = torch.autograd.grad(energy, z)
+    return energy, grad
+
+
+@pytest.mark.parametrize("name", ["move", "resize", "copy_appearance"])
+def test_fast_gradient_equals_reference(pipe, base, other, name):
+    reference = SelfGuidancePipeline.from_pipe(pipe, mode="reference")
+    fast = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
+    edit_list = [[edits(base, other)[name]]]
+    e_ref, g_ref = step_gradient(reference, edit_list, base.trace)
+    e_fast, g_fast = step_gradient(fast, edit_list, base.trace)
+    assert g_ref.abs().max() > 0
+    torch.testing.assert_close(e_fast, e_ref, rtol=1e-6, atol=0)
+    assert ((g_fast - g_ref).norm() / g_ref.norm()).item() < 1e-4
+
+
+@pytest.mark.compile
+def test_compiled_guided_step_gradient_matches_eager(base, other):
+    eager = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline(), mode="fast")
+    compiled = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline(), mode="fast", compile=True)
+    for name in ("move", "copy_appearance"):
+        edit_list = [[edits(base, other)[name]]]
+        _, g_eager = step_gradient(eager, edit_list, base.trace)
+        _, g_compiled = step_gradient(compiled, edit_list, base.trace)
+        assert g_eager.abs().max() > 0
+        assert ((g_compiled - g_eager).norm() / g_eager.norm()).item() < 1e-4, name
+    out = compiled(PROMPT, edits=[move("circle", dx=0.3)], trace=base.trace, num_inference_steps=STEPS,
+                   generator=seeded(), output_type="latent")
+    assert torch.isfinite(out.images).all() and out.energies
+
+
+def test_real_image_trace_as_a_source(sg):
+    image = np.zeros((64, 64, 3), dtype=np.float32)
+    image[16:40, 8:32] = [1.0, 0.0, 0.0]
+    photo = sg.trace_image(image, "a red square", num_inference_steps=STEPS, generator=seeded())
+    assert photo.image_size == (64, 64) and len(photo.calls) == STEPS
+    out = sg(PROMPT, edits=[copy_appearance("square", photo)], num_inference_steps=STEPS, generator=seeded(),
+             output_type="latent")
+    assert torch.isfinite(out.images).all() and out.energies
+
+
+def test_a_saved_sdxl_folder_loads_as_an_sdxl_pipeline(pipe, tmp_path):
+    from sgfast.families import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "sdxl")
+    loaded = load_pipeline(str(tmp_path / "sdxl"), safety_checker=None)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, output_type="latent")
+    expected = loaded(generator=seeded(), **kwargs).images
+    assert torch.equal(SelfGuidancePipeline.from_pipe(loaded)(generator=seeded(), **kwargs).images, expected)
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        load_pipeline(str(tmp_path))
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(denoising_end=1.5), ValueError, r"denoising_end must be a float in \(0, 1\]"),
+        (dict(aesthetic_score=6.0), TypeError, "unexpected arguments for a Stable Diffusion XL pipeline: aesthetic_score"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "pooled_prompt_embeds"),
+        (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["negative_add_time_ids"]),
+         ValueError, "callback_on_step_end_tensor_inputs` has to be in"),
+        (dict(edits=[move("dog", dx=0.1)]), ValueError, "word 'dog' is not in the prompt"),
+        (dict(trace="base", original_size=(128, 128), edits=[move("circle", dx=0.1)]), ValueError,
+         "original_size: None there, \\(128, 128\\) here"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_runs(pipe, sg, base, kwargs, error, message):
+    if kwargs.get("trace") == "base":
+        kwargs["trace"] = base.trace
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(error, match=message):
+            sg(PROMPT, num_inference_steps=STEPS, output_type="latent", **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_sd_pipelines_refuse_sdxl_arguments():
+    from sgfast.testing import tiny_pipeline
+
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    with pytest.raises(TypeError, match="unexpected arguments for a Stable Diffusion 1.x/2.x pipeline: denoising_end"):
+        sg(PROMPT, denoising_end=0.5)
