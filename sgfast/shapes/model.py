@@ -49,8 +49,8 @@ def load_default_pipeline(torch_dtype=None):
 
 def load_pipeline(model):
     """(pipeline, description) for `model`: "default" (the built-in model, or the tiny random-weight
-    one if it is absent), "tiny", or a local folder holding a diffusers StableDiffusionPipeline."""
-    from diffusers import StableDiffusionPipeline
+    one if it is absent), "tiny", or a local diffusers folder (SD 1.x/2.x or SDXL)."""
+    from sgfast.families import load_pipeline as load_folder
 
     if model == "tiny":
         from sgfast.testing import tiny_pipeline
@@ -63,7 +63,7 @@ def load_pipeline(model):
             print("The built-in model is not in this install; using the tiny random-weight pipeline.")
             return load_pipeline("tiny")
         return load_default_pipeline(), f"built-in model ({default_model_path()})"
-    return StableDiffusionPipeline.from_pretrained(model, local_files_only=True, safety_checker=None), model
+    return load_folder(model, safety_checker=None), model
 
 # Self-guidance settings tuned on this model (benchmarks/RESULTS.md, "Edit fidelity"), shipped in its
 # folder as `self_guidance.json` (written by the training export; `sgfast.settings`), so that a bare
