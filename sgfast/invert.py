@@ -35,6 +35,8 @@ def check_inversion(pipe, num_inference_steps, iterations, method):
         )
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"invert supports epsilon-prediction models, not {scheduler.config.prediction_type!r}")
+    if scheduler.config.clip_sample or scheduler.config.thresholding:
+        raise ValueError("invert cannot undo a DDIM step that clips or thresholds its sample (clip_sample, thresholding): set them False")
     if not (isinstance(num_inference_steps, int) and num_inference_steps >= 2):
         raise ValueError(f"num_inference_steps must be an integer >= 2, got {num_inference_steps!r}")
     if not (isinstance(iterations, int) and 0 <= iterations <= 20):
@@ -44,16 +46,16 @@ def check_inversion(pipe, num_inference_steps, iterations, method):
 
 
 def to_pixels(pipe, image):
-    """The photo as the VAE takes it ([1, 3, H, W] in [-1, 1]); one RGB image whose sides are multiples of 8."""
-    if hasattr(image, "mode") and image.mode != "RGB":
+    """The photo as the VAE takes it ([1, 3, H, W] in [-1, 1]): one RGB PIL image whose sides are
+    multiples of 8 (checked before diffusers' preprocessing, which would silently crop them)."""
+    if not hasattr(image, "mode") or not hasattr(image, "size"):
+        raise ValueError(f"invert takes a PIL image, got {type(image).__name__}")
+    if image.mode != "RGB":
         raise ValueError(f"invert takes an RGB image, got a {image.mode!r} image (convert it with image.convert('RGB'))")
-    pixels = pipe.image_processor.preprocess(image)
-    if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
-        raise ValueError(f"invert takes one RGB image, got pixels of shape {tuple(pixels.shape)}")
-    height, width = pixels.shape[-2:]
+    width, height = image.size
     if height % 8 or width % 8 or height < 8 or width < 8:
         raise ValueError(f"the image's sides must be multiples of 8 (at least 8), got {width}x{height}")
-    return pixels.to(device=pipe._execution_device, dtype=pipe.vae.dtype)
+    return pipe.image_processor.preprocess(image).to(device=pipe._execution_device, dtype=pipe.vae.dtype)
 
 
 def encode(pipe, pixels):
