@@ -149,3 +149,46 @@ def edit_arguments(trace, strength=1.0, guidance_schedule=None):
     start = steps - int(round(strength * steps))
     base = resolve_schedule(guidance_schedule, steps)
     return dict(info["arguments"], guidance_schedule=[g and i >= start for i, g in enumerate(base)])
+
+
+# 8-bit modes a photo may come in (converted to RGB); CMYK, 16-bit and float images are refused
+# rather than converted with a guess at their colour profile or range.
+PHOTO_MODES = ("RGB", "RGBA", "L", "LA", "P")
+
+
+def load_photo(data, max_side=2048, max_bytes=20 * 2**20):
+    """An uploaded photo (bytes) as an RGB PIL image, checked: a readable PNG or JPEG of at most
+    `max_bytes`, an 8-bit mode (PHOTO_MODES), sides multiples of 8 in [8, max_side]. Anything else is a
+    ValueError saying what was wrong and what is allowed (the header is read before the pixels)."""
+    import io
+
+    import PIL.Image
+
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise ValueError("the photo is empty: send a PNG or JPEG file")
+    if len(data) > max_bytes:
+        raise ValueError(f"the photo is {len(data)} bytes; at most {max_bytes} are allowed")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"the photo is not a readable image ({error}); send a PNG or JPEG file") from None
+    if image.format not in ("PNG", "JPEG"):
+        raise ValueError(f"the photo is a {image.format} image; PNG and JPEG are allowed")
+    if image.mode not in PHOTO_MODES:
+        raise ValueError(f"the photo's mode is {image.mode!r} (e.g. CMYK or 16-bit); 8-bit {', '.join(PHOTO_MODES)} are allowed")
+    width, height = image.size
+    if not (8 <= width <= max_side and 8 <= height <= max_side) or width % 8 or height % 8:
+        raise ValueError(f"the photo is {width}x{height}; its sides must be multiples of 8 between 8 and {max_side}")
+    try:
+        image.load()
+    except OSError as error:
+        raise ValueError(f"the photo is truncated or corrupt ({error})") from None
+    return image.convert("RGB")
+
+
+def edit_photo(sg, image, prompt, edits, strength=1.0, num_inference_steps=25, guidance_scale=5.0, guidance_schedule=None, **guidance):
+    """Invert `image` under `prompt` and apply `edits` to it: (the edited output, the inverted trace).
+    `guidance`: the call's self-guidance settings (self_guidance_scale, normalize_gradient)."""
+    inverted = invert(sg, image, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    arguments = edit_arguments(inverted, strength, guidance_schedule)
+    return sg(prompt, edits=edits, trace=inverted, **guidance, **arguments), inverted

@@ -115,3 +115,31 @@ def test_cli_edit_refuses_bad_flags(tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(SystemExit, match="cannot read the photo"):
         main(["edit", str(tmp_path / "x.png"), "--prompt", "a red circle", "--move", "circle:0.2,0"])
+
+
+def test_load_photo_checks_uploads(photo):
+    import io
+
+    from sgfast.invert import load_photo
+
+    scene, _ = photo
+
+    def png(image, **kwargs):
+        buffer = io.BytesIO()
+        image.save(buffer, format=kwargs.pop("format", "PNG"), **kwargs)
+        return buffer.getvalue()
+
+    image = PIL.Image.fromarray(scene.image)
+    assert np.array_equal(np.asarray(load_photo(png(image))), scene.image)
+    cases = {
+        "not a readable image": b"hello, not an image",
+        "sides must be multiples of 8": png(image.resize((1, 1))),
+        "between 8 and 2048": png(PIL.Image.new("RGB", (4096, 64))),
+        "'CMYK'": png(image.convert("CMYK"), format="JPEG"),
+        "'I;16'": png(PIL.Image.fromarray(np.zeros((64, 64), np.uint16))),
+        "PNG and JPEG are allowed": png(image, format="BMP"),
+        "at most 100 are": png(image),
+    }
+    for message, data in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_photo(data, max_bytes=100 if message.startswith("at most") else 20 * 2**20)
