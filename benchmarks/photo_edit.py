@@ -160,11 +160,12 @@ def main(argv=None):
 
         command = "python -m benchmarks.photo_edit " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
         section = (
-            f"## Photo editing ({name} model)\n\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"## Photo editing (built-in model)\n\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}; `{command.strip()}` ({elapsed:.0f} s)\n\n"
             f"{len(rows)} scenes drawn by `sgfast.shapes.scenes` at seeds from {PHOTO_SEED} (outside the training, held-out "
             f"and validation ranges), inverted with `sg.invert` (negative-prompt inversion, {args.steps} DDIM steps, "
-            f"guidance scale 5), edited with the built-in model's tuned settings and keep terms.\n\n{text}\n"
+            f"guidance scale 5), edited with the built-in model's tuned settings and keep terms. "
+            f"Example (first scene): `outputs/bench/photo_edit.png`, photo | reconstruction | move | resize x2 | resize x0.5.\n\n{text}\n"
         )
         replace_section("benchmarks/RESULTS.md", "## Photo editing", section)
 
