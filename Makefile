@@ -40,6 +40,7 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality
+	$(PY) -m benchmarks.photo_edit --scenes 50 --results
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs

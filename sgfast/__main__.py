@@ -1,8 +1,9 @@
-"""Command line: `python -m sgfast demo|serve|serve-ray|train`.
+"""Command line: `python -m sgfast demo|edit|serve|serve-ray|train`.
 
 `demo` generates an image, moves and resizes an object and copies its appearance from a second
 generation, says what each edit did as the scene reader sees it, and writes the images and a sheet of
-attention maps and centroids; `serve` runs the HTTP server (`sgfast.serve`), `serve-ray` the same API on Ray
+attention maps and centroids; `edit` inverts a photo and moves or resizes its objects; `serve` runs
+the HTTP server (`sgfast.serve`), `serve-ray` the same API on Ray
 Serve, `train` trains the built-in model (`sgfast.shapes.train`). The web stack and Ray are imported
 only when their command runs."""
 
@@ -62,6 +63,56 @@ def demo(args):
         print("  " + path)
 
 
+def parse_pairs(values, flag, count):
+    """["cup:-0.2,0", ...] -> [("cup", (-0.2, 0.0)), ...]; a malformed value is an error naming the form."""
+    parsed = []
+    for value in values or []:
+        word, _, numbers = value.partition(":")
+        try:
+            numbers = tuple(float(n) for n in numbers.split(","))
+        except ValueError:
+            numbers = ()
+        if not word or len(numbers) != count:
+            form = "WORD:DX,DY" if count == 2 else "WORD:SCALE"
+            raise SystemExit(f"{flag} takes {form}, got {value!r}")
+        parsed.append((word, numbers))
+    return parsed
+
+
+def edit(args):
+    import PIL.Image
+
+    from sgfast import SelfGuidancePipeline, move, resize
+    from sgfast.edits import content_words
+    from sgfast.invert import edit_arguments
+    from sgfast.shapes import load_pipeline
+    from sgfast.sheet import sheet
+
+    moves, resizes = parse_pairs(args.move, "--move", 2), parse_pairs(args.resize, "--resize", 1)
+    if not moves and not resizes:
+        raise SystemExit("edit needs at least one --move WORD:DX,DY or --resize WORD:SCALE")
+    try:
+        photo = PIL.Image.open(args.photo)
+        photo.load()
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot read the photo {args.photo!r}: {error}")
+    pipe, name = load_pipeline(args.model)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    # Weights, keep terms and guidance: the model's own settings (its self_guidance.json), else the paper's.
+    edits = [move(w, dx=dx, dy=dy) for w, (dx, dy) in moves] + [resize(w, s) for w, (s,) in resizes]
+    inverted = sg.invert(photo.convert("RGB"), args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    print(f"model: {name}; reconstruction PSNR {inverted.inversion['psnr']:.1f} dB (the VAE alone: {inverted.inversion['vae_psnr']:.1f} dB)")
+    _, (_, _, schedule) = sg.settings.resolve([edits], args.steps)  # the model's schedule for these edits
+    out = sg(args.prompt, edits=edits, trace=inverted, **edit_arguments(inverted, args.strength, schedule))
+    out.images[0].save(args.out)
+    # The edited image's maps read back the paper's way, next to the photo's own.
+    seen = sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))
+    words = list(dict.fromkeys([w for w, _ in moves + resizes] + content_words(sg.words(args.prompt))))
+    sheet_path = os.path.splitext(args.out)[0] + "_sheet.png"
+    sheet([("photo (inverted)", photo, inverted), ("edited", out.images[0], seen)], words, sheet_path)
+    print(f"wrote {args.out} and {sheet_path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sgfast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +132,17 @@ def main(argv=None):
     d.add_argument("--seed", type=int, default=12, help="the default draws the circle with room to move left by 0.3 and to double")
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)
+    e = commands.add_parser("edit", help="invert a photo, move or resize its objects; write the image and an attention sheet")
+    e.add_argument("photo", help="the photo (PNG/JPEG, RGB, sides multiples of 8)")
+    e.add_argument("--prompt", required=True, help="what the photo shows; edits name its words")
+    e.add_argument("--move", action="append", metavar="WORD:DX,DY", help="move WORD by (DX, DY) image fractions (repeatable)")
+    e.add_argument("--resize", action="append", metavar="WORD:SCALE", help="scale WORD's area by SCALE (repeatable)")
+    e.add_argument("--strength", type=float, default=1.0, help="share of the steps that edit (as image-to-image's; lower changes less)")
+    e.add_argument("--model", default="default", help='"default", "tiny", or a local diffusers pipeline folder (DDIM scheduler)')
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance-scale", type=float, default=5.0)
+    e.add_argument("--out", default="edited.png", help="the edited image; the sheet goes beside it as NAME_sheet.png")
+    e.set_defaults(run=edit)
     from sgfast.serve.cli import add_arguments as add_serve_arguments, serve
 
     s = commands.add_parser("serve", help="HTTP server: POST /v1/images with edits and a time budget; /metrics, /healthz, a page at /")

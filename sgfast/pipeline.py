@@ -380,6 +380,12 @@ class SelfGuidancePipeline:
                     record_traces([trace], capture, [trace.words], t)
         return trace
 
+    def invert(self, image, prompt, **kwargs):
+        """DDIM inversion of a photo: its Trace, whose latents regenerate it (`sgfast.invert.invert`)."""
+        from sgfast.invert import invert
+
+        return invert(self, image, prompt, **kwargs)
+
     @staticmethod
     def _edits_per_item(edits, batch):
         """`edits` is None, a list of edits for every prompt, or one list per prompt."""

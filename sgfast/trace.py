@@ -156,6 +156,8 @@ class Trace:
     # What the generation was called with (size, timesteps, guidance scale, negative prompt,
     # scheduler): an edit that reuses the trace as its unedited reference must match it.
     settings: dict = None
+    # A photo's trace (sg.invert): the call arguments its edits use, its reconstruction and PSNR.
+    inversion: dict = None
 
     def add(self, timestep, maps, appearance):
         step = TraceStep(
