@@ -161,6 +161,22 @@ def _clip_config(tokenizer, hidden_size, **kwargs):
     )
 
 
+def tiny_vae(image_size, **config):
+    """A tiny AutoencoderKL (factor 4, 4 latent channels); `config`: further AutoencoderKL fields."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=image_size,
+        **config,
+    )
+
+
 def tiny_components(seed=0, image_size=64, words=TINY_WORDS, layout="tiny"):
     """The parts of a tiny SD pipeline: 64x64 images, 16x16x4 latents; with the "tiny" layout,
     cross-attention at 16x16 and 8x8. `layout`: a key of LAYOUTS, or "zero_snr" (the "sd2" UNet)."""
@@ -177,17 +193,7 @@ def tiny_components(seed=0, image_size=64, words=TINY_WORDS, layout="tiny"):
         norm_num_groups=8,
         **LAYOUTS["sd2" if layout == "zero_snr" else layout],
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
+    vae = tiny_vae(image_size)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -250,19 +256,7 @@ def tiny_sdxl_components(seed=0, image_size=64, words=TINY_WORDS):
         norm_num_groups=8,
         **SDXL_UNET,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=image_size,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(image_size, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE settings
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     for model in (unet, vae, text_encoder, text_encoder_2):
         model.eval().requires_grad_(False)
