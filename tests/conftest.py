@@ -27,3 +27,14 @@ def tiny_pipe():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_sg():
+    """The built-in model wrapped (reference mode), shared by the test modules that use it."""
+    from sgfast import SelfGuidancePipeline
+    from sgfast.shapes import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return SelfGuidancePipeline.from_pipe(pipe)

@@ -12,8 +12,8 @@ import statistics
 import pytest
 import torch
 
-from sgfast import SelfGuidancePipeline, move, resize
-from sgfast.shapes import default_model_path, load_default_pipeline
+from sgfast import move, resize
+from sgfast.shapes import default_model_path
 from sgfast.shapes.scenes import read_change
 
 # 42 generations (3 minutes measured on a busy 2-core machine): left out of `make test`, run by `make test-slow`.
@@ -30,10 +30,8 @@ CASES = [("a red circle and a blue square", "circle", seed) for seed in range(3)
 
 
 @pytest.fixture(scope="module")
-def sg():
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return SelfGuidancePipeline.from_pipe(pipe)
+def sg(default_sg):
+    return default_sg
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,12 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from benchmarks.photo_edit import check_reconstruction, measure, photos
-from sgfast import SelfGuidancePipeline
 from sgfast.invert import alpha_pairs, edit_arguments, inverse_step
-from sgfast.shapes import load_default_pipeline
 
 
 @pytest.fixture(scope="module")
-def sg():
-    pipe = load_default_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return SelfGuidancePipeline.from_pipe(pipe)
+def sg(default_sg):
+    return default_sg
 
 
 @pytest.fixture(scope="module")
