@@ -103,3 +103,48 @@ def test_unknown_kind_and_bad_floor_are_refused():
     for floor in (0.0, 1.0, -0.1):  # 0 would put log(0) in the target's entropy
         with pytest.raises(ValueError, match=r"floor must be in \(0, 1\)"):
             attention_localisation_loss(maps, masks, keep, "mask-kl", floor)
+
+
+def test_left_out_colour_words_shift_the_positions_the_loss_reads():
+    """A caption without some colour words ("a circle and a blue square") names its words at other
+    positions: the loss reads those, and skips the left-out words, as a per-word loop over the
+    caption's own tokens does."""
+    import numpy as np
+
+    from transformers import CLIPTokenizer
+
+    from sgfast.shapes.model import default_model_path
+    from sgfast.shapes.train import drop_colour_words
+
+    tokenizer = CLIPTokenizer.from_pretrained(f"{default_model_path()}/tokenizer")
+    captions = ["a red circle and a blue square and a green triangle", "a purple square and a yellow circle", ""]
+    out, positions = drop_colour_words(captions, np.random.default_rng(3), 0.5)
+    assert out[0] != captions[0] and out[2] == ""  # some words left out; a dropped caption stays empty
+    for caption, rows in zip(out, positions.tolist()):
+        ids = tokenizer(caption).input_ids
+        named = [tokenizer.convert_ids_to_tokens(ids[p]).removesuffix("</w>") for row in rows for p in row if p >= 0]
+        assert named == [w for w in caption.split() if w not in ("a", "and")]
+    assert (drop_colour_words(captions, np.random.default_rng(0), 0.0)[1] >= 0).sum() == 2 * (3 + 2)
+
+    logits, maps, masks, keep = random_case(1)
+    got = attention_localisation_loss(maps, masks, keep, "mask-kl", 0.07, positions)
+    # The reference: a loop over each present object's named words at their own positions.
+    total, count = 0.0, 0
+    for m in maps:
+        side = math.isqrt(m.shape[1])
+        layer, n = 0.0, 0
+        for b in range(m.shape[0]):
+            for j in range(masks.shape[1]):
+                if not keep[b] or masks[b, j].sum() == 0:
+                    continue
+                cover = F.adaptive_avg_pool2d(masks[b, j][None], side).flatten()
+                target = (1 - 0.07) * cover / cover.sum() + 0.07 / len(cover)
+                for p in positions[b, j].tolist():
+                    if p < 0:
+                        continue
+                    spread = m[b, :, p] / m[b, :, p].sum()
+                    layer += (target * (target / spread).log()).sum()
+                    n += 1
+        total += layer / n
+        count += 1
+    assert torch.allclose(got, total / count, rtol=1e-10)

@@ -170,10 +170,47 @@ class CrossAttentionRecorder:
         return out / attn.rescale_output_factor
 
 
-def attention_localisation_loss(maps, masks, keep, kind="outside", floor=0.05):
+def word_positions(objects, colour_kept):
+    """Token positions (objects, 2) of each object's colour and shape words in the caption that
+    `caption_for` writes from `objects` with the colour words of `colour_kept` (bools) only:
+    "<bos> a colour shape and a shape ..."; -1 for a left-out colour word and for absent objects."""
+    positions = np.full((scenes.MAX_OBJECTS, 2), -1, dtype=np.int64)
+    at = 1  # after <bos>
+    for j, kept in enumerate(colour_kept[: len(objects)]):
+        at += 1  # "a"
+        if kept:
+            positions[j, 0] = at
+            at += 1
+        positions[j, 1] = at
+        at += 2  # the shape word and "and"
+    return positions
+
+
+def drop_colour_words(captions, rng, rate):
+    """Leave out each object's colour word with probability `rate` ("a circle and a blue square"), so
+    that the model also learns objects whose colour the caption does not fix: copying an appearance
+    into such an object then has no colour word to fight. Returns (captions, positions (batch,
+    objects, 2) long, as `word_positions`)."""
+    out, positions = [], []
+    for caption in captions:
+        objects = scenes.parse_caption(caption) if caption else []
+        kept = [bool(k) for k in rng.random(len(objects)) >= rate]
+        out.append(" and ".join(f"a {c} {s}" if k else f"a {s}" for (c, s), k in zip(objects, kept)))
+        positions.append(word_positions(objects, kept))
+    return out, torch.from_numpy(np.stack(positions))
+
+
+def default_positions(batch, objects):
+    """Positions 4j+2 and 4j+3 of "<bos> a colour shape and a colour shape ...": (batch, objects, 2)."""
+    idx = torch.arange(objects) * 4 + 2
+    return torch.stack([idx, idx + 1], 1).expand(batch, objects, 2)
+
+
+def attention_localisation_loss(maps, masks, keep, kind="outside", floor=0.05, positions=None):
     """Mean over supervised layers, objects and words of how far a word's attention map is from its
-    object: each object's colour and shape tokens (positions 4j+2 and 4j+3 of
-    "<bos> a colour shape and a colour shape ..."), maps (batch, queries, keys), masks float
+    object: each object's colour and shape tokens (by default positions 4j+2 and 4j+3 of
+    "<bos> a colour shape and a colour shape ..."; `positions` (batch, objects, 2) gives others, -1
+    for a word the caption leaves out), maps (batch, queries, keys), masks float
     (batch, objects, H, W) of the image, `keep` (batch,) bool: captions not dropped.
 
     kind "outside": the share of the map outside the object. Driving it to zero saturates the
@@ -187,17 +224,19 @@ def attention_localisation_loss(maps, masks, keep, kind="outside", floor=0.05):
     if kind == "mask-kl" and not 0 < floor < 1:
         raise ValueError(f"the mask-kl floor must be in (0, 1), got {floor!r}")
     n, objects = masks.shape[:2]
-    idx = torch.arange(objects) * 4 + 2
-    idx = torch.stack([idx, idx + 1], 1).reshape(-1)  # colour, shape per object
+    if positions is None:
+        positions = default_positions(n, objects)
+    idx = positions.reshape(n, -1)  # colour, shape per object
     present = masks.flatten(2).amax(-1) > 0  # (batch, objects)
-    valid = (present & keep[:, None]).repeat_interleave(2, 1).float()  # (batch, objects*2)
+    valid = ((present & keep[:, None]).repeat_interleave(2, 1) & (idx >= 0)).float()  # (batch, objects*2)
+    idx = idx.clamp_min(0)
     if valid.sum() == 0:
         return masks.new_zeros(())
     losses = []
     for m in maps:
         side = int(round(m.shape[1] ** 0.5))
         soft = F.adaptive_avg_pool2d(masks, side).flatten(2).repeat_interleave(2, 1)  # (batch, objects*2, Q)
-        tok = m.transpose(1, 2)[:, idx]  # (batch, objects*2, Q)
+        tok = m.transpose(1, 2).gather(1, idx[:, :, None].expand(-1, -1, m.shape[1]))  # (batch, objects*2, Q)
         if kind == "outside":
             inside = (tok * soft).sum(-1) / tok.sum(-1).clamp_min(1e-8)
             per_word = 1 - inside
@@ -392,6 +431,10 @@ class Trainer:
         pixels, captions, gen, masks = self.batch(PHASE_UNET, self.step, a.batch, with_masks=True)
         drop = torch.rand(len(captions), generator=gen) < a.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        positions = None
+        if a.colour_dropout > 0:  # its own generator: runs without it draw exactly as before
+            rng = np.random.default_rng([a.seed, PHASE_UNET, self.step, 1])
+            captions, positions = drop_colour_words(captions, rng, a.colour_dropout)
         with torch.no_grad():
             self.vae.eval()
             posterior = self.vae.encode(pixels).latent_dist
@@ -417,7 +460,7 @@ class Trainer:
         weight = torch.clamp(snr, max=a.min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
         loss = (per_sample * weight).mean()
         attn = (
-            attention_localisation_loss(self.attn_store["maps"], masks, ~drop, a.attn_loss_kind, a.attn_floor)
+            attention_localisation_loss(self.attn_store["maps"], masks, ~drop, a.attn_loss_kind, a.attn_floor, positions)
             if supervise
             else torch.zeros(())
         )
@@ -582,6 +625,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--colour-dropout", type=float, default=0.0,
+                   help="chance that an object's colour word is left out of its caption (\"a circle and a blue square\")")
     p.add_argument("--count-weights", type=lambda text: [float(w) for w in text.split(",")], default=None,
                    help="relative frequency of 1, 2, 3-object scenes in UNet training, e.g. 1,2,3 (default: uniform)")
     # Attention localisation: each object's colour and shape words should attend inside the object.
