@@ -122,10 +122,13 @@ class _KeepOthers(Edit):
     # Holding the other objects' centroids too (off by default, as in the paper): on a model whose maps
     # are too peaked for silhouettes to hold anything, positions still do.
     keep_centroid_weight: float = field(default=None, kw_only=True)
+    # Holding the other objects' sizes too (off by default): a silhouette held on average can still
+    # give its area away to an object that grows next to it (see `_log_size_distance`).
+    keep_size_weight: float = field(default=None, kw_only=True)
 
     needs_reference = True
     model_defaults = {"weight": None, "keep_shape_weight": SHAPE_WEIGHT, "keep_appearance_weight": APPEARANCE_WEIGHT,
-                      "keep_centroid_weight": 0.0}
+                      "keep_centroid_weight": 0.0, "keep_size_weight": 0.0}
     default_weight = None  # the edit's own weight (the subclass's)
 
     def __post_init__(self):
@@ -133,7 +136,8 @@ class _KeepOthers(Edit):
         self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
         for name in self.unset:
             setattr(self, name, self.default_weight if name == "weight" else self.model_defaults[name])
-        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight):
+        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight,
+                  self.keep_size_weight):
             _check_weight(w)
         self.word = self.word.strip().lower()
         self.needs_features = self.keep_others and self.keep_appearance_weight > 0
@@ -159,6 +163,8 @@ class _KeepOthers(Edit):
             if self.keep_centroid_weight:
                 distance = _l1(current.centroid(word), reference.centroid(word)).sum(-1).mean()
                 energy = energy + self.keep_centroid_weight * distance
+            if self.keep_size_weight:
+                energy = energy + self.keep_size_weight * _log_size_distance(current.size(word), reference.size(word))
         if self.needs_features:
             for word in [self.word] + held:
                 diff = _appearance_distance(current.appearance(word), reference.appearance(word))
@@ -215,6 +221,16 @@ class Place(_KeepOthers):
 SIZE_FLOOR = 1e-4  # of the image: keeps the log of a vanished silhouette finite
 
 
+def _log_size_distance(size, reference, scale=1.0):
+    """Mean distance of log sizes from log(scale * reference size), not of sizes: a small object's
+    size (a few % of the image) is of the order of L1_SMOOTHING, so a difference would sit in the
+    smoothed zone, where the pull fades, for most of the way (x0.5 of a 5% object: 0.025 to go). In
+    logs, x2 and x0.5 are the same distance (0.69) whatever the object's size."""
+    size = size.clamp_min(SIZE_FLOOR)
+    target = math.log(scale) + reference.to(size).clamp_min(SIZE_FLOOR).log()
+    return _l1(size.log(), target).mean()
+
+
 @dataclass
 class Resize(_KeepOthers):
     """Scale the area of `word`'s object by `scale` (> 0) relative to the reference."""
@@ -230,13 +246,7 @@ class Resize(_KeepOthers):
         super().__post_init__()
 
     def object_energy(self, current, reference):
-        # Sizes are compared as log ratios, not differences: a small object's size (a few % of the
-        # image) is of the order of L1_SMOOTHING, so a difference would sit in the smoothed zone, where
-        # the pull fades, for most of the way (x0.5 of a 5% object: 0.025 to go). In logs, x2 and x0.5
-        # are the same distance (0.69) whatever the object's size.
-        size = current.size(self.word).clamp_min(SIZE_FLOOR)
-        target = math.log(self.scale) + reference.size(self.word).to(size).clamp_min(SIZE_FLOOR).log()
-        return _l1(size.log(), target).mean()
+        return _log_size_distance(current.size(self.word), reference.size(self.word), self.scale)
 
     def energy(self, current, reference, timestep):
         # Where the other objects' centroids are held (keep_centroid_weight), the resized object's is

@@ -144,6 +144,30 @@ def test_keep_centroid_holds_the_other_objects_positions():
     torch.testing.assert_close(extra, 3.0 * (shift - edits_module.L1_SMOOTHING / 2) / 2)
 
 
+def test_keep_size_holds_the_other_objects_areas_in_log_ratio():
+    # The square's map widened at every layer: the size term adds keep_size_weight x |log ratio| of
+    # its soft-silhouette size (smooth L1, mean over layers); the resized circle and "blue" do not
+    # count (the circle's own size is the resize's term), and a size already on target adds nothing.
+    words = ["circle", "blue", "square"]
+    reference = {layer: torch.rand(3, h, w, dtype=torch.float64) * 0.1 for layer, (h, w) in {"a": (6, 6), "b": (8, 8)}.items()}
+    for m in reference.values():
+        m[2, 1:3, 1:3] += 1.0
+    current = {layer: m.clone() for layer, m in reference.items()}
+    for m in current.values():
+        m[2, 1:5, 1:5] += 1.0
+    settings = dict(keep_shape_weight=0.0, keep_appearance_weight=0.0)
+    energy = lambda edit, now: edit.energy(View(words, now), View(words, reference), 0)
+    extra = energy(resize("circle", 2.0, keep_size_weight=3.0, **settings), current) - energy(resize("circle", 2.0, **settings), current)
+    sizes = lambda maps: torch.stack([properties.size(m[2][None, None])[0, 0] for m in maps.values()])
+    gaps = (sizes(current).log() - sizes(reference).log()).abs()
+    assert (gaps > edits_module.L1_SMOOTHING).all()
+    torch.testing.assert_close(extra, 3.0 * (gaps - edits_module.L1_SMOOTHING / 2).mean())
+    on_target = energy(resize("circle", 2.0, keep_size_weight=3.0, **settings), reference) - energy(resize("circle", 2.0, **settings), reference)
+    assert on_target == 0
+    with pytest.raises(ValueError, match="weight"):
+        resize("circle", 2.0, keep_size_weight=-1.0)
+
+
 def test_unit_rms_per_item():
     grad = torch.randn(3, 4, 5, 7, dtype=torch.float64) * torch.tensor([1e-6, 30.0, 0.0], dtype=torch.float64)[:, None, None, None]
     unit = unit_rms(grad)

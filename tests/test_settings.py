@@ -123,7 +123,7 @@ def test_bad_settings_argument_is_a_clear_error():
 
 def test_every_edit_has_a_kind_and_copy_edits_take_only_call_settings():
     assert kind_of(edits_module.CopyAppearance) == "copy_appearance" and "copy_layout" in KINDS and "keep_shape" in KINDS
-    assert set(KINDS["move"]) == {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight"}
+    assert set(KINDS["move"]) == {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
     assert KINDS["copy_appearance"] == ()
 
 

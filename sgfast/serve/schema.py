@@ -24,6 +24,7 @@ class _ObjectEdit(_Edit):
     keep_shape_weight: Optional[float] = Field(None, ge=0, le=1000)
     keep_appearance_weight: Optional[float] = Field(None, ge=0, le=1000)
     keep_centroid_weight: Optional[float] = Field(None, ge=0, le=1000)
+    keep_size_weight: Optional[float] = Field(None, ge=0, le=1000)
 
 
 class MoveEdit(_ObjectEdit):
