@@ -7,8 +7,12 @@ edited image and compare:
 - move (0.25 of the width, toward the far side): the error of the moved object's centroid in x and
   in y (fractions of the width), and the IoU of the other object with itself before the move;
 - resize x2 and x0.5: the measured area ratio, and the other object's;
-- copy appearance (from a second generation of the same shape in a third colour): how often the
-  reader now reads the source colour, and the colour distance (RGB, 0-255) before and after;
+- copy appearance (from a second generation of the same shape in a third colour), as the paper
+  composes it: the caption names the object without a colour ("a circle and a blue square"), so that
+  the prompt does not contradict the source; how often the reader reads the source colour there
+  before (chance) and after the edit, and the colour distance (RGB, 0-255) before and after. Also
+  the harder case, the caption naming the object's own colour ("a red circle ..."): how often the
+  source colour wins against it;
 - copy layout: IoU of the edited objects' masks with the source's, against the unedited image's.
 
     python -m benchmarks.quality --seeds 20                  # table, JSON and an example sheet
@@ -103,6 +107,28 @@ def measure_appearance(image_before, image_after, before, after, colour, source_
     return distance_before, distance_after, edited is not None and edited.colour == source_colour and len(after) == len(before)
 
 
+def caption_without_colour(caption, colour):
+    """The caption with `colour`'s word left out: "a circle and a blue square"."""
+    return " and ".join(part.replace(f"a {colour} ", "a ", 1) for part in caption.split(" and "))
+
+
+def measure_open_appearance(image_before, image_after, before, after, other_colour, source_colour):
+    """(distance before, distance after, read as the source before, after) for the object the caption
+    leaves uncoloured: the largest read object not of `other_colour`. It reads as the source when the
+    image holds two objects, the other one still of its colour and this one of the source's."""
+    target = np.array(COLOURS[source_colour], dtype=np.float64)
+
+    def measure(image, objects):
+        edited = max((o for o in objects if o.colour != other_colour), key=lambda o: o.area, default=None)
+        if edited is None:
+            return float("nan"), False
+        read = len(objects) == 2 and by_colour(objects, other_colour) is not None and edited.colour == source_colour
+        return float(np.linalg.norm(mean_colour(image, edited.mask) - target)), read
+
+    (d0, r0), (d1, r1) = measure(image_before, before), measure(image_after, after)
+    return d0, d1, r0, r1
+
+
 def measure_layout(before, after, source, colours):
     """(mean IoU edited vs source, mean IoU unedited vs source) over the caption's objects."""
     def mean_iou(objects):
@@ -116,7 +142,7 @@ def measure_layout(before, after, source, colours):
 
 
 def median(values):
-    values = [v for v in values if v is not None]
+    values = [v for v in values if v is not None and v == v]  # not None, not NaN
     return statistics.median(values) if values else float("nan")
 
 
@@ -160,8 +186,15 @@ def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale
         if "copy_appearance" in edits:
             source_colour = next(c for c in COLOURS if c not in (colour_a, colour_b))
             source = sg(f"a {source_colour} {shape_a}", generator=torch.Generator().manual_seed(1000 + k), **common)
-            looked = to_array(sg(caption, edits=[copy_appearance(shape_a, source.trace)], **edit).images[0])
-            row["copy_appearance"] = measure_appearance(image0, looked, read0, read_scene(looked), colour_a, source_colour)
+            # The paper's composition: the target's caption names the object, the source gives its look.
+            open_caption = caption_without_colour(caption, colour_a)
+            open_base = sg(open_caption, generator=torch.Generator().manual_seed(k), **common)
+            open0 = to_array(open_base.images[0])
+            looked = to_array(sg(open_caption, edits=[copy_appearance(shape_a, source.trace)], **{**edit, "trace": open_base.trace}).images[0])
+            row["copy_appearance"] = measure_open_appearance(open0, looked, read_scene(open0), read_scene(looked), colour_b, source_colour)
+            # The harder case: the caption names the object's own colour, which the source contradicts.
+            named = to_array(sg(caption, edits=[copy_appearance(shape_a, source.trace)], **edit).images[0])
+            row["copy_appearance named"] = measure_appearance(image0, named, read0, read_scene(named), colour_a, source_colour)
         if "copy_layout" in edits:
             layout_source = sg(caption, generator=torch.Generator().manual_seed(2000 + k), **common)
             laid = to_array(sg(caption, edits=[copy_layout(layout_source.trace)], **edit).images[0])
@@ -186,12 +219,14 @@ def table(results):
     header = (
         "| path | settings | images read | move: median error x / y (of the width) | move: other's IoU, median | "
         "resize x2: ratio median (within 20%) | x2: other's area | resize x0.5: ratio median (within 20%) | x0.5: other's area | "
-        "copy appearance: read as source | colour distance before -> after | copy layout: IoU unedited -> edited, median |"
+        "copy appearance (caption without its colour): read as source, unedited -> edited | colour distance before -> after | "
+        "copy appearance, caption names its colour: read as source | copy layout: IoU unedited -> edited, median |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for (mode, setting), (rows, skipped) in results.items():
         moves = [r["move"] for r in rows if r.get("move")]
         looks = [r["copy_appearance"] for r in rows if r.get("copy_appearance")]
+        named = [r["copy_appearance named"] for r in rows if r.get("copy_appearance named")]
         layouts = [r["copy_layout"] for r in rows if "copy_layout" in r]
         cells = [mode, setting, f"{len(rows)}/{len(rows) + skipped}",
                  f"{median([m[0] for m in moves]):.3f} / {median([m[1] for m in moves]):.3f}",
@@ -200,8 +235,9 @@ def table(results):
             sizes = [r[f"resize x{factor:g}"] for r in rows if r.get(f"resize x{factor:g}")]
             cells += [f"{median([s[0] for s in sizes]):.2f} ({within([s[0] for s in sizes], factor, 0.2)})",
                       f"{median([s[1] for s in sizes]):.2f} (within 15%: {within([s[1] for s in sizes], 1.0, 0.15)})"]
-        cells += [f"{sum(l[2] for l in looks)}/{len(looks)}",
+        cells += [f"{sum(l[2] for l in looks)}/{len(looks)} -> {sum(l[3] for l in looks)}/{len(looks)}",
                   f"{median([l[0] for l in looks]):.0f} -> {median([l[1] for l in looks]):.0f}",
+                  f"{sum(n[2] for n in named)}/{len(named)}",
                   f"{median([l[1] for l in layouts]):.2f} -> {median([l[0] for l in layouts]):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

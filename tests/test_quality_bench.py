@@ -54,6 +54,24 @@ def test_resize_layout_and_appearance_measures():
     assert after == pytest.approx(0.0) and read_as
 
 
+def test_open_caption_appearance_measure():
+    # The caption leaves the object's colour out; the object is the one not of the other's colour.
+    assert quality.caption_without_colour("a red circle and a blue square", "red") == "a circle and a blue square"
+    assert quality.caption_without_colour("a blue square and a red circle", "red") == "a blue square and a circle"
+    scene = two_object_scene()
+    (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
+    source = next(c for c in quality.COLOURS if c not in (colour_a, colour_b))
+    objects = read_scene(scene.image)
+    recoloured = scene.image.copy()
+    recoloured[quality.by_colour(objects, colour_a).mask] = quality.COLOURS[source]
+    before, after, read_before, read_after = quality.measure_open_appearance(
+        scene.image, recoloured, objects, read_scene(recoloured), colour_b, source)
+    assert before > 50 and after == pytest.approx(0.0) and not read_before and read_after
+    # The other object lost: not read as a transfer, whatever colour the edited one has.
+    lost = np.where(quality.by_colour(objects, colour_b).mask[..., None], 240, recoloured).astype(np.uint8)
+    assert not quality.measure_open_appearance(scene.image, lost, objects, read_scene(lost), colour_b, source)[3]
+
+
 def test_smoke_run_prints_the_table(tmp_path, capsys):
     # The built-in model draws a readable scene, so every edit of the benchmark runs and is measured.
     quality.main(["--model", "default", "--seeds", "1", "--steps", "10", "--modes", "fast", "--out", str(tmp_path)])
@@ -88,7 +106,7 @@ def test_calls_are_bare_unless_a_scale_is_swept():
         return Drawn()
 
     quality.run(sg, 1, 10, 5.0, progress=lambda line: None)
-    assert [c[0] for c in calls] == ["Move", "Resize", "Resize", "CopyAppearance", "CopyLayout"]
+    assert [c[0] for c in calls] == ["Move", "Resize", "Resize", "CopyAppearance", "CopyAppearance", "CopyLayout"]
     assert all(extra == set() for _, extra, _, _ in calls)  # the model's own settings decide the rest
     assert calls[0][3].unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight")
     calls.clear()
