@@ -17,9 +17,9 @@ import torch
 
 def demo(args):
     from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
-    from sgfast.edits import content_words
+    from sgfast.edits import content_words, phrase_of
     from sgfast.shapes import load_pipeline
-    from sgfast.shapes.scenes import describe_changes
+    from sgfast.shapes.scenes import describe_changes, describe_scene
     from sgfast.sheet import sheet
     from sgfast.trace import PromptWords
 
@@ -34,24 +34,33 @@ def demo(args):
     start = time.perf_counter()
     original = sg(args.prompt, generator=torch.Generator().manual_seed(args.seed), **settings)
     source = sg(args.source_prompt, generator=torch.Generator().manual_seed(args.source_seed), **settings)
+    # Copy appearance as the paper composes it: the target prompt names the object but not its look
+    # ("a circle and a blue square"), so that no word of it contradicts the source.
+    words_ = PromptWords.from_tokenizer(pipe.tokenizer, args.prompt).words
+    open_prompt = args.appearance_prompt or " ".join(
+        w for w in words_ if w == args.appearance_word or w not in phrase_of(words_, args.appearance_word))
+    open_original = sg(open_prompt, generator=torch.Generator().manual_seed(args.seed), **settings)
     edits = {
-        "move": (f"move {args.move_word} by dx={args.dx:+}", move(args.move_word, dx=args.dx)),
-        "resize": (f"resize {args.resize_word} x{args.scale}", resize(args.resize_word, args.scale)),
-        "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r}", copy_appearance(args.appearance_word, source.trace)),
+        "move": (f"move {args.move_word} by dx={args.dx:+}", args.prompt, original, move(args.move_word, dx=args.dx)),
+        "resize": (f"resize {args.resize_word} x{args.scale}", args.prompt, original, resize(args.resize_word, args.scale)),
+        "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r} into {open_prompt!r}",
+                       open_prompt, open_original, copy_appearance(args.appearance_word, source.trace)),
     }
     rows = [("original", original.images[0], original.trace)]
-    written = [os.path.join(args.out, "original.png"), os.path.join(args.out, "source.png")]
-    original.images[0].save(written[0])
-    source.images[0].save(written[1])
-    for name_, (title, edit) in edits.items():
-        # The original's trace is reused: the unedited pass is not run again.
-        out = sg(args.prompt, edits=[edit], trace=original.trace, **settings)
+    written = [os.path.join(args.out, name_) for name_ in ("original.png", "source.png", "appearance_unedited.png")]
+    for path, image in zip(written, (original, source, open_original)):
+        image.images[0].save(path)
+    for name_, (title, prompt, unedited, edit) in edits.items():
+        # The unedited generation's trace is reused: its pass is not run again.
+        out = sg(prompt, edits=[edit], trace=unedited.trace, **settings)
         path = os.path.join(args.out, name_ + ".png")
         out.images[0].save(path)
         written.append(path)
         # A scene of the built-in model: say what the edit did to every object, as the reader sees it.
-        for line in describe_changes(args.prompt, original.images[0], out.images[0]):
+        for line in describe_changes(args.prompt, original.images[0], out.images[0]) if prompt == args.prompt else []:
             print(f"{title}: {line}")
+        if prompt != args.prompt and describe_changes(args.prompt, original.images[0], original.images[0]):
+            print(f"{title}: unedited, reads {describe_scene(unedited.images[0])}; edited, reads {describe_scene(out.images[0])}")
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
@@ -126,6 +135,8 @@ def main(argv=None):
     d.add_argument("--appearance-word", default="circle")
     d.add_argument("--source-prompt", default="a green circle", help="the second generation whose appearance is copied")
     d.add_argument("--source-seed", type=int, default=1)
+    d.add_argument("--appearance-prompt", default=None,
+                   help="the prompt whose object takes the appearance (default: --prompt without the words describing it)")
     d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the model's own settings per edit)")
     d.add_argument("--steps", type=int, default=25)
     d.add_argument("--guidance-scale", type=float, default=5.0)

@@ -215,6 +215,11 @@ def read_change(caption, word, before, after):
     return (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1]), b.area / a.area
 
 
+def describe_scene(image):
+    """The objects the reader sees in an RGB image: "green circle, blue square" (or "nothing")."""
+    return ", ".join(f"{o.colour} {o.shape}" for o in read_scene(np.asarray(image))) or "nothing"
+
+
 def describe_changes(caption, before, after):
     """What happened to each object of a scene caption between two RGB images, as the reader sees it:
     one line per object ("red circle: dx=-0.29 dy=+0.01 area x1.02 IoU 0.10, reads red"). An object
