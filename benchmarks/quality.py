@@ -112,17 +112,20 @@ def caption_without_colour(caption, colour):
     return " and ".join(part.replace(f"a {colour} ", "a ", 1) for part in caption.split(" and "))
 
 
-def measure_open_appearance(image_before, image_after, before, after, other_colour, source_colour):
+def measure_open_appearance(image_before, image_after, before, after, shape, other_colour, other_shape, source_colour):
     """(distance before, distance after, read as the source before, after) for the object the caption
     leaves uncoloured: the largest read object not of `other_colour`. It reads as the source when the
-    image holds two objects, the other one still of its colour and this one of the source's."""
+    image holds two objects, the other one still of its colour and shape, and this one of its own
+    shape and the source's colour (a source colour that lands on the other's shape does not count)."""
     target = np.array(COLOURS[source_colour], dtype=np.float64)
 
     def measure(image, objects):
         edited = max((o for o in objects if o.colour != other_colour), key=lambda o: o.area, default=None)
         if edited is None:
             return float("nan"), False
-        read = len(objects) == 2 and by_colour(objects, other_colour) is not None and edited.colour == source_colour
+        other = by_colour(objects, other_colour)
+        read = (len(objects) == 2 and other is not None and other.shape == other_shape
+                and edited.colour == source_colour and edited.shape == shape)
         return float(np.linalg.norm(mean_colour(image, edited.mask) - target)), read
 
     (d0, r0), (d1, r1) = measure(image_before, before), measure(image_after, after)
@@ -161,7 +164,7 @@ def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale
     guided = {} if scale is None else {"self_guidance_scale": scale}
     rows, skipped, example = [], 0, None
     for k, caption in enumerate(captions(seeds)):
-        (colour_a, shape_a), (colour_b, _) = parse_caption(caption)
+        (colour_a, shape_a), (colour_b, shape_b) = parse_caption(caption)
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
         base = sg(caption, generator=torch.Generator().manual_seed(k), **common)
         image0 = to_array(base.images[0])
@@ -191,7 +194,7 @@ def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale
             open_base = sg(open_caption, generator=torch.Generator().manual_seed(k), **common)
             open0 = to_array(open_base.images[0])
             looked = to_array(sg(open_caption, edits=[copy_appearance(shape_a, source.trace)], **{**edit, "trace": open_base.trace}).images[0])
-            row["copy_appearance"] = measure_open_appearance(open0, looked, read_scene(open0), read_scene(looked), colour_b, source_colour)
+            row["copy_appearance"] = measure_open_appearance(open0, looked, read_scene(open0), read_scene(looked), shape_a, colour_b, shape_b, source_colour)
             # The harder case: the caption names the object's own colour, which the source contradicts.
             named = to_array(sg(caption, edits=[copy_appearance(shape_a, source.trace)], **edit).images[0])
             row["copy_appearance named"] = measure_appearance(image0, named, read0, read_scene(named), colour_a, source_colour)

@@ -59,17 +59,19 @@ def test_open_caption_appearance_measure():
     assert quality.caption_without_colour("a red circle and a blue square", "red") == "a circle and a blue square"
     assert quality.caption_without_colour("a blue square and a red circle", "red") == "a blue square and a circle"
     scene = two_object_scene()
-    (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
+    (colour_a, shape_a), (colour_b, shape_b) = parse_caption(scene.caption)
     source = next(c for c in quality.COLOURS if c not in (colour_a, colour_b))
     objects = read_scene(scene.image)
     recoloured = scene.image.copy()
     recoloured[quality.by_colour(objects, colour_a).mask] = quality.COLOURS[source]
     before, after, read_before, read_after = quality.measure_open_appearance(
-        scene.image, recoloured, objects, read_scene(recoloured), colour_b, source)
+        scene.image, recoloured, objects, read_scene(recoloured), shape_a, colour_b, shape_b, source)
     assert before > 50 and after == pytest.approx(0.0) and not read_before and read_after
     # The other object lost: not read as a transfer, whatever colour the edited one has.
     lost = np.where(quality.by_colour(objects, colour_b).mask[..., None], 240, recoloured).astype(np.uint8)
-    assert not quality.measure_open_appearance(scene.image, lost, objects, read_scene(lost), colour_b, source)[3]
+    assert not quality.measure_open_appearance(scene.image, lost, objects, read_scene(lost), shape_a, colour_b, shape_b, source)[3]
+    # The source colour on the other object's shape: not the edited object.
+    assert not quality.measure_open_appearance(scene.image, recoloured, objects, read_scene(recoloured), shape_b, colour_b, shape_a, source)[3]
 
 
 def test_smoke_run_prints_the_table(tmp_path, capsys):
