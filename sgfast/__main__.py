@@ -43,8 +43,8 @@ def demo(args):
     edits = {
         "move": (f"move {args.move_word} by dx={args.dx:+}", args.prompt, original, move(args.move_word, dx=args.dx)),
         "resize": (f"resize {args.resize_word} x{args.scale}", args.prompt, original, resize(args.resize_word, args.scale)),
-        "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r} into {open_prompt!r}",
-                       open_prompt, open_original, copy_appearance(args.appearance_word, source.trace)),
+        "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r}", open_prompt, open_original,
+                       copy_appearance(args.appearance_word, source.trace)),
     }
     rows = [("original", original.images[0], original.trace)]
     written = [os.path.join(args.out, name_) for name_ in ("original.png", "source.png", "appearance_unedited.png")]
@@ -60,7 +60,8 @@ def demo(args):
         for line in describe_changes(args.prompt, original.images[0], out.images[0]) if prompt == args.prompt else []:
             print(f"{title}: {line}")
         if prompt != args.prompt and describe_changes(args.prompt, original.images[0], original.images[0]):
-            print(f"{title}: unedited, reads {describe_scene(unedited.images[0])}; edited, reads {describe_scene(out.images[0])}")
+            print(f"{title} into {prompt!r}: unedited, reads {describe_scene(unedited.images[0])}; "
+                  f"edited, reads {describe_scene(out.images[0])}")
         # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
         rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
@@ -140,7 +141,7 @@ def main(argv=None):
     d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the model's own settings per edit)")
     d.add_argument("--steps", type=int, default=25)
     d.add_argument("--guidance-scale", type=float, default=5.0)
-    d.add_argument("--seed", type=int, default=12, help="the default draws the circle with room to move left by 0.3 and to double")
+    d.add_argument("--seed", type=int, default=5, help="the default draws the circle with room to move left by 0.3 and to double")
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)
     e = commands.add_parser("edit", help="invert a photo, move or resize its objects; write the image and an attention sheet")
