@@ -26,6 +26,18 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+# What CI runs after `make test`: the slow and torch.compile tests with everything they need installed
+# (Debian's chromium for the page, Playwright to drive it, Ray Serve for two CPU replicas), and with
+# SGFAST_NO_SKIP=1, so that a test that would skip for want of one of them fails instead.
+.PHONY: test-ci-slow ci-deps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ci-deps: $(STAMP)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,serve,ray,browser]'
+
+test-ci-slow: ci-deps
+	SGFAST_NO_SKIP=1 $(PY) -m pytest -q -m "slow or compile" --durations=10
+
 # Mutation testing of the core modules (setup.cfg's [mutmut] section) with mutmut, in mutants/.
 # MUTANTS picks mutants by name ("sgfast.edits*"); empty: all of them. Hours on 2 CPU cores.
 MUTANTS ?=
