@@ -130,28 +130,38 @@ def invert(sg, image, prompt, num_inference_steps=50, guidance_scale=5.0, method
     vae_only = sg.decode(clean)[0]
     trace.inversion = dict(
         arguments=arguments, method=method, fixed_point_iterations=fixed_point_iterations,
+        settings=sg.settings.for_photo(), strength=sg.settings.photo_strength,  # the model's, for edits of photos
         reconstruction=regenerated.images[0], psnr=psnr(photo, regenerated.images[0]), vae_psnr=psnr(photo, vae_only),
     )
     return trace
 
 
-def edit_arguments(trace, strength=1.0, guidance_schedule=None):
+def edit_arguments(trace, strength=None, guidance_schedule=None, edits=()):
     """The call arguments that edit an inverted photo: the inversion's steps, size, guidance scale and
-    negative prompt, and with `strength` < 1 (as image-to-image's) a guidance schedule that leaves
-    the first (1 - strength) of the steps unguided. Those steps retrace the inversion (the
-    regeneration follows it back), so the edit starts from the inverted latents at that timestep."""
+    negative prompt, and a guidance schedule: `guidance_schedule`, else the model's photo schedule
+    for `edits` (its self_guidance.json), with the first (1 - strength) of the steps left unguided, as
+    image-to-image's strength (None: the model's photo strength, else 1). Those steps retrace the
+    inversion (the regeneration follows it back), so the edit starts from the inverted latents there."""
     info = getattr(trace, "inversion", None)
     if info is None:
         raise ValueError("edit_arguments takes a trace from sg.invert (this one has no inversion)")
     steps = info["arguments"]["num_inference_steps"]
+    strength = info.get("strength", 1.0) if strength is None else strength
+    check_strength(strength)
+    if guidance_schedule is None and info.get("settings") is not None:
+        _, (_, _, guidance_schedule) = info["settings"].resolve([list(edits)], steps)
     return dict(info["arguments"], guidance_schedule=strength_schedule(steps, strength, guidance_schedule))
+
+
+def check_strength(strength):
+    if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
 
 
 def strength_schedule(steps, strength, guidance_schedule=None):
     """`guidance_schedule` (any form a call takes) as bools, with the first (1 - strength) of the
     steps unguided."""
-    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    check_strength(strength)
     start = steps - int(round(strength * steps))
     return [g and i >= start for i, g in enumerate(resolve_schedule(guidance_schedule, steps))]
 
@@ -201,11 +211,10 @@ def load_photo(data, max_side=2048, max_bytes=20 * 2**20):
     return image.convert("RGB")
 
 
-def edit_photo(sg, image, prompt, edits, strength=1.0, num_inference_steps=25, guidance_scale=5.0, guidance_schedule=None, **guidance):
+def edit_photo(sg, image, prompt, edits, strength=None, num_inference_steps=25, guidance_scale=5.0, guidance_schedule=None, **guidance):
     """Invert `image` under `prompt` and apply `edits` to it: (the edited output, the inverted trace).
     `guidance`: the call's self-guidance settings (self_guidance_scale, normalize_gradient); those left
-    out, and the schedule, are the model's own (its self_guidance.json) for these edits."""
+    out, the strength and the schedule are the model's photo settings (its self_guidance.json)."""
     inverted = invert(sg, image, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    _, (_, _, schedule) = sg.settings.resolve([list(edits)], num_inference_steps, guidance_schedule=guidance_schedule)
-    arguments = edit_arguments(inverted, strength, schedule)
+    arguments = edit_arguments(inverted, strength, guidance_schedule, edits)
     return sg(prompt, edits=edits, trace=inverted, **guidance, **arguments), inverted

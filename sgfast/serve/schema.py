@@ -99,7 +99,8 @@ class PhotoEditRequest(BaseModel):
     photo: str = Field(min_length=1, description="the PNG or JPEG file, base64-encoded")
     prompt: str = Field(min_length=1, max_length=10_000, description="what the photo shows (the words edits name)")
     edits: list[EditSpec] = Field(min_length=1, max_length=1000)
-    strength: float = Field(1.0, gt=0, le=1, description="share of the steps edited (image-to-image's strength)")
+    # None: the model's photo setting (its self_guidance.json; 1 without one).
+    strength: Optional[float] = Field(None, gt=0, le=1, description="share of the steps edited (image-to-image's strength)")
     steps: Optional[int] = Field(None, ge=2, le=10_000)
     guidance_scale: float = Field(5.0, ge=0, le=50)
     self_guidance_scale: Optional[float] = Field(None, ge=0, le=100)
@@ -191,7 +192,7 @@ def to_photo_spec(request, engine):
     photo = photo_of(request, limits)
     check_size(*photo.size, engine, ["photo"])
     edits = checked_edits(request, engine, steps)
-    check_strength(request, engine, edits, steps)
+    strength = check_strength(request, engine, edits, steps)
     return Spec(
         prompt=request.prompt,
         edits=edits,
@@ -204,7 +205,7 @@ def to_photo_spec(request, engine):
         height=photo.size[1],
         budget_ms=request.budget_ms,
         photo=photo,
-        strength=request.strength,
+        strength=strength,
     )
 
 
@@ -213,11 +214,14 @@ def check_strength(request, engine, edits, steps):
     inversion runs."""
     from sgfast.invert import strength_schedule
 
-    _, (_, _, schedule) = engine.sg.settings.resolve([edits], steps)
-    if not any(strength_schedule(steps, request.strength, schedule)):
+    settings = engine.sg.settings
+    strength = settings.photo_strength if request.strength is None else request.strength
+    _, (_, _, schedule) = settings.for_photo().resolve([edits], steps)
+    if not any(strength_schedule(steps, strength, schedule)):
         raise InvalidRequest(
-            ["strength"], f"strength={request.strength:g} leaves none of the guided steps of {steps} steps; raise strength or steps"
+            ["strength"], f"strength={strength:g} leaves none of the guided steps of {steps} steps; raise strength or steps"
         )
+    return strength
 
 
 def checked_steps(request, limits):
