@@ -174,3 +174,24 @@ def test_the_iteration_scheduler_runs_photo_edits(tiny_sg):
         r = post(c, encoded(scene_photo()))
         assert r.status_code == 200, r.text
         assert photo_outcomes(c) == {"ok": 1}
+
+
+def test_the_built_in_model_moves_an_uploaded_photos_object(default_sg):
+    """The benchmark's scene 5 (as `tests/test_invert.py`'s fast slice), sent to the server as a PNG with
+    a bare move: the server edits with the model's photo settings and the object lands on target."""
+    from fastapi.testclient import TestClient
+
+    from benchmarks.photo_edit import check_move, free_move, photos
+
+    seed, scene, word_object = photos(5)[4]
+    dx, dy = free_move(scene, word_object)
+    limits = Limits(max_steps=25, default_steps=25, max_body_bytes=4096)
+    engine = Engine(default_sg, model="default", cost=CostModel.fixed(20, 60, 10), limits=limits, threads=1)
+    with TestClient(create_app(engine), base_url="http://localhost") as c:
+        edits = [{"type": "move", "word": word_object.shape, "dx": dx, "dy": dy}]
+        r = post(c, encoded(PIL.Image.fromarray(scene.image)), prompt=scene.caption, edits=edits)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["strength"] == 0.8 and r.json()["inversion"]["psnr"] > 25
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
+        ok, error = check_move(scene, word_object, (dx, dy), image)
+        assert ok, error

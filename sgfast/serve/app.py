@@ -50,7 +50,7 @@ from sgfast.serve.admission import Rejected
 from sgfast.serve.errors import error_detail, retry_after
 from sgfast.serve.guard import Guard
 from sgfast.serve.metrics import Metrics
-from sgfast.serve.schema import ImageRequest, InvalidRequest, PhotoEditRequest, to_photo_spec, to_spec
+from sgfast.serve.schema import ImageRequest, InvalidRequest, PhotoEditRequest, photo_of, to_photo_spec, to_spec
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -187,11 +187,19 @@ def create_app(
 
     @app.post("/v1/images")
     async def images(body: ImageRequest, request: Request):
-        return await answer(body, request, to_spec)
+        async def spec_of(body, engine):
+            return to_spec(body, engine)
+
+        return await answer(body, request, spec_of)
 
     @app.post("/v1/edits")
     async def photo_edits(body: PhotoEditRequest, request: Request):
-        return await answer(body, request, to_photo_spec)
+        async def spec_of(body, engine):
+            # Decoding the photo reads its pixels: off the event loop.
+            photo = await asyncio.get_running_loop().run_in_executor(None, photo_of, body, engine.limits)
+            return to_photo_spec(body, engine, photo)
+
+        return await answer(body, request, spec_of)
 
     async def answer(body, request, spec_of):
         """Check the request (`spec_of`), run it on the engine, answer JSON or PNG."""
@@ -199,8 +207,7 @@ def create_app(
         if media is None:
             return error(406, f"Accept {request.headers.get('accept')!r} takes neither application/json nor image/png")
         try:
-            # Decoding a photo reads its pixels: off the event loop.
-            spec = await asyncio.get_running_loop().run_in_executor(None, spec_of, body, engine)
+            spec = await spec_of(body, engine)
         except InvalidRequest as e:
             return error(e.status, str(e), errors=e.errors, **e.extra)
         try:

@@ -185,11 +185,12 @@ def photo_of(request, limits):
         raise InvalidRequest(["photo"], str(e), status=PHOTO_STATUS[e.kind]) from None
 
 
-def to_photo_spec(request, engine):
-    """Check a parsed photo-edit request (caps, the photo, the prompt's words); build its Spec."""
+def to_photo_spec(request, engine, photo=None):
+    """Check a parsed photo-edit request (caps, the photo, the prompt's words); build its Spec.
+    `photo`: the request's photo already decoded (`photo_of`), else it is decoded here."""
     limits = engine.limits
     steps = checked_steps(request, limits)
-    photo = photo_of(request, limits)
+    photo = photo_of(request, limits) if photo is None else photo
     check_size(*photo.size, engine, ["photo"])
     edits = checked_edits(request, engine, steps)
     strength = check_strength(request, engine, edits, steps)
