@@ -94,6 +94,7 @@ class Limits:
     max_batch: int = 4
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024
+    max_photo_bytes: int = 4 * 2**20  # POST /v1/edits: the photo file (its body may be 4/3 of it, base64)
     max_prompt_chars: int = 1000
 
 

@@ -28,6 +28,7 @@ def add_arguments(parser):
     parser.add_argument("--max-edits", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-body-kb", type=int, default=64)
+    parser.add_argument("--max-photo-kb", type=int, default=4096, help="cap on a photo file sent to POST /v1/edits")
     parser.add_argument("--cache-mb", type=float, default=256, help="memory bound of the reference-trace cache")
     parser.add_argument("--calibrate-sizes", default="", help="extra square sizes to calibrate, e.g. 256,768 (native always)")
     parser.add_argument("--no-drain", action="store_true", help="on shutdown answer queued requests 503 instead of running them")
@@ -68,6 +69,7 @@ def build_engine(args, log=print):
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_kb * 1024,
+        max_photo_bytes=args.max_photo_kb * 1024,
     )
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]

@@ -27,7 +27,7 @@ from concurrent.futures import CancelledError, Future
 import torch
 
 from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
-from sgfast.serve.cache import TraceCache, call_pipeline
+from sgfast.serve.cache import TraceCache, call_photo_edit, call_pipeline
 from sgfast.serve.cost import CostModel
 from sgfast.serve.jobs import Job, result_of
 
@@ -111,7 +111,10 @@ class Engine:
         return len(self.queue)
 
     def reference_steps_for(self, spec):
-        """The reference pass a plan of `steps` steps needs: none without edits or with a cached trace."""
+        """The reference pass a plan of `steps` steps needs: none without edits or with a cached trace;
+        a photo edit's inversion and its regeneration (unguided, `steps` each) are its reference."""
+        if spec.photo is not None:
+            return lambda steps: 2 * steps
         if not spec.edits or not any(e.needs_reference for e in spec.edits):
             return lambda steps: 0
         probe = Job(spec, None, 0, 0, 0, False, 0)
@@ -234,6 +237,7 @@ class Engine:
             s.height, s.width, p.steps, s.guidance_scale, s.negative_prompt, bool(s.edits),
             s.self_guidance_scale if s.edits else None, s.normalize_gradient if s.edits else None,
             p.schedule if s.edits else None, p.reference_steps > 0,
+            None if s.photo is None else id(s.photo),  # a photo edit runs alone
         )
 
     def _refresh_reference(self, job):
@@ -402,6 +406,8 @@ class Engine:
 
         hook = self.pipe.unet.register_forward_pre_hook(stop_if_abandoned)
         try:
+            if batch[0].spec.photo is not None:
+                return call_photo_edit(self.sg, batch[0])
             return call_pipeline(self.sg, self.cache, self.model, batch, self.metrics)
         finally:
             hook.remove()

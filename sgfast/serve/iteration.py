@@ -94,7 +94,11 @@ class IterationEngine(Engine):
         return left
 
     def _start(self, job):
-        """A Run for `job` (its prompt encoded, its reference trace looked up), or None if it failed."""
+        """A Run for `job` (its prompt encoded, its reference trace looked up), or None if it failed.
+        A photo edit (inversion, then the edit) runs whole here, between two iterations, and answers."""
+        if job.spec.photo is not None:
+            self._run_batch([job])
+            return None
         try:
             reference = None
             if any(e.needs_reference for e in job.spec.edits):

@@ -25,6 +25,8 @@ class Spec:
     width: int = 64
     negative_prompt: str = None
     budget_ms: float = None
+    photo: object = None  # POST /v1/edits: the RGB PIL photo the edits apply to (inverted first)
+    strength: float = 1.0  # its share of edited steps
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
     abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
+    inversion: dict = None  # a photo edit's reconstruction PSNR and the VAE's (set when it ran)
 
     def answer(self, result=None, error=None):
         """Resolve the future once; later answers (a batch finishing after its client left or the
