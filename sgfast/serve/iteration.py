@@ -10,13 +10,15 @@ them to finish. Admission, degradation, the EDF queue, the trace cache, cancella
 the engine's (`sgfast.serve.engine`); `--scheduler request` falls back to request-level batching.
 """
 
+import heapq
+import math
 import time
 from concurrent.futures import CancelledError
 
 from sgfast.serve.admission import ShuttingDown
 from sgfast.serve.engine import SHUTDOWN_RETRY_S, Engine
 from sgfast.serve.jobs import result_of
-from sgfast.serve.steps import Run, guided_step, unguided_step
+from sgfast.serve.steps import Run, decode, guided_step, unguided_step
 
 
 class IterationEngine(Engine):
@@ -85,6 +87,39 @@ class IterationEngine(Engine):
                 return False
         return True
 
+    def _admission_batch(self):
+        """Requests are planned at the step times of the batch they will run in: the active ones,
+        those queued, and themselves, up to the cap."""
+        return max(1, min(self.limits.max_batch, len(self.active) + len(self.queue) + 1))
+
+    def _ahead_ms(self, deadline, now):
+        """(time until a request due at `deadline` gets a place among the active requests, its slack:
+        how much later the queued requests due after it may start before one is predicted to miss).
+        Up to `max_batch` requests run side by side, every step at the time of a step of that batch:
+        each active run frees its place when its steps are done, and queued jobs take the earliest
+        free place in EDF order, as `_admit_to_active` gives them."""
+        batch = self._admission_batch()
+        places = [self._run_ms(r.steps_left(), r.guided_left(), r.size, batch) for r in list(self.active)]
+        places += [0.0] * max(self.limits.max_batch - len(places), 0)
+        heapq.heapify(places)
+        ahead, slack = None, math.inf
+        for d, _, job in sorted(self.queue, key=lambda e: e[:2]):
+            if d > deadline and ahead is None:
+                ahead = places[0]  # this request takes the next free place; the later jobs come after it
+            start = heapq.heappop(places)
+            p = job.plan
+            done = start + self._run_ms(p.steps + p.reference_steps, p.guided_steps, (job.spec.height, job.spec.width), batch)
+            heapq.heappush(places, done)
+            if d > deadline and job.spec.budget_ms is not None:
+                left = (d - now) * 1000 - done
+                if left >= 0:
+                    slack = min(slack, left)
+        return (places[0] if ahead is None else ahead), slack
+
+    def _run_ms(self, steps, guided, size, batch):
+        pixels = size[0] * size[1]
+        return (steps - guided) * self.cost.ms("plain", batch, pixels) + guided * self.cost.ms("guided", batch, pixels)
+
     def _remaining_ms(self):
         """Predicted time until the active requests are done (for the queue-ahead estimate)."""
         left = 0.0
@@ -119,23 +154,24 @@ class IterationEngine(Engine):
                 plain = [r for r in runs if not r.at_guided_step]
                 guided = [r for r in runs if r.at_guided_step]
                 if plain:
-                    self._step(unguided_step, plain, capture, "plain", height * width)
+                    # The guided runs' unconditional rows ride in the plain call: one UNet call fewer.
+                    self._step(unguided_step, plain, capture, "plain", height * width, uncond_for=guided)
                 if guided:
                     self._step(guided_step, guided, capture, "guided", height * width)
-        for run in [r for r in self.active if r.finished or r.failed]:
-            self.active.remove(run)
-            if not run.failed:
-                self._finish(run)
+        done = [r for r in self.active if r.finished or r.failed]
+        self.active = [r for r in self.active if r not in done]
+        self._finish([r for r in done if not r.failed])
 
-    def _step(self, step, runs, capture, kind, pixels):
+    def _step(self, step, runs, capture, kind, pixels, uncond_for=()):
         """Run `step` on `runs` together; if it fails, on each alone, so one bad request fails alone."""
         for run in runs:
-            run.peak = max(run.peak, len(runs))
+            run.peak = max(run.peak, len(runs) + len(uncond_for))
+        borrowed = any(r.uncond_noise[:2] == (r.phase, r.i) for r in runs if r.do_cfg)
         start = time.monotonic()
         try:
-            finished = step(runs, capture)
+            finished = step(runs, capture, uncond_for=uncond_for) if uncond_for else step(runs, capture)
         except Exception as error:
-            if len(runs) == 1:
+            if len(runs) == 1 and not uncond_for:
                 runs[0].failed = True
                 runs[0].job.answer(error=error)
                 self.log(f"request failed: {type(error).__name__}: {error}")
@@ -143,16 +179,33 @@ class IterationEngine(Engine):
             for run in runs:
                 self._step(step, [run], capture, kind, pixels)
             return
-        self.cost.observe(kind, len(runs), pixels, (time.monotonic() - start) * 1000)
+        # A merged call's extra unconditional rows count as half a request each (a CFG request has two
+        # rows); a guided pass that took them from it is not a full guided step and is not timed.
+        extra = sum(r.do_cfg for r in uncond_for)
+        if kind == "plain" or not borrowed:
+            self.cost.observe(kind, len(runs) + math.ceil(extra / 2), pixels, (time.monotonic() - start) * 1000)
         if self.metrics is not None:
             self.metrics.batch_done(len(runs), len(runs), len(runs) if kind == "guided" else 0, 0)
         for run, trace in finished or []:  # reference passes that just ended: later edits reuse them
             self.cache.put(run.job.trace_key(self.model), trace)
 
-    def _finish(self, run):
+    def _finish(self, runs):
+        """Decode the finished runs (one VAE call per image size; alone if that fails) and answer them."""
+        by_size = {}
+        for run in runs:
+            by_size.setdefault(run.size, []).append(run)
+        for group in by_size.values():
+            try:
+                images = decode(group)
+            except Exception:
+                images = [None] * len(group)
+            for run, image in zip(group, images):
+                self._deliver_run(run, image)
+
+    def _deliver_run(self, run, image=None):
         job = run.job
         try:
-            image = run.image()
+            image = image if image is not None else run.image()
         except Exception as e:
             job.answer(error=e)
             return

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgfast.serve.admission import Plan, degradation_of
+from sgfast.serve.admission import Plan, degradation_of, paper_guided
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
     abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
+    guided_for: object = paper_guided  # steps -> the step indices the model's schedule guides for it
 
     def answer(self, result=None, error=None):
         """Resolve the future once; later answers (a batch finishing after its client left or the
@@ -81,7 +82,7 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
         spec=job.spec,
         plan=job.plan,
         degraded=job.degraded,
-        degradation=degradation_of(job.spec, job.plan),
+        degradation=degradation_of(job.spec, job.plan, job.guided_for),
         timings={
             "queue_ms": round((start - job.arrival) * 1000, 1),
             "run_ms": round(run_ms, 1),

@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sgfast.sampler import default_schedule
+from sgfast.serve.admission import paper_guided
 from sgfast.serve.jobs import Spec
 
 
@@ -143,10 +143,7 @@ def to_spec(request, engine):
         if not edit.needed_words(words):  # it would read no word: nothing to hold, an energy of nothing
             raise InvalidRequest(["edits", i], f"{edit_spec.type} names no word to hold: {_no_words(edit_spec, words)}", words=words.words)
         edits.append(edit)
-    if edits and not any(default_schedule(steps)):
-        first = next(n for n in range(1, limits.max_steps + 1) if any(default_schedule(n)))
-        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
-    return Spec(
+    spec = Spec(
         prompt=request.prompt,
         edits=edits,
         edit_specs=[e.model_dump(exclude_none=True) for e in request.edits],
@@ -160,6 +157,12 @@ def to_spec(request, engine):
         negative_prompt=request.negative_prompt,
         budget_ms=request.budget_ms,
     )
+    # The model's own schedule decides which steps are guided (the paper's without settings).
+    guided = getattr(engine, "guided_steps_for", lambda spec: paper_guided)(spec)
+    if edits and not guided(steps):
+        first = next((n for n in range(1, limits.max_steps + 1) if guided(n)), None)
+        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
+    return spec
 
 
 def _no_words(edit_spec, words):
