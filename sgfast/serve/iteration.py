@@ -30,6 +30,7 @@ class IterationEngine(Engine):
         super().__init__(*args, **kwargs)
         self.active = []  # Runs in progress, in admission order
         self.iterations = 0
+        self.device = None  # the pipeline's execution device (the worker's model does not move)
 
     def _loop(self):
         while True:
@@ -62,8 +63,14 @@ class IterationEngine(Engine):
         request already running is still predicted to meet its deadline with one more beside it."""
         joining = []
         while self.queue and len(self.active) + len(joining) < self.limits.max_batch:
-            if (self.active or joining) and not self._fits(joining + [self.queue[0][2]]):
-                break  # later deadlines would hurt as much: wait for a request to finish
+            head = self.queue[0][2]
+            if self.active or joining:
+                try:  # planned again for the time it has left (maybe degraded) before it is weighed
+                    self._replan(head, time.monotonic())
+                except Exception:
+                    pass  # _pop_head answers it
+                if not self._fits(joining + [head]):
+                    break  # later deadlines would hurt as much: wait for a request to finish
             job = self._pop_head()
             if job is None:
                 break
@@ -136,7 +143,9 @@ class IterationEngine(Engine):
                 reference = self.cache.get(job.trace_key(self.model))
                 if self.metrics is not None:
                     self.metrics.cache(int(reference is not None), int(reference is None))
-            run = Run(self.sg, job, reference)
+            if self.device is None:  # looked up once: diffusers' lookup walks every module
+                self.device = self.pipe._execution_device
+            run = Run(self.sg, job, reference, self.device)
         except Exception as e:
             job.answer(error=e)
             return None

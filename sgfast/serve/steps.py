@@ -23,13 +23,13 @@ from sgfast.trace import PromptWords, Trace, selection
 class Run:
     """One request in progress. `reference`: the cached unedited trace (or None: recorded first
     when its edits need it); `record`: whether to record this generation's own trace (plain requests,
-    to seed the cache)."""
+    to seed the cache). `device`: the pipeline's execution device, when the caller knows it."""
 
-    def __init__(self, sg, job, reference=None):
+    def __init__(self, sg, job, reference=None, device=None):
         pipe = sg.pipe
         spec, plan = job.spec, job.plan
         self.job, self.sg, self.pipe = job, sg, pipe
-        self.device = pipe._execution_device
+        self.device = device or pipe._execution_device
         self.words = PromptWords.from_tokenizer(pipe.tokenizer, spec.prompt)
         self.trace_words = list(dict.fromkeys(self.words.words))
         self.do_cfg = spec.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
@@ -38,7 +38,7 @@ class Run:
         self.cond, self.uncond = cond, uncond
         self.scheduler = copy.deepcopy(pipe.scheduler)  # its own step state and timesteps
         self.extra = pipe.prepare_extra_step_kwargs(None, 0.0)
-        self.noise = reference.latents if reference is not None else seeded_latents(pipe, [spec.seed], spec.height, spec.width)
+        self.noise = reference.latents if reference is not None else seeded_latents(pipe, [spec.seed], spec.height, spec.width, self.device)
         # The request's guidance settings where it gives them, else the model's (its self_guidance.json).
         edits, (self.scale, self.normalize, self.schedule) = sg.settings.resolve(
             [list(spec.edits)], job.plan.steps, spec.self_guidance_scale, spec.normalize_gradient,
