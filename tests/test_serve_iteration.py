@@ -259,3 +259,13 @@ def test_a_pipeline_with_trainable_weights(tiny_sg):
     finally:
         engine.shutdown(timeout=WAIT)
     assert_same_image(result.image, library_image(tiny_sg, PROMPT, 2, 4, edits=edits))
+
+
+def test_step_times_take_the_timed_iterations(tiny_sg):
+    # A run waits for the whole iteration: once iterations of that many runs are timed, its steps are
+    # predicted at no less; larger batches than any timed keep the per-kind step times.
+    engine = IterationEngine(tiny_sg, model="tiny", cost=CostModel.fixed(10, 30, 1), limits=Limits(max_batch=8))
+    assert engine._step_times(4, 64 * 64) == (pytest.approx(40), pytest.approx(120))
+    engine.cost.observe("iteration", 4, 64 * 64, 500.0)
+    assert engine._step_times(4, 64 * 64) == (pytest.approx(500), pytest.approx(500))
+    assert engine._step_times(8, 64 * 64) == (pytest.approx(80), pytest.approx(240))

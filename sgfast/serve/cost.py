@@ -29,7 +29,8 @@ def _interpolate(table, batch):
 
 class CostModel:
     """Milliseconds per denoising step ("plain": a classifier-free-guidance step; "guided": a step
-    with the self-guidance gradient) and per pipeline call ("overhead": prompt encoding, VAE decode),
+    with the self-guidance gradient; "iteration": one step of every active request under
+    iteration-level batching, measured only) and per pipeline call ("overhead": prompt encoding, VAE decode),
     by batch size and resolution (pixels). Calibrated on the loaded model, refreshed from live
     timings by an exponential moving average. An unmeasured resolution is scaled from the nearest
     measured one by the ratio of pixels; an unmeasured batch size is interpolated."""
@@ -59,6 +60,11 @@ class CostModel:
                 raise KeyError(f"the cost model has no {kind!r} timings")
             nearest = min(measured, key=lambda p: (abs(math.log(p / pixels)), p))
             return _interpolate(self.table[(kind, nearest)], batch) * pixels / nearest
+
+    def largest_batch(self, kind):
+        """The largest batch size with a timing of `kind` (0 if none)."""
+        with self.lock:
+            return max((b for (k, _), by_batch in self.table.items() if k == kind for b in by_batch), default=0)
 
     def call_ms(self, batch, pixels, steps, guided, reference_steps=0):
         """Predicted milliseconds of one pipeline call: `steps` steps of which `guided` carry

@@ -85,8 +85,7 @@ class IterationEngine(Engine):
         model predicts steps at that many requests per UNet call."""
         now, n = time.monotonic(), len(self.active) + len(joining)
         pixels = {r.size[0] * r.size[1] for r in self.active} | {j.spec.height * j.spec.width for j in joining}
-        plain_ms = max(self.cost.ms("plain", n, p) for p in pixels)
-        guided_ms = max(self.cost.ms("guided", n, p) for p in pixels)
+        plain_ms, guided_ms = (max(ms) for ms in zip(*(self._step_times(n, p) for p in pixels)))
         left = [(r.job, r.steps_left(), r.guided_left()) for r in self.active]
         left += [(j, j.plan.steps + j.plan.reference_steps, j.plan.guided_steps) for j in joining]
         for job, steps, guided in left:
@@ -124,8 +123,19 @@ class IterationEngine(Engine):
         return (places[0] if ahead is None else ahead), slack
 
     def _run_ms(self, steps, guided, size, batch):
-        pixels = size[0] * size[1]
-        return (steps - guided) * self.cost.ms("plain", batch, pixels) + guided * self.cost.ms("guided", batch, pixels)
+        plain_ms, guided_ms = self._step_times(batch, size[0] * size[1])
+        return (steps - guided) * plain_ms + guided * guided_ms
+
+    def _step_times(self, n, pixels):
+        """(ms of a plain step, ms of a guided step) of a run among `n` active ones. A run waits for the
+        whole iteration (the plain call and the guided pass), so once iterations of `n` or more runs
+        have been timed neither is taken as less than an iteration at `n` (not extrapolated upwards:
+        from one small batch that would be a guess)."""
+        plain, guided = self.cost.ms("plain", n, pixels), self.cost.ms("guided", n, pixels)
+        if self.cost.largest_batch("iteration") < n:
+            return plain, guided
+        iteration = self.cost.ms("iteration", n, pixels)
+        return max(plain, iteration), max(guided, iteration)
 
     def _remaining_ms(self):
         """Predicted time until the active requests are done (for the queue-ahead estimate)."""
@@ -155,6 +165,7 @@ class IterationEngine(Engine):
     def _iterate(self):
         """One step of every active request, then retire the finished ones."""
         self.iterations += 1
+        start, n = time.monotonic(), len(self.active)
         groups = {}
         for run in self.active:
             groups.setdefault(run.size, []).append(run)
@@ -167,6 +178,7 @@ class IterationEngine(Engine):
                     self._step(unguided_step, plain, capture, "plain", height * width, uncond_for=guided)
                 if guided:
                     self._step(guided_step, guided, capture, "guided", height * width)
+        self.cost.observe("iteration", n, max(h * w for h, w in groups), (time.monotonic() - start) * 1000)
         done = [r for r in self.active if r.finished or r.failed]
         self.active = [r for r in self.active if r not in done]
         self._finish([r for r in done if not r.failed])
