@@ -59,8 +59,8 @@ class IterationEngine(Engine):
                     self.running = None
 
     def _admit_to_active(self):
-        """Queued jobs to start now (EDF), up to the cap on active requests, while every budgeted
-        request already running is still predicted to meet its deadline with one more beside it."""
+        """Queued jobs to start now (EDF), up to the cap on active requests, while no budgeted request
+        running that is predicted to meet its deadline would miss it with one more beside it."""
         joining = []
         while self.queue and len(self.active) + len(joining) < self.limits.max_batch:
             head = self.queue[0][2]
@@ -69,7 +69,7 @@ class IterationEngine(Engine):
                     self._replan(head, time.monotonic())
                 except Exception:
                     pass  # _pop_head answers it
-                if not self._fits(joining + [head]):
+                if not self._fits(joining, head):
                     break  # later deadlines would hurt as much: wait for a request to finish
             job = self._pop_head()
             if job is None:
@@ -80,16 +80,25 @@ class IterationEngine(Engine):
             joining.append(job)
         return joining
 
-    def _fits(self, joining):
-        """Whether the active requests plus `joining` (jobs) all meet their deadlines, as the cost
-        model predicts steps at that many requests per UNet call."""
+    def _fits(self, joining, job):
+        """Whether `job` may join the active requests and `joining` (jobs): no budgeted one of them
+        that is predicted to meet its deadline would miss it with one more request per step. One
+        already predicted to miss is not protected (holding the queue for it would make everyone
+        later and save nothing), nor is `job` held for its own deadline (waiting only adds to it)."""
         now, n = time.monotonic(), len(self.active) + len(joining)
         pixels = {r.size[0] * r.size[1] for r in self.active} | {j.spec.height * j.spec.width for j in joining}
-        plain_ms, guided_ms = (max(ms) for ms in zip(*(self._step_times(n, p) for p in pixels)))
         left = [(r.job, r.steps_left(), r.guided_left()) for r in self.active]
         left += [(j, j.plan.steps + j.plan.reference_steps, j.plan.guided_steps) for j in joining]
-        for job, steps, guided in left:
-            if job.spec.budget_ms is not None and now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 > job.deadline:
+
+        def meets(running, steps, guided, batch, sizes):
+            plain_ms, guided_ms = (max(ms) for ms in zip(*(self._step_times(batch, p) for p in sizes)))
+            return now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 <= running.deadline
+
+        wider = pixels | {job.spec.height * job.spec.width}
+        for running, steps, guided in left:
+            if running.spec.budget_ms is None:
+                continue
+            if meets(running, steps, guided, n, pixels) and not meets(running, steps, guided, n + 1, wider):
                 return False
         return True
 
