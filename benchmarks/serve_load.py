@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -360,7 +361,7 @@ def main(argv=None):
                 return load * 1000.0 / unit
 
             run_server(model, scheduler, args, trace, rate_of, unit, loads, rows)
-    command = ("python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = shlex.join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "command": command,
               "settings": vars(args), "slo_ms": slos, "runs": rows}
     if args.report_only:
