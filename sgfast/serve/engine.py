@@ -26,7 +26,8 @@ from concurrent.futures import CancelledError, Future
 
 import torch
 
-from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
+from sgfast.sampler import resolve_schedule
+from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of, paper_guided
 from sgfast.serve.cache import TraceCache, call_photo_edit, call_pipeline
 from sgfast.serve.cost import CostModel
 from sgfast.serve.jobs import Job, result_of
@@ -120,6 +121,19 @@ class Engine:
         probe = Job(spec, None, 0, 0, 0, False, 0)
         return lambda steps: 0 if self.cache.peek(probe.trace_key(self.model, steps)) else steps
 
+    def guided_steps_for(self, spec):
+        """steps -> the step indices the pipeline guides for `spec` at that many steps when the plan
+        leaves the schedule alone: the model's own schedule (its self_guidance.json), else the paper's."""
+        settings = getattr(self.sg, "settings", None)
+        if settings is None:
+            return paper_guided
+
+        def guided(steps):
+            _, (_, _, schedule) = settings.resolve([list(spec.edits)], steps, spec.self_guidance_scale, spec.normalize_gradient)
+            return tuple(i for i, on in enumerate(resolve_schedule(schedule, steps)) if on)
+
+        return guided
+
     def submit(self, spec):
         """Admit and queue a request; returns its Job (`job.future` resolves to a Result or raises).
         Raises Rejected when it is not admitted."""
@@ -134,6 +148,7 @@ class Engine:
             budget = spec.budget_ms
             deadline = now + (budget if budget is not None else NO_BUDGET_MS) / 1000
             ahead, slack = self._ahead_ms(deadline, now)
+            guided_for = self.guided_steps_for(spec)
             decision = admit(
                 self.cost,
                 steps=spec.steps,
@@ -145,9 +160,11 @@ class Engine:
                 limits=self.limits,
                 reference_steps_for=self.reference_steps_for(spec),
                 slack_ms=slack,
+                guided_for=guided_for,
+                batch=self._admission_batch(),
             )
             plan = decision.plan
-            job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq))
+            job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq), guided_for=guided_for)
             job.cost_ms = decision.predicted_ms - ahead
             heapq.heappush(self.queue, (deadline, job.seq, job))
             self.admitted += 1
@@ -226,6 +243,11 @@ class Engine:
                     slack = min(slack, left)
         return ahead, slack
 
+    def _admission_batch(self):
+        """The batch size whose step times a request is planned with: 1 here (request-level batches
+        form at dispatch, and only a batch whose time meets every member's deadline runs)."""
+        return 1
+
     def _cancel_queued(self):
         while self.queue:
             _, _, job = heapq.heappop(self.queue)
@@ -261,6 +283,8 @@ class Engine:
             policy=self.policy,
             limits=self.limits,
             reference_steps_for=self.reference_steps_for(spec),
+            guided_for=job.guided_for,
+            batch=self._admission_batch(),
         )
         if self.policy == "degrade":
             # Never run more than admitted (the admitted plan may already be degraded).
@@ -268,7 +292,7 @@ class Engine:
                 self._refresh_reference(job)
             else:
                 job.plan = decision.plan
-            job.degraded = degradation_of(spec, job.plan) is not None
+            job.degraded = degradation_of(spec, job.plan, job.guided_for) is not None
         else:
             job.plan = Plan(job.plan.steps, job.plan.guided_steps, job.plan.schedule, decision.plan.reference_steps)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgfast.serve.admission import Plan, degradation_of
+from sgfast.serve.admission import Plan, degradation_of, paper_guided
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Job:
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
     abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
     inversion: dict = None  # a photo edit's reconstruction PSNR and the VAE's (set when it ran)
+    guided_for: object = paper_guided  # steps -> the step indices the model's schedule guides for it
 
     def answer(self, result=None, error=None):
         """Resolve the future once; later answers (a batch finishing after its client left or the
@@ -84,7 +85,7 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
         spec=job.spec,
         plan=job.plan,
         degraded=job.degraded,
-        degradation=degradation_of(job.spec, job.plan),
+        degradation=degradation_of(job.spec, job.plan, job.guided_for),
         timings={
             "queue_ms": round((start - job.arrival) * 1000, 1),
             "run_ms": round(run_ms, 1),
@@ -98,10 +99,11 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
     )
 
 
-def seeded_latents(pipe, seeds, height, width):
+def seeded_latents(pipe, seeds, height, width, device=None):
     """The initial noise of each seed, as diffusers draws it for a batch of one with a CPU generator,
     so that a request's image does not depend on what it was batched with."""
     unet = pipe.unet
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype) for s in seeds]
-    return torch.cat(noise).to(pipe._execution_device)
+    # diffusers' _execution_device walks every module (milliseconds): a caller that knows it passes it.
+    return torch.cat(noise).to(device or pipe._execution_device)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sgfast.sampler import default_schedule
+from sgfast.serve.admission import paper_guided
 from sgfast.serve.jobs import Spec
 
 
@@ -151,7 +151,7 @@ def to_spec(request, engine):
     width, height = (size, size) if isinstance(size, int) else size
     check_size(width, height, engine, ["size"])
     edits = checked_edits(request, engine, steps)
-    return Spec(
+    spec = Spec(
         prompt=request.prompt,
         edits=edits,
         edit_specs=[e.model_dump(exclude_none=True) for e in request.edits],
@@ -165,6 +165,12 @@ def to_spec(request, engine):
         negative_prompt=request.negative_prompt,
         budget_ms=request.budget_ms,
     )
+    # The model's own schedule decides which steps are guided (the paper's without settings).
+    guided = getattr(engine, "guided_steps_for", lambda spec: paper_guided)(spec)
+    if edits and not guided(steps):
+        first = next((n for n in range(1, limits.max_steps + 1) if guided(n)), None)
+        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
+    return spec
 
 
 # load_photo's refusals as HTTP statuses: over the byte cap, not an 8-bit PNG/JPEG, a bad size.
@@ -247,10 +253,9 @@ def check_size(width, height, engine, loc):
 
 
 def checked_edits(request, engine, steps):
-    """The request's edits as sgfast edits, checked against the prompt's words and the steps."""
+    """The request's edits as sgfast edits, checked against the prompt's words."""
     from sgfast.trace import PromptWords
 
-    limits = engine.limits
     words = PromptWords.from_tokenizer(engine.pipe.tokenizer, request.prompt)
     edits = []
     for i, edit_spec in enumerate(request.edits):
@@ -262,9 +267,6 @@ def checked_edits(request, engine, steps):
         if not edit.needed_words(words):  # it would read no word: nothing to hold, an energy of nothing
             raise InvalidRequest(["edits", i], f"{edit_spec.type} names no word to hold: {_no_words(edit_spec, words)}", words=words.words)
         edits.append(edit)
-    if edits and not any(default_schedule(steps)):
-        first = next(n for n in range(1, limits.max_steps + 1) if any(default_schedule(n)))
-        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
     return edits
 
 
