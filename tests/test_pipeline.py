@@ -318,3 +318,69 @@ def test_failure_during_sampling_restores_processors(sg):
         sg(PROMPT, edits=[Broken("circle", dx=0.1)], num_inference_steps=3, generator=seeded())
     assert processors(sg.pipe) == before
     assert dict(sg.pipe.unet.up_blocks[0]._forward_hooks) == hooks
+
+
+@pytest.mark.parametrize("per_prompt", [False, True], ids=["one generator", "one per prompt"])
+def test_a_trace_replays_each_prompts_step_noise_as_diffusers_draws_it(per_prompt):
+    """DDIM with eta=1 draws fresh noise at every step: the plain call and the call on its trace (no
+    generator given) both end where diffusers ends with the same generators."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = [PROMPT, "a green triangle"]
+
+    def generators():
+        return [seeded(0), seeded(1)] if per_prompt else seeded(0)
+
+    expected = pipe(prompts, num_inference_steps=STEPS, eta=1.0, generator=generators(), output_type="latent").images
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    first = sg(prompts, num_inference_steps=STEPS, eta=1.0, generator=generators(), output_type="latent")
+    torch.testing.assert_close(first.images, expected)
+    again = sg(prompts, num_inference_steps=STEPS, eta=1.0, trace=first.trace, output_type="latent")
+    torch.testing.assert_close(again.images, expected)
+
+
+def test_without_a_generator_an_edit_draws_from_the_default_one(sg):
+    """No generator: the latents and the step noise come from torch's default generator, and the edited
+    pass draws the unedited pass's step noise again, as with a generator seeded the same."""
+    scheduler = sg.pipe.scheduler
+    sg.pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    call = dict(edits=[move("circle", dx=0.2)], num_inference_steps=STEPS, eta=1.0, output_type="latent")
+    try:
+        expected = sg(PROMPT, generator=seeded(3), **call)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            out = sg(PROMPT, **call)
+    finally:
+        sg.pipe.scheduler = scheduler
+    torch.testing.assert_close(out.images, expected.images)
+    torch.testing.assert_close(out.trace.latents, expected.trace.latents)
+
+
+def test_words_and_decode_are_the_tokenizers_and_diffusers(sg, tiny_pipe, base):
+    assert sg.words("A red circle, and a blue catdog") == ["a", "red", "circle", ",", "and", "a", "blue", "catdog"]
+    latents = base.images
+    vae = tiny_pipe.vae
+    with torch.no_grad():
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    expected = tiny_pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
+    np.testing.assert_array_equal(sg.decode(latents, output_type="np"), expected)
+    assert sg.decode(latents, output_type="latent") is latents
+
+
+def test_invert_method_is_sgfast_invert(sg):
+    from PIL import Image
+
+    from sgfast.invert import invert
+
+    scheduler = sg.pipe.scheduler
+    sg.pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    options = dict(num_inference_steps=3, guidance_scale=2.0, method="plain")
+    try:
+        got = sg.invert(photo, PROMPT, **options)
+        want = invert(sg, photo, PROMPT, **options)
+    finally:
+        sg.pipe.scheduler = scheduler
+    torch.testing.assert_close(got.latents, want.latents)
+    assert got.inversion["arguments"] == want.inversion["arguments"]
+    assert got.inversion["arguments"]["guidance_scale"] == 2.0 and got.inversion["arguments"]["num_inference_steps"] == 3
