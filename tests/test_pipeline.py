@@ -384,3 +384,13 @@ def test_invert_method_is_sgfast_invert(sg):
     torch.testing.assert_close(got.latents, want.latents)
     assert got.inversion["arguments"] == want.inversion["arguments"]
     assert got.inversion["arguments"]["guidance_scale"] == 2.0 and got.inversion["arguments"]["num_inference_steps"] == 3
+
+
+def test_fast_mode_freezes_the_unet_weights_and_reference_mode_leaves_them():
+    """Fast mode needs gradients to the latents only; reference mode changes nothing of the pipeline."""
+    pipe = tiny_pipeline()
+    pipe.unet.requires_grad_(True)
+    reference = SelfGuidancePipeline.from_pipe(pipe)
+    assert reference.mode == "reference" and all(p.requires_grad for p in pipe.unet.parameters())
+    fast = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
+    assert fast.mode == "fast" and not any(p.requires_grad for p in pipe.unet.parameters())
