@@ -173,5 +173,11 @@ def test_default_layers_order_up_blocks_by_number():
                 [torch.nn.ModuleDict({"attn2": Attention(8, cross_attention_dim=8, heads=1, dim_head=8)}) for _ in range(11)]
             )
 
-    layers = default_layers(ManyUpBlocks())
+    unet = ManyUpBlocks()
+    layers = default_layers(unet)
     assert layers == [f"up_blocks.{i}.attn2" for i in range(10)]  # block 10, the finest, left out
+    # The features: the block before the finest captured one, not before the first captured one;
+    # with no up block captured, up_blocks.0.
+    assert default_feature_layer(unet, layers) == "up_blocks.8"
+    assert default_feature_layer(unet, ["up_blocks.7.attn2"]) == "up_blocks.7"
+    assert default_feature_layer(unet, ["mid_block.attentions.0.transformer_blocks.0.attn2"]) == "up_blocks.0"

@@ -394,3 +394,33 @@ def test_fast_mode_freezes_the_unet_weights_and_reference_mode_leaves_them():
     assert reference.mode == "reference" and all(p.requires_grad for p in pipe.unet.parameters())
     fast = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
     assert fast.mode == "fast" and not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_compile_compiles_the_unet_forward_with_the_named_backend(monkeypatch):
+    """compile=True: inductor; a string: that backend; only in fast mode, and then the capture never
+    stops the UNet early (no exception out of a compiled graph). torch.compile itself is replaced
+    here by a recorder: what it is given is the contract (tests/test_fast.py compiles for real)."""
+    calls = []
+
+    def fake_compile(fn, backend):
+        calls.append((fn, backend))
+        return "compiled"
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"^compile=True needs mode='fast'$"):
+        SelfGuidancePipeline.from_pipe(pipe, compile=True)
+    assert calls == [] and pipe.unet.forward != "compiled"
+    for compile, backend in ((True, "inductor"), ("aot_eager", "aot_eager")):
+        pipe = tiny_pipeline()
+        forward = pipe.unet.forward
+        sg = SelfGuidancePipeline.from_pipe(pipe, mode="fast", compile=compile)
+        assert calls.pop() == (forward, backend) and pipe.unet.forward == "compiled"
+        assert sg.capture().can_stop_early is False
+    assert SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode="fast").capture().can_stop_early is True
+
+
+def test_a_trace_records_the_image_size(sg, base):
+    assert base.trace.image_size == (64, 64)  # the tiny UNet's sample size 16 x the VAE's factor 4
+    out = sg(PROMPT, height=48, width=32, num_inference_steps=2, generator=seeded(), output_type="latent")
+    assert out.trace.image_size == (48, 32) and out.images.shape[-2:] == (12, 8)
