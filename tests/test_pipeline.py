@@ -424,3 +424,18 @@ def test_a_trace_records_the_image_size(sg, base):
     assert base.trace.image_size == (64, 64)  # the tiny UNet's sample size 16 x the VAE's factor 4
     out = sg(PROMPT, height=48, width=32, num_inference_steps=2, generator=seeded(), output_type="latent")
     assert out.trace.image_size == (48, 32) and out.images.shape[-2:] == (12, 8)
+
+
+def test_fast_mode_asks_for_the_fused_op_where_there_is_one(monkeypatch):
+    """Fast mode's maps come from attention_stats with impl="auto" (Triton on CUDA, the reference
+    here); reference mode's from the plain PyTorch reference."""
+    import sgfast.capture
+
+    impls = []
+    real = sgfast.capture.attention_stats
+    monkeypatch.setattr(sgfast.capture, "attention_stats", lambda *a, impl, **kw: impls.append(impl) or real(*a, impl=impl, **kw))
+    for mode, impl in (("reference", "torch"), ("fast", "auto")):
+        impls.clear()
+        sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode=mode)
+        sg(PROMPT, edits=[move("circle", dx=0.2)], num_inference_steps=2, generator=seeded(), output_type="latent")
+        assert impls and set(impls) == {impl}
