@@ -365,6 +365,11 @@ def test_words_and_decode_are_the_tokenizers_and_diffusers(sg, tiny_pipe, base):
     expected = tiny_pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
     np.testing.assert_array_equal(sg.decode(latents, output_type="np"), expected)
     assert sg.decode(latents, output_type="latent") is latents
+    from PIL import Image
+
+    (pil,) = sg.decode(latents)  # diffusers' default output: PIL images
+    assert isinstance(pil, Image.Image)
+    np.testing.assert_array_equal(np.asarray(pil), tiny_pipe.image_processor.numpy_to_pil(expected)[0])
 
 
 def test_invert_method_is_sgfast_invert(sg):
