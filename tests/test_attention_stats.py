@@ -419,3 +419,15 @@ def test_not_a_tensor():
     args["q"] = args["q"].tolist()
     with pytest.raises(TypeError, match="q must be a tensor"):
         attention_stats(**args)
+
+
+def test_the_triton_path_says_what_it_needs(monkeypatch):
+    """impl="triton" without Triton, or with CPU tensors outside the interpreter: a clear error."""
+    q, k, token_index = make_inputs(0, 1, 2, 2, 3, 5, 2, 16, torch.float32)
+    monkeypatch.setattr(ops, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match=r"^attention_stats: the Triton path needs the `triton` package$"):
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
+    monkeypatch.setattr(ops, "HAS_TRITON", True)
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match=r"^attention_stats: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set"):
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
