@@ -429,5 +429,20 @@ def test_the_triton_path_says_what_it_needs(monkeypatch):
         attention_stats(q, k, token_index, 2, 3, impl="triton")
     monkeypatch.setattr(ops, "HAS_TRITON", True)
     monkeypatch.setattr(ops, "INTERPRET", False)
-    with pytest.raises(RuntimeError, match=r"^attention_stats: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set"):
+    with pytest.raises(RuntimeError) as error:
         attention_stats(q, k, token_index, 2, 3, impl="triton")
+    assert str(error.value) == (
+        "attention_stats: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set before sgfast.kernels is "
+        "imported (to run the kernels on the CPU through the interpreter)"
+    )
+
+
+@needs_triton
+def test_fused_path_returns_the_maps_unless_told_not_to():
+    """The Triton path called directly, as attention_stats calls it: maps by default."""
+    q, k, token_index = on_device(*make_inputs(1, 1, 2, 2, 3, 5, 2, 16, torch.float32))
+    sums, maps = ops.fused_attention_stats(q, k, token_index, 2, 3, 0.25)
+    want_sums, want_maps = attention_stats_reference(q.double(), k.double(), token_index, 2, 3, 0.25)
+    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
+    assert ops.fused_attention_stats(q, k, token_index, 2, 3, 0.25, return_maps=False)[1] is None
