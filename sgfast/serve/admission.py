@@ -10,7 +10,7 @@ even on an idle server is `Rejected` with status 422. Pure: no timing, no thread
 import math
 from dataclasses import dataclass
 
-from sgfast.sampler import default_schedule
+from sgfast.sampler import default_schedule, resolve_schedule
 
 POLICIES = ("degrade", "reject")
 
@@ -70,6 +70,19 @@ class Plan:
 def paper_guided(steps):
     """The guided step indices of the paper's schedule at `steps` steps (a model without settings)."""
     return tuple(i for i, on in enumerate(default_schedule(steps)) if on)
+
+
+def model_guided(settings, spec):
+    """steps -> the step indices the pipeline guides for `spec` at that many steps when the plan
+    leaves the schedule alone: the model's own schedule (its self_guidance.json), else the paper's."""
+    if settings is None:
+        return paper_guided
+
+    def guided(steps):
+        _, (_, _, schedule) = settings.resolve([list(spec.edits)], steps, spec.self_guidance_scale, spec.normalize_gradient)
+        return tuple(i for i, on in enumerate(resolve_schedule(schedule, steps)) if on)
+
+    return guided
 
 
 def thinned_schedule(steps, guided, full=None):

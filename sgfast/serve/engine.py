@@ -13,8 +13,7 @@ request's budget (`sgfast.serve.admission`), the reference-trace cache (`sgfast.
     engine.cancel(job)               # its client went away: dropped from the queue, or from its batch
     engine.shutdown(drain=True, timeout=30)   # answers every request within the deadline
 
-Each request is admitted when it arrives (planned against the work queued ahead of it) and planned
-again when it is dispatched, against the time it has left.
+A request is admitted on arrival (against the work queued ahead) and planned again on dispatch.
 """
 
 import heapq
@@ -26,11 +25,10 @@ from concurrent.futures import CancelledError, Future
 
 import torch
 
-from sgfast.sampler import resolve_schedule
-from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of, paper_guided
+from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of, model_guided
 from sgfast.serve.cache import TraceCache, call_photo_edit, call_pipeline
 from sgfast.serve.cost import CostModel
-from sgfast.serve.jobs import Job, result_of
+from sgfast.serve.jobs import Abandoned, Job, reference_steps, result_of
 
 SHUTDOWN_RETRY_S = 5  # Retry-After of requests answered 503 because the server stopped
 NO_BUDGET_MS = 3_600_000.0  # requests without a budget are ordered as if due in an hour (FIFO among themselves)
@@ -112,27 +110,12 @@ class Engine:
         return len(self.queue)
 
     def reference_steps_for(self, spec):
-        """The reference pass a plan of `steps` steps needs: none without edits or with a cached trace;
-        a photo edit's inversion and its regeneration (unguided, `steps` each) are its reference."""
-        if spec.photo is not None:
-            return lambda steps: 2 * steps
-        if not spec.edits or not any(e.needs_reference for e in spec.edits):
-            return lambda steps: 0
-        probe = Job(spec, None, 0, 0, 0, False, 0)
-        return lambda steps: 0 if self.cache.peek(probe.trace_key(self.model, steps)) else steps
+        """steps -> the reference pass steps a plan needs (`jobs.reference_steps`)."""
+        return reference_steps(spec, self.cache, self.model)
 
     def guided_steps_for(self, spec):
-        """steps -> the step indices the pipeline guides for `spec` at that many steps when the plan
-        leaves the schedule alone: the model's own schedule (its self_guidance.json), else the paper's."""
-        settings = getattr(self.sg, "settings", None)
-        if settings is None:
-            return paper_guided
-
-        def guided(steps):
-            _, (_, _, schedule) = settings.resolve([list(spec.edits)], steps, spec.self_guidance_scale, spec.normalize_gradient)
-            return tuple(i for i, on in enumerate(resolve_schedule(schedule, steps)) if on)
-
-        return guided
+        """steps -> the step indices guided for `spec` (`admission.model_guided`)."""
+        return model_guided(getattr(self.sg, "settings", None), spec)
 
     def submit(self, spec):
         """Admit and queue a request; returns its Job (`job.future` resolves to a Result or raises).
@@ -435,7 +418,3 @@ class Engine:
             return call_pipeline(self.sg, self.cache, self.model, batch, self.metrics)
         finally:
             hook.remove()
-
-
-class Abandoned(Exception):
-    """Every request of a running batch has gone (clients left, or the shutdown deadline passed)."""

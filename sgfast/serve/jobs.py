@@ -107,3 +107,18 @@ def seeded_latents(pipe, seeds, height, width, device=None):
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype) for s in seeds]
     # diffusers' _execution_device walks every module (milliseconds): a caller that knows it passes it.
     return torch.cat(noise).to(device or pipe._execution_device)
+
+
+def reference_steps(spec, cache, model):
+    """steps -> the reference pass a plan of `steps` steps needs: none without edits or with a cached
+    trace; a photo edit's inversion and its regeneration (unguided, `steps` each) are its reference."""
+    if spec.photo is not None:
+        return lambda steps: 2 * steps
+    if not spec.edits or not any(e.needs_reference for e in spec.edits):
+        return lambda steps: 0
+    probe = Job(spec, None, 0, 0, 0, False, 0)
+    return lambda steps: 0 if cache.peek(probe.trace_key(model, steps)) else steps
+
+
+class Abandoned(Exception):
+    """Every request of a running batch has gone (clients left, or the shutdown deadline passed)."""
