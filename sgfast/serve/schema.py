@@ -17,6 +17,12 @@ from sgfast.serve.jobs import Spec
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+
+def _prompt_not_blank(cls, value):
+    if not value.strip():
+        raise ValueError("prompt is blank")
+    return value
+
 class _Edit(BaseModel):
     model_config = STRICT
 
@@ -81,12 +87,7 @@ class ImageRequest(BaseModel):
     budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000, description="time to the answer, queue included")
     format: Literal["json", "png"] = "json"
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value):
-        if not value.strip():
-            raise ValueError("prompt is blank")
-        return value
+    _not_blank = field_validator("prompt")(classmethod(_prompt_not_blank))
 
 
 class PhotoEditRequest(BaseModel):
@@ -108,12 +109,7 @@ class PhotoEditRequest(BaseModel):
     budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000)
     format: Literal["json", "png"] = "json"
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value):
-        if not value.strip():
-            raise ValueError("prompt is blank")
-        return value
+    _not_blank = field_validator("prompt")(classmethod(_prompt_not_blank))
 
 
 def build_edit(spec):
