@@ -26,14 +26,49 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-# Mutation testing of the core modules (setup.cfg's [mutmut] section) with mutmut, in mutants/.
-# MUTANTS picks mutants by name ("sgfast.edits*"); empty: all of them. Hours on 2 CPU cores.
+# What CI runs after `make test`: the slow and torch.compile tests with everything they need installed
+# (Debian's chromium for the page, Playwright to drive it, Ray Serve for two CPU replicas), and with
+# SGFAST_NO_SKIP=1, so that a test that would skip for want of one of them fails instead.
+.PHONY: test-ci-slow ci-deps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ci-deps: $(STAMP)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,serve,ray,browser]'
+
+test-ci-slow: ci-deps
+	SGFAST_NO_SKIP=1 $(PY) -m pytest -q -m "slow or compile" --durations=10
+
+# Mutation testing of the core modules (setup.cfg's [mutmut] section) with mutmut. mutmut mutates
+# a copy of its source folder, and the editable install maps sgfast.kernels to kernels/, outside
+# sgfast/: so it runs in build/mutate/, a copy laid out as installed (kernels/ as sgfast/kernels/),
+# and keeps its mutants and results in build/mutate/mutants/ (rerun: only changed functions).
+# MUTANTS picks mutants by name ("sgfast.capture*"), and then reruns those even when they have a
+# result; empty: all of them, skipping those with a result. Hours on 2 CPU cores.
+# MUTATE_TESTS (test files) replaces setup.cfg's test selection for a narrower, faster run, e.g.
+#   make mutate MUTATE_DIR=build/mutate-kernels MUTATE_TESTS=tests/test_attention_stats.py MUTANTS='"sgfast.kernels*"'
+# (a run keeps its results per folder; a changed selection starts the folder's results over).
 MUTANTS ?=
+MUTATE_TESTS ?=
+MUTATE_DIR ?= build/mutate
+MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutate]'
+	rm -rf $(MUTATE_DIR)/sgfast $(MUTATE_DIR)/tests $(MUTATE_DIR)/benchmarks
+	mkdir -p $(MUTATE_DIR)
+	# cp -p keeps the times mutmut compares to know which files changed since its last run.
+	cp -Rp sgfast tests benchmarks pytest.ini setup.cfg $(MUTATE_DIR)/
+	cp -Rp kernels $(MUTATE_DIR)/sgfast/kernels
+	find $(MUTATE_DIR) -name __pycache__ -prune -exec rm -rf {} +
+ifneq ($(strip $(MUTATE_TESTS)),)
+	# The selection is the last setting of setup.cfg's [mutmut] section: replace it.
+	$(PY) -c "import sys; p = sys.argv[1]; s = open(p).read(); key = 'pytest_add_cli_args_test_selection ='; \
+	open(p, 'w').write(s[:s.index(key)] + key + '\n' + ''.join('    ' + t + '\n' for t in sys.argv[2:]))" \
+	$(MUTATE_DIR)/setup.cfg $(MUTATE_TESTS)
+endif
+	# One torch thread per child: the children already use the cores.
 	# Go on to the list of survivors whatever the run's exit status.
-	-$(VENV)/bin/mutmut run $(MUTANTS)
-	$(VENV)/bin/mutmut results
+	-cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	cd $(MUTATE_DIR) && $(abspath $(VENV))/bin/mutmut results
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

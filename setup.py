@@ -32,5 +32,7 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus-client>=0.20"],
         # `python -m sgfast serve-ray`: the same API on Ray Serve, one replica per GPU.
         "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "httpx>=0.27", "prometheus-client>=0.20"],
+        # The web page's test drives Debian's chromium (installed by the system, not by pip).
+        "browser": ["playwright>=1.40"],
     },
 )

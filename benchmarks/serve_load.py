@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -324,6 +325,7 @@ def main(argv=None):
     parser.add_argument("--plot", default=os.path.join("outputs", "bench", "serve_load.png"))
     parser.add_argument("--results-md", default=os.path.join("benchmarks", "RESULTS.md"), help='"" to leave it alone')
     parser.add_argument("--report-only", action="store_true", help="no runs: redo the tables, plot and RESULTS.md from --json")
+    parser.add_argument("--note", default="", help="a sentence on the conditions of the run, for RESULTS.md (e.g. a shared machine)")
     args = parser.parse_args(argv)
     os.makedirs(os.path.join(ROOT, "outputs", "bench"), exist_ok=True)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script, or as benchmarks.serve_load
@@ -359,7 +361,7 @@ def main(argv=None):
                 return load * 1000.0 / unit
 
             run_server(model, scheduler, args, trace, rate_of, unit, loads, rows)
-    command = ("python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = shlex.join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "command": command,
               "settings": vars(args), "slo_ms": slos, "runs": rows}
     if args.report_only:
@@ -375,7 +377,8 @@ def main(argv=None):
         units = ", ".join(f"{m}: {s / 8:.0f} ms" for m, s in slos.items())
         text = (
             "## Serving\n\n"
-            f"{report['date'][:10]}, {report['machine']}.\n"
+            f"{report['date'][:10]}, {report['machine']}. Both schedulers ran in this one run, one after the other."
+            + (f" {args.note}" if args.note else "") + "\n"
             f"Command: `{command}` (`make bench-serve`). For each model, `python -m sgfast serve` runs on loopback with one "
             f"worker thread, `--max-batch {args.max_batch}`, once per scheduler (`--scheduler request`: same-shape requests "
             f"as one pipeline call; `--scheduler iteration`: batched per denoising step). Both get the same open-loop Poisson "

@@ -112,8 +112,7 @@ def edit(args):
     edits = [move(w, dx=dx, dy=dy) for w, (dx, dy) in moves] + [resize(w, s) for w, (s,) in resizes]
     inverted = sg.invert(photo.convert("RGB"), args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     print(f"model: {name}; reconstruction PSNR {inverted.inversion['psnr']:.1f} dB (the VAE alone: {inverted.inversion['vae_psnr']:.1f} dB)")
-    _, (_, _, schedule) = sg.settings.resolve([edits], args.steps)  # the model's schedule for these edits
-    out = sg(args.prompt, edits=edits, trace=inverted, **edit_arguments(inverted, args.strength, schedule))
+    out = sg(args.prompt, edits=edits, trace=inverted, **edit_arguments(inverted, args.strength, edits=edits))
     out.images[0].save(args.out)
     # The edited image's maps read back the paper's way, next to the photo's own.
     seen = sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))
@@ -149,7 +148,7 @@ def main(argv=None):
     e.add_argument("--prompt", required=True, help="what the photo shows; edits name its words")
     e.add_argument("--move", action="append", metavar="WORD:DX,DY", help="move WORD by (DX, DY) image fractions (repeatable)")
     e.add_argument("--resize", action="append", metavar="WORD:SCALE", help="scale WORD's area by SCALE (repeatable)")
-    e.add_argument("--strength", type=float, default=1.0, help="share of the steps that edit (as image-to-image's; lower changes less)")
+    e.add_argument("--strength", type=float, default=None, help="share of the steps that edit (as image-to-image's; lower changes less); default: the model's photo setting")
     e.add_argument("--model", default="default", help='"default", "tiny", or a local diffusers pipeline folder (DDIM scheduler)')
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance-scale", type=float, default=5.0)

@@ -130,25 +130,49 @@ def invert(sg, image, prompt, num_inference_steps=50, guidance_scale=5.0, method
     vae_only = sg.decode(clean)[0]
     trace.inversion = dict(
         arguments=arguments, method=method, fixed_point_iterations=fixed_point_iterations,
+        settings=sg.settings.for_photo(), strength=sg.settings.photo_strength,  # the model's, for edits of photos
         reconstruction=regenerated.images[0], psnr=psnr(photo, regenerated.images[0]), vae_psnr=psnr(photo, vae_only),
     )
     return trace
 
 
-def edit_arguments(trace, strength=1.0, guidance_schedule=None):
+def edit_arguments(trace, strength=None, guidance_schedule=None, edits=()):
     """The call arguments that edit an inverted photo: the inversion's steps, size, guidance scale and
-    negative prompt, and with `strength` < 1 (as image-to-image's) a guidance schedule that leaves
-    the first (1 - strength) of the steps unguided. Those steps retrace the inversion (the
-    regeneration follows it back), so the edit starts from the inverted latents at that timestep."""
+    negative prompt, and a guidance schedule: `guidance_schedule`, else the model's photo schedule
+    for `edits` (its self_guidance.json), with the first (1 - strength) of the steps left unguided, as
+    image-to-image's strength (None: the model's photo strength, else 1). Those steps retrace the
+    inversion (the regeneration follows it back), so the edit starts from the inverted latents there."""
     info = getattr(trace, "inversion", None)
     if info is None:
         raise ValueError("edit_arguments takes a trace from sg.invert (this one has no inversion)")
-    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     steps = info["arguments"]["num_inference_steps"]
+    strength = info.get("strength", 1.0) if strength is None else strength
+    check_strength(strength)
+    if guidance_schedule is None and info.get("settings") is not None:
+        _, (_, _, guidance_schedule) = info["settings"].resolve([list(edits)], steps)
+    return dict(info["arguments"], guidance_schedule=strength_schedule(steps, strength, guidance_schedule))
+
+
+def check_strength(strength):
+    if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+
+
+def strength_schedule(steps, strength, guidance_schedule=None):
+    """`guidance_schedule` (any form a call takes) as bools, with the first (1 - strength) of the
+    steps unguided."""
+    check_strength(strength)
     start = steps - int(round(strength * steps))
-    base = resolve_schedule(guidance_schedule, steps)
-    return dict(info["arguments"], guidance_schedule=[g and i >= start for i, g in enumerate(base)])
+    return [g and i >= start for i, g in enumerate(resolve_schedule(guidance_schedule, steps))]
+
+
+class PhotoError(ValueError):
+    """A photo `load_photo` refuses. `kind`: "too_large" (over the byte cap), "unsupported" (not a
+    readable PNG or JPEG, or not 8-bit) or "invalid" (its size), so a server can answer 413/415/422."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
 
 
 # 8-bit modes a photo may come in (converted to RGB); CMYK, 16-bit and float images are refused
@@ -159,36 +183,38 @@ PHOTO_MODES = ("RGB", "RGBA", "L", "LA", "P")
 def load_photo(data, max_side=2048, max_bytes=20 * 2**20):
     """An uploaded photo (bytes) as an RGB PIL image, checked: a readable PNG or JPEG of at most
     `max_bytes`, an 8-bit mode (PHOTO_MODES), sides multiples of 8 in [8, max_side]. Anything else is a
-    ValueError saying what was wrong and what is allowed (the header is read before the pixels)."""
+    PhotoError (a ValueError) saying what was wrong and what is allowed (the header is read before
+    the pixels, so a huge image is refused before it is decoded)."""
     import io
 
     import PIL.Image
 
     if not isinstance(data, (bytes, bytearray)) or not data:
-        raise ValueError("the photo is empty: send a PNG or JPEG file")
+        raise PhotoError("unsupported", "the photo is empty: send a PNG or JPEG file")
     if len(data) > max_bytes:
-        raise ValueError(f"the photo is {len(data)} bytes; at most {max_bytes} are allowed")
+        raise PhotoError("too_large", f"the photo is {len(data)} bytes; at most {max_bytes} are allowed")
     try:
         image = PIL.Image.open(io.BytesIO(data))
     except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"the photo is not a readable image ({error}); send a PNG or JPEG file") from None
+        raise PhotoError("unsupported", f"the photo is not a readable image ({error}); send a PNG or JPEG file") from None
     if image.format not in ("PNG", "JPEG"):
-        raise ValueError(f"the photo is a {image.format} image; PNG and JPEG are allowed")
+        raise PhotoError("unsupported", f"the photo is a {image.format} image; PNG and JPEG are allowed")
     if image.mode not in PHOTO_MODES:
-        raise ValueError(f"the photo's mode is {image.mode!r} (e.g. CMYK or 16-bit); 8-bit {', '.join(PHOTO_MODES)} are allowed")
+        raise PhotoError("unsupported", f"the photo's mode is {image.mode!r} (e.g. CMYK or 16-bit); 8-bit {', '.join(PHOTO_MODES)} are allowed")
     width, height = image.size
     if not (8 <= width <= max_side and 8 <= height <= max_side) or width % 8 or height % 8:
-        raise ValueError(f"the photo is {width}x{height}; its sides must be multiples of 8 between 8 and {max_side}")
+        raise PhotoError("invalid", f"the photo is {width}x{height}; its sides must be multiples of 8 between 8 and {max_side}")
     try:
         image.load()
     except OSError as error:
-        raise ValueError(f"the photo is truncated or corrupt ({error})") from None
+        raise PhotoError("unsupported", f"the photo is truncated or corrupt ({error})") from None
     return image.convert("RGB")
 
 
-def edit_photo(sg, image, prompt, edits, strength=1.0, num_inference_steps=25, guidance_scale=5.0, guidance_schedule=None, **guidance):
+def edit_photo(sg, image, prompt, edits, strength=None, num_inference_steps=25, guidance_scale=5.0, guidance_schedule=None, **guidance):
     """Invert `image` under `prompt` and apply `edits` to it: (the edited output, the inverted trace).
-    `guidance`: the call's self-guidance settings (self_guidance_scale, normalize_gradient)."""
+    `guidance`: the call's self-guidance settings (self_guidance_scale, normalize_gradient); those left
+    out, the strength and the schedule are the model's photo settings (its self_guidance.json)."""
     inverted = invert(sg, image, prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    arguments = edit_arguments(inverted, strength, guidance_schedule)
+    arguments = edit_arguments(inverted, strength, guidance_schedule, edits)
     return sg(prompt, edits=edits, trace=inverted, **guidance, **arguments), inverted

@@ -152,7 +152,9 @@ class SelfGuidancePipeline:
         timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
         timesteps, num_inference_steps = family.cut_timesteps(timesteps, num_inference_steps, extra)
         # Arguments left None take the model's settings (else the paper's defaults).
-        edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = self.settings.resolve(
+        # An edit of an inverted photo runs without CFG: the model's photo settings, where it has them.
+        settings = self.settings.for_photo() if is_photo_trace(trace) else self.settings
+        edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
             edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
         )
         self._check_guidance(self_guidance_scale, normalize_gradient)
@@ -466,3 +468,9 @@ def replay_generators(saved):
     """Fresh generators in the saved states (the caller's own are left alone)."""
     generators = [torch.Generator(device=d).set_state(state) for d, state in saved]
     return generators[0] if len(generators) == 1 else generators
+
+
+def is_photo_trace(trace):
+    """Whether `trace` (a Trace, a list of them, or None) comes from `sg.invert`."""
+    traces = [trace] if isinstance(trace, Trace) else list(trace or [])
+    return any(getattr(t, "inversion", None) is not None for t in traces)

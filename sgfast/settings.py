@@ -13,6 +13,11 @@ an edit, overrides them; a pipeline without the file keeps the paper's defaults.
 
 A call takes its scale, normalisation and schedule from the entry of its first edit's kind, then
 from "defaults", then the paper's; each edit takes its weights from its own kind's entry.
+
+An optional "photo" section holds what differs for edits of an inverted photo (`sg.invert`), which
+run without classifier-free guidance: {"strength": s, "defaults": {...}, "edits": {kind: {...}}}.
+A call whose trace comes from `sg.invert` takes its settings from these entries first (key by key),
+and `edit_arguments` its strength.
 `guidance_schedule` is "paper" (the paper's schedule) or {"from_step": k, "to_share": s}: steps
 k <= i < s * steps are guided, whatever the step count. An optional "feature_layer" names the UNet
 block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it).
@@ -87,29 +92,37 @@ class GuidanceSettings:
     edits: dict = dataclasses.field(default_factory=dict)
     feature_layer: str = None  # the UNet block whose output appearance reads (from_pipe's feature_layer)
     source: str = None  # where they were read from, for messages
+    photo: dict = dataclasses.field(default_factory=dict)  # edits of inverted photos: strength, defaults, edits
 
     def __post_init__(self):
         where = self.source or "guidance settings"
         if self.feature_layer is not None and not (isinstance(self.feature_layer, str) and self.feature_layer):
             raise ValueError(f"{where}: feature_layer must be a UNet block name such as \"up_blocks.2\", got {self.feature_layer!r}")
-        _check_entry(f"{where} defaults", self.defaults, ())
-        if not isinstance(self.edits, dict):
-            raise ValueError(f"{where}: edits must be an object of edit kinds, got {self.edits!r}")
-        for kind, entry in self.edits.items():
-            if kind not in KINDS:
-                raise ValueError(f"{where}: unknown edit kind {kind!r}; allowed: {', '.join(KINDS)}")
-            _check_entry(f"{where} edits.{kind}", entry, KINDS[kind])
+        _check_entries(where, self.defaults, self.edits)
+        _check_photo(where, self.photo)
+
+    def for_photo(self):
+        """The settings of a call that edits an inverted photo: the "photo" entries over these."""
+        photo_edits = self.photo.get("edits", {})
+        edits = {kind: {**self.edits.get(kind, {}), **photo_edits.get(kind, {})} for kind in {**self.edits, **photo_edits}}
+        return GuidanceSettings({**self.defaults, **self.photo.get("defaults", {})}, edits, self.feature_layer, self.source)
+
+    @property
+    def photo_strength(self):
+        """The share of steps a photo edit guides when the call does not say (1: all of them)."""
+        return self.photo.get("strength", 1.0)
 
     @classmethod
     def from_dict(cls, data, source=None):
         where = source or "guidance settings"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{where}: expected an object with "format": {FORMAT}')
-        unknown = set(data) - {"format", "defaults", "edits", "feature_layer", "about"}
+        unknown = set(data) - {"format", "defaults", "edits", "feature_layer", "about", "photo"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, about")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, about, photo")
         edits = {k: dict(v) if isinstance(v, dict) else v for k, v in data.get("edits", {}).items()}
-        return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source)
+        photo = data.get("photo", {})
+        return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source, dict(photo) if isinstance(photo, dict) else photo)
 
     @classmethod
     def read(cls, path):
@@ -127,6 +140,8 @@ class GuidanceSettings:
         data.update(defaults=self.defaults, edits=self.edits)
         if self.feature_layer:
             data["feature_layer"] = self.feature_layer
+        if self.photo:
+            data["photo"] = self.photo
         return data
 
     def write(self, folder, about=None):
@@ -158,6 +173,28 @@ class GuidanceSettings:
         entry = self.edits.get(kind_of(type(edit)), {})
         changes = {k: entry[k] for k in getattr(edit, "unset", ()) if k in entry}
         return dataclasses.replace(edit, **changes) if changes else edit
+
+
+def _check_entries(where, defaults, edits):
+    _check_entry(f"{where} defaults", defaults, ())
+    if not isinstance(edits, dict):
+        raise ValueError(f"{where}: edits must be an object of edit kinds, got {edits!r}")
+    for kind, entry in edits.items():
+        if kind not in KINDS:
+            raise ValueError(f"{where}: unknown edit kind {kind!r}; allowed: {', '.join(KINDS)}")
+        _check_entry(f"{where} edits.{kind}", entry, KINDS[kind])
+
+
+def _check_photo(where, photo):
+    if not isinstance(photo, dict):
+        raise ValueError(f"{where}: photo must be an object (strength, defaults, edits), got {photo!r}")
+    unknown = set(photo) - {"strength", "defaults", "edits"}
+    if unknown:
+        raise ValueError(f"{where}: unknown photo keys {sorted(unknown)}; allowed: strength, defaults, edits")
+    strength = photo.get("strength", 1.0)
+    if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1):
+        raise ValueError(f"{where}: photo strength must be a number in (0, 1], got {strength!r}")
+    _check_entries(f"{where} photo", photo.get("defaults", {}), photo.get("edits", {}))
 
 
 def schedule_steps(schedule, num_steps):

@@ -12,6 +12,30 @@ if _interpret is None:
 elif _interpret not in ("0", "1"):
     raise pytest.UsageError(f"TRITON_INTERPRET must be 0 or 1 (or unset: chosen by the machine), got {_interpret!r}")
 
+# SGFAST_NO_SKIP=1 (CI): a skipped test fails instead, so a missing browser, Ray or extra shows up as
+# a failure rather than as a quietly smaller suite.
+_no_skip = os.environ.get("SGFAST_NO_SKIP", "0")
+if _no_skip not in ("0", "1"):
+    raise pytest.UsageError(f"SGFAST_NO_SKIP must be 0 or 1, got {_no_skip!r}")
+
+
+def _fail_skips(report):
+    if _no_skip == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under SGFAST_NO_SKIP=1: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _fail_skips((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    _fail_skips((yield).get_result())  # a module skipped at import (importorskip at its top)
+
+
 # One thread: on 2 cores shared with other work, torch's thread pool makes small ops' times swing
 # by orders of magnitude; results do not depend on it.
 torch.set_num_threads(1)

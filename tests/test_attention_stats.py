@@ -419,3 +419,42 @@ def test_not_a_tensor():
     args["q"] = args["q"].tolist()
     with pytest.raises(TypeError, match="q must be a tensor"):
         attention_stats(**args)
+
+
+def test_the_triton_path_says_what_it_needs(monkeypatch):
+    """impl="triton" without Triton, or with CPU tensors outside the interpreter: a clear error."""
+    q, k, token_index = make_inputs(0, 1, 2, 2, 3, 5, 2, 16, torch.float32)
+    monkeypatch.setattr(ops, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match=r"^attention_stats: the Triton path needs the `triton` package$"):
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
+    monkeypatch.setattr(ops, "HAS_TRITON", True)
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    with pytest.raises(RuntimeError) as error:
+        attention_stats(q, k, token_index, 2, 3, impl="triton")
+    assert str(error.value) == (
+        "attention_stats: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set before sgfast.kernels is "
+        "imported (to run the kernels on the CPU through the interpreter)"
+    )
+
+
+@needs_triton
+def test_fused_path_returns_the_maps_unless_told_not_to():
+    """The Triton path called directly, as attention_stats calls it: maps by default."""
+    q, k, token_index = on_device(*make_inputs(1, 1, 2, 2, 3, 5, 2, 16, torch.float32))
+    sums, maps = ops.fused_attention_stats(q, k, token_index, 2, 3, 0.25)
+    want_sums, want_maps = attention_stats_reference(q.double(), k.double(), token_index, 2, 3, 0.25)
+    torch.testing.assert_close(maps.double(), want_maps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-6)
+    assert ops.fused_attention_stats(q, k, token_index, 2, 3, 0.25, return_maps=False)[1] is None
+
+
+def test_token_range_edges():
+    """One token out of range is refused; an empty selection, and meta tensors (shapes only), are
+    not range-checked and give outputs of the right shapes."""
+    q, k, token_index = make_inputs(2, 1, 2, 2, 3, 5, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"token_index must lie in \[0, 5\), got values in \[5, 5\]"):
+        attention_stats(q, k, torch.full((1, 1), 5), 2, 3, impl="torch")
+    sums, maps = attention_stats(q, k, token_index[:, :0], 2, 3, impl="torch")
+    assert sums.shape == (1, 0, 3) and maps.shape == (1, 0, 6)
+    sums, maps = attention_stats(q.to("meta"), k.to("meta"), token_index.to("meta"), 2, 3, impl="torch")
+    assert sums.shape == (1, 1, 3) and maps.shape == (1, 1, 6) and maps.device.type == "meta"

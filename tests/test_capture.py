@@ -134,3 +134,50 @@ def test_default_layers_on_sd15_architecture():
     assert len(layers) == 6 and all(name.endswith("attn2") for name in layers)
     assert default_feature_layer(unet, layers) == "up_blocks.1"
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+
+
+TINY_CROSS_ATTENTION = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn2",
+    "up_blocks.0.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    "mid_block.attentions.0.transformer_blocks.0.attn2",
+]
+
+
+def test_layer_names_resolve_to_every_match_in_order_once(tiny_pipe):
+    unet = tiny_pipe.unet
+    # None: the decoder's layers (two up blocks with attention: none left out).
+    assert resolve_layers(unet, None) == TINY_CROSS_ATTENTION[2:6]
+    # Several names: each one's matches in turn, none twice.
+    names = ["up_blocks.1", TINY_CROSS_ATTENTION[3], "up_blocks.1.attentions.0", "mid_block"]
+    assert resolve_layers(unet, names) == TINY_CROSS_ATTENTION[4:6] + [TINY_CROSS_ATTENTION[3], TINY_CROSS_ATTENTION[6]]
+    # An unknown name lists every cross-attention layer the UNet has, comma-separated.
+    with pytest.raises(ValueError) as error:
+        resolve_layers(unet, ["up_blocks.0", "down_blocks.7"])
+    assert str(error.value) == "unknown cross-attention layer 'down_blocks.7'; this UNet has 7: " + ", ".join(
+        TINY_CROSS_ATTENTION
+    )
+
+
+def test_default_layers_order_up_blocks_by_number():
+    """The finest up block is the highest-numbered one, also past 9 (a numeric, not a text, order)."""
+    from diffusers.models.attention_processor import Attention
+
+    class ManyUpBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_blocks = torch.nn.ModuleList(
+                [torch.nn.ModuleDict({"attn2": Attention(8, cross_attention_dim=8, heads=1, dim_head=8)}) for _ in range(11)]
+            )
+
+    unet = ManyUpBlocks()
+    layers = default_layers(unet)
+    assert layers == [f"up_blocks.{i}.attn2" for i in range(10)]  # block 10, the finest, left out
+    # The features: the block before the finest captured one, not before the first captured one;
+    # with no up block captured, up_blocks.0.
+    assert default_feature_layer(unet, layers) == "up_blocks.8"
+    assert default_feature_layer(unet, ["up_blocks.7.attn2"]) == "up_blocks.7"
+    assert default_feature_layer(unet, ["mid_block.attentions.0.transformer_blocks.0.attn2"]) == "up_blocks.0"

@@ -53,23 +53,26 @@ def test_photo_reconstruction(sg, photo):
     assert np.array_equal(np.asarray(again), np.asarray(info["reconstruction"]))
 
 
+def test_photo_move_hits_its_target(sg):
+    """The fast slice of the photo-editing benchmark (`python -m benchmarks.photo_edit`): a bare move
+    of an inverted photo with the model's photo settings lands within 0.05 of its target while the
+    other objects stay within 0.03 and keep their colours. Scene 5 of the benchmark (seed 3000004): with
+    the settings tuned for generated images (strength 1, move weight 4) its green square jumped 0.42
+    when the yellow circle moved; scene 1's move misses by 0.1 (RESULTS.md has the rate)."""
+    seed, scene, word_object = photos(5)[4]
+    row, _ = measure(sg, seed, scene, word_object, 25, kinds=("move",))
+    print(row)
+    assert row["reconstruction_ok"] and row["move_ok"], row
+
+
 @pytest.mark.slow
 def test_photo_move_and_resize(sg, photo):
-    """One row of the photo-editing benchmark (`python -m benchmarks.photo_edit`): the photo comes back,
-    and the move carries the object at least half the asked way in the asked direction while the
-    other objects stay within 0.03 (the benchmark's 0.05 landing target is not met yet: RESULTS.md)."""
-    from benchmarks.photo_edit import MOVE_DX, by_colour, same_places
-    from sgfast.shapes.scenes import read_scene
-
+    """One row of the photo-editing benchmark, scene 1: the photo comes back and both resizes land
+    within 25% of the asked area ratio (its move is one of the benchmark's misses: 0.1 from the target)."""
     scene, word_object = photo
-    row, images = measure(sg, 0, scene, word_object, 25)
+    row, _ = measure(sg, 0, scene, word_object, 25)
     print(row)
-    assert row["reconstruction_ok"]
-    read = read_scene(np.asarray(images[2]))
-    moved = by_colour(read, word_object.colour)
-    dx = MOVE_DX if word_object.centroid[0] < 0.5 else -MOVE_DX
-    assert moved is not None and (moved.centroid[0] - word_object.centroid[0]) / dx > 0.5
-    assert same_places(scene.objects, read, [o.colour for o in scene.objects if o is not word_object])
+    assert row["reconstruction_ok"] and row["resize_2_ok"] and row["resize_0.5_ok"], row
 
 
 def test_strength_leaves_the_first_steps_unguided(sg, photo):

@@ -342,3 +342,129 @@ def test_failure_during_sampling_restores_processors(sg):
         sg(PROMPT, edits=[Broken("circle", dx=0.1)], num_inference_steps=3, generator=seeded())
     assert processors(sg.pipe) == before
     assert dict(sg.pipe.unet.up_blocks[0]._forward_hooks) == hooks
+
+
+@pytest.mark.parametrize("per_prompt", [False, True], ids=["one generator", "one per prompt"])
+def test_a_trace_replays_each_prompts_step_noise_as_diffusers_draws_it(per_prompt):
+    """DDIM with eta=1 draws fresh noise at every step: the plain call and the call on its trace (no
+    generator given) both end where diffusers ends with the same generators."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = [PROMPT, "a green triangle"]
+
+    def generators():
+        return [seeded(0), seeded(1)] if per_prompt else seeded(0)
+
+    expected = pipe(prompts, num_inference_steps=STEPS, eta=1.0, generator=generators(), output_type="latent").images
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    first = sg(prompts, num_inference_steps=STEPS, eta=1.0, generator=generators(), output_type="latent")
+    torch.testing.assert_close(first.images, expected)
+    again = sg(prompts, num_inference_steps=STEPS, eta=1.0, trace=first.trace, output_type="latent")
+    torch.testing.assert_close(again.images, expected)
+
+
+def test_without_a_generator_an_edit_draws_from_the_default_one(sg):
+    """No generator: the latents and the step noise come from torch's default generator, and the edited
+    pass draws the unedited pass's step noise again, as with a generator seeded the same."""
+    scheduler = sg.pipe.scheduler
+    sg.pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    call = dict(edits=[move("circle", dx=0.2)], num_inference_steps=STEPS, eta=1.0, output_type="latent")
+    try:
+        expected = sg(PROMPT, generator=seeded(3), **call)
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            out = sg(PROMPT, **call)
+    finally:
+        sg.pipe.scheduler = scheduler
+    torch.testing.assert_close(out.images, expected.images)
+    torch.testing.assert_close(out.trace.latents, expected.trace.latents)
+
+
+def test_words_and_decode_are_the_tokenizers_and_diffusers(sg, tiny_pipe, base):
+    assert sg.words("A red circle, and a blue catdog") == ["a", "red", "circle", ",", "and", "a", "blue", "catdog"]
+    latents = base.images
+    vae = tiny_pipe.vae
+    with torch.no_grad():
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    expected = tiny_pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
+    np.testing.assert_array_equal(sg.decode(latents, output_type="np"), expected)
+    assert sg.decode(latents, output_type="latent") is latents
+    from PIL import Image
+
+    (pil,) = sg.decode(latents)  # diffusers' default output: PIL images
+    assert isinstance(pil, Image.Image)
+    np.testing.assert_array_equal(np.asarray(pil), tiny_pipe.image_processor.numpy_to_pil(expected)[0])
+
+
+def test_invert_method_is_sgfast_invert(sg):
+    from PIL import Image
+
+    from sgfast.invert import invert
+
+    scheduler = sg.pipe.scheduler
+    sg.pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    options = dict(num_inference_steps=3, guidance_scale=2.0, method="plain")
+    try:
+        got = sg.invert(photo, PROMPT, **options)
+        want = invert(sg, photo, PROMPT, **options)
+    finally:
+        sg.pipe.scheduler = scheduler
+    torch.testing.assert_close(got.latents, want.latents)
+    assert got.inversion["arguments"] == want.inversion["arguments"]
+    assert got.inversion["arguments"]["guidance_scale"] == 2.0 and got.inversion["arguments"]["num_inference_steps"] == 3
+
+
+def test_fast_mode_freezes_the_unet_weights_and_reference_mode_leaves_them():
+    """Fast mode needs gradients to the latents only; reference mode changes nothing of the pipeline."""
+    pipe = tiny_pipeline()
+    pipe.unet.requires_grad_(True)
+    reference = SelfGuidancePipeline.from_pipe(pipe)
+    assert reference.mode == "reference" and all(p.requires_grad for p in pipe.unet.parameters())
+    fast = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
+    assert fast.mode == "fast" and not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_compile_compiles_the_unet_forward_with_the_named_backend(monkeypatch):
+    """compile=True: inductor; a string: that backend; only in fast mode, and then the capture never
+    stops the UNet early (no exception out of a compiled graph). torch.compile itself is replaced
+    here by a recorder: what it is given is the contract (tests/test_fast.py compiles for real)."""
+    calls = []
+
+    def fake_compile(fn, backend):
+        calls.append((fn, backend))
+        return "compiled"
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"^compile=True needs mode='fast'$"):
+        SelfGuidancePipeline.from_pipe(pipe, compile=True)
+    assert calls == [] and pipe.unet.forward != "compiled"
+    for compile, backend in ((True, "inductor"), ("aot_eager", "aot_eager")):
+        pipe = tiny_pipeline()
+        forward = pipe.unet.forward
+        sg = SelfGuidancePipeline.from_pipe(pipe, mode="fast", compile=compile)
+        assert calls.pop() == (forward, backend) and pipe.unet.forward == "compiled"
+        assert sg.capture().can_stop_early is False
+    assert SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode="fast").capture().can_stop_early is True
+
+
+def test_a_trace_records_the_image_size(sg, base):
+    assert base.trace.image_size == (64, 64)  # the tiny UNet's sample size 16 x the VAE's factor 4
+    out = sg(PROMPT, height=48, width=32, num_inference_steps=2, generator=seeded(), output_type="latent")
+    assert out.trace.image_size == (48, 32) and out.images.shape[-2:] == (12, 8)
+
+
+def test_fast_mode_asks_for_the_fused_op_where_there_is_one(monkeypatch):
+    """Fast mode's maps come from attention_stats with impl="auto" (Triton on CUDA, the reference
+    here); reference mode's from the plain PyTorch reference."""
+    import sgfast.capture
+
+    impls = []
+    real = sgfast.capture.attention_stats
+    monkeypatch.setattr(sgfast.capture, "attention_stats", lambda *a, impl, **kw: impls.append(impl) or real(*a, impl=impl, **kw))
+    for mode, impl in (("reference", "torch"), ("fast", "auto")):
+        impls.clear()
+        sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode=mode)
+        sg(PROMPT, edits=[move("circle", dx=0.2)], num_inference_steps=2, generator=seeded(), output_type="latent")
+        assert impls and set(impls) == {impl}

@@ -142,6 +142,37 @@ def test_thinned_schedule_is_an_even_subset_of_the_default():
     assert thinned_schedule(50, len(full)) is None
 
 
+# A model whose settings guide steps 1 <= i < 0.8 * steps (the built-in model's schedule).
+MODEL_SCHEDULE = {"format": 1, "defaults": {"guidance_schedule": {"from_step": 1, "to_share": 0.8}}}
+
+
+def test_admission_counts_the_models_own_guided_steps():
+    def model_guided(steps):
+        return tuple(i for i in range(steps) if 1 <= i < 0.8 * steps)
+
+    full = len(model_guided(20))  # 15 guided steps, where the paper's schedule has 9
+    d = plan_of(budget_ms=None, guided_for=model_guided)
+    assert d.plan.guided_steps == full != sum(default_schedule(20)) and d.plan.schedule is None
+    assert d.predicted_ms == pytest.approx(fixed_cost().call_ms(1, 64 * 64, 20, full))
+    # Degraded: a thinned subset of the model's own guided steps.
+    d = plan_of(budget_ms=fixed_cost().call_ms(1, 64 * 64, 20, full) - 1, guided_for=model_guided)
+    assert d.plan.guided_steps == full - 1 and set(d.plan.schedule) <= set(model_guided(20))
+
+
+def test_engine_plans_with_the_models_own_schedule():
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(seed=0), settings=MODEL_SCHEDULE)
+    engine = Engine(sg, model="tiny", cost=CostModel.fixed(1, 2, 1), limits=Limits(min_steps=2), threads=1).start()
+    try:
+        edit = spec(steps=10, edits=[move("circle", dx=0.2)])
+        assert engine.guided_steps_for(edit)(10) == tuple(range(1, 8))
+        job = engine.submit(edit)
+        assert job.plan.guided_steps == 7 and job.predicted_ms == pytest.approx(engine.cost.call_ms(1, 64 * 64, 10, 7, 10))
+        result = job.future.result(WAIT)
+        assert not result.degraded and result.degradation is None and result.plan.guided_steps == 7
+    finally:
+        engine.shutdown(drain=False, timeout=WAIT)
+
+
 def make_trace(prompt, steps=3):
     trace = Trace(prompt, prompt.split(), latents=torch.zeros(1, 4, 16, 16))
     for t in range(steps):

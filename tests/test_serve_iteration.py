@@ -11,10 +11,11 @@ import torch
 
 from sgfast import SelfGuidancePipeline, move, resize
 from sgfast.edits import Edit
-from sgfast.serve.admission import Limits, ShuttingDown
+from sgfast.serve.admission import Limits, Plan, ShuttingDown
 from sgfast.serve.cost import CostModel
 from sgfast.serve.iteration import IterationEngine
-from sgfast.serve.jobs import Spec
+from sgfast.serve.jobs import Job, Spec
+from sgfast.serve.steps import Run, guided_step, unguided_step
 from sgfast.testing import tiny_pipeline
 
 PROMPT = "a red circle and a blue square"
@@ -110,6 +111,48 @@ def test_trace_cache_and_degraded_schedules(engine, tiny_sg):
     edited = engine.submit(Spec(prompt="a red circle", seed=8, steps=3, edits=[move("circle", dx=0.3)])).future.result(WAIT)
     assert edited.cache_hit
     assert_same_image(edited.image, library_image(tiny_sg, "a red circle", 8, 3, edits=[move("circle", dx=0.3)]))
+
+
+def run_of(sg, spec, reference=None):
+    return Run(sg, Job(spec, Plan(spec.steps, 0), 0.0, 0.0, 0.0, False, 0), reference)
+
+
+def test_a_batched_guided_step_gives_each_request_its_result_alone(tiny_sg):
+    # Three edited requests at different guided steps (one without classifier-free guidance) and a
+    # plain one: run together (the guided runs' unconditional rows in the plain call, one guided pass
+    # for the three) and each alone, from the same state; every request's latents agree.
+    steps = 6
+    recorder = run_of(tiny_sg, Spec(prompt=PROMPT, seed=3, steps=steps))
+    with tiny_sg.capture() as capture:
+        while not recorder.finished:
+            unguided_step([recorder], capture)
+    specs = [
+        Spec(prompt=PROMPT, seed=3, steps=steps, edits=[move("circle", dx=0.25)]),
+        Spec(prompt=PROMPT, seed=3, steps=steps, edits=[resize("square", 1.5)]),
+        Spec(prompt=PROMPT, seed=3, steps=steps, edits=[move("square", dy=-0.2)], guidance_scale=1.0),
+        Spec(prompt="a blue square", seed=4, steps=steps),
+    ]
+    at = [0, 1, 3, 2]  # guided steps of the default schedule at 6 steps: 0, 1 and 3
+
+    def runs():
+        out = [run_of(tiny_sg, spec, recorder.trace if spec.edits else None) for spec in specs]
+        for run, i in zip(out, at):
+            run.i, run.trace = i, None
+        return out
+
+    together = runs()
+    *guided, plain = together
+    assert all(r.at_guided_step for r in guided) and not plain.at_guided_step
+    with tiny_sg.capture() as capture:
+        unguided_step([plain], capture, uncond_for=guided)
+        guided_step(guided, capture)
+    alone = runs()
+    with tiny_sg.capture() as capture:
+        for run in alone:
+            (guided_step if run.at_guided_step else unguided_step)([run], capture)
+    for a, b in zip(together, alone):
+        assert a.i == b.i == at[together.index(a)] + 1
+        torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-4)
 
 
 class NotFinite(Edit):
@@ -216,3 +259,13 @@ def test_a_pipeline_with_trainable_weights(tiny_sg):
     finally:
         engine.shutdown(timeout=WAIT)
     assert_same_image(result.image, library_image(tiny_sg, PROMPT, 2, 4, edits=edits))
+
+
+def test_step_times_take_the_timed_iterations(tiny_sg):
+    # A run waits for the whole iteration: once iterations of that many runs are timed, its steps are
+    # predicted at no less; larger batches than any timed keep the per-kind step times.
+    engine = IterationEngine(tiny_sg, model="tiny", cost=CostModel.fixed(10, 30, 1), limits=Limits(max_batch=8))
+    assert engine._step_times(4, 64 * 64) == (pytest.approx(40), pytest.approx(120))
+    engine.cost.observe("iteration", 4, 64 * 64, 500.0)
+    assert engine._step_times(4, 64 * 64) == (pytest.approx(500), pytest.approx(500))
+    assert engine._step_times(8, 64 * 64) == (pytest.approx(80), pytest.approx(240))

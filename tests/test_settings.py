@@ -104,6 +104,9 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"format": 2}, 'expected an object with "format": 1'),
         ({"extra": 1}, "unknown keys ['extra']"),
         ({"feature_layer": 3}, "feature_layer must be a UNet block name"),
+        ({"photo": {"strength": 0}}, "photo strength must be a number in (0, 1]"),
+        ({"photo": {"mode": "fast"}}, "unknown photo keys ['mode']"),
+        ({"photo": {"edits": {"move": {"sharpness": 2}}}}, "photo edits.move: unknown setting 'sharpness'"),
     ],
 )
 def test_a_bad_file_is_a_clear_error_naming_the_file(tmp_path, change, message):
@@ -112,6 +115,33 @@ def test_a_bad_file_is_a_clear_error_naming_the_file(tmp_path, change, message):
         json.dump({**SETTINGS, **change}, f)
     with pytest.raises(ValueError, match=".*".join(map(__import__("re").escape, [str(tmp_path / FILENAME), message]))):
         SelfGuidancePipeline.from_pipe(load(tmp_path))
+
+
+def test_an_inverted_photos_edits_take_the_photo_section(folder):
+    """A call whose trace comes from sg.invert takes the "photo" entries over the others (key by key),
+    and edit_arguments the photo strength; a generated image's edits do not."""
+    import PIL.Image
+
+    from sgfast.invert import edit_arguments
+
+    photo_settings = {**SETTINGS, "photo": {"strength": 0.6, "edits": {"move": {"weight": 9.0}}}}
+    tuned = SelfGuidancePipeline.from_pipe(load(folder), settings=photo_settings)
+    plain = SelfGuidancePipeline.from_pipe(load(folder), settings="paper")
+    image = PIL.Image.new("RGB", (64, 64), (200, 40, 40))
+    inverted = tuned.invert(image, PROMPT, num_inference_steps=STEPS)
+    arguments = edit_arguments(inverted, edits=[move("circle", dx=0.3)])
+    start = STEPS - round(0.6 * STEPS)
+    assert arguments["guidance_schedule"] == [g and i >= start for i, g in enumerate(TUNED_SCHEDULE)]
+    bare = latents(tuned, move("circle", dx=0.3), inverted, **{k: v for k, v in arguments.items() if k != "num_inference_steps"})
+    explicit = latents(
+        plain, move("circle", dx=0.3, weight=9.0, keep_shape_weight=1.0, keep_centroid_weight=5.0), inverted,
+        self_guidance_scale=2.0, normalize_gradient=True, **{k: v for k, v in arguments.items() if k != "num_inference_steps"},
+    )
+    assert torch.equal(bare, explicit)
+    generated = tuned(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert tuned.settings.resolve([[move("circle", dx=0.3)]], STEPS)[0][0][0].weight == 3.0  # not the photo's 9
+    assert torch.equal(latents(tuned, move("circle", dx=0.3), generated.trace),
+                       latents(SelfGuidancePipeline.from_pipe(load(folder)), move("circle", dx=0.3), generated.trace))
 
 
 def test_bad_settings_argument_is_a_clear_error():

@@ -10,7 +10,7 @@ even on an idle server is `Rejected` with status 422. Pure: no timing, no thread
 import math
 from dataclasses import dataclass
 
-from sgfast.sampler import default_schedule
+from sgfast.sampler import default_schedule, resolve_schedule
 
 POLICIES = ("degrade", "reject")
 
@@ -67,9 +67,28 @@ class Plan:
         return {"steps": self.steps, "guided_steps": self.guided_steps, "reference_steps": self.reference_steps}
 
 
-def thinned_schedule(steps, guided):
-    """`guided` of the default schedule's guided steps at `steps` steps, evenly spaced from the first."""
-    full = [i for i, on in enumerate(default_schedule(steps)) if on]
+def paper_guided(steps):
+    """The guided step indices of the paper's schedule at `steps` steps (a model without settings)."""
+    return tuple(i for i, on in enumerate(default_schedule(steps)) if on)
+
+
+def model_guided(settings, spec):
+    """steps -> the step indices the pipeline guides for `spec` at that many steps when the plan
+    leaves the schedule alone: the model's own schedule (its self_guidance.json), else the paper's."""
+    if settings is None:
+        return paper_guided
+
+    def guided(steps):
+        _, (_, _, schedule) = settings.resolve([list(spec.edits)], steps, spec.self_guidance_scale, spec.normalize_gradient)
+        return tuple(i for i, on in enumerate(resolve_schedule(schedule, steps)) if on)
+
+    return guided
+
+
+def thinned_schedule(steps, guided, full=None):
+    """`guided` of the full schedule's guided steps at `steps` (`full`: its step indices; default the
+    paper's), evenly spaced from the first; None when that is the full schedule."""
+    full = list(paper_guided(steps) if full is None else full)
     if guided >= len(full):
         return None
     if guided <= 0:
@@ -77,8 +96,8 @@ def thinned_schedule(steps, guided):
     return tuple(full[math.floor(k * len(full) / guided)] for k in range(guided))
 
 
-def full_guided(steps, has_edits):
-    return sum(default_schedule(steps)) if has_edits else 0
+def full_guided(steps, has_edits, guided_for=paper_guided):
+    return len(guided_for(steps)) if has_edits else 0
 
 
 @dataclass
@@ -94,18 +113,21 @@ class Limits:
     max_batch: int = 4
     max_queue: int = 64
     max_body_bytes: int = 64 * 1024
+    max_photo_bytes: int = 4 * 2**20  # POST /v1/edits: the photo file (its body may be 4/3 of it, base64)
     max_prompt_chars: int = 1000
 
 
-def candidate_plans(steps, has_edits, reference_steps_for, limits):
+def candidate_plans(steps, has_edits, reference_steps_for, limits, guided_for=paper_guided):
     """Plans from best to worst: the full request, then guidance on fewer steps, then fewer steps.
-    `reference_steps_for(steps)` gives the reference pass a plan at `steps` would need."""
+    `reference_steps_for(steps)` gives the reference pass a plan at `steps` would need;
+    `guided_for(steps)` the step indices the model's own schedule guides at `steps`."""
     lowest = min(limits.min_steps, steps)
     for s in range(steps, lowest - 1, -1):
-        full = full_guided(s, has_edits)
+        schedule = guided_for(s) if has_edits else ()
+        full = len(schedule)
         floor = max(1, math.ceil(full * limits.min_guided_fraction)) if full else 0
         for g in range(full, floor - 1, -1):
-            yield Plan(s, g, None if g == full else thinned_schedule(s, g), reference_steps_for(s))
+            yield Plan(s, g, None if g == full else thinned_schedule(s, g, schedule), reference_steps_for(s))
 
 
 @dataclass
@@ -117,7 +139,7 @@ class Decision:
 
 def admit(
     cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits, reference_steps_for=lambda s: 0, batch=1,
-    slack_ms=math.inf,
+    slack_ms=math.inf, guided_for=paper_guided,
 ):
     """Plan one request. Returns a Decision or raises Rejected (422: no plan meets the budget even on
     an idle server; 503: not with the work queued ahead of it now). `slack_ms`: how much work can be
@@ -133,7 +155,7 @@ def admit(
         ms = predict(plan)
         return ms <= slack_ms and (budget_ms is None or ahead_ms + ms <= budget_ms)
 
-    candidates = list(candidate_plans(steps, has_edits, reference_steps_for, limits))
+    candidates = list(candidate_plans(steps, has_edits, reference_steps_for, limits, guided_for))
     full = candidates[0]
     full_ms = predict(full)
     if budget_ms is None or fits(full):
@@ -186,9 +208,9 @@ def admit(
     raise Rejected(503, message, **detail)
 
 
-def degradation_of(spec, plan):
+def degradation_of(spec, plan, guided_for=paper_guided):
     """What was cut, for the response (None if nothing)."""
-    full = full_guided(spec.steps, bool(spec.edits))
+    full = full_guided(spec.steps, bool(spec.edits), guided_for)
     if plan.steps == spec.steps and plan.guided_steps == full:
         return None
     return {

@@ -4,6 +4,10 @@
                        "seed": 0, "steps": 20, "guidance_scale": 7.5, "size": 64, "budget_ms": 2000}
                       -> JSON with the PNG in base64, the plan run, timings and any degradation;
                          the PNG itself with `Accept: image/png` or `"format": "png"`
+    POST /v1/edits    {"photo": "<PNG or JPEG, base64>", "prompt": "a red circle and a blue square",
+                       "edits": [{"type": "move", "word": "circle", "dx": -0.2}], "strength": 1.0, "steps": 25}
+                      -> the photo, inverted (sgfast.invert) and edited; the same answer as /v1/images
+                         plus `inversion` (the reconstruction's PSNR, and the VAE's own)
     GET  /v1/words    ?prompt=... -> the words edits can name
     GET  /healthz     liveness, queue depth, policy, cost model
     GET  /metrics     Prometheus text format
@@ -22,7 +26,10 @@ Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedite
 to; 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a body
 over the cap (declared or chunked); 415 for a body not sent as application/json; 422 for bad input
 (schema, caps, unknown words naming the prompt's words, an edit with no word to hold or no guided
-step, a budget no plan can ever meet: `errors` lists the schema's complaints); 503 with Retry-After
+step, a budget no plan can ever meet: `errors` lists the schema's complaints). Photos (/v1/edits):
+413 over `--max-photo-kb` (the body may be 4/3 of it, base64, plus 64 KB); 415 for a file that is not
+a PNG or JPEG, or not 8 bits a channel (CMYK, 16-bit); 422 for a photo that is not base64 or whose
+sides are not multiples of the model's size step up to `--max-size` (a 1x1 image). 503 with Retry-After
 when the request would miss its budget under `--policy reject` (or make queued requests miss theirs),
 the queue is full, its deadline passed while queued, or the server is stopping; 500 when generation
 failed (the worker carries on). A client that goes away cancels its request.
@@ -43,7 +50,7 @@ from sgfast.serve.admission import Rejected
 from sgfast.serve.errors import error_detail, retry_after
 from sgfast.serve.guard import Guard
 from sgfast.serve.metrics import Metrics
-from sgfast.serve.schema import ImageRequest, InvalidRequest, to_spec
+from sgfast.serve.schema import ImageRequest, InvalidRequest, PhotoEditRequest, photo_of, to_photo_spec, to_spec
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -180,13 +187,29 @@ def create_app(
 
     @app.post("/v1/images")
     async def images(body: ImageRequest, request: Request):
+        async def spec_of(body, engine):
+            return to_spec(body, engine)
+
+        return await answer(body, request, spec_of)
+
+    @app.post("/v1/edits")
+    async def photo_edits(body: PhotoEditRequest, request: Request):
+        async def spec_of(body, engine):
+            # Decoding the photo reads its pixels: off the event loop.
+            photo = await asyncio.get_running_loop().run_in_executor(None, photo_of, body, engine.limits)
+            return to_photo_spec(body, engine, photo)
+
+        return await answer(body, request, spec_of)
+
+    async def answer(body, request, spec_of):
+        """Check the request (`spec_of`), run it on the engine, answer JSON or PNG."""
         media = "image/png" if body.format == "png" else preferred_type(request.headers.get("accept", ""))
         if media is None:
             return error(406, f"Accept {request.headers.get('accept')!r} takes neither application/json nor image/png")
         try:
-            spec = to_spec(body, engine)
+            spec = await spec_of(body, engine)
         except InvalidRequest as e:
-            return error(422, str(e), errors=e.errors, **e.extra)
+            return error(e.status, str(e), errors=e.errors, **e.extra)
         try:
             job = engine.submit(spec)
             result = await answer_of(job, request)
@@ -203,6 +226,10 @@ def create_app(
             return error(499, "the client closed the connection", "cancelled")
         set_outcome(request, "degraded" if result.degradation else "ok")
         payload = result_payload(result, words_of(spec.prompt))
+        if spec.photo is not None:
+            del payload["seed"]
+            payload["strength"] = spec.strength
+            payload["inversion"] = job.inversion
         png = await asyncio.get_running_loop().run_in_executor(None, png_bytes, result.image)  # off the event loop
         if media == "image/png":
             headers = {
@@ -212,6 +239,8 @@ def create_app(
                 "X-Sgfast-Cache-Hit": str(result.cache_hit).lower(),
                 "X-Sgfast-Deadline-Missed": str(result.deadline_missed).lower(),
             }
+            if spec.photo is not None:
+                headers["X-Sgfast-Inversion"] = json.dumps(job.inversion)
             return Response(png, media_type="image/png", headers=headers)
         payload["image"] = base64.b64encode(png).decode()
         payload["format"] = "png"
@@ -251,7 +280,11 @@ def create_app(
     async def index():
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
-    return Guard(app, metrics, engine.limits.max_body_bytes, body_timeout_s, allowed_hosts, stop_at=lambda: engine.stop_at)
+    limits = engine.limits
+    photo_body = 4 * ((limits.max_photo_bytes + 2) // 3) + limits.max_body_bytes  # base64 of the photo + the rest
+    return Guard(
+        app, metrics, limits.max_body_bytes, body_timeout_s, allowed_hosts, stop_at=lambda: engine.stop_at, photo_body_bytes=photo_body
+    )
 
 
 def app_of(asgi):

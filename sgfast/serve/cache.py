@@ -119,3 +119,20 @@ def call_pipeline(sg, cache, model, batch, metrics=None):
             if trace is not None and not hit:
                 cache.put(key, trace)
     return out.images, hits
+
+
+def call_photo_edit(sg, job):
+    """A photo edit (POST /v1/edits): invert the photo, then edit it with the plan's steps and guided
+    steps (the model's schedule unless degraded). The inversion is the reference: nothing is cached.
+    Returns ([image], [False]) as `call_pipeline`; the reconstruction's PSNR goes on `job.inversion`."""
+    from sgfast.invert import edit_photo
+
+    spec, plan = job.spec, job.plan
+    out, inverted = edit_photo(
+        sg, spec.photo, spec.prompt, spec.edits, strength=spec.strength, num_inference_steps=plan.steps,
+        guidance_scale=spec.guidance_scale, guidance_schedule=None if plan.schedule is None else list(plan.schedule),
+        self_guidance_scale=spec.self_guidance_scale, normalize_gradient=spec.normalize_gradient,
+    )
+    info = inverted.inversion
+    job.inversion = {"psnr": round(info["psnr"], 2), "vae_psnr": round(info["vae_psnr"], 2)}
+    return out.images, [False]

@@ -29,7 +29,8 @@ def _interpolate(table, batch):
 
 class CostModel:
     """Milliseconds per denoising step ("plain": a classifier-free-guidance step; "guided": a step
-    with the self-guidance gradient) and per pipeline call ("overhead": prompt encoding, VAE decode),
+    with the self-guidance gradient; "iteration": one step of every active request under
+    iteration-level batching, measured only) and per pipeline call ("overhead": prompt encoding, VAE decode),
     by batch size and resolution (pixels). Calibrated on the loaded model, refreshed from live
     timings by an exponential moving average. An unmeasured resolution is scaled from the nearest
     measured one by the ratio of pixels; an unmeasured batch size is interpolated."""
@@ -59,6 +60,11 @@ class CostModel:
                 raise KeyError(f"the cost model has no {kind!r} timings")
             nearest = min(measured, key=lambda p: (abs(math.log(p / pixels)), p))
             return _interpolate(self.table[(kind, nearest)], batch) * pixels / nearest
+
+    def largest_batch(self, kind):
+        """The largest batch size with a timing of `kind` (0 if none)."""
+        with self.lock:
+            return max((b for (k, _), by_batch in self.table.items() if k == kind for b in by_batch), default=0)
 
     def call_ms(self, batch, pixels, steps, guided, reference_steps=0):
         """Predicted milliseconds of one pipeline call: `steps` steps of which `guided` carry
@@ -98,10 +104,11 @@ class CostModel:
             return out
 
     @classmethod
-    def calibrate(cls, sg, sizes=None, batches=(1, 2), prompt=None, log=None):
+    def calibrate(cls, sg, sizes=None, batches=(1, 2), prompt=None, log=None, repeats=3):
         """Measure the loaded model: for each resolution and batch size, plain calls of 2 and 6 steps
         (their difference: ms per plain step; the rest: the per-call overhead) and an edited call of 4
-        guided steps on a recorded trace (ms per guided step). Takes a few seconds on the tiny model."""
+        guided steps on a recorded trace (ms per guided step), each the fastest of `repeats` (on a
+        shared CPU a single timing can be off several-fold). Takes a few seconds on the tiny model."""
         from sgfast.edits import move
 
         pipe = sg.pipe
@@ -123,17 +130,20 @@ class CostModel:
 
                 seeded = seeded_latents(pipe, [0] * batch, height, width)
                 timed(num_inference_steps=2, latents=seeded.clone())  # warm-up
-                t2, _ = timed(num_inference_steps=2, latents=seeded.clone())
-                t6, out = timed(num_inference_steps=6, latents=seeded.clone())
+                _, out = timed(num_inference_steps=6, latents=seeded.clone())
+                traces = out.trace if batch > 1 else [out.trace]
+                t2 = t6 = tg = math.inf
+                for _ in range(repeats):
+                    t2 = min(t2, timed(num_inference_steps=2, latents=seeded.clone())[0])
+                    t6 = min(t6, timed(num_inference_steps=6, latents=seeded.clone())[0])
+                    tg = min(tg, timed(
+                        num_inference_steps=6,
+                        edits=[move(word, dx=0.1)],
+                        trace=traces if batch > 1 else traces[0],
+                        guidance_schedule=[0, 1, 2, 3],
+                    )[0])
                 plain = max((t6 - t2) / 4, 1e-3)
                 overhead = max(t2 - 2 * plain, 0.0)
-                traces = out.trace if batch > 1 else [out.trace]
-                tg, _ = timed(
-                    num_inference_steps=6,
-                    edits=[move(word, dx=0.1)],
-                    trace=traces if batch > 1 else traces[0],
-                    guidance_schedule=[0, 1, 2, 3],
-                )
                 guided = max((tg - overhead - 2 * plain) / 4, plain)
                 for kind, ms in (("plain", plain), ("guided", guided), ("overhead", overhead)):
                     model.table.setdefault((kind, pixels), {})[batch] = ms
@@ -142,7 +152,16 @@ class CostModel:
                         f"calibrated {height}x{width} batch {batch}: {plain:.1f} ms/plain step, "
                         f"{guided:.1f} ms/guided step, {overhead:.1f} ms/call"
                     )
+            model._monotone(pixels)
         return model
+
+    def _monotone(self, pixels):
+        """A larger batch never takes less time per step than a smaller one (what timing noise can show)."""
+        for kind in ("plain", "guided"):
+            by_batch = self.table.get((kind, pixels), {})
+            floor = 0.0
+            for batch in sorted(by_batch):
+                floor = by_batch[batch] = max(by_batch[batch], floor)
 
 
 def calibration_prompt(sg):

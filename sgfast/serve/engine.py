@@ -13,8 +13,7 @@ request's budget (`sgfast.serve.admission`), the reference-trace cache (`sgfast.
     engine.cancel(job)               # its client went away: dropped from the queue, or from its batch
     engine.shutdown(drain=True, timeout=30)   # answers every request within the deadline
 
-Each request is admitted when it arrives (planned against the work queued ahead of it) and planned
-again when it is dispatched, against the time it has left.
+A request is admitted on arrival (against the work queued ahead) and planned again on dispatch.
 """
 
 import heapq
@@ -26,10 +25,10 @@ from concurrent.futures import CancelledError, Future
 
 import torch
 
-from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of
-from sgfast.serve.cache import TraceCache, call_pipeline
+from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of, model_guided
+from sgfast.serve.cache import TraceCache, call_photo_edit, call_pipeline
 from sgfast.serve.cost import CostModel
-from sgfast.serve.jobs import Job, result_of
+from sgfast.serve.jobs import Abandoned, Job, reference_steps, result_of
 
 SHUTDOWN_RETRY_S = 5  # Retry-After of requests answered 503 because the server stopped
 NO_BUDGET_MS = 3_600_000.0  # requests without a budget are ordered as if due in an hour (FIFO among themselves)
@@ -111,11 +110,12 @@ class Engine:
         return len(self.queue)
 
     def reference_steps_for(self, spec):
-        """The reference pass a plan of `steps` steps needs: none without edits or with a cached trace."""
-        if not spec.edits or not any(e.needs_reference for e in spec.edits):
-            return lambda steps: 0
-        probe = Job(spec, None, 0, 0, 0, False, 0)
-        return lambda steps: 0 if self.cache.peek(probe.trace_key(self.model, steps)) else steps
+        """steps -> the reference pass steps a plan needs (`jobs.reference_steps`)."""
+        return reference_steps(spec, self.cache, self.model)
+
+    def guided_steps_for(self, spec):
+        """steps -> the step indices guided for `spec` (`admission.model_guided`)."""
+        return model_guided(getattr(self.sg, "settings", None), spec)
 
     def submit(self, spec):
         """Admit and queue a request; returns its Job (`job.future` resolves to a Result or raises).
@@ -131,6 +131,7 @@ class Engine:
             budget = spec.budget_ms
             deadline = now + (budget if budget is not None else NO_BUDGET_MS) / 1000
             ahead, slack = self._ahead_ms(deadline, now)
+            guided_for = self.guided_steps_for(spec)
             decision = admit(
                 self.cost,
                 steps=spec.steps,
@@ -142,9 +143,11 @@ class Engine:
                 limits=self.limits,
                 reference_steps_for=self.reference_steps_for(spec),
                 slack_ms=slack,
+                guided_for=guided_for,
+                batch=self._admission_batch(),
             )
             plan = decision.plan
-            job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq))
+            job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq), guided_for=guided_for)
             job.cost_ms = decision.predicted_ms - ahead
             heapq.heappush(self.queue, (deadline, job.seq, job))
             self.admitted += 1
@@ -223,6 +226,11 @@ class Engine:
                     slack = min(slack, left)
         return ahead, slack
 
+    def _admission_batch(self):
+        """The batch size whose step times a request is planned with: 1 here (request-level batches
+        form at dispatch, and only a batch whose time meets every member's deadline runs)."""
+        return 1
+
     def _cancel_queued(self):
         while self.queue:
             _, _, job = heapq.heappop(self.queue)
@@ -234,6 +242,7 @@ class Engine:
             s.height, s.width, p.steps, s.guidance_scale, s.negative_prompt, bool(s.edits),
             s.self_guidance_scale if s.edits else None, s.normalize_gradient if s.edits else None,
             p.schedule if s.edits else None, p.reference_steps > 0,
+            None if s.photo is None else id(s.photo),  # a photo edit runs alone
         )
 
     def _refresh_reference(self, job):
@@ -257,6 +266,8 @@ class Engine:
             policy=self.policy,
             limits=self.limits,
             reference_steps_for=self.reference_steps_for(spec),
+            guided_for=job.guided_for,
+            batch=self._admission_batch(),
         )
         if self.policy == "degrade":
             # Never run more than admitted (the admitted plan may already be degraded).
@@ -264,7 +275,7 @@ class Engine:
                 self._refresh_reference(job)
             else:
                 job.plan = decision.plan
-            job.degraded = degradation_of(spec, job.plan) is not None
+            job.degraded = degradation_of(spec, job.plan, job.guided_for) is not None
         else:
             job.plan = Plan(job.plan.steps, job.plan.guided_steps, job.plan.schedule, decision.plan.reference_steps)
 
@@ -402,10 +413,8 @@ class Engine:
 
         hook = self.pipe.unet.register_forward_pre_hook(stop_if_abandoned)
         try:
+            if batch[0].spec.photo is not None:
+                return call_photo_edit(self.sg, batch[0])
             return call_pipeline(self.sg, self.cache, self.model, batch, self.metrics)
         finally:
             hook.remove()
-
-
-class Abandoned(Exception):
-    """Every request of a running batch has gone (clients left, or the shutdown deadline passed)."""

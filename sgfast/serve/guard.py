@@ -3,12 +3,14 @@ and the one place that counts how each request ended.
 
 - Host: only the configured host names (DNS rebinding: a page on another name that resolves to
   loopback must not reach the server) -> 400;
-- POST bodies: JSON only -> 415; at most `max_body_bytes`, declared or streamed (chunked) -> 413;
+- POST bodies: JSON only -> 415; at most `max_body_bytes` (`photo_body_bytes` for /v1/edits, whose
+  body carries a photo), declared or streamed (chunked) -> 413;
   read in full within `body_timeout_s` -> 408. The route then gets the body already read, so a body
   error is answered here and never becomes the framework's "error parsing the body";
-- outcomes: each request to /v1/images ends in exactly one `sgfast_requests_total{outcome}` count (the
-  route names finer outcomes such as degraded, expired or cancelled in `scope["sgfast"]`); every other
-  route counts in `sgfast_other_requests_total{path,status}`.
+- outcomes: each request to /v1/images ends in exactly one `sgfast_requests_total{outcome}` count, each
+  to /v1/edits in one `sgfast_photo_edits_total{outcome}` count (the routes name finer outcomes such
+  as degraded, expired or cancelled in `scope["sgfast"]`); every other route counts in
+  `sgfast_other_requests_total{path,status}`.
 """
 
 import asyncio
@@ -18,7 +20,8 @@ import time
 from sgfast.serve.errors import outcome_of, send_error
 
 IMAGES = "/v1/images"
-KNOWN_PATHS = ("/v1/images", "/v1/words", "/healthz", "/metrics", "/")
+EDITS = "/v1/edits"
+KNOWN_PATHS = ("/v1/images", "/v1/edits", "/v1/words", "/healthz", "/metrics", "/")
 
 
 def host_name(value):
@@ -46,12 +49,13 @@ class Guard:
 
     def __init__(
         self, app, metrics, max_body_bytes=64 * 1024, body_timeout_s=10.0, allowed_hosts=("127.0.0.1", "localhost", "::1"),
-        stop_at=lambda: None,
+        stop_at=lambda: None, photo_body_bytes=None,
     ):
         self.app = app
         self.stop_at = stop_at  # -> time.monotonic() of the shutdown deadline, or None
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes or math.inf
+        self.photo_body_bytes = photo_body_bytes or self.max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
@@ -89,11 +93,12 @@ class Guard:
         if content_type is None or not is_json(content_type):
             what = "no content-type" if content_type is None else f"content-type {content_type!r}"
             return await send_error(send, 415, f"{what}: the body must be JSON, sent as content-type application/json", close=True)
+        cap = self.photo_body_bytes if scope.get("path") == EDITS else self.max_body_bytes
         declared = headers.get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
-            return await send_error(send, 413, f"request body of {int(declared)} bytes is over the cap of {self.max_body_bytes} bytes", close=True)
+        if declared is not None and declared.strip().isdigit() and int(declared) > cap:
+            return await send_error(send, 413, f"request body of {int(declared)} bytes is over the cap of {cap} bytes", close=True)
         try:
-            body = await self._read_body(receive)
+            body = await self._read_body(receive, cap)
         except _BodyError as e:
             extra = {"retry_after_s": 5} if e.status == 503 else {}
             return await send_error(send, e.status, str(e), "shutting_down" if e.status == 503 else None, close=True, **extra)
@@ -102,8 +107,8 @@ class Guard:
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, receive):
-        """The whole body (None if the client disconnected), or _BodyError (413, 408)."""
+    async def _read_body(self, receive, cap):
+        """The whole body (None if the client disconnected), or _BodyError (413 over `cap` bytes, 408)."""
         deadline = time.monotonic() + self.body_timeout_s
         chunks, size = [], 0
         while True:
@@ -121,8 +126,8 @@ class Guard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _BodyError(413, f"request body over the cap of {self.max_body_bytes} bytes")
+            if size > cap:
+                raise _BodyError(413, f"request body over the cap of {cap} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -131,11 +136,14 @@ class Guard:
         if self.metrics is None:
             return
         path = scope.get("path", "")
-        if path != IMAGES:
+        if path not in (IMAGES, EDITS):
             self.metrics.other_request(path if path in KNOWN_PATHS else "other", status or 0)
             return
         outcome = state.get("outcome") or (outcome_of(status) if status is not None else "cancelled")
-        self.metrics.request_done(outcome, elapsed_s)
+        if path == EDITS:
+            self.metrics.photo_edit_done(outcome, elapsed_s)
+        else:
+            self.metrics.request_done(outcome, elapsed_s)
 
 
 def _replay(body, receive):

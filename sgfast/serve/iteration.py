@@ -10,13 +10,15 @@ them to finish. Admission, degradation, the EDF queue, the trace cache, cancella
 the engine's (`sgfast.serve.engine`); `--scheduler request` falls back to request-level batching.
 """
 
+import heapq
+import math
 import time
 from concurrent.futures import CancelledError
 
 from sgfast.serve.admission import ShuttingDown
 from sgfast.serve.engine import SHUTDOWN_RETRY_S, Engine
 from sgfast.serve.jobs import result_of
-from sgfast.serve.steps import Run, guided_step, unguided_step
+from sgfast.serve.steps import Run, decode, guided_step, unguided_step
 
 
 class IterationEngine(Engine):
@@ -28,6 +30,7 @@ class IterationEngine(Engine):
         super().__init__(*args, **kwargs)
         self.active = []  # Runs in progress, in admission order
         self.iterations = 0
+        self.device = None  # the pipeline's execution device (the worker's model does not move)
 
     def _loop(self):
         while True:
@@ -56,12 +59,18 @@ class IterationEngine(Engine):
                     self.running = None
 
     def _admit_to_active(self):
-        """Queued jobs to start now (EDF), up to the cap on active requests, while every budgeted
-        request already running is still predicted to meet its deadline with one more beside it."""
+        """Queued jobs to start now (EDF), up to the cap on active requests, while no budgeted request
+        running that is predicted to meet its deadline would miss it with one more beside it."""
         joining = []
         while self.queue and len(self.active) + len(joining) < self.limits.max_batch:
-            if (self.active or joining) and not self._fits(joining + [self.queue[0][2]]):
-                break  # later deadlines would hurt as much: wait for a request to finish
+            head = self.queue[0][2]
+            if self.active or joining:
+                try:  # planned again for the time it has left (maybe degraded) before it is weighed
+                    self._replan(head, time.monotonic())
+                except Exception:
+                    pass  # _pop_head answers it
+                if not self._fits(joining, head):
+                    break  # later deadlines would hurt as much: wait for a request to finish
             job = self._pop_head()
             if job is None:
                 break
@@ -71,19 +80,71 @@ class IterationEngine(Engine):
             joining.append(job)
         return joining
 
-    def _fits(self, joining):
-        """Whether the active requests plus `joining` (jobs) all meet their deadlines, as the cost
-        model predicts steps at that many requests per UNet call."""
+    def _fits(self, joining, job):
+        """Whether `job` may join the active requests and `joining` (jobs): no budgeted one of them
+        that is predicted to meet its deadline would miss it with one more request per step. One
+        already predicted to miss is not protected (holding the queue for it would make everyone
+        later and save nothing), nor is `job` held for its own deadline (waiting only adds to it)."""
         now, n = time.monotonic(), len(self.active) + len(joining)
         pixels = {r.size[0] * r.size[1] for r in self.active} | {j.spec.height * j.spec.width for j in joining}
-        plain_ms = max(self.cost.ms("plain", n, p) for p in pixels)
-        guided_ms = max(self.cost.ms("guided", n, p) for p in pixels)
         left = [(r.job, r.steps_left(), r.guided_left()) for r in self.active]
         left += [(j, j.plan.steps + j.plan.reference_steps, j.plan.guided_steps) for j in joining]
-        for job, steps, guided in left:
-            if job.spec.budget_ms is not None and now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 > job.deadline:
+
+        def meets(running, steps, guided, batch, sizes):
+            plain_ms, guided_ms = (max(ms) for ms in zip(*(self._step_times(batch, p) for p in sizes)))
+            return now + ((steps - guided) * plain_ms + guided * guided_ms) / 1000 <= running.deadline
+
+        wider = pixels | {job.spec.height * job.spec.width}
+        for running, steps, guided in left:
+            if running.spec.budget_ms is None:
+                continue
+            if meets(running, steps, guided, n, pixels) and not meets(running, steps, guided, n + 1, wider):
                 return False
         return True
+
+    def _admission_batch(self):
+        """Requests are planned at the step times of the batch they will run in: the active ones,
+        those queued, and themselves, up to the cap."""
+        return max(1, min(self.limits.max_batch, len(self.active) + len(self.queue) + 1))
+
+    def _ahead_ms(self, deadline, now):
+        """(time until a request due at `deadline` gets a place among the active requests, its slack:
+        how much later the queued requests due after it may start before one is predicted to miss).
+        Up to `max_batch` requests run side by side, every step at the time of a step of that batch:
+        each active run frees its place when its steps are done, and queued jobs take the earliest
+        free place in EDF order, as `_admit_to_active` gives them."""
+        batch = self._admission_batch()
+        places = [self._run_ms(r.steps_left(), r.guided_left(), r.size, batch) for r in list(self.active)]
+        places += [0.0] * max(self.limits.max_batch - len(places), 0)
+        heapq.heapify(places)
+        ahead, slack = None, math.inf
+        for d, _, job in sorted(self.queue, key=lambda e: e[:2]):
+            if d > deadline and ahead is None:
+                ahead = places[0]  # this request takes the next free place; the later jobs come after it
+            start = heapq.heappop(places)
+            p = job.plan
+            done = start + self._run_ms(p.steps + p.reference_steps, p.guided_steps, (job.spec.height, job.spec.width), batch)
+            heapq.heappush(places, done)
+            if d > deadline and job.spec.budget_ms is not None:
+                left = (d - now) * 1000 - done
+                if left >= 0:
+                    slack = min(slack, left)
+        return (places[0] if ahead is None else ahead), slack
+
+    def _run_ms(self, steps, guided, size, batch):
+        plain_ms, guided_ms = self._step_times(batch, size[0] * size[1])
+        return (steps - guided) * plain_ms + guided * guided_ms
+
+    def _step_times(self, n, pixels):
+        """(ms of a plain step, ms of a guided step) of a run among `n` active ones. A run waits for the
+        whole iteration (the plain call and the guided pass), so once iterations of `n` or more runs
+        have been timed neither is taken as less than an iteration at `n` (not extrapolated upwards:
+        from one small batch that would be a guess)."""
+        plain, guided = self.cost.ms("plain", n, pixels), self.cost.ms("guided", n, pixels)
+        if self.cost.largest_batch("iteration") < n:
+            return plain, guided
+        iteration = self.cost.ms("iteration", n, pixels)
+        return max(plain, iteration), max(guided, iteration)
 
     def _remaining_ms(self):
         """Predicted time until the active requests are done (for the queue-ahead estimate)."""
@@ -94,14 +155,20 @@ class IterationEngine(Engine):
         return left
 
     def _start(self, job):
-        """A Run for `job` (its prompt encoded, its reference trace looked up), or None if it failed."""
+        """A Run for `job` (its prompt encoded, its reference trace looked up), or None if it failed.
+        A photo edit (inversion, then the edit) runs whole here, between two iterations, and answers."""
+        if job.spec.photo is not None:
+            self._run_batch([job])
+            return None
         try:
             reference = None
             if any(e.needs_reference for e in job.spec.edits):
                 reference = self.cache.get(job.trace_key(self.model))
                 if self.metrics is not None:
                     self.metrics.cache(int(reference is not None), int(reference is None))
-            run = Run(self.sg, job, reference)
+            if self.device is None:  # looked up once: diffusers' lookup walks every module
+                self.device = self.pipe._execution_device
+            run = Run(self.sg, job, reference, self.device)
         except Exception as e:
             job.answer(error=e)
             return None
@@ -111,6 +178,7 @@ class IterationEngine(Engine):
     def _iterate(self):
         """One step of every active request, then retire the finished ones."""
         self.iterations += 1
+        start, n = time.monotonic(), len(self.active)
         groups = {}
         for run in self.active:
             groups.setdefault(run.size, []).append(run)
@@ -119,23 +187,25 @@ class IterationEngine(Engine):
                 plain = [r for r in runs if not r.at_guided_step]
                 guided = [r for r in runs if r.at_guided_step]
                 if plain:
-                    self._step(unguided_step, plain, capture, "plain", height * width)
+                    # The guided runs' unconditional rows ride in the plain call: one UNet call fewer.
+                    self._step(unguided_step, plain, capture, "plain", height * width, uncond_for=guided)
                 if guided:
                     self._step(guided_step, guided, capture, "guided", height * width)
-        for run in [r for r in self.active if r.finished or r.failed]:
-            self.active.remove(run)
-            if not run.failed:
-                self._finish(run)
+        self.cost.observe("iteration", n, max(h * w for h, w in groups), (time.monotonic() - start) * 1000)
+        done = [r for r in self.active if r.finished or r.failed]
+        self.active = [r for r in self.active if r not in done]
+        self._finish([r for r in done if not r.failed])
 
-    def _step(self, step, runs, capture, kind, pixels):
+    def _step(self, step, runs, capture, kind, pixels, uncond_for=()):
         """Run `step` on `runs` together; if it fails, on each alone, so one bad request fails alone."""
         for run in runs:
-            run.peak = max(run.peak, len(runs))
+            run.peak = max(run.peak, len(runs) + len(uncond_for))
+        borrowed = any(r.uncond_noise[:2] == (r.phase, r.i) for r in runs if r.do_cfg)
         start = time.monotonic()
         try:
-            finished = step(runs, capture)
+            finished = step(runs, capture, uncond_for=uncond_for) if uncond_for else step(runs, capture)
         except Exception as error:
-            if len(runs) == 1:
+            if len(runs) == 1 and not uncond_for:
                 runs[0].failed = True
                 runs[0].job.answer(error=error)
                 self.log(f"request failed: {type(error).__name__}: {error}")
@@ -143,16 +213,33 @@ class IterationEngine(Engine):
             for run in runs:
                 self._step(step, [run], capture, kind, pixels)
             return
-        self.cost.observe(kind, len(runs), pixels, (time.monotonic() - start) * 1000)
+        # A merged call's extra unconditional rows count as half a request each (a CFG request has two
+        # rows); a guided pass that took them from it is not a full guided step and is not timed.
+        extra = sum(r.do_cfg for r in uncond_for)
+        if kind == "plain" or not borrowed:
+            self.cost.observe(kind, len(runs) + math.ceil(extra / 2), pixels, (time.monotonic() - start) * 1000)
         if self.metrics is not None:
             self.metrics.batch_done(len(runs), len(runs), len(runs) if kind == "guided" else 0, 0)
         for run, trace in finished or []:  # reference passes that just ended: later edits reuse them
             self.cache.put(run.job.trace_key(self.model), trace)
 
-    def _finish(self, run):
+    def _finish(self, runs):
+        """Decode the finished runs (one VAE call per image size; alone if that fails) and answer them."""
+        by_size = {}
+        for run in runs:
+            by_size.setdefault(run.size, []).append(run)
+        for group in by_size.values():
+            try:
+                images = decode(group)
+            except Exception:
+                images = [None] * len(group)
+            for run, image in zip(group, images):
+                self._deliver_run(run, image)
+
+    def _deliver_run(self, run, image=None):
         job = run.job
         try:
-            image = run.image()
+            image = image if image is not None else run.image()
         except Exception as e:
             job.answer(error=e)
             return

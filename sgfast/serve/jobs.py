@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sgfast.serve.admission import Plan, degradation_of
+from sgfast.serve.admission import Plan, degradation_of, paper_guided
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Spec:
     width: int = 64
     negative_prompt: str = None
     budget_ms: float = None
+    photo: object = None  # POST /v1/edits: the RGB PIL photo the edits apply to (inverted first)
+    strength: float = 1.0  # its share of edited steps
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Job:
     future: Future = field(default_factory=Future)
     cost_ms: float = 0.0  # predicted run time alone (for the queue-ahead estimate of later arrivals)
     abandoned: bool = False  # its client went away (or the server stopped): drop it at the next step
+    inversion: dict = None  # a photo edit's reconstruction PSNR and the VAE's (set when it ran)
+    guided_for: object = paper_guided  # steps -> the step indices the model's schedule guides for it
 
     def answer(self, result=None, error=None):
         """Resolve the future once; later answers (a batch finishing after its client left or the
@@ -81,7 +85,7 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
         spec=job.spec,
         plan=job.plan,
         degraded=job.degraded,
-        degradation=degradation_of(job.spec, job.plan),
+        degradation=degradation_of(job.spec, job.plan, job.guided_for),
         timings={
             "queue_ms": round((start - job.arrival) * 1000, 1),
             "run_ms": round(run_ms, 1),
@@ -95,10 +99,26 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
     )
 
 
-def seeded_latents(pipe, seeds, height, width):
+def seeded_latents(pipe, seeds, height, width, device=None):
     """The initial noise of each seed, as diffusers draws it for a batch of one with a CPU generator,
     so that a request's image does not depend on what it was batched with."""
     unet = pipe.unet
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype) for s in seeds]
-    return torch.cat(noise).to(pipe._execution_device)
+    # diffusers' _execution_device walks every module (milliseconds): a caller that knows it passes it.
+    return torch.cat(noise).to(device or pipe._execution_device)
+
+
+def reference_steps(spec, cache, model):
+    """steps -> the reference pass a plan of `steps` steps needs: none without edits or with a cached
+    trace; a photo edit's inversion and its regeneration (unguided, `steps` each) are its reference."""
+    if spec.photo is not None:
+        return lambda steps: 2 * steps
+    if not spec.edits or not any(e.needs_reference for e in spec.edits):
+        return lambda steps: 0
+    probe = Job(spec, None, 0, 0, 0, False, 0)
+    return lambda steps: 0 if cache.peek(probe.trace_key(model, steps)) else steps
+
+
+class Abandoned(Exception):
+    """Every request of a running batch has gone (clients left, or the shutdown deadline passed)."""

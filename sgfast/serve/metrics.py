@@ -1,4 +1,4 @@
-"""The server's Prometheus metrics: requests by outcome, latency, deadline misses, steps, batch sizes,
+"""The server's Prometheus metrics: image requests and photo edits by outcome, latency, deadline misses, steps, batch sizes,
 the trace cache, queue depth and the live cost model's step rates."""
 
 
@@ -11,6 +11,13 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.engine_ref = engine_ref
         self.requests = Counter("sgfast_requests", "Image requests (POST /v1/images) by how they ended: one count each", ["outcome"], registry=r)
+        self.photo_edits = Counter("sgfast_photo_edits", "Photo edits (POST /v1/edits) by how they ended: one count each", ["outcome"], registry=r)
+        self.photo_latency = Histogram(
+            "sgfast_photo_edit_latency_seconds",
+            "Time from arrival to answer of photo edits answered 200 (inversion included)",
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.other = Counter("sgfast_other_requests", "Requests to the other routes, by path and status", ["path", "status"], registry=r)
         self.latency = Histogram(
             "sgfast_request_latency_seconds",
@@ -37,6 +44,11 @@ class Metrics:
         self.requests.labels(outcome).inc()
         if latency_s is not None and outcome in ("ok", "degraded"):
             self.latency.observe(latency_s)
+
+    def photo_edit_done(self, outcome, latency_s=None):
+        self.photo_edits.labels(outcome).inc()
+        if latency_s is not None and outcome in ("ok", "degraded"):
+            self.photo_latency.observe(latency_s)
 
     def other_request(self, path, status):
         self.other.labels(path, str(status)).inc()

@@ -1,17 +1,27 @@
-"""The request schema of POST /v1/images (pydantic) and its checks against the server's caps and the
-prompt's words: a request becomes an engine `Spec` or an `InvalidRequest` (HTTP 422)."""
+"""The request schemas of POST /v1/images and POST /v1/edits (pydantic) and their checks against the
+server's caps and the prompt's words: a request becomes an engine `Spec` or an `InvalidRequest` (HTTP
+422; a photo that is too large or not an 8-bit PNG/JPEG carries 413 or 415 as its `status`)."""
+
+import base64
+import binascii
 
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sgfast.sampler import default_schedule
+from sgfast.serve.admission import paper_guided
 from sgfast.serve.jobs import Spec
 
 
 # Every number must be finite: a NaN would otherwise fail the bounds with a message about the bound.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+
+
+def _prompt_not_blank(cls, value):
+    if not value.strip():
+        raise ValueError("prompt is blank")
+    return value
 
 class _Edit(BaseModel):
     model_config = STRICT
@@ -78,12 +88,29 @@ class ImageRequest(BaseModel):
     budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000, description="time to the answer, queue included")
     format: Literal["json", "png"] = "json"
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value):
-        if not value.strip():
-            raise ValueError("prompt is blank")
-        return value
+    _not_blank = field_validator("prompt")(classmethod(_prompt_not_blank))
+
+
+class PhotoEditRequest(BaseModel):
+    """The body of POST /v1/edits: a photo (PNG or JPEG, base64) edited as if the model had made it
+    (`sgfast.invert`). No seed or size: the photo's own. Caps as /v1/images', plus the photo's bytes
+    and sides."""
+
+    model_config = STRICT
+
+    photo: str = Field(min_length=1, description="the PNG or JPEG file, base64-encoded")
+    prompt: str = Field(min_length=1, max_length=10_000, description="what the photo shows (the words edits name)")
+    edits: list[EditSpec] = Field(min_length=1, max_length=1000)
+    # None: the model's photo setting (its self_guidance.json; 1 without one).
+    strength: Optional[float] = Field(None, gt=0, le=1, description="share of the steps edited (image-to-image's strength)")
+    steps: Optional[int] = Field(None, ge=2, le=10_000)
+    guidance_scale: float = Field(5.0, ge=0, le=50)
+    self_guidance_scale: Optional[float] = Field(None, ge=0, le=100)
+    normalize_gradient: Optional[bool] = None
+    budget_ms: Optional[float] = Field(None, gt=0, le=3_600_000)
+    format: Literal["json", "png"] = "json"
+
+    _not_blank = field_validator("prompt")(classmethod(_prompt_not_blank))
 
 
 def build_edit(spec):
@@ -106,48 +133,22 @@ class InvalidRequest(Exception):
     """A request the schema accepted but the server's caps or the prompt do not: HTTP 422.
     `errors`: [{loc, msg, type}] as the schema's own errors; `extra`: more fields for the answer."""
 
-    def __init__(self, loc, message, **extra):
+    def __init__(self, loc, message, status=422, **extra):
         super().__init__(message)
+        self.status = status
         self.errors = [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
         self.extra = extra
 
 
 def to_spec(request, engine):
     """Check a parsed request against the server's caps and the prompt's words; build the Spec."""
-    from sgfast.trace import PromptWords
-
     limits = engine.limits
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(["prompt"], f"prompt is {len(request.prompt)} characters; at most {limits.max_prompt_chars}")
-    steps = request.steps if request.steps is not None else limits.default_steps
-    if steps > limits.max_steps:
-        raise InvalidRequest(["steps"], f"steps={steps} is over this server's cap of {limits.max_steps}")
-    if len(request.edits) > limits.max_edits:
-        raise InvalidRequest(["edits"], f"{len(request.edits)} edits; at most {limits.max_edits} per request")
+    steps = checked_steps(request, limits)
     size = request.size if request.size is not None else engine.native
     width, height = (size, size) if isinstance(size, int) else size
-    multiple = size_multiple(engine.pipe)
-    for name, value in (("width", width), ("height", height)):
-        if not (multiple <= value <= limits.max_size) or value % multiple:
-            raise InvalidRequest(
-                ["size"],
-                f"{name}={value}: sizes must be multiples of {multiple} between {multiple} and {limits.max_size} pixels",
-            )
-    words = PromptWords.from_tokenizer(engine.pipe.tokenizer, request.prompt)
-    edits = []
-    for i, edit_spec in enumerate(request.edits):
-        try:
-            edit = build_edit(edit_spec)
-            edit.validate(words)
-        except ValueError as e:
-            raise InvalidRequest(["edits", i], str(e), words=words.words) from None
-        if not edit.needed_words(words):  # it would read no word: nothing to hold, an energy of nothing
-            raise InvalidRequest(["edits", i], f"{edit_spec.type} names no word to hold: {_no_words(edit_spec, words)}", words=words.words)
-        edits.append(edit)
-    if edits and not any(default_schedule(steps)):
-        first = next(n for n in range(1, limits.max_steps + 1) if any(default_schedule(n)))
-        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
-    return Spec(
+    check_size(width, height, engine, ["size"])
+    edits = checked_edits(request, engine, steps)
+    spec = Spec(
         prompt=request.prompt,
         edits=edits,
         edit_specs=[e.model_dump(exclude_none=True) for e in request.edits],
@@ -161,6 +162,109 @@ def to_spec(request, engine):
         negative_prompt=request.negative_prompt,
         budget_ms=request.budget_ms,
     )
+    # The model's own schedule decides which steps are guided (the paper's without settings).
+    guided = getattr(engine, "guided_steps_for", lambda spec: paper_guided)(spec)
+    if edits and not guided(steps):
+        first = next((n for n in range(1, limits.max_steps + 1) if guided(n)), None)
+        raise InvalidRequest(["steps"], f"steps={steps} has no guided step, so the edits would do nothing; edits need steps >= {first}")
+    return spec
+
+
+# load_photo's refusals as HTTP statuses: over the byte cap, not an 8-bit PNG/JPEG, a bad size.
+PHOTO_STATUS = {"too_large": 413, "unsupported": 415, "invalid": 422}
+
+
+def photo_of(request, limits):
+    """The request's photo: base64 -> an RGB PIL image, or InvalidRequest (413, 415 or 422)."""
+    from sgfast.invert import PhotoError, load_photo
+
+    try:
+        data = base64.b64decode(request.photo, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(["photo"], "photo is not base64: send the PNG or JPEG file's bytes base64-encoded") from None
+    try:
+        return load_photo(data, max_side=limits.max_size, max_bytes=limits.max_photo_bytes)
+    except PhotoError as e:
+        raise InvalidRequest(["photo"], str(e), status=PHOTO_STATUS[e.kind]) from None
+
+
+def to_photo_spec(request, engine, photo=None):
+    """Check a parsed photo-edit request (caps, the photo, the prompt's words); build its Spec.
+    `photo`: the request's photo already decoded (`photo_of`), else it is decoded here."""
+    limits = engine.limits
+    steps = checked_steps(request, limits)
+    photo = photo_of(request, limits) if photo is None else photo
+    check_size(*photo.size, engine, ["photo"])
+    edits = checked_edits(request, engine, steps)
+    strength = check_strength(request, engine, edits, steps)
+    return Spec(
+        prompt=request.prompt,
+        edits=edits,
+        edit_specs=[e.model_dump(exclude_none=True) for e in request.edits],
+        steps=steps,
+        guidance_scale=request.guidance_scale,
+        self_guidance_scale=request.self_guidance_scale,
+        normalize_gradient=request.normalize_gradient,
+        width=photo.size[0],
+        height=photo.size[1],
+        budget_ms=request.budget_ms,
+        photo=photo,
+        strength=strength,
+    )
+
+
+def check_strength(request, engine, edits, steps):
+    """A strength that leaves none of the model's guided steps would edit nothing: 422 before the
+    inversion runs."""
+    from sgfast.invert import strength_schedule
+
+    settings = engine.sg.settings
+    strength = settings.photo_strength if request.strength is None else request.strength
+    _, (_, _, schedule) = settings.for_photo().resolve([edits], steps)
+    if not any(strength_schedule(steps, strength, schedule)):
+        raise InvalidRequest(
+            ["strength"], f"strength={strength:g} leaves none of the guided steps of {steps} steps; raise strength or steps"
+        )
+    return strength
+
+
+def checked_steps(request, limits):
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest(["prompt"], f"prompt is {len(request.prompt)} characters; at most {limits.max_prompt_chars}")
+    steps = request.steps if request.steps is not None else limits.default_steps
+    if steps > limits.max_steps:
+        raise InvalidRequest(["steps"], f"steps={steps} is over this server's cap of {limits.max_steps}")
+    if len(request.edits) > limits.max_edits:
+        raise InvalidRequest(["edits"], f"{len(request.edits)} edits; at most {limits.max_edits} per request")
+    return steps
+
+
+def check_size(width, height, engine, loc):
+    multiple = size_multiple(engine.pipe)
+    for name, value in (("width", width), ("height", height)):
+        if not (multiple <= value <= engine.limits.max_size) or value % multiple:
+            raise InvalidRequest(
+                loc,
+                f"{name}={value}: sizes must be multiples of {multiple} between {multiple} and {engine.limits.max_size} pixels",
+            )
+
+
+def checked_edits(request, engine, steps):
+    """The request's edits as sgfast edits, checked against the prompt's words."""
+    from sgfast.trace import PromptWords
+
+    words = PromptWords.from_tokenizer(engine.pipe.tokenizer, request.prompt)
+    edits = []
+    for i, edit_spec in enumerate(request.edits):
+        try:
+            edit = build_edit(edit_spec)
+            edit.validate(words)
+        except ValueError as e:
+            raise InvalidRequest(["edits", i], str(e), words=words.words) from None
+        if not edit.needed_words(words):  # it would read no word: nothing to hold, an energy of nothing
+            raise InvalidRequest(["edits", i], f"{edit_spec.type} names no word to hold: {_no_words(edit_spec, words)}", words=words.words)
+        edits.append(edit)
+    return edits
 
 
 def _no_words(edit_spec, words):

@@ -88,6 +88,13 @@ GUIDANCE_SETTINGS = {
         "copy_appearance": {"self_guidance_scale": 2.0},
         "copy_layout": {"self_guidance_scale": 2.0},
     },
+    # Edits of inverted photos run without CFG (negative-prompt inversion): guiding the last 80% of
+    # the steps keeps the first ones on the photo's own trajectory, which holds the other objects, and
+    # a stronger move term and step keep the moved object on its line (RESULTS.md, "Photo editing").
+    "photo": {
+        "strength": 0.8,
+        "edits": {"move": {"weight": 8.0, "self_guidance_scale": 2.0}, "place": {"weight": 8.0, "self_guidance_scale": 2.0}},
+    },
 }
 SETTINGS_ABOUT = "Self-guidance defaults of the built-in shapes model (sgfast.shapes.model.GUIDANCE_SETTINGS); see benchmarks/RESULTS.md."
 

@@ -1,0 +1,197 @@
+"""POST /v1/edits (FastAPI TestClient on the tiny pipeline): a photo sent as base64 in the JSON body is
+checked before it is decoded further than its header (non-images, over-cap bytes and sides, a 1x1
+image, CMYK, 16-bit), an RGBA or palette PNG is taken as RGB, a valid edit comes back as an image
+unlike the photo, and every request ends in exactly one counted outcome."""
+
+import base64
+import io
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+
+from sgfast import SelfGuidancePipeline  # noqa: E402
+from sgfast.serve.admission import Limits  # noqa: E402
+from sgfast.serve.app import create_app  # noqa: E402
+from sgfast.serve.cost import CostModel  # noqa: E402
+from sgfast.serve.engine import Engine  # noqa: E402
+from sgfast.serve.iteration import IterationEngine  # noqa: E402
+from sgfast.testing import tiny_pipeline  # noqa: E402
+
+PROMPT = "a red circle and a blue square"
+MOVE = [{"type": "move", "word": "circle", "dx": 0.25}]
+PHOTO_CAP = 20_000
+
+
+@pytest.fixture(scope="module")
+def tiny_sg():
+    return SelfGuidancePipeline.from_pipe(tiny_pipeline(seed=0))
+
+
+def make_client(sg, engine_class=Engine):
+    from fastapi.testclient import TestClient
+
+    limits = Limits(max_steps=6, default_steps=4, min_steps=1, max_edits=3, max_body_bytes=4096, max_photo_bytes=PHOTO_CAP)
+    engine = engine_class(sg, model="tiny", cost=CostModel.fixed(20, 60, 10), limits=limits, threads=1)
+    client = TestClient(create_app(engine), base_url="http://localhost")
+    client.engine = engine
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(tiny_sg):
+    with make_client(tiny_sg) as c:
+        yield c
+
+
+def scene_photo(size=64):
+    image = PIL.Image.new("RGB", (size, size), (235, 235, 235))
+    draw = PIL.ImageDraw.Draw(image)
+    draw.ellipse((8, 20, 28, 40), fill=(220, 30, 30))
+    draw.rectangle((38, 22, 56, 40), fill=(30, 30, 220))
+    return image
+
+
+def encoded(image, format="PNG", **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+def post(client, data, **fields):
+    body = {"photo": base64.b64encode(data).decode(), "prompt": PROMPT, "edits": MOVE, **fields}
+    return client.post("/v1/edits", json=body)
+
+
+def error_of(response, status):
+    """The server's one error schema: {"detail": {"status", "type", "message", ...}}."""
+    assert response.status_code == status, response.text[:300]
+    detail = response.json()["detail"]
+    assert detail["status"] == status and isinstance(detail["message"], str) and detail["message"]
+    return detail
+
+
+def photo_outcomes(client):
+    found = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("sgfast_photo_edits_total{"):
+            label, value = line.split("} ")
+            found[label.split('"')[1]] = found.get(label.split('"')[1], 0) + float(value)
+    return found
+
+
+def pixels(response):
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).convert("RGB"), np.int16)
+
+
+def test_a_valid_edit_returns_an_edited_image(client):
+    photo = scene_photo()
+    r = post(client, encoded(photo))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["width"] == body["height"] == 64 and body["steps"] == 4 and body["guided_steps"] > 0
+    assert body["reference_steps"] == 8 and body["strength"] == 1.0  # inversion + regeneration
+    assert set(body["inversion"]) == {"psnr", "vae_psnr"} and "seed" not in body
+    assert np.abs(pixels(r) - np.asarray(photo, np.int16)).mean() > 1.0
+    png = post(client, encoded(photo), format="png")
+    assert png.headers["content-type"] == "image/png" and "psnr" in png.headers["x-sgfast-inversion"]
+
+
+def test_rgba_and_palette_pngs_are_taken_as_rgb(client):
+    photo = scene_photo()
+    for image in (photo.convert("RGBA"), photo.convert("P"), photo.convert("L")):
+        r = post(client, encoded(image), strength=0.75, steps=6)
+        assert r.status_code == 200, (image.mode, r.text)
+
+
+@pytest.mark.parametrize(
+    "case, status, message",
+    [
+        ("not base64", 422, "not base64"),
+        ("text", 415, "not a readable image"),
+        ("bmp", 415, "PNG and JPEG are allowed"),
+        ("cmyk jpeg", 415, "'CMYK'"),
+        ("16-bit png", 415, "'I;16'"),
+        ("1x1 png", 422, "multiples of 8"),
+        ("over the side cap", 422, "between 8 and 128"),
+        ("over the byte cap", 413, f"at most {PHOTO_CAP}"),
+        ("over the body cap", 413, "over the cap"),
+    ],
+)
+def test_bad_photos_get_clear_4xx(client, case, status, message):
+    photo = scene_photo()
+    noise = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    data = {
+        "text": b"hello, not an image",
+        "bmp": encoded(photo, "BMP"),
+        "cmyk jpeg": encoded(photo.convert("CMYK"), "JPEG"),
+        "16-bit png": encoded(PIL.Image.fromarray(np.full((64, 64), 40000, np.uint16))),
+        "1x1 png": encoded(photo.resize((1, 1))),
+        "over the side cap": encoded(PIL.Image.new("RGB", (4096, 64))),
+        "over the byte cap": encoded(noise.crop((0, 0, 80, 88))),  # noise does not compress: ~21 200 bytes
+        "over the body cap": encoded(noise.resize((256, 256))),
+        "side not a multiple of the unet's": encoded(photo.resize((72, 64))),
+    }.get(case, b"")
+    before = photo_outcomes(client)
+    if case == "not base64":
+        r = client.post("/v1/edits", json={"photo": "not base64!", "prompt": PROMPT, "edits": MOVE})
+    else:
+        r = post(client, data)
+    assert message in error_of(r, status)["message"]
+    after = photo_outcomes(client)
+    assert sum(after.values()) == sum(before.values()) + 1
+
+
+def test_bad_fields_and_words_are_422(client):
+    photo = encoded(scene_photo())
+    assert "edits" in error_of(post(client, photo, edits=[]), 422)["message"]
+    assert "strength" in error_of(post(client, photo, strength=0), 422)["message"]
+    assert "leaves none of the guided steps" in error_of(post(client, photo, strength=0.25), 422)["message"]
+    assert "steps" in error_of(post(client, photo, steps=7), 422)["message"]
+    detail = error_of(post(client, photo, edits=[{"type": "move", "word": "triangle", "dx": 0.1}]), 422)
+    assert "triangle" in detail["message"] and "circle" in detail["words"]
+    assert "seed" in error_of(post(client, photo, seed=1), 422)["message"]  # the photo is the seed
+
+
+def test_photo_edits_count_one_outcome_each_and_keep_images_apart(tiny_sg):
+    with make_client(tiny_sg) as c:
+        ok = post(c, encoded(scene_photo()))
+        bad = post(c, b"nope")
+        big = post(c, encoded(PIL.Image.new("RGB", (4096, 64))))
+        c.post("/v1/images", json={"prompt": PROMPT, "steps": 3})
+        assert (ok.status_code, bad.status_code, big.status_code) == (200, 415, 422)
+        assert photo_outcomes(c) == {"ok": 1, "unsupported_media_type": 1, "invalid": 1}
+        images = [line for line in c.get("/metrics").text.splitlines() if line.startswith("sgfast_requests_total{")]
+        assert images == ['sgfast_requests_total{outcome="ok"} 1.0']
+
+
+def test_the_iteration_scheduler_runs_photo_edits(tiny_sg):
+    with make_client(tiny_sg, IterationEngine) as c:
+        r = post(c, encoded(scene_photo()))
+        assert r.status_code == 200, r.text
+        assert photo_outcomes(c) == {"ok": 1}
+
+
+def test_the_built_in_model_moves_an_uploaded_photos_object(default_sg):
+    """The benchmark's scene 5 (as `tests/test_invert.py`'s fast slice), sent to the server as a PNG with
+    a bare move: the server edits with the model's photo settings and the object lands on target."""
+    from fastapi.testclient import TestClient
+
+    from benchmarks.photo_edit import check_move, free_move, photos
+
+    seed, scene, word_object = photos(5)[4]
+    dx, dy = free_move(scene, word_object)
+    limits = Limits(max_steps=25, default_steps=25, max_body_bytes=4096)
+    engine = Engine(default_sg, model="default", cost=CostModel.fixed(20, 60, 10), limits=limits, threads=1)
+    with TestClient(create_app(engine), base_url="http://localhost") as c:
+        edits = [{"type": "move", "word": word_object.shape, "dx": dx, "dy": dy}]
+        r = post(c, encoded(PIL.Image.fromarray(scene.image)), prompt=scene.caption, edits=edits)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["strength"] == 0.8 and r.json()["inversion"]["psnr"] > 25
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
+        ok, error = check_move(scene, word_object, (dx, dy), image)
+        assert ok, error
