@@ -289,6 +289,11 @@ def test_runs_without_a_budget_pause_while_a_budgeted_one_would_miss(tiny_sg):
     engine._iterate()
     engine._iterate()
     assert (free.i, due.i) == (0, 2)
+    # Beside two unbudgeted runs, with time for one of them: only the later admitted one waits.
+    first, second, due = run(None, 3600), run(None, 3600), run(600_000, 600)
+    engine.active = [first, second, due]
+    engine._iterate()
+    assert (first.i, second.i, due.i) == (1, 0, 1)
     # Met beside it, or missed even alone (no pause saves it), or two budgeted runs: everyone steps.
     for runs in ([run(None, 3600), run(600_000, 600)], [run(None, 3600), run(1000, 1)], [run(60_000, 60), run(60_000, 60)]):
         engine.active = list(runs)

@@ -178,17 +178,22 @@ class IterationEngine(Engine):
     def _stepping(self):
         """The active runs that take a step this iteration: all of them, unless a budgeted run that
         would meet its deadline among the budgeted runs alone is predicted to miss it among all; then
-        the runs without a budget pause (their deadline is an hour away) until it is safe again."""
+        the fewest runs without a budget pause (the latest admitted first; their deadline is an hour
+        away) for it to meet its deadline, until it is safe again."""
         budgeted = [r for r in self.active if r.job.spec.budget_ms is not None]
-        if not budgeted or len(budgeted) == len(self.active):
+        free = [r for r in self.active if r.job.spec.budget_ms is None]
+        if not budgeted or not free:
             return self.active
         now = time.monotonic()
 
         def meets(run, n):
             return now + self._run_ms(run.steps_left(), run.guided_left(), run.size, n) / 1000 <= run.job.deadline
 
-        at_risk = any(meets(r, len(budgeted)) and not meets(r, len(self.active)) for r in budgeted)
-        return budgeted if at_risk else self.active
+        savable = [r for r in budgeted if meets(r, len(budgeted))]
+        keep = len(free)
+        while keep and not all(meets(r, len(budgeted) + keep) for r in savable):
+            keep -= 1
+        return self.active if keep == len(free) else budgeted + free[:keep]
 
     def _iterate(self):
         """One step of every active request that is not paused (`_stepping`), then retire the
