@@ -454,3 +454,45 @@ def test_bad_copy_shape_arguments(build, message):
         build(two_objects().traces()[0])
     build_ok = copy_shape("circle", two_objects().traces()[0], translate=(-1.0, 1.0), scale=1e-3)
     assert build_ok.translate == (-1.0, 1.0)
+
+
+# ---- arguments: bounds (inclusive), types and the messages that name them ------------------------
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: move("circle", dx=1.01), r"^dx must be in \[-1.0, 1.0\], got 1.01$"),
+    (lambda: move("circle", dx=-1.01), r"^dx must be in \[-1.0, 1.0\], got -1.01$"),
+    (lambda: move("circle", dy=1.01), r"^dy must be in \[-1.0, 1.0\], got 1.01$"),
+    (lambda: move("circle", dy=-1.01), r"^dy must be in \[-1.0, 1.0\], got -1.01$"),
+    (lambda: move("circle", dx="0.1"), r"^dx must be in \[-1.0, 1.0\], got '0.1'$"),
+    (lambda: move("circle", dy=float("nan")), r"^dy must be in \[-1.0, 1.0\], got nan$"),
+    (lambda: place("circle", x=-0.01), r"^x must be in \[0.0, 1.0\], got -0.01$"),
+    (lambda: place("circle", x=1.01), r"^x must be in \[0.0, 1.0\], got 1.01$"),
+    (lambda: place("circle", y=-0.01), r"^y must be in \[0.0, 1.0\], got -0.01$"),
+    (lambda: place("circle", y=1.01), r"^y must be in \[0.0, 1.0\], got 1.01$"),
+    (lambda: resize("circle", 0.0), r"^scale must be a finite number > 0, got 0.0$"),
+    (lambda: resize("circle", float("inf")), r"^scale must be a finite number > 0, got inf$"),
+    (lambda: resize("circle", "2"), r"^scale must be a finite number > 0, got '2'$"),
+    (lambda: move("circle", weight=-0.5), r"^weight must be a finite number >= 0, got -0.5$"),
+    (lambda: move("circle", weight=float("inf")), r"^weight must be a finite number >= 0, got inf$"),
+    (lambda: move("circle", weight="1"), r"^weight must be a finite number >= 0, got '1'$"),
+    (lambda: move("circle", keep_shape_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: place("circle", keep_appearance_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: resize("circle", 2.0, keep_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: keep_shape(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: keep_appearance(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+])
+def test_bad_object_edit_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_edge_arguments_are_accepted():
+    for dx, dy in [(-1.0, 1.0), (1.0, -1.0), (1, 0)]:
+        assert (move("circle", dx=dx, dy=dy).dx, move("circle", dx=dx, dy=dy).dy) == (dx, dy)
+    for x, y in [(0.0, 1.0), (1.0, 0.0), (0, 1)]:
+        assert (place("circle", x, y).x, place("circle", x, y).y) == (x, y)
+    assert resize("circle", 1e-6).scale == 1e-6 and resize("circle", 3).scale == 3
+    zero = move(" Circle ", weight=0.0, keep_shape_weight=0, keep_appearance_weight=0.0, keep_centroid_weight=0.0)
+    assert (zero.word, zero.weight, zero.keep_shape_weight, zero.needs_features) == ("circle", 0.0, 0, False)
+    assert keep_shape(weight=0.0).weight == 0.0 and keep_appearance(weight=0).weight == 0
