@@ -496,3 +496,48 @@ def test_edge_arguments_are_accepted():
     zero = move(" Circle ", weight=0.0, keep_shape_weight=0, keep_appearance_weight=0.0, keep_centroid_weight=0.0)
     assert (zero.word, zero.weight, zero.keep_shape_weight, zero.needs_features) == ("circle", 0.0, 0, False)
     assert keep_shape(weight=0.0).weight == 0.0 and keep_appearance(weight=0).weight == 0
+
+
+# ---- a source or reference traced at another resolution ----------------------------------------
+
+
+def loop_shape(m, sharpness=10.0):
+    """Soft silhouette, written out: sigmoid at half of the min-max normalised map, renormalised."""
+    values = [[float(v) for v in row] for row in m]
+    flat = [v for row in values for v in row]
+    low, high = min(flat), max(flat)
+    soft = [[1 / (1 + math.exp(-sharpness * ((v - low) / (high - low) - 0.5))) for v in row] for row in values]
+    flat = [v for row in soft for v in row]
+    low, high = min(flat), max(flat)
+    return [[(v - low) / (high - low) for v in row] for row in soft]
+
+
+def loop_bilinear(grid, height, width):
+    """Bilinear resampling on pixel centres (a source pixel i sits at i + 0.5), edges held."""
+    def taps(n_out, n_in):
+        out = []
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(math.floor(src)), n_in - 1)
+            out.append((i0, min(i0 + 1, n_in - 1), src - i0))
+        return out
+    rows, cols = taps(height, len(grid)), taps(width, len(grid[0]))
+    return [[(1 - wy) * ((1 - wx) * grid[y0][x0] + wx * grid[y0][x1]) + wy * ((1 - wx) * grid[y1][x0] + wx * grid[y1][x1])
+             for x0, x1, wx in cols] for y0, y1, wy in rows]
+
+
+def test_a_target_at_another_resolution_is_resampled_onto_the_current_grid():
+    from sgfast.trace import View
+
+    g = torch.Generator().manual_seed(11)
+    current = View(["circle"], {"a": torch.rand(1, 5, 7, generator=g, dtype=torch.float64),
+                                "b": torch.rand(1, 9, 11, generator=g, dtype=torch.float64)})
+    reference = View(["circle"], {"a": torch.rand(1, 5, 7, generator=g, dtype=torch.float64),
+                                  "b": torch.rand(1, 3, 4, generator=g, dtype=torch.float64)})
+    expected = 0.0
+    for layer in ("a", "b"):
+        mine = loop_shape(current.maps[layer][0])
+        height, width = len(mine), len(mine[0])
+        target = loop_bilinear(loop_shape(reference.maps[layer][0]), height, width)
+        expected += sum(smooth_l1(mine[i][j] - target[i][j]) for i in range(height) for j in range(width)) / (height * width) / 2
+    assert keep_shape(["circle"], weight=1.5).energy(current, reference, T).item() == pytest.approx(1.5 * expected, rel=1e-9)
