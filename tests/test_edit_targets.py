@@ -541,3 +541,55 @@ def test_a_target_at_another_resolution_is_resampled_onto_the_current_grid():
         target = loop_bilinear(loop_shape(reference.maps[layer][0]), height, width)
         expected += sum(smooth_l1(mine[i][j] - target[i][j]) for i in range(height) for j in range(width)) / (height * width) / 2
     assert keep_shape(["circle"], weight=1.5).energy(current, reference, T).item() == pytest.approx(1.5 * expected, rel=1e-9)
+
+
+# ---- the keep terms of move and resize, written out ----------------------------------------------
+
+
+def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
+    current, reference = random_views()
+    layers = list(current.maps)
+    maps = lambda view, slot: [view.maps[l][slot] for l in layers]  # noqa: E731
+    centroid_gap = lambda slot: sum(  # noqa: E731
+        smooth_l1(loop_centroid(c)[0] - loop_centroid(r)[0]) + smooth_l1(loop_centroid(c)[1] - loop_centroid(r)[1])
+        for c, r in zip(maps(current, slot), maps(reference, slot))) / len(layers)
+
+    def shape_gap(slot):
+        total = 0.0
+        for c, r in zip(maps(current, slot), maps(reference, slot)):
+            mine, theirs = loop_shape(c), loop_shape(r)
+            total += sum(smooth_l1(a - b) for row_a, row_b in zip(mine, theirs) for a, b in zip(row_a, row_b)) / c.numel()
+        return total / len(layers)
+
+    move_term = sum(smooth_l1(loop_centroid(c)[0] - loop_centroid(r)[0] - 0.1) + smooth_l1(loop_centroid(c)[1] - loop_centroid(r)[1])
+                    for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = move("circle", dx=0.1, weight=2.0, keep_shape_weight=1.5, keep_appearance_weight=0.0, keep_centroid_weight=0.7)
+    assert edit.energy(current, reference, T).item() == pytest.approx(2.0 * move_term + 1.5 * shape_gap(1) + 0.7 * centroid_gap(1), rel=1e-6)
+    # resize holds its own centroid too when centroids are held; not when keep_others is off
+    size_term = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(1.3 * max(loop_size(r), 1e-4)))
+                    for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * (centroid_gap(0) + centroid_gap(1)), rel=1e-6)
+    alone = resize("circle", 1.3, weight=1.0, keep_others=False, keep_centroid_weight=0.9)
+    assert alone.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term, rel=1e-6)
+
+
+def test_default_weights_and_held_words():
+    for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
+        assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
+        assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight")
+        assert edit.needs_features and edit.needs_reference
+    assert move("circle", weight=1.0, keep_centroid_weight=2.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+    assert not move("circle", keep_others=False).needs_features
+    assert (keep_shape().weight, keep_appearance().weight) == (6.0, 12.0)
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    assert move("Circle ").needed_words(words) == ["circle", "blue", "square"]
+    assert move("circle", keep=[" Square", "CIRCLE", "red"]).needed_words(words) == ["circle", "square", "red"]
+    assert move("circle", keep_others=False, keep=["square"]).needed_words(words) == ["circle"]
+    long = "the big red circle with a small blue square on green grass"
+    words = PromptWords(long, long.split(), [[i + 1] for i in range(len(long.split()))])
+    assert resize("circle", 2.0).needed_words(words) == ["circle", "small", "blue", "square", "green", "grass"]
+    assert resize("big", 2.0).needed_words(words) == ["big", "small", "blue", "square", "green", "grass"]
+    assert place("grass").needed_words(words) == ["grass", "big", "red", "circle", "small", "blue", "square"]
+    with pytest.raises(ValueError, match=r"^KeepShape names no word of the prompt 'the big red circle"):
+        keep_shape([]).validate(words)
