@@ -591,5 +591,19 @@ def test_default_weights_and_held_words():
     assert resize("circle", 2.0).needed_words(words) == ["circle", "small", "blue", "square", "green", "grass"]
     assert resize("big", 2.0).needed_words(words) == ["big", "small", "blue", "square", "green", "grass"]
     assert place("grass").needed_words(words) == ["grass", "big", "red", "circle", "small", "blue", "square"]
-    with pytest.raises(ValueError, match=r"^KeepShape names no word of the prompt 'the big red circle"):
+    with pytest.raises(ValueError, match=r"^KeepShape names no word of the prompt 'the big red circle with a small blue square on "
+                       r"green grass' \(its words: \['the', 'big', .*, 'grass'\]\); name the words it should act on$"):
         keep_shape([]).validate(words)
+
+
+def test_copy_layout_and_restyle_check_their_words_and_what_they_read():
+    source = two_objects().traces()[0]
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    copy_layout(source).validate(words)  # the shared words are the prompt's: nothing to say
+    copy_layout(source, ["circle", "square"]).validate(words)
+    other = PromptWords("a red circle", ["a", "red", "circle"], [[1], [2], [3]])
+    with pytest.raises(ValueError, match=r"'square' is not in the prompt"):
+        copy_layout(source, ["circle", "square"]).validate(other)
+    styled = styled_scene().traces()[0]
+    assert restyle(styled, ["painting"]).needs_reference is True
+    assert restyle(styled, ["painting"], keep_layout=False).needs_reference is False
