@@ -592,10 +592,10 @@ def test_default_weights_and_held_words():
     assert resize("big", 2.0).needed_words(words) == ["big", "small", "blue", "square", "green", "grass"]
     assert place("grass").needed_words(words) == ["grass", "big", "red", "circle", "small", "blue", "square"]
     bare = "red circle and blue square"  # phrases that reach the prompt's first and last words
-    words = PromptWords(bare, bare.split(), [[i + 1] for i in range(5)])
-    assert move("circle").needed_words(words) == ["circle", "blue", "square"]
-    assert move("red").needed_words(words) == ["red", "blue", "square"]
-    assert resize("blue", 2.0).needed_words(words) == ["blue", "red", "circle"]
+    bare_words = PromptWords(bare, bare.split(), [[i + 1] for i in range(5)])
+    assert move("circle").needed_words(bare_words) == ["circle", "blue", "square"]
+    assert move("red").needed_words(bare_words) == ["red", "blue", "square"]
+    assert resize("blue", 2.0).needed_words(bare_words) == ["blue", "red", "circle"]
     with pytest.raises(ValueError, match=r"^KeepShape names no word of the prompt 'the big red circle with a small blue square on "
                        r"green grass' \(its words: \['the', 'big', .*, 'grass'\]\); name the words it should act on$"):
         keep_shape([]).validate(words)
