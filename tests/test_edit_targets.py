@@ -581,6 +581,7 @@ def test_default_weights_and_held_words():
         assert edit.needs_features and edit.needs_reference
     assert move("circle", weight=1.0, keep_centroid_weight=2.0).unset == ("keep_shape_weight", "keep_appearance_weight")
     assert not move("circle", keep_others=False).needs_features
+    assert move("circle", keep_appearance_weight=0.5).needs_features
     assert (keep_shape().weight, keep_appearance().weight) == (6.0, 12.0)
     words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
     assert move("Circle ").needed_words(words) == ["circle", "blue", "square"]
