@@ -18,6 +18,7 @@ import torch
 from sgfast import collage, copy_appearance, copy_layout, copy_shape, keep_appearance, keep_shape, move, place, resize, restyle
 from sgfast.sampler import edit_selection, energy_of, record_traces
 from sgfast.trace import PromptWords, Trace
+from test_properties import loop_bilinear  # the written-out resampling, shared with the properties tests
 
 LAYERS = {"coarse": (16, 16), "fine": (32, 32)}
 FEATURE_GRID = (16, 16)
@@ -510,20 +511,6 @@ def loop_shape(m, sharpness=10.0):
     flat = [v for row in soft for v in row]
     low, high = min(flat), max(flat)
     return [[(v - low) / (high - low) for v in row] for row in soft]
-
-
-def loop_bilinear(grid, height, width):
-    """Bilinear resampling on pixel centres (a source pixel i sits at i + 0.5), edges held."""
-    def taps(n_out, n_in):
-        out = []
-        for i in range(n_out):
-            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-            i0 = min(int(math.floor(src)), n_in - 1)
-            out.append((i0, min(i0 + 1, n_in - 1), src - i0))
-        return out
-    rows, cols = taps(height, len(grid)), taps(width, len(grid[0]))
-    return [[(1 - wy) * ((1 - wx) * grid[y0][x0] + wx * grid[y0][x1]) + wy * ((1 - wx) * grid[y1][x0] + wx * grid[y1][x1])
-             for x0, x1, wx in cols] for y0, y1, wy in rows]
 
 
 def test_a_target_at_another_resolution_is_resampled_onto_the_current_grid():
