@@ -77,9 +77,14 @@ def pytest_unconfigure(config):
     # Leave without the interpreter's finalization: native threads of torch and the serving tests'
     # daemon threads waking during it can abort the process ("terminate called without an active
     # exception") after every test passed, turning a green run red at random.
-    if "code" in _exit_status:
-        import sys
+    # Only when pytest is the program: a tool that runs pytest inside its own process (mutmut's
+    # statistics and clean runs, `make mutate`) must get control back.
+    import sys
 
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    standalone = (main_spec is not None and main_spec.name in ("pytest", "pytest.__main__")) or os.path.basename(
+        sys.argv[0]) in ("pytest", "py.test")
+    if "code" in _exit_status and standalone:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status["code"])

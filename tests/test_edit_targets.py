@@ -18,6 +18,7 @@ import torch
 from sgfast import collage, copy_appearance, copy_layout, copy_shape, keep_appearance, keep_shape, move, place, resize, restyle
 from sgfast.sampler import edit_selection, energy_of, record_traces
 from sgfast.trace import PromptWords, Trace
+from test_properties import loop_bilinear  # the written-out resampling, shared with the properties tests
 
 LAYERS = {"coarse": (16, 16), "fine": (32, 32)}
 FEATURE_GRID = (16, 16)
@@ -454,3 +455,148 @@ def test_bad_copy_shape_arguments(build, message):
         build(two_objects().traces()[0])
     build_ok = copy_shape("circle", two_objects().traces()[0], translate=(-1.0, 1.0), scale=1e-3)
     assert build_ok.translate == (-1.0, 1.0)
+
+
+# ---- arguments: bounds (inclusive), types and the messages that name them ------------------------
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: move("circle", dx=1.01), r"^dx must be in \[-1.0, 1.0\], got 1.01$"),
+    (lambda: move("circle", dx=-1.01), r"^dx must be in \[-1.0, 1.0\], got -1.01$"),
+    (lambda: move("circle", dy=1.01), r"^dy must be in \[-1.0, 1.0\], got 1.01$"),
+    (lambda: move("circle", dy=-1.01), r"^dy must be in \[-1.0, 1.0\], got -1.01$"),
+    (lambda: move("circle", dx="0.1"), r"^dx must be in \[-1.0, 1.0\], got '0.1'$"),
+    (lambda: move("circle", dy=float("nan")), r"^dy must be in \[-1.0, 1.0\], got nan$"),
+    (lambda: place("circle", x=-0.01), r"^x must be in \[0.0, 1.0\], got -0.01$"),
+    (lambda: place("circle", x=1.01), r"^x must be in \[0.0, 1.0\], got 1.01$"),
+    (lambda: place("circle", y=-0.01), r"^y must be in \[0.0, 1.0\], got -0.01$"),
+    (lambda: place("circle", y=1.01), r"^y must be in \[0.0, 1.0\], got 1.01$"),
+    (lambda: resize("circle", 0.0), r"^scale must be a finite number > 0, got 0.0$"),
+    (lambda: resize("circle", float("inf")), r"^scale must be a finite number > 0, got inf$"),
+    (lambda: resize("circle", "2"), r"^scale must be a finite number > 0, got '2'$"),
+    (lambda: move("circle", weight=-0.5), r"^weight must be a finite number >= 0, got -0.5$"),
+    (lambda: move("circle", weight=float("inf")), r"^weight must be a finite number >= 0, got inf$"),
+    (lambda: move("circle", weight="1"), r"^weight must be a finite number >= 0, got '1'$"),
+    (lambda: move("circle", keep_shape_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: place("circle", keep_appearance_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: resize("circle", 2.0, keep_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: keep_shape(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: keep_appearance(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+])
+def test_bad_object_edit_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_edge_arguments_are_accepted():
+    for dx, dy in [(-1.0, 1.0), (1.0, -1.0), (1, 0)]:
+        assert (move("circle", dx=dx, dy=dy).dx, move("circle", dx=dx, dy=dy).dy) == (dx, dy)
+    for x, y in [(0.0, 1.0), (1.0, 0.0), (0, 1)]:
+        assert (place("circle", x, y).x, place("circle", x, y).y) == (x, y)
+    assert resize("circle", 1e-6).scale == 1e-6 and resize("circle", 3).scale == 3
+    zero = move(" Circle ", weight=0.0, keep_shape_weight=0, keep_appearance_weight=0.0, keep_centroid_weight=0.0)
+    assert (zero.word, zero.weight, zero.keep_shape_weight, zero.needs_features) == ("circle", 0.0, 0, False)
+    assert keep_shape(weight=0.0).weight == 0.0 and keep_appearance(weight=0).weight == 0
+
+
+# ---- a source or reference traced at another resolution ----------------------------------------
+
+
+def loop_shape(m, sharpness=10.0):
+    """Soft silhouette, written out: sigmoid at half of the min-max normalised map, renormalised."""
+    values = [[float(v) for v in row] for row in m]
+    flat = [v for row in values for v in row]
+    low, high = min(flat), max(flat)
+    soft = [[1 / (1 + math.exp(-sharpness * ((v - low) / (high - low) - 0.5))) for v in row] for row in values]
+    flat = [v for row in soft for v in row]
+    low, high = min(flat), max(flat)
+    return [[(v - low) / (high - low) for v in row] for row in soft]
+
+
+def test_a_target_at_another_resolution_is_resampled_onto_the_current_grid():
+    from sgfast.trace import View
+
+    g = torch.Generator().manual_seed(11)
+    current = View(["circle"], {"a": torch.rand(1, 5, 7, generator=g, dtype=torch.float64),
+                                "b": torch.rand(1, 9, 11, generator=g, dtype=torch.float64)})
+    reference = View(["circle"], {"a": torch.rand(1, 5, 7, generator=g, dtype=torch.float64),
+                                  "b": torch.rand(1, 3, 4, generator=g, dtype=torch.float64)})
+    expected = 0.0
+    for layer in ("a", "b"):
+        mine = loop_shape(current.maps[layer][0])
+        height, width = len(mine), len(mine[0])
+        target = loop_bilinear(loop_shape(reference.maps[layer][0]), height, width)
+        expected += sum(smooth_l1(mine[i][j] - target[i][j]) for i in range(height) for j in range(width)) / (height * width) / 2
+    assert keep_shape(["circle"], weight=1.5).energy(current, reference, T).item() == pytest.approx(1.5 * expected, rel=1e-9)
+
+
+# ---- the keep terms of move and resize, written out ----------------------------------------------
+
+
+def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
+    current, reference = random_views()
+    layers = list(current.maps)
+    maps = lambda view, slot: [view.maps[l][slot] for l in layers]  # noqa: E731
+    centroid_gap = lambda slot: sum(  # noqa: E731
+        smooth_l1(loop_centroid(c)[0] - loop_centroid(r)[0]) + smooth_l1(loop_centroid(c)[1] - loop_centroid(r)[1])
+        for c, r in zip(maps(current, slot), maps(reference, slot))) / len(layers)
+
+    def shape_gap(slot):
+        total = 0.0
+        for c, r in zip(maps(current, slot), maps(reference, slot)):
+            mine, theirs = loop_shape(c), loop_shape(r)
+            total += sum(smooth_l1(a - b) for row_a, row_b in zip(mine, theirs) for a, b in zip(row_a, row_b)) / c.numel()
+        return total / len(layers)
+
+    move_term = sum(smooth_l1(loop_centroid(c)[0] - loop_centroid(r)[0] - 0.1) + smooth_l1(loop_centroid(c)[1] - loop_centroid(r)[1])
+                    for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = move("circle", dx=0.1, weight=2.0, keep_shape_weight=1.5, keep_appearance_weight=0.0, keep_centroid_weight=0.7)
+    assert edit.energy(current, reference, T).item() == pytest.approx(2.0 * move_term + 1.5 * shape_gap(1) + 0.7 * centroid_gap(1), rel=1e-6)
+    # resize holds its own centroid too when centroids are held; not when keep_others is off
+    size_term = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(1.3 * max(loop_size(r), 1e-4)))
+                    for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * (centroid_gap(0) + centroid_gap(1)), rel=1e-6)
+    alone = resize("circle", 1.3, weight=1.0, keep_others=False, keep_centroid_weight=0.9)
+    assert alone.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term, rel=1e-6)
+
+
+def test_default_weights_and_held_words():
+    for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
+        assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
+        assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight")
+        assert edit.needs_features and edit.needs_reference
+    assert move("circle", weight=1.0, keep_centroid_weight=2.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+    assert not move("circle", keep_others=False).needs_features
+    assert move("circle", keep_appearance_weight=0.5).needs_features
+    assert (keep_shape().weight, keep_appearance().weight) == (6.0, 12.0)
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    assert move("Circle ").needed_words(words) == ["circle", "blue", "square"]
+    assert move("circle", keep=[" Square", "CIRCLE", "red"]).needed_words(words) == ["circle", "square", "red"]
+    assert move("circle", keep_others=False, keep=["square"]).needed_words(words) == ["circle"]
+    long = "the big red circle with a small blue square on green grass"
+    words = PromptWords(long, long.split(), [[i + 1] for i in range(len(long.split()))])
+    assert resize("circle", 2.0).needed_words(words) == ["circle", "small", "blue", "square", "green", "grass"]
+    assert resize("big", 2.0).needed_words(words) == ["big", "small", "blue", "square", "green", "grass"]
+    assert place("grass").needed_words(words) == ["grass", "big", "red", "circle", "small", "blue", "square"]
+    bare = "red circle and blue square"  # phrases that reach the prompt's first and last words
+    bare_words = PromptWords(bare, bare.split(), [[i + 1] for i in range(5)])
+    assert move("circle").needed_words(bare_words) == ["circle", "blue", "square"]
+    assert move("red").needed_words(bare_words) == ["red", "blue", "square"]
+    assert resize("blue", 2.0).needed_words(bare_words) == ["blue", "red", "circle"]
+    with pytest.raises(ValueError, match=r"^KeepShape names no word of the prompt 'the big red circle with a small blue square on "
+                       r"green grass' \(its words: \['the', 'big', .*, 'grass'\]\); name the words it should act on$"):
+        keep_shape([]).validate(words)
+
+
+def test_copy_layout_and_restyle_check_their_words_and_what_they_read():
+    source = two_objects().traces()[0]
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    copy_layout(source).validate(words)  # the shared words are the prompt's: nothing to say
+    copy_layout(source, ["circle", "square"]).validate(words)
+    other = PromptWords("a red circle", ["a", "red", "circle"], [[1], [2], [3]])
+    with pytest.raises(ValueError, match=r"'square' is not in the prompt"):
+        copy_layout(source, ["circle", "square"]).validate(other)
+    styled = styled_scene().traces()[0]
+    assert restyle(styled, ["painting"]).needs_reference is True
+    assert restyle(styled, ["painting"], keep_layout=False).needs_reference is False

@@ -171,3 +171,46 @@ def test_transform_shape_applies_every_non_identity(kwargs):
     sil = torch.zeros(1, 1, 32, 32, dtype=torch.float64)
     sil[..., 8:16, 4:20] = 1.0
     assert (properties.transform_shape(sil, **kwargs) - sil).abs().max() > 0.01
+
+
+def test_pixel_centres_are_full_grids():
+    xs, ys = properties.pixel_centres(3, 5, torch.float64)
+    assert xs.shape == ys.shape == (3, 5)
+    for i, j in itertools.product(range(3), range(5)):
+        assert (xs[i, j].item(), ys[i, j].item()) == pytest.approx(((j + 0.5) / 5, (i + 0.5) / 3), abs=1e-15)
+
+
+def test_hard_shape_is_strictly_above_one_half():
+    maps = torch.tensor([[[[0.0, 0.25, 0.5], [0.75, 1.0, 0.5]]]], dtype=torch.float64)
+    expected = torch.tensor([[[[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]]], dtype=torch.float64)
+    assert torch.equal(properties.hard_shape(maps), expected)
+
+
+def loop_bilinear(grid, height, width):
+    """Bilinear resampling on pixel centres (a source pixel i sits at i + 0.5), edges held."""
+    import math
+
+    def taps(n_out, n_in):
+        out = []
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(math.floor(src)), n_in - 1)
+            out.append((i0, min(i0 + 1, n_in - 1), src - i0))
+        return out
+    rows, cols = taps(height, len(grid)), taps(width, len(grid[0]))
+    return [[(1 - wy) * ((1 - wx) * grid[y0][x0] + wx * grid[y0][x1]) + wy * ((1 - wx) * grid[y1][x0] + wx * grid[y1][x1])
+             for x0, x1, wx in cols] for y0, y1, wy in rows]
+
+
+def test_appearance_resamples_the_silhouette_on_pixel_centres_in_the_features_dtype():
+    # float64 maps at 5 x 7, float32 features at 9 x 11: the mask is resampled to the features' grid
+    # and the mean taken in the features' dtype, at the default sharpness.
+    g = torch.Generator().manual_seed(23)
+    maps = torch.rand(1, 2, 5, 7, generator=g, dtype=torch.float64)
+    feats = torch.randn(1, 3, 9, 11, generator=g, dtype=torch.float64)
+    a = properties.appearance(maps, feats.float())  # the default sharpness, 10
+    assert a.dtype == torch.float32 and a.shape == (1, 2, 3)
+    for k in range(2):
+        mask = torch.tensor(loop_bilinear(loop_shape(maps[0, k], 10.0).tolist(), 9, 11), dtype=torch.float64)
+        expected = torch.stack([(mask * feats[0, c]).sum() / mask.sum() for c in range(3)])
+        torch.testing.assert_close(a[0, k].double(), expected, rtol=1e-5, atol=1e-6)

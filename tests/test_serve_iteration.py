@@ -3,6 +3,7 @@ each at its own timestep in a shared UNet call, give the library's image for eac
 engine's promises (EDF, cache, cancellation, failures, shutdown) hold under it. Tiny pipeline, CPU."""
 
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import numpy as np
@@ -269,3 +270,32 @@ def test_step_times_take_the_timed_iterations(tiny_sg):
     engine.cost.observe("iteration", 4, 64 * 64, 500.0)
     assert engine._step_times(4, 64 * 64) == (pytest.approx(500), pytest.approx(500))
     assert engine._step_times(8, 64 * 64) == (pytest.approx(80), pytest.approx(240))
+
+
+def test_runs_without_a_budget_pause_while_a_budgeted_one_would_miss(tiny_sg):
+    # Predicted: a second per step alone, 101 s per step beside another run.
+    engine = IterationEngine(tiny_sg, model="tiny", cost=CostModel.fixed(1000, 3000, 1, batch_factor=100.0), limits=Limits(min_steps=1, max_batch=4))
+    now = time.monotonic()
+
+    def run(budget_ms, due_in_s):
+        spec = Spec(prompt=PROMPT, steps=4, budget_ms=budget_ms)
+        r = Run(tiny_sg, Job(spec, Plan(4, 0), now, now + due_in_s, 0.0, False, 0), None)
+        r.peak = 1  # set by the engine's _start
+        return r
+
+    # 4 s alone, 404 s beside the unbudgeted run: the unbudgeted run waits.
+    free, due = run(None, 3600), run(60_000, 60)
+    engine.active = [free, due]
+    engine._iterate()
+    engine._iterate()
+    assert (free.i, due.i) == (0, 2)
+    # Beside two unbudgeted runs, with time for one of them: only the later admitted one waits.
+    first, second, due = run(None, 3600), run(None, 3600), run(600_000, 600)
+    engine.active = [first, second, due]
+    engine._iterate()
+    assert (first.i, second.i, due.i) == (1, 0, 1)
+    # Met beside it, or missed even alone (no pause saves it), or two budgeted runs: everyone steps.
+    for runs in ([run(None, 3600), run(600_000, 600)], [run(None, 3600), run(1000, 1)], [run(60_000, 60), run(60_000, 60)]):
+        engine.active = list(runs)
+        engine._iterate()
+        assert [r.i for r in runs] == [1, 1]

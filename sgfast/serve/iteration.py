@@ -175,12 +175,34 @@ class IterationEngine(Engine):
         run.started, run.cache_hit, run.peak = time.monotonic(), reference is not None, 1
         return run
 
+    def _stepping(self):
+        """The active runs that take a step this iteration: all of them, unless a budgeted run that
+        would meet its deadline among the budgeted runs alone is predicted to miss it among all; then
+        the fewest runs without a budget pause (the latest admitted first; their deadline is an hour
+        away) for it to meet its deadline, until it is safe again."""
+        budgeted = [r for r in self.active if r.job.spec.budget_ms is not None]
+        free = [r for r in self.active if r.job.spec.budget_ms is None]
+        if not budgeted or not free:
+            return self.active
+        now = time.monotonic()
+
+        def meets(run, n):
+            return now + self._run_ms(run.steps_left(), run.guided_left(), run.size, n) / 1000 <= run.job.deadline
+
+        savable = [r for r in budgeted if meets(r, len(budgeted))]
+        keep = len(free)
+        while keep and not all(meets(r, len(budgeted) + keep) for r in savable):
+            keep -= 1
+        return self.active if keep == len(free) else budgeted + free[:keep]
+
     def _iterate(self):
-        """One step of every active request, then retire the finished ones."""
+        """One step of every active request that is not paused (`_stepping`), then retire the
+        finished ones."""
         self.iterations += 1
-        start, n = time.monotonic(), len(self.active)
+        stepping = self._stepping()
+        start, n = time.monotonic(), len(stepping)
         groups = {}
-        for run in self.active:
+        for run in stepping:
             groups.setdefault(run.size, []).append(run)
         with self.sg.capture() as capture:
             for (height, width), runs in groups.items():
