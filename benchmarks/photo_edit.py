@@ -112,7 +112,7 @@ def edit(sg, inverted, caption, edits):
     return sg(caption, edits=edits, trace=inverted, **edit_arguments(inverted, edits=edits)).images[0]
 
 
-def measure(sg, seed, scene, word_object, steps, kinds=("move", "resize")):
+def measure(sg, seed, scene, word_object, steps, kinds=("move", "resize"), move_arguments=None):
     """One photo: reconstruction, and the edits of `kinds`. Returns a row and the images."""
     photo = PIL.Image.fromarray(scene.image)
     inverted = sg.invert(photo, scene.caption, num_inference_steps=steps)
@@ -122,7 +122,7 @@ def measure(sg, seed, scene, word_object, steps, kinds=("move", "resize")):
     images = [photo, info["reconstruction"]]
     offset = free_move(scene, word_object)
     if "move" in kinds and offset is not None:
-        image = edit(sg, inverted, scene.caption, [move(word_object.shape, dx=offset[0], dy=offset[1])])
+        image = edit(sg, inverted, scene.caption, [move(word_object.shape, dx=offset[0], dy=offset[1], **(move_arguments or {}))])
         row["move_ok"], row["move_error"] = check_move(scene, word_object, offset, image)
         images.append(image)
     if "resize" in kinds:
@@ -162,7 +162,26 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("outputs", "bench"))
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (on a small shared CPU more threads run slower)")
+    parser.add_argument("--only", default=None, help="comma-separated scene numbers (1-based, of the --scenes drawn) to run, e.g. 3,8,18")
+    parser.add_argument("--kinds", default="move,resize", help="the edits to measure: move, resize or both (comma-separated)")
+    parser.add_argument("--move", default=None, help='extra move arguments as JSON, e.g. \'{"keep_own_shape_weight": 4}\' (over the photo settings)')
     args = parser.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - {"move", "resize"}:
+        parser.error(f"--kinds takes move and/or resize, got {args.kinds!r}")
+    only = None
+    if args.only:
+        try:
+            only = sorted({int(n) for n in args.only.split(",")})
+        except ValueError:
+            parser.error(f"--only takes comma-separated scene numbers, got {args.only!r}")
+        if only[0] < 1 or only[-1] > args.scenes:
+            parser.error(f"--only: scene numbers must be in [1, {args.scenes}], got {args.only!r}")
+    move_arguments = json.loads(args.move) if args.move else None
+    if move_arguments is not None and not isinstance(move_arguments, dict):
+        parser.error(f"--move takes a JSON object of move arguments, got {args.move!r}")
+    if args.results and (only is not None or kinds != ("move", "resize") or move_arguments):
+        parser.error("--results writes the full table: run it without --only, --kinds and --move")
     # A 64x64 model's ops are too small to split: with 2 threads on a busy 2-core machine, torch's
     # thread team spun against other processes and a scene took ~10x longer than with one.
     torch.set_num_threads(args.threads)
@@ -172,9 +191,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rows, start = [], time.perf_counter()
     for n, (seed, scene, word_object) in enumerate(photos(args.scenes)):
-        row, images = measure(sg, seed, scene, word_object, args.steps)
+        if only is not None and n + 1 not in only:
+            continue
+        row, images = measure(sg, seed, scene, word_object, args.steps, kinds, move_arguments)
+        row["scene"] = n + 1
         rows.append(row)
-        print(f"  {n + 1}/{args.scenes} {scene.caption!r}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k not in ("caption", "seed")))
+        print(f"  {n + 1}/{args.scenes} {scene.caption!r}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k not in ("caption", "seed", "scene")), flush=True)
         if n == 0:
             sheet = PIL.Image.new("RGB", (128 * len(images), 128), "white")
             for i, image in enumerate(images):
@@ -184,6 +206,8 @@ def main(argv=None):
     text = table(rows)
     print(f"\n{len(rows)} photos, {args.steps} DDIM steps; {elapsed:.0f} s\n{text}")
     print(f"wrote {os.path.join(args.out, 'photo_edit.png')} (photo | reconstruction | move | resize x2 | resize x0.5)")
+    if "move" in kinds:
+        print("move misses (scene numbers): " + ", ".join(str(r["scene"]) for r in rows if "move_ok" in r and not r["move_ok"]))
     if args.results:
         from benchmarks.quality import replace_section
 

@@ -141,6 +141,10 @@ class _KeepOthers(Edit):
             _check_weight(w)
         self.word = self.word.strip().lower()
         self.needs_features = self.keep_others and self.keep_appearance_weight > 0
+        self.check_own()
+
+    def check_own(self):
+        """Subclasses with weights of their own check them and set `needs_features` here."""
 
     def _held(self, prompt_words):
         if not self.keep_others:
@@ -165,7 +169,7 @@ class _KeepOthers(Edit):
                 energy = energy + self.keep_centroid_weight * distance
             if self.keep_size_weight:
                 energy = energy + self.keep_size_weight * _log_size_distance(current.size(word), reference.size(word))
-        if self.needs_features:
+        if self.keep_others and self.keep_appearance_weight > 0:
             for word in [self.word] + held:
                 diff = _appearance_distance(current.appearance(word), reference.appearance(word))
                 energy = energy + self.keep_appearance_weight * diff
@@ -177,7 +181,47 @@ class _KeepOthers(Edit):
 
 
 @dataclass
-class Move(_KeepOthers):
+class _Moving(_KeepOthers):
+    """A move or a place, which may also hold the moved object's own silhouette (the reference's,
+    translated to where the object is asked to go) and its own appearance (the reference's) while it
+    moves: on an inverted photo the object can otherwise come apart or change colour on the way.
+    Both are off by default (0); the model's settings may set them per edit kind."""
+
+    keep_own_shape_weight: float = field(default=None, kw_only=True)
+    keep_own_appearance_weight: float = field(default=None, kw_only=True)
+
+    model_defaults = {**_KeepOthers.model_defaults, "keep_own_shape_weight": 0.0, "keep_own_appearance_weight": 0.0}
+
+    def check_own(self):
+        _check_weight(self.keep_own_shape_weight)
+        _check_weight(self.keep_own_appearance_weight)
+        self.needs_features = self.needs_features or self.keep_own_appearance_weight > 0
+
+    def offset(self, reference):
+        """(dx, dy): where the object is asked to go, from where it is in the reference."""
+        raise NotImplementedError
+
+    def own_energy(self, current, reference):
+        energy = current.centroid(self.word).new_zeros(())
+        if self.keep_own_shape_weight:
+            shapes = current.shape(self.word)
+            translate = tuple(float(v) for v in self.offset(reference))
+            targets = [transform_shape(r.to(c)[None, None], translate)[0, 0] for r, c in zip(reference.shape(self.word), shapes)]
+            energy = energy + self.keep_own_shape_weight * _shape_distance(shapes, targets)
+        if self.keep_own_appearance_weight:
+            diff = _appearance_distance(current.appearance(self.word), reference.appearance(self.word))
+            energy = energy + self.keep_own_appearance_weight * diff
+        return energy
+
+    def energy(self, current, reference, timestep):
+        energy = super().energy(current, reference, timestep)
+        if self.keep_own_shape_weight or self.keep_own_appearance_weight:
+            energy = energy + self.own_energy(current, reference)
+        return energy
+
+
+@dataclass
+class Move(_Moving):
     """Move `word`'s object by (dx, dy), in fractions of the image (x right, y down)."""
 
     word: str
@@ -191,6 +235,9 @@ class Move(_KeepOthers):
         _check_unit("dy", self.dy, -1.0, 1.0)
         super().__post_init__()
 
+    def offset(self, reference):
+        return (self.dx, self.dy)
+
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)
         target = reference.centroid(self.word).to(centroid) + torch.tensor([self.dx, self.dy]).to(centroid)
@@ -198,7 +245,7 @@ class Move(_KeepOthers):
 
 
 @dataclass
-class Place(_KeepOthers):
+class Place(_Moving):
     """Put `word`'s object's centre at (x, y), image fractions in [0, 1] from the top-left."""
 
     word: str
@@ -211,6 +258,10 @@ class Place(_KeepOthers):
         _check_unit("x", self.x, 0.0, 1.0)
         _check_unit("y", self.y, 0.0, 1.0)
         super().__post_init__()
+
+    def offset(self, reference):
+        centre = reference.centroid(self.word).detach().mean(0)
+        return (self.x - float(centre[0]), self.y - float(centre[1]))
 
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)

@@ -216,6 +216,39 @@ def test_keep_appearance_pulls_drifted_features_back():
     assert error["with"] > 0.9 and error["without"] < 0.3
 
 
+@pytest.mark.parametrize("edit", [
+    lambda own: move("circle", dx=0.15, dy=-0.1, keep_others=False, keep_own_shape_weight=own),
+    lambda own: place("circle", 0.6, 0.35, keep_others=False, keep_own_shape_weight=own),
+])
+def test_keep_own_shape_carries_the_moved_objects_silhouette_to_the_target(edit):
+    """The moved object starts 1.5 times its reference's radii (as a photo move inflates it): with its
+    own silhouette held (the reference's, translated to the target), it reaches the target at its
+    reference size; without, the centroid pull alone leaves it large."""
+    reference = two_objects().traces()
+    result = {}
+    for name, own in (("with", 6.0), ("without", 0.0)):
+        scene = two_objects(circle=blob(0.45, 0.45, 0.12, 0.12))
+        scene.guide([[edit(own)]], reference, steps=250)
+        result[name] = (scene.centre(0, "circle"), scene.area(0, "circle") / (0.08 * 0.08))
+    target = torch.tensor([0.6, 0.35], dtype=torch.float64)
+    for name in result:
+        torch.testing.assert_close(result[name][0], target, atol=0.03, rtol=0)
+    assert result["with"][1] == pytest.approx(1.0, abs=0.25) and result["without"][1] > 1.8
+
+
+def test_keep_own_appearance_holds_the_moved_object_only():
+    """With the others' appearance keep off, keep_own_appearance_weight pulls the moved object's drifted
+    features back to the reference's and leaves the other object's alone."""
+    reference = two_objects().traces()
+    read = {}
+    for name, own in (("with", 12.0), ("without", 0.0)):
+        scene = two_objects(colours={"circle": COLOURS["green"], "square": COLOURS["oil"]})
+        scene.guide([[move("circle", dx=0.1, keep_appearance_weight=0.0, keep_own_appearance_weight=own)]], reference)
+        read[name] = (cosine(scene.appearance(0, "circle"), COLOURS["red"]), cosine(scene.appearance(0, "square"), COLOURS["blue"]))
+    assert read["with"][0] > 0.9 and read["without"][0] < 0.3
+    assert read["with"][1] < 0.3 and read["without"][1] < 0.3
+
+
 def test_move_holds_the_other_objects_appearance():
     reference = two_objects().traces()
     held = {}
@@ -479,6 +512,9 @@ def test_bad_copy_shape_arguments(build, message):
     (lambda: move("circle", weight="1"), r"^weight must be a finite number >= 0, got '1'$"),
     (lambda: move("circle", keep_shape_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
     (lambda: place("circle", keep_appearance_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: move("circle", keep_own_shape_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: place("circle", keep_own_appearance_weight=float("nan")), r"^weight must be a finite number >= 0, got nan$"),
+    (lambda: move("circle", keep_own_appearance_weight="2"), r"^weight must be a finite number >= 0, got '2'$"),
     (lambda: resize("circle", 2.0, keep_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
     (lambda: keep_shape(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
     (lambda: keep_appearance(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
@@ -564,9 +600,15 @@ def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
 def test_default_weights_and_held_words():
     for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
         assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
-        assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight")
+        own = ("keep_own_shape_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else ()
+        assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight") + own
+        assert all(getattr(edit, name) == 0.0 for name in own)
         assert edit.needs_features and edit.needs_reference
-    assert move("circle", weight=1.0, keep_centroid_weight=2.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+    assert move("circle", weight=1.0, keep_centroid_weight=2.0, keep_size_weight=0.0, keep_own_shape_weight=0.0,
+                keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+    assert not move("circle", keep_appearance_weight=0.0).needs_features
+    assert move("circle", keep_appearance_weight=0.0, keep_own_appearance_weight=0.5).needs_features
+    assert place("circle", keep_others=False, keep_own_appearance_weight=0.5).needs_features
     assert not move("circle", keep_others=False).needs_features
     assert move("circle", keep_appearance_weight=0.5).needs_features
     assert (keep_shape().weight, keep_appearance().weight) == (6.0, 12.0)

@@ -107,6 +107,8 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"photo": {"strength": 0}}, "photo strength must be a number in (0, 1]"),
         ({"photo": {"mode": "fast"}}, "unknown photo keys ['mode']"),
         ({"photo": {"edits": {"move": {"sharpness": 2}}}}, "photo edits.move: unknown setting 'sharpness'"),
+        ({"photo": {"edits": {"resize": {"keep_own_shape_weight": 2}}}}, "photo edits.resize: unknown setting 'keep_own_shape_weight'"),
+        ({"photo": {"edits": {"move": {"keep_own_appearance_weight": -1}}}}, "keep_own_appearance_weight must be a finite number >= 0"),
     ],
 )
 def test_a_bad_file_is_a_clear_error_naming_the_file(tmp_path, change, message):
@@ -153,7 +155,9 @@ def test_bad_settings_argument_is_a_clear_error():
 
 def test_every_edit_has_a_kind_and_copy_edits_take_only_call_settings():
     assert kind_of(edits_module.CopyAppearance) == "copy_appearance" and "copy_layout" in KINDS and "keep_shape" in KINDS
-    assert set(KINDS["move"]) == {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
+    held = {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
+    own = {"keep_own_shape_weight", "keep_own_appearance_weight"}
+    assert set(KINDS["move"]) == set(KINDS["place"]) == held | own and set(KINDS["resize"]) == held
     assert KINDS["copy_appearance"] == ()
 
 
