@@ -75,6 +75,10 @@ def load_pipeline(model):
 # layout). Moves and resizes hold the other objects' silhouettes and centroids, not appearance (the
 # decoder features it reads also encode position, so it would pin the edited object in place).
 KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
+# Photo moves also hold the moved object's own silhouette (the reference's, translated to the target)
+# and, lightly, its own appearance: on the step-25300 weights the object otherwise came apart or lost
+# its colour on the way (6 of 13 move misses; RESULTS.md, "Photo editing: reading").
+PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
 GUIDANCE_SETTINGS = {
     "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
     "edits": {
@@ -97,7 +101,7 @@ GUIDANCE_SETTINGS = {
     # a stronger move term and step keep the moved object on its line (RESULTS.md, "Photo editing").
     "photo": {
         "strength": 0.8,
-        "edits": {"move": {"weight": 8.0, "self_guidance_scale": 2.0}, "place": {"weight": 8.0, "self_guidance_scale": 2.0}},
+        "edits": {"move": PHOTO_MOVE, "place": PHOTO_MOVE},
     },
 }
 SETTINGS_ABOUT = "Self-guidance defaults of the built-in shapes model (sgfast.shapes.model.GUIDANCE_SETTINGS); see benchmarks/RESULTS.md."
