@@ -70,6 +70,13 @@ def content_words(words):
     return [w for w in words if w not in STOP_WORDS]
 
 
+def phrase_heads(words):
+    """The last word of each run of content words: each object phrase's noun ("square" of "a blue
+    square"), without its attributes."""
+    heads = [w for i, w in enumerate(words) if w not in STOP_WORDS and (i + 1 == len(words) or words[i + 1] in STOP_WORDS)]
+    return list(dict.fromkeys(heads))
+
+
 def phrase_of(words, word):
     """The run of content words around `word`'s first occurrence: the words that describe the same
     object ("red circle" for "circle" in "a red circle and a blue square")."""
@@ -348,19 +355,44 @@ class CopyAppearance(Edit):
     source: object  # Trace
     source_word: str = None
     weight: float = APPEARANCE_WEIGHT
+    # Holding the prompt's other objects to the reference: their appearance and their silhouettes,
+    # read at their nouns ("square" of "a blue square"; a colour word's map can reach over the copied
+    # object too, and holding it holds this object's old colour). Weights left None take the model's
+    # settings, else 0 (the paper's plain transfer). On a model that ties one object's looks to
+    # another's, the copied appearance can otherwise spill onto the other objects or swap the two.
+    keep_appearance_weight: float = field(default=None, kw_only=True)
+    keep_shape_weight: float = field(default=None, kw_only=True)
     needs_features = True
+    model_defaults = {"keep_appearance_weight": 0.0, "keep_shape_weight": 0.0}
 
     def __post_init__(self):
-        _check_weight(self.weight)
+        self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
+        for name in self.unset:
+            setattr(self, name, self.model_defaults[name])
+        for w in (self.weight, self.keep_appearance_weight, self.keep_shape_weight):
+            _check_weight(w)
         self.word = self.word.strip().lower()
         self.source_word = self.source.index(self.source_word or self.word)
+        self.needs_reference = self.keep_appearance_weight > 0 or self.keep_shape_weight > 0
 
     def needed_words(self, prompt_words):
-        return [self.word]
+        if not self.needs_reference:
+            return [self.word]
+        own = phrase_of(prompt_words.words, self.word)
+        return [self.word] + [w for w in phrase_heads(prompt_words.words) if w not in own]
 
     def energy(self, current, reference, timestep):
         target = self.source.view(timestep).appearance(self.source_word)
-        return self.weight * _appearance_distance(current.appearance(self.word), target)
+        energy = self.weight * _appearance_distance(current.appearance(self.word), target)
+        for word in current.words:
+            if word == self.word:
+                continue
+            if self.keep_appearance_weight:
+                diff = _appearance_distance(current.appearance(word), reference.appearance(word))
+                energy = energy + self.keep_appearance_weight * diff
+            if self.keep_shape_weight:
+                energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
+        return energy
 
 
 @dataclass

@@ -313,6 +313,63 @@ def test_copy_appearance_from_the_named_source_word(source_word, colour):
     assert cosine(read, COLOURS[colour]) > 0.9 and cosine(read, COLOURS[other]) < 0.3
 
 
+@pytest.mark.parametrize("term", ["keep_appearance_weight", "keep_shape_weight"])
+def test_copy_appearance_can_hold_the_other_objects(term):
+    """The square drifted (its features to another colour, or its blob off its place) while the circle
+    takes the source's colour: with the keep term on, the square comes back to the reference; without,
+    it stays where it drifted; the circle takes the source's colour either way."""
+    reference = two_objects().traces()
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    read = {}
+    for name, weight in (("with", 12.0 if term == "keep_appearance_weight" else 6.0), ("without", 0.0)):
+        if term == "keep_appearance_weight":
+            scene = two_objects(colours={"circle": COLOURS["red"], "square": COLOURS["oil"]})
+        else:
+            scene = disturbed(two_objects(), "square")
+        scene.guide([[copy_appearance("circle", source, **{term: weight})]], reference)
+        held = (cosine(scene.appearance(0, "square"), COLOURS["blue"]) if term == "keep_appearance_weight"
+                else (scene.centre(0, "square") - SQUARE[:2]).norm().item())
+        read[name] = (cosine(scene.appearance(0, "circle"), COLOURS["green"]), held)
+    assert read["with"][0] > 0.9 and read["without"][0] > 0.9
+    if term == "keep_appearance_weight":
+        assert read["with"][1] > 0.9 and read["without"][1] < 0.3
+    else:
+        assert read["with"][1] < 0.02 and read["without"][1] > 0.08
+
+
+def test_copy_appearance_keep_terms_are_the_other_objects_keep_energies():
+    """Its energy is the plain copy's plus keep_appearance's and keep_shape's over the other objects'
+    nouns (not their colour words, not the copied object's own phrase), each at its weight; with both
+    weights 0 it reads only its own word and no reference."""
+    source = source_scene(blob(0.3, 0.3), blob(0.7, 0.7))
+    scene = two_objects(colours={"circle": COLOURS["red"], "square": COLOURS["oil"]})
+    reference = two_objects(circle=blob(0.4, 0.5), square=blob(0.66, 0.7, 0.09, 0.05)).traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    held = ["square"]
+
+    def energy(edit, selected):
+        with torch.no_grad():
+            return energy_of([[edit]], scene.capture([selected]), [words], [selected], reference, T).item()
+
+    edit = copy_appearance("circle", source, weight=2.0, keep_appearance_weight=0.7, keep_shape_weight=1.3)
+    assert edit.needed_words(words) == ["circle"] + held and edit.needs_reference and edit.needs_features
+    parts = (energy(copy_appearance("circle", source, weight=2.0), ["circle"]) + energy(keep_appearance(held, weight=0.7), held)
+             + energy(keep_shape(held, weight=1.3), held))
+    assert energy(edit, ["circle"] + held) == pytest.approx(parts, rel=1e-9)
+    assert energy(keep_shape(held, weight=1.3), held) > 0.01 and energy(keep_appearance(held, weight=0.7), held) > 0.01
+    plain = copy_appearance("circle", source)
+    assert plain.needed_words(words) == ["circle"] and not plain.needs_reference
+    assert (plain.keep_appearance_weight, plain.keep_shape_weight, plain.unset) == (0.0, 0.0, ("keep_appearance_weight", "keep_shape_weight"))
+    assert copy_appearance("circle", source, keep_shape_weight=0.5).unset == ("keep_appearance_weight",)
+    long = "the big red circle with a small blue square on green grass, and a tree"
+    long_words = PromptWords(long, long.replace(",", " ,").split(), [[i + 1] for i in range(len(long.replace(",", " ,").split()))])
+    assert copy_appearance("circle", source, keep_shape_weight=1.0).needed_words(long_words) == ["circle", "square", "grass", "tree"]
+    assert copy_appearance("big", source, keep_appearance_weight=1.0).needed_words(long_words) == ["big", "square", "grass", "tree"]
+    for bad in ({"keep_shape_weight": -1.0}, {"keep_appearance_weight": float("nan")}):
+        with pytest.raises(ValueError, match=r"^weight must be a finite number >= 0, got "):
+            copy_appearance("circle", source, **bad)
+
+
 def test_copy_layout_takes_every_shared_objects_place():
     circle, square = blob(0.3, 0.6), blob(0.62, 0.56, 0.07, 0.07)
     source = source_scene(circle, square, prompt="a red circle and a blue square")

@@ -96,7 +96,8 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
     [
         ({"edits": {"spin": {}}}, "unknown edit kind 'spin'; allowed: move"),
         ({"edits": {"move": {"sharpness": 2}}}, "unknown setting 'sharpness'; allowed: self_guidance_scale"),
-        ({"edits": {"copy_appearance": {"keep_shape_weight": 2}}}, "unknown setting 'keep_shape_weight'"),
+        ({"edits": {"copy_appearance": {"keep_centroid_weight": 2}}}, "unknown setting 'keep_centroid_weight'"),
+        ({"edits": {"copy_layout": {"keep_shape_weight": 2}}}, "unknown setting 'keep_shape_weight'"),
         ({"defaults": {"self_guidance_scale": -1}}, "self_guidance_scale must be a finite number >= 0"),
         ({"defaults": {"normalize_gradient": "yes"}}, "normalize_gradient must be true or false"),
         ({"defaults": {"guidance_schedule": {"from_step": 1}}}, 'guidance_schedule must be "paper" or'),
@@ -153,12 +154,13 @@ def test_bad_settings_argument_is_a_clear_error():
         SelfGuidancePipeline.from_pipe(tiny_pipeline(), settings="missing.json")
 
 
-def test_every_edit_has_a_kind_and_copy_edits_take_only_call_settings():
+def test_every_edit_has_a_kind_and_the_fields_its_settings_may_set():
     assert kind_of(edits_module.CopyAppearance) == "copy_appearance" and "copy_layout" in KINDS and "keep_shape" in KINDS
     held = {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
     own = {"keep_own_shape_weight", "keep_own_appearance_weight"}
     assert set(KINDS["move"]) == set(KINDS["place"]) == held | own and set(KINDS["resize"]) == held
-    assert KINDS["copy_appearance"] == ()
+    assert KINDS["copy_appearance"] == ("keep_appearance_weight", "keep_shape_weight")
+    assert KINDS["copy_layout"] == KINDS["copy_shape"] == KINDS["keep_shape"] == ()
 
 
 def test_the_built_in_model_ships_its_settings_and_the_export_writes_them(tmp_path):

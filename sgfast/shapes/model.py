@@ -87,9 +87,10 @@ GUIDANCE_SETTINGS = {
         # The others' sizes held too: growing x2 took area from the other object (0.63x median) without
         # it; at weight 2 x2 grew less (1.54x median) than at 1 (1.78x), the others held alike (0.97x).
         "resize": {"self_guidance_scale": 1.5, **KEEP_OTHERS, "keep_size_weight": 1.0},
-        # v 2 on the model trained with captions that may leave colour words out (step 25300): 8 of 10
-        # read as the source's colour (v 3: 8 of 10 too, further from it); v 8 broke the images.
-        "copy_appearance": {"self_guidance_scale": 2.0},
+        # The other objects' appearance held (at their nouns) at the copy's own weight, v 1.5: on 80
+        # captions 65 read as the source's colour, against 49 with v 2 and nothing held, where the
+        # copied colour spilled onto the other object or an extra object appeared (RESULTS.md).
+        "copy_appearance": {"self_guidance_scale": 1.5, "keep_appearance_weight": 12.0},
         # Copy layout guides from the first step (the source's layout is there from the start; skipping
         # it left objects placed but drawn in the wrong colour or shape) at v 1.5: on the step-25300
         # weights median IoU with the source 0.87 (12 of 20 captions with both objects placed), against
