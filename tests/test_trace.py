@@ -94,6 +94,9 @@ def test_selection_lists_each_words_tokens_and_averages_them():
                 assert weights[b, slot, c].item() == torch.tensor(want, dtype=torch.float32).item()
             if slot < len(ws):
                 column += len(pw.positions[pw.words.index(ws[slot])])
+    # On the device asked for (the meta device: no storage, a device other than the CPU's).
+    on_meta = selection(prompt_words, chosen, torch.device("meta"))
+    assert [t.device.type for t in on_meta] == ["meta", "meta"]
     # What the capture does with them: each chosen word's map is the mean of its tokens' maps.
     maps = torch.rand(3, 6, 20, generator=g, dtype=torch.float64)  # [B, pixels, tokens]
     picked = maps.gather(2, token_index[:, None].expand(3, 6, width))
@@ -204,13 +207,27 @@ def test_view_names_the_recorded_words_for_an_unknown_word():
     assert sorted(ast.literal_eval(message.split("recorded: ")[1])) == ["and", "circle", "red", "square"]
 
 
-@pytest.mark.parametrize("dtype, want", [(torch.float64, torch.float64), (torch.float16, torch.float32)])
-def test_view_appearance_is_the_mean_feature_inside_the_layer_averaged_silhouette(dtype, want):
+def test_view_sharpness_defaults_to_ten():
+    _, maps = random_view(torch.Generator().manual_seed(9))
+    view = View(WORDS, maps)
+    assert view.sharpness == 10.0
+    grids = [m[1].tolist() for m in maps.values()]
+    want = [sum(map(sum, s)) / (len(s) * len(s[0])) for s in (loop_shape(m, 10.0) for m in grids)]
+    torch.testing.assert_close(view.size("circle"), torch.tensor(want, dtype=torch.float64))
+
+
+# float32 maps with float64 features: the silhouette is taken in the features' precision.
+@pytest.mark.parametrize("dtype, want, maps_dtype",
+                         [(torch.float64, torch.float64, torch.float64), (torch.float16, torch.float32, torch.float64),
+                          (torch.float64, torch.float64, torch.float32)])
+def test_view_appearance_is_the_mean_feature_inside_the_layer_averaged_silhouette(dtype, want, maps_dtype):
     g = torch.Generator().manual_seed(4)
     features = torch.rand(6, 4, 5, generator=g, dtype=torch.float64)
     view, maps = random_view(g, sharpness=6.0, features=features.to(dtype))
+    view.maps = maps = {layer: m.to(maps_dtype) for layer, m in maps.items()}
+    exact = 1e-12 if dtype == maps_dtype == torch.float64 else 1e-5
     for word, slot in [("red", 0), ("square", 4)]:
-        grids = [m[slot].tolist() for m in maps.values()]
+        grids = [m[slot].double().tolist() for m in maps.values()]
         mean = [[sum(v) / 3 for v in zip(*cells)] for cells in zip(*[loop_resize(m, 4, 5) for m in grids])]
         mask = loop_shape(mean, 6.0)
         f = features.to(dtype).double().tolist()
@@ -219,7 +236,7 @@ def test_view_appearance_is_the_mean_feature_inside_the_layer_averaged_silhouett
         got = view.appearance(word)
         assert got.dtype == want and got.shape == (6,)
         torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64),
-                                   atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=1e-5)
+                                   atol=exact, rtol=exact)
 
 
 def test_view_appearance_reads_a_recorded_row_else_needs_features():
