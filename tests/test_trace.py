@@ -239,6 +239,22 @@ def test_view_appearance_is_the_mean_feature_inside_the_layer_averaged_silhouett
                                    atol=exact, rtol=exact)
 
 
+def test_view_appearance_takes_a_float32_maps_silhouette_in_float64():
+    # One layer on the features' grid: the mean map is the float32 map itself, and its silhouette,
+    # taken in the features' float64, matches the float64 loop to far below float32's rounding.
+    g = torch.Generator().manual_seed(10)
+    maps = {"up": torch.rand(5, 4, 5, generator=g, dtype=torch.float32)}
+    features = torch.rand(6, 4, 5, generator=g, dtype=torch.float64)
+    view = View(WORDS, maps, features=features, sharpness=6.0)
+    mask = loop_shape(maps["up"][1].double().tolist(), 6.0)
+    f = features.tolist()
+    expected = [sum(mask[i][j] * f[c][i][j] for i in range(4) for j in range(5)) / sum(map(sum, mask))
+                for c in range(6)]
+    got = view.appearance("circle")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=1e-12)
+
+
 def test_view_appearance_reads_a_recorded_row_else_needs_features():
     g = torch.Generator().manual_seed(6)
     maps = {"up": torch.rand(5, 3, 5, generator=g)}
