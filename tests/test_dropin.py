@@ -154,6 +154,34 @@ def test_each_pipeline_argument_as_diffusers(argument):
         assert torch.equal(out, expected)
 
 
+def test_a_callback_sees_and_replaces_what_diffusers_hands_it():
+    # Every call's (i, t, tensors) as diffusers' own loop hands them over; the negative embedding
+    # replaced at the first step is what the later steps see (and the latents replaced at the second).
+    def recorder(calls):
+        def callback(pipe, i, t, tensors):
+            calls.append((i, t, {name: value.clone() for name, value in tensors.items()}))
+            if i == 0:
+                return {"negative_prompt_embeds": tensors["negative_prompt_embeds"] * 0.5}
+            return {"latents": tensors["latents"] * 0.9} if i == 1 else {}
+        return callback
+
+    pipe = tiny_pipeline(image_size=32)
+    names = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    expected, got = [], []
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", callback_on_step_end_tensor_inputs=names)
+    want = pipe(PROMPT, generator=seeded(), callback_on_step_end=recorder(expected), **kwargs).images
+    out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, generator=seeded(), callback_on_step_end=recorder(got), **kwargs)
+    assert torch.equal(out.images, want)
+    assert [(i, int(t)) for i, t, _ in got] == [(i, int(t)) for i, t, _ in expected] == [
+        (i, int(t)) for i, t in enumerate(pipe.scheduler.timesteps)]
+    assert all(torch.is_tensor(t) for _, t, _ in got)
+    for (_, _, mine), (_, _, theirs) in zip(got, expected):
+        assert set(mine) == set(names)
+        for name in names:
+            assert torch.equal(mine[name], theirs[name]), name
+    assert not torch.equal(expected[1][2]["negative_prompt_embeds"], expected[0][2]["negative_prompt_embeds"])
+
+
 def test_return_dict_false_and_the_safety_checker_output():
     pipe = tiny_pipeline()
     expected = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np", return_dict=False)
@@ -496,6 +524,23 @@ def test_stopping_the_energy_pass_early_gives_the_same_gradient(mode):
     assert outputs[0] is not None and outputs[1] is None  # the stopped pass never reached the output
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_the_energy_pass_does_not_stop_early_under_a_lora_scale_or_a_compiled_unet():
+    # diffusers scales a PEFT UNet's LoRA layers at the start of its forward and undoes it at the
+    # end: a pass that stopped inside would leave them scaled. (A full call with a LoRA scale fails
+    # in diffusers' encode_prompt with this transformers, so the rule is checked as it is read.)
+    from types import SimpleNamespace
+
+    from sgfast.sampler import can_stop_early
+
+    capture = SimpleNamespace(can_stop_early=True)
+    assert can_stop_early(capture, None) and can_stop_early(capture, {})
+    assert can_stop_early(capture, {"cross_attention_kwargs": None, "timestep_cond": None})
+    assert can_stop_early(capture, {"cross_attention_kwargs": {"scale": 1.0}})
+    assert not can_stop_early(capture, {"cross_attention_kwargs": {"scale": 0.5}})
+    assert not can_stop_early(capture, {"cross_attention_kwargs": {"scale": 0.0}, "timestep_cond": None})
+    assert not can_stop_early(SimpleNamespace(can_stop_early=False), None)
 
 
 def with_ip_adapter(pipe, embed_dim=16):
