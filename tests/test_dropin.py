@@ -112,6 +112,11 @@ def scale_latents(pipe, i, t, tensors):
     return {"latents": tensors["latents"] * 0.9}
 
 
+def interrupt_after_the_first_step(pipe, i, t, tensors):
+    pipe._interrupt = True  # diffusers' loop skips every step after this one
+    return {}
+
+
 ARGUMENTS = {
     "string_negative_prompt": lambda pipe: dict(negative_prompt="blurry"),
     "num_images_per_prompt": lambda pipe: dict(num_images_per_prompt=2),
@@ -120,6 +125,7 @@ ARGUMENTS = {
         prompt=None, prompt_embeds=embeds_of(pipe, PROMPT, "blurry")[0], negative_prompt_embeds=embeds_of(pipe, PROMPT, "blurry")[1]
     ),
     "callback_on_step_end": lambda pipe: dict(callback_on_step_end=scale_latents),
+    "interrupt": lambda pipe: dict(callback_on_step_end=interrupt_after_the_first_step),
     "cfg_cutoff_callback": lambda pipe: dict(
         callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4), callback_on_step_end_tensor_inputs=["prompt_embeds"]
     ),
