@@ -339,6 +339,26 @@ def test_noise_level_is_the_sigma_the_scheduler_applies(pipes, name):
         scheduler.step(torch.zeros_like(z), t, z)
 
 
+def test_only_the_zero_snr_stand_in_is_left_unguided():
+    # A zero-terminal-SNR schedule ends at alpha_bar = 0 (DDIM), or at diffusers' 2**-24 stand-in for
+    # it (Euler, as sigma 4096); any larger alpha_bar, even twice that, is a finite SNR and is guided.
+    from sgfast.sampler import can_guide
+
+    config = tiny_pipeline().scheduler.config
+    for cls, last in ((DDIMScheduler, 0.0), (EulerDiscreteScheduler, 2.0**-24)):
+        scheduler = cls.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        scheduler.set_timesteps(4)
+        assert float(scheduler.alphas_cumprod[999]) == last
+        guided = []
+        for t in scheduler.timesteps:
+            guided.append(can_guide(scheduler, t))
+            scheduler.step(torch.zeros(1, 1, 1, 1), t, torch.zeros(1, 1, 1, 1))
+        assert [int(t) for t in scheduler.timesteps][0] == 999 and guided == [False, True, True, True], cls
+    scheduler = DDIMScheduler.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    scheduler.alphas_cumprod[999] = 2 * 2.0**-24
+    assert can_guide(scheduler, torch.tensor(999))
+
+
 def test_a_normalised_gradient_pushes_the_same_on_sigma_and_vp_schedulers():
     pipe = tiny_pipeline()
     unit = torch.ones(1, 4, 2, 2)
