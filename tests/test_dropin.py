@@ -226,6 +226,28 @@ def test_a_zero_scale_edit_on_a_guidance_embedded_unet():
     assert out.energies and torch.equal(out.images, expected)
 
 
+def test_a_guided_step_on_a_guidance_embedded_unet_passes_its_guidance_embedding():
+    # The UNet's inputs at every call, as diffusers passes them: the guided (conditional) pass too
+    # gets the guidance-scale embedding.
+    pipe = tiny_pipeline(image_size=32, layout="lcm")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("timestep_cond")), with_kwargs=True)
+    try:
+        kwargs = lambda: dict(num_inference_steps=STEPS, guidance_scale=3.0, generator=seeded(), output_type="latent")  # noqa: E731
+        pipe(PROMPT, **kwargs())
+        expected, seen[:] = list(seen), []
+        out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, edits=[move("circle", dx=0.3)], guidance_schedule=[True] * STEPS,
+                                                  **kwargs())
+    finally:
+        hook.remove()
+    # The edited call runs the unedited one first (for the edit's reference trace), then the guided one.
+    assert len(out.energies) == STEPS and len(expected) == STEPS and len(seen) == 2 * STEPS
+    for got, want in zip(seen, expected + expected):
+        assert want is not None and got is not None and torch.equal(got, want)
+
+
 # ---- a zero-scale edit reproduces the unedited image, under every scheduler ---------------------------
 
 
