@@ -285,6 +285,11 @@ def test_zero_scale_edit_reproduces_the_unedited_image(edited, name):
     assert runs["inside"].energies and runs["reused"].energies
     assert torch.equal(runs["inside"].images, runs["plain"].images)
     assert torch.equal(runs["reused"].images, runs["plain"].images)
+    # The unedited image: at every UNet call the maps are the reference's at that call (also where a
+    # timestep repeats: PNDM, Heun, KDPM2), so the move's energy is the same at every call.
+    for run in ("inside", "reused"):
+        energies = [e for _, e in runs[run].energies]
+        assert max(energies) - min(energies) <= 1e-5 * max(energies), (run, energies)
 
 
 def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
@@ -299,6 +304,14 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     reused = sg(prompts, edits=edits, self_guidance_scale=0.0, trace=plain.trace, **no_generator)
     assert len(plain.trace) == 4 and [t.prompt for t in plain.trace] == [PROMPT, PROMPT, "a red cat", "a red cat"]
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
+
+
+def test_a_zero_scale_edit_with_guidance_rescale_is_diffusers_image(pipes):
+    pipe = pipes["ddim"]
+    expected = pipe(PROMPT, guidance_rescale=0.7, **call_kwargs("ddim")).images
+    assert not torch.equal(expected, pipe(PROMPT, **call_kwargs("ddim")).images)
+    out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, guidance_rescale=0.7, self_guidance_scale=0.0, **MOVE, **call_kwargs("ddim"))
+    assert len(out.energies) == STEPS and torch.equal(out.images, expected)
 
 
 # ---- a move lowers its energy, under every scheduler -------------------------------------------------
