@@ -587,6 +587,24 @@ def test_stopping_the_energy_pass_early_gives_the_same_gradient(mode):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+def test_a_zero_scale_edit_ends_its_energy_pass_at_the_last_captured_layer():
+    # At v = 0 the noise comes from the batched CFG pass; the energy's own pass stops inside the UNet,
+    # so the UNet's output layer runs once per step, as in the unedited call.
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    plain = sg(PROMPT, **call_kwargs("ddim"))
+    kwargs = call_kwargs("ddim")
+    kwargs.pop("generator")
+    calls = []
+    hook = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = sg(PROMPT, self_guidance_scale=0.0, trace=plain.trace, **MOVE, **kwargs)
+    finally:
+        hook.remove()
+    assert len(out.energies) == STEPS and len(calls) == STEPS
+    assert torch.equal(out.images, plain.images)
+
+
 def test_the_energy_pass_does_not_stop_early_under_a_lora_scale_or_a_compiled_unet():
     # diffusers scales a PEFT UNet's LoRA layers at the start of its forward and undoes it at the
     # end: a pass that stopped inside would leave them scaled. (A full call with a LoRA scale fails
