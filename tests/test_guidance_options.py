@@ -204,8 +204,10 @@ def test_trace_image_noises_the_image_to_each_timestep(tiny):
 
 def test_every_batch_item_is_guided_as_it_would_be_alone(tiny):
     sg = SelfGuidancePipeline.from_pipe(tiny)
-    prompts = [PROMPT, "a green triangle and a red circle"]
-    edits = [[move("circle", dx=0.3, keep_others=False)], [resize("triangle", 2.0, keep_others=False)]]
+    # Three items: CFG halves of an odd size.
+    prompts = [PROMPT, "a green triangle and a red circle", "a red circle"]
+    edits = [[move("circle", dx=0.3, keep_others=False)], [resize("triangle", 2.0, keep_others=False)],
+             [move("circle", dy=-0.3, keep_others=False)]]
     settings = dict(num_inference_steps=STEPS, output_type="latent", normalize_gradient=True, self_guidance_scale=1.0)
     unedited = sg(prompts, num_inference_steps=STEPS, generator=seeded(), output_type="latent")
     batch = sg(prompts, edits=edits, trace=unedited.trace, **settings).images
