@@ -306,6 +306,17 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
 
 
+@pytest.mark.parametrize("name", ["pndm", "heun"])
+def test_a_guided_step_reads_the_reference_of_its_own_call(pipes, name):
+    # A vanishing scale leaves the image unedited: at every call (also the second of a repeated
+    # timestep) the maps are the reference's at that call, and the move's energy the same.
+    sg = SelfGuidancePipeline.from_pipe(pipes[name])
+    out = sg(PROMPT, self_guidance_scale=1e-30, **MOVE, **call_kwargs(name))
+    energies = [e for _, e in out.energies]
+    assert len(energies) == len(pipes[name].scheduler.timesteps) > STEPS
+    assert max(energies) - min(energies) <= 1e-5 * max(energies), energies
+
+
 def test_a_zero_scale_edit_with_guidance_rescale_is_diffusers_image(pipes):
     pipe = pipes["ddim"]
     expected = pipe(PROMPT, guidance_rescale=0.7, **call_kwargs("ddim")).images

@@ -73,9 +73,11 @@ def test_prediction_types():
 # ---- fp16: the loss-scaled gradient ---------------------------------------------------------------
 
 
-def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
+@pytest.mark.parametrize("weight", [None, 1e-4])
+def test_fp16_gradient_matches_float64_finite_differences(monkeypatch, weight):
     # The fp16 path scales the energy before the backward and the gradient back after it: the
-    # gradient the step uses is the energy's, as float64 finite differences measure it.
+    # gradient the step uses is the energy's, as float64 finite differences measure it; also for
+    # weights small enough that fp16's backward would underflow without the scale.
     half = SelfGuidancePipeline.from_pipe(tiny_pipeline().to(torch.float16), mode="fast")
     # The trace is recorded with the edited call's settings (a trace from other settings is refused).
     reference = half(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, generator=seeded(), output_type="latent").trace
@@ -83,7 +85,8 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
     real_term = sampler.guidance_term
     monkeypatch.setattr(sampler, "guidance_term",
                         lambda s, i, t, grad, w, **kw: used.append((i, t, grad)) or real_term(s, i, t, grad, w, **kw))
-    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_others=False)]]
+    w = {} if weight is None else dict(weight=weight)
+    edits = [[move("circle", dx=0.2, keep_others=False, **w), resize("square", 1.5, keep_others=False, **w)]]
     half(PROMPT, edits=edits[0], num_inference_steps=STEPS, trace=reference, guidance_scale=1.0, output_type="latent")
     step, t, grad = used[0]
     assert step == 0
