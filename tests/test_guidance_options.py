@@ -109,6 +109,23 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch, weight):
     assert (grad.double() * direction).sum().item() == pytest.approx(numeric, rel=0.05)
 
 
+def test_a_gradient_that_is_not_finite_is_refused_naming_its_call():
+    from sgfast.edits import Edit
+
+    class NotFinite(Edit):
+        def needed_words(self, prompt_words):
+            return ["circle"]
+
+        def energy(self, current, reference, timestep):
+            return current.centroid("circle").sum() * float("nan")
+
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    with pytest.raises(FloatingPointError) as error:
+        sg(PROMPT, edits=[NotFinite()], num_inference_steps=STEPS, guidance_schedule=[1], generator=seeded(),
+           output_type="latent")
+    assert str(error.value) == "the self-guidance gradient is not finite at UNet call 1; lower the edit weights"
+
+
 # ---- arguments passed through to diffusers -------------------------------------------------------
 
 
