@@ -321,8 +321,13 @@ def test_a_zero_scale_edit_with_guidance_rescale_is_diffusers_image(pipes):
     pipe = pipes["ddim"]
     expected = pipe(PROMPT, guidance_rescale=0.7, **call_kwargs("ddim")).images
     assert not torch.equal(expected, pipe(PROMPT, **call_kwargs("ddim")).images)
-    out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, guidance_rescale=0.7, self_guidance_scale=0.0, **MOVE, **call_kwargs("ddim"))
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=0.0, **MOVE, **call_kwargs("ddim"))
     assert len(out.energies) == STEPS and torch.equal(out.images, expected)
+    # A vanishing scale: the guided steps' own (batch-1) passes, rescaled as diffusers rescales.
+    out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=1e-30, **MOVE, **call_kwargs("ddim"))
+    assert len(out.energies) == STEPS
+    torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---- a move lowers its energy, under every scheduler -------------------------------------------------

@@ -1,5 +1,6 @@
 """Options reach the sampling they are for, checked against diffusers and float64 references."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,6 +108,31 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch, weight):
     numeric = ((energy(z + h * direction) - energy(z - h * direction)) / (2 * h)).item()
     assert numeric > 0
     assert (grad.double() * direction).sum().item() == pytest.approx(numeric, rel=0.05)
+
+
+def test_a_normalised_gradient_takes_the_variance_preserving_noise_level_in_the_step(monkeypatch):
+    # On a sigma-space scheduler the unit-RMS gradient is scaled by sqrt(1 - alpha_bar) =
+    # sigma / sqrt(sigma^2 + 1) of the sigma the scheduler holds, not by sigma.
+    pipe = tiny_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    seen = []
+    real_term = sampler.guidance_term
+
+    def spy(scheduler, i, t, grad, weight, **kwargs):
+        term = real_term(scheduler, i, t, grad, weight, **kwargs)
+        seen.append((grad.clone(), term.clone(), float(scheduler.sigmas[scheduler.step_index]), weight))
+        return term
+
+    monkeypatch.setattr(sampler, "guidance_term", spy)
+    sg(PROMPT, edits=[move("circle", dx=0.3)], num_inference_steps=STEPS, normalize_gradient=True,
+       self_guidance_scale=2.0, guidance_schedule=[0, 2], generator=seeded(), output_type="latent")
+    assert len(seen) == 2
+    for grad, term, sigma, weight in seen:
+        assert weight == 2.0 and sigma > 0.5
+        assert grad.double().pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+        vp = sigma / math.sqrt(sigma * sigma + 1.0)
+        torch.testing.assert_close(term.double(), 2.0 * vp * grad.double(), rtol=1e-5, atol=1e-7)
 
 
 def test_a_gradient_that_is_not_finite_is_refused_naming_its_call():
