@@ -621,6 +621,36 @@ def test_a_zero_scale_edit_ends_its_energy_pass_at_the_last_captured_layer():
     assert torch.equal(out.images, plain.images)
 
 
+def test_a_zero_scale_step_under_a_lora_scale_runs_its_energy_pass_to_the_end():
+    # The step itself (a full call with a LoRA scale fails in diffusers' encode_prompt here): under a
+    # LoRA scale the energy's pass runs through the UNet's output layer, without one it stops inside.
+    from sgfast.sampler import edit_selection, guided_step
+    from sgfast.trace import PromptWords
+
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    reference = sg(PROMPT, num_inference_steps=2, generator=seeded(), output_type="latent").trace
+    edits = [[move("circle", dx=0.2)]]
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edits, words, "cpu")
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    pipe.scheduler.set_timesteps(2)
+    t = pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 8, 8, generator=seeded(3))
+    for scale, outputs in ((None, 1), (1.0, 1), (0.5, 2)):
+        unet_kwargs = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
+        calls = []
+        hook = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            with sg.capture() as capture:
+                guided_step(pipe, capture, z, t, torch.cat([uncond, cond]), 7.5, True, list(zip(edits, [reference])),
+                            words, chosen, tokens, unet_kwargs=unet_kwargs, guidance_rescale=0.0,
+                            self_guidance_scale=0.0, normalize_gradient=False, call=1)
+        finally:
+            hook.remove()
+        assert len(calls) == outputs, scale
+
+
 def test_the_energy_pass_does_not_stop_early_under_a_lora_scale_or_a_compiled_unet():
     # diffusers scales a PEFT UNet's LoRA layers at the start of its forward and undoes it at the
     # end: a pass that stopped inside would leave them scaled. (A full call with a LoRA scale fails
