@@ -283,6 +283,23 @@ def saved_for_backward(sg, reference):
     return sum(saved)
 
 
+def test_the_energy_pass_records_features_only_for_edits_that_read_appearance():
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    pipe = sg.pipe
+    reference = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").trace
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(STEPS)
+    z = torch.randn(1, 4, 16, 16, generator=seeded(3))
+    for edit, reads in ((move("circle", dx=0.2, keep_others=False), False), (move("circle", dx=0.2), True)):
+        assert edit.needs_features is reads
+        chosen, tokens = edit_selection([[edit]], words, "cpu")
+        with sg.capture() as capture:
+            guided_energy(pipe, capture, z, pipe.scheduler.timesteps[1], embeds, [([edit], reference)], words, chosen,
+                          tokens)
+            assert (capture.features is not None) is reads
+
+
 def test_fast_mode_saves_nothing_after_the_last_captured_layer():
     # Maps from the first decoder block only: the fast pipeline's graph stops there, the
     # reference one's runs through the last decoder block.
