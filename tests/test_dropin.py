@@ -306,6 +306,41 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
 
 
+def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
+    # The step of each UNet call as diffusers' own loop counts it: the progress-bar updates before it.
+    from sgfast.sampler import call_steps
+
+    class Bar:
+        def __init__(self, updates):
+            self.updates = updates
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.updates[0] += n
+
+    for name in ("pndm", "heun", "ddim"):
+        pipe = pipes[name]
+        updates, steps = [0], []
+        hook = pipe.unet.register_forward_pre_hook(lambda *a: steps.append(updates[0]))
+        pipe.progress_bar = lambda *a, **k: Bar(updates)
+        try:
+            pipe(PROMPT, **call_kwargs(name))
+        finally:
+            hook.remove()
+            del pipe.progress_bar
+        order = pipe.scheduler.order
+        assert updates[0] == STEPS and len(steps) > (STEPS if name != "ddim" else STEPS - 1)
+        assert call_steps(len(steps), STEPS, order) == steps, name
+        if order == 1:
+            assert call_steps(len(steps), STEPS) == steps, name
+    assert call_steps(4) == [0, 1, 2, 3]  # without a step count, every call its own step
+
+
 @pytest.mark.parametrize("name", ["pndm", "heun"])
 def test_a_guided_step_reads_the_reference_of_its_own_call(pipes, name):
     # A vanishing scale leaves the image unedited: at every call (also the second of a repeated
