@@ -112,6 +112,11 @@ def scale_latents(pipe, i, t, tensors):
     return {"latents": tensors["latents"] * 0.9}
 
 
+def interrupt_after_the_first_step(pipe, i, t, tensors):
+    pipe._interrupt = True  # diffusers' loop skips every step after this one
+    return {}
+
+
 ARGUMENTS = {
     "string_negative_prompt": lambda pipe: dict(negative_prompt="blurry"),
     "num_images_per_prompt": lambda pipe: dict(num_images_per_prompt=2),
@@ -120,6 +125,7 @@ ARGUMENTS = {
         prompt=None, prompt_embeds=embeds_of(pipe, PROMPT, "blurry")[0], negative_prompt_embeds=embeds_of(pipe, PROMPT, "blurry")[1]
     ),
     "callback_on_step_end": lambda pipe: dict(callback_on_step_end=scale_latents),
+    "interrupt": lambda pipe: dict(callback_on_step_end=interrupt_after_the_first_step),
     "cfg_cutoff_callback": lambda pipe: dict(
         callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4), callback_on_step_end_tensor_inputs=["prompt_embeds"]
     ),
@@ -152,6 +158,34 @@ def test_each_pipeline_argument_as_diffusers(argument):
         assert out is expected
     else:
         assert torch.equal(out, expected)
+
+
+def test_a_callback_sees_and_replaces_what_diffusers_hands_it():
+    # Every call's (i, t, tensors) as diffusers' own loop hands them over; the negative embedding
+    # replaced at the first step is what the later steps see (and the latents replaced at the second).
+    def recorder(calls):
+        def callback(pipe, i, t, tensors):
+            calls.append((i, t, {name: value.clone() for name, value in tensors.items()}))
+            if i == 0:
+                return {"negative_prompt_embeds": tensors["negative_prompt_embeds"] * 0.5}
+            return {"latents": tensors["latents"] * 0.9} if i == 1 else {}
+        return callback
+
+    pipe = tiny_pipeline(image_size=32)
+    names = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    expected, got = [], []
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", callback_on_step_end_tensor_inputs=names)
+    want = pipe(PROMPT, generator=seeded(), callback_on_step_end=recorder(expected), **kwargs).images
+    out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, generator=seeded(), callback_on_step_end=recorder(got), **kwargs)
+    assert torch.equal(out.images, want)
+    assert [(i, int(t)) for i, t, _ in got] == [(i, int(t)) for i, t, _ in expected] == [
+        (i, int(t)) for i, t in enumerate(pipe.scheduler.timesteps)]
+    assert all(torch.is_tensor(t) for _, t, _ in got)
+    for (_, _, mine), (_, _, theirs) in zip(got, expected):
+        assert set(mine) == set(names)
+        for name in names:
+            assert torch.equal(mine[name], theirs[name]), name
+    assert not torch.equal(expected[1][2]["negative_prompt_embeds"], expected[0][2]["negative_prompt_embeds"])
 
 
 def test_return_dict_false_and_the_safety_checker_output():
@@ -192,6 +226,28 @@ def test_a_zero_scale_edit_on_a_guidance_embedded_unet():
     assert out.energies and torch.equal(out.images, expected)
 
 
+def test_a_guided_step_on_a_guidance_embedded_unet_passes_its_guidance_embedding():
+    # The UNet's inputs at every call, as diffusers passes them: the guided (conditional) pass too
+    # gets the guidance-scale embedding.
+    pipe = tiny_pipeline(image_size=32, layout="lcm")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("timestep_cond")), with_kwargs=True)
+    try:
+        kwargs = lambda: dict(num_inference_steps=STEPS, guidance_scale=3.0, generator=seeded(), output_type="latent")  # noqa: E731
+        pipe(PROMPT, **kwargs())
+        expected, seen[:] = list(seen), []
+        out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, edits=[move("circle", dx=0.3)], guidance_schedule=[True] * STEPS,
+                                                  **kwargs())
+    finally:
+        hook.remove()
+    # The edited call runs the unedited one first (for the edit's reference trace), then the guided one.
+    assert len(out.energies) == STEPS and len(expected) == STEPS and len(seen) == 2 * STEPS
+    for got, want in zip(seen, expected + expected):
+        assert want is not None and got is not None and torch.equal(got, want)
+
+
 # ---- a zero-scale edit reproduces the unedited image, under every scheduler ---------------------------
 
 
@@ -229,6 +285,11 @@ def test_zero_scale_edit_reproduces_the_unedited_image(edited, name):
     assert runs["inside"].energies and runs["reused"].energies
     assert torch.equal(runs["inside"].images, runs["plain"].images)
     assert torch.equal(runs["reused"].images, runs["plain"].images)
+    # The unedited image: at every UNet call the maps are the reference's at that call (also where a
+    # timestep repeats: PNDM, Heun, KDPM2), so the move's energy is the same at every call.
+    for run in ("inside", "reused"):
+        energies = [e for _, e in runs[run].energies]
+        assert max(energies) - min(energies) <= 1e-5 * max(energies), (run, energies)
 
 
 def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
@@ -243,6 +304,65 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     reused = sg(prompts, edits=edits, self_guidance_scale=0.0, trace=plain.trace, **no_generator)
     assert len(plain.trace) == 4 and [t.prompt for t in plain.trace] == [PROMPT, PROMPT, "a red cat", "a red cat"]
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
+
+
+def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
+    # The step of each UNet call as diffusers' own loop counts it: the progress-bar updates before it.
+    from sgfast.sampler import call_steps
+
+    class Bar:
+        def __init__(self, updates):
+            self.updates = updates
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.updates[0] += n
+
+    for name in ("pndm", "heun", "ddim"):
+        pipe = pipes[name]
+        updates, steps = [0], []
+        hook = pipe.unet.register_forward_pre_hook(lambda *a: steps.append(updates[0]))
+        pipe.progress_bar = lambda *a, **k: Bar(updates)
+        try:
+            pipe(PROMPT, **call_kwargs(name))
+        finally:
+            hook.remove()
+            del pipe.progress_bar
+        order = pipe.scheduler.order
+        assert updates[0] == STEPS and len(steps) > (STEPS if name != "ddim" else STEPS - 1)
+        assert call_steps(len(steps), STEPS, order) == steps, name
+        if order == 1:
+            assert call_steps(len(steps), STEPS) == steps, name
+    assert call_steps(4) == [0, 1, 2, 3]  # without a step count, every call its own step
+
+
+@pytest.mark.parametrize("name", ["pndm", "heun"])
+def test_a_guided_step_reads_the_reference_of_its_own_call(pipes, name):
+    # A vanishing scale leaves the image unedited: at every call (also the second of a repeated
+    # timestep) the maps are the reference's at that call, and the move's energy the same.
+    sg = SelfGuidancePipeline.from_pipe(pipes[name])
+    out = sg(PROMPT, self_guidance_scale=1e-30, **MOVE, **call_kwargs(name))
+    energies = [e for _, e in out.energies]
+    assert len(energies) == len(pipes[name].scheduler.timesteps) > STEPS
+    assert max(energies) - min(energies) <= 1e-5 * max(energies), energies
+
+
+def test_a_zero_scale_edit_with_guidance_rescale_is_diffusers_image(pipes):
+    pipe = pipes["ddim"]
+    expected = pipe(PROMPT, guidance_rescale=0.7, **call_kwargs("ddim")).images
+    assert not torch.equal(expected, pipe(PROMPT, **call_kwargs("ddim")).images)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=0.0, **MOVE, **call_kwargs("ddim"))
+    assert len(out.energies) == STEPS and torch.equal(out.images, expected)
+    # A vanishing scale: the guided steps' own (batch-1) passes, rescaled as diffusers rescales.
+    out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=1e-30, **MOVE, **call_kwargs("ddim"))
+    assert len(out.energies) == STEPS
+    torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---- a move lowers its energy, under every scheduler -------------------------------------------------
@@ -303,6 +423,26 @@ def test_noise_level_is_the_sigma_the_scheduler_applies(pipes, name):
         sigma_space = sigma if float(scheduler.init_noise_sigma) != 1.0 else sigma / alpha_bar**0.5
         assert sigma_space == pytest.approx(applied_sigma(scheduler, t), rel=1e-4)
         scheduler.step(torch.zeros_like(z), t, z)
+
+
+def test_only_the_zero_snr_stand_in_is_left_unguided():
+    # A zero-terminal-SNR schedule ends at alpha_bar = 0 (DDIM), or at diffusers' 2**-24 stand-in for
+    # it (Euler, as sigma 4096); any larger alpha_bar, even twice that, is a finite SNR and is guided.
+    from sgfast.sampler import can_guide
+
+    config = tiny_pipeline().scheduler.config
+    for cls, last in ((DDIMScheduler, 0.0), (EulerDiscreteScheduler, 2.0**-24)):
+        scheduler = cls.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        scheduler.set_timesteps(4)
+        assert float(scheduler.alphas_cumprod[999]) == last
+        guided = []
+        for t in scheduler.timesteps:
+            guided.append(can_guide(scheduler, t))
+            scheduler.step(torch.zeros(1, 1, 1, 1), t, torch.zeros(1, 1, 1, 1))
+        assert [int(t) for t in scheduler.timesteps][0] == 999 and guided == [False, True, True, True], cls
+    scheduler = DDIMScheduler.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    scheduler.alphas_cumprod[999] = 2 * 2.0**-24
+    assert can_guide(scheduler, torch.tensor(999))
 
 
 def test_a_normalised_gradient_pushes_the_same_on_sigma_and_vp_schedulers():
@@ -496,6 +636,71 @@ def test_stopping_the_energy_pass_early_gives_the_same_gradient(mode):
     assert outputs[0] is not None and outputs[1] is None  # the stopped pass never reached the output
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_zero_scale_edit_ends_its_energy_pass_at_the_last_captured_layer():
+    # At v = 0 the noise comes from the batched CFG pass; the energy's own pass stops inside the UNet,
+    # so the UNet's output layer runs once per step, as in the unedited call.
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    plain = sg(PROMPT, **call_kwargs("ddim"))
+    kwargs = call_kwargs("ddim")
+    kwargs.pop("generator")
+    calls = []
+    hook = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = sg(PROMPT, self_guidance_scale=0.0, trace=plain.trace, **MOVE, **kwargs)
+    finally:
+        hook.remove()
+    assert len(out.energies) == STEPS and len(calls) == STEPS
+    assert torch.equal(out.images, plain.images)
+
+
+def test_a_zero_scale_step_under_a_lora_scale_runs_its_energy_pass_to_the_end():
+    # The step itself (a full call with a LoRA scale fails in diffusers' encode_prompt here): under a
+    # LoRA scale the energy's pass runs through the UNet's output layer, without one it stops inside.
+    from sgfast.sampler import edit_selection, guided_step
+    from sgfast.trace import PromptWords
+
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    reference = sg(PROMPT, num_inference_steps=2, generator=seeded(), output_type="latent").trace
+    edits = [[move("circle", dx=0.2)]]
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    chosen, tokens = edit_selection(edits, words, "cpu")
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    pipe.scheduler.set_timesteps(2)
+    t = pipe.scheduler.timesteps[1]
+    z = torch.randn(1, 4, 8, 8, generator=seeded(3))
+    for scale, outputs in ((None, 1), (1.0, 1), (0.5, 2)):
+        unet_kwargs = {} if scale is None else {"cross_attention_kwargs": {"scale": scale}}
+        calls = []
+        hook = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            with sg.capture() as capture:
+                guided_step(pipe, capture, z, t, torch.cat([uncond, cond]), 7.5, True, list(zip(edits, [reference])),
+                            words, chosen, tokens, unet_kwargs=unet_kwargs, guidance_rescale=0.0,
+                            self_guidance_scale=0.0, normalize_gradient=False, call=1)
+        finally:
+            hook.remove()
+        assert len(calls) == outputs, scale
+
+
+def test_the_energy_pass_does_not_stop_early_under_a_lora_scale_or_a_compiled_unet():
+    # diffusers scales a PEFT UNet's LoRA layers at the start of its forward and undoes it at the
+    # end: a pass that stopped inside would leave them scaled. (A full call with a LoRA scale fails
+    # in diffusers' encode_prompt with this transformers, so the rule is checked as it is read.)
+    from types import SimpleNamespace
+
+    from sgfast.sampler import can_stop_early
+
+    capture = SimpleNamespace(can_stop_early=True)
+    assert can_stop_early(capture, None) and can_stop_early(capture, {})
+    assert can_stop_early(capture, {"cross_attention_kwargs": None, "timestep_cond": None})
+    assert can_stop_early(capture, {"cross_attention_kwargs": {"scale": 1.0}})
+    assert not can_stop_early(capture, {"cross_attention_kwargs": {"scale": 0.5}})
+    assert not can_stop_early(capture, {"cross_attention_kwargs": {"scale": 0.0}, "timestep_cond": None})
+    assert not can_stop_early(SimpleNamespace(can_stop_early=False), None)
 
 
 def with_ip_adapter(pipe, embed_dim=16):

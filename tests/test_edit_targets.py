@@ -445,6 +445,22 @@ def smooth_l1(gap, beta=0.02):
     return 0.5 * gap * gap / beta if gap < beta else gap - 0.5 * beta
 
 
+def test_distances_are_taken_in_the_current_propertys_dtype():
+    # A float64 target (a float64 trace) beside a float32 property: the energy stays float32, its
+    # values the written-out formula's on the float32-rounded target; resampled targets too.
+    from sgfast.edits import _l1, _resampled
+
+    g = torch.Generator().manual_seed(5)
+    current = torch.rand(5, 7, generator=g)
+    target = torch.rand(5, 7, generator=g, dtype=torch.float64) * 0.05
+    got = _l1(current, target)
+    assert got.dtype == torch.float32
+    want = [[smooth_l1(float(c) - float(t)) for c, t in zip(cr, tr)] for cr, tr in zip(current, target.float())]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-7)
+    resampled = _resampled(torch.rand(9, 11, generator=g, dtype=torch.float64), current)
+    assert resampled.dtype == torch.float32 and resampled.shape == (5, 7)
+
+
 def loop_centroid(m):
     height, width = m.shape
     mass = float(m.sum())

@@ -1,5 +1,6 @@
 """Options reach the sampling they are for, checked against diffusers and float64 references."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,9 +74,11 @@ def test_prediction_types():
 # ---- fp16: the loss-scaled gradient ---------------------------------------------------------------
 
 
-def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
+@pytest.mark.parametrize("weight", [None, 1e-4])
+def test_fp16_gradient_matches_float64_finite_differences(monkeypatch, weight):
     # The fp16 path scales the energy before the backward and the gradient back after it: the
-    # gradient the step uses is the energy's, as float64 finite differences measure it.
+    # gradient the step uses is the energy's, as float64 finite differences measure it; also for
+    # weights small enough that fp16's backward would underflow without the scale.
     half = SelfGuidancePipeline.from_pipe(tiny_pipeline().to(torch.float16), mode="fast")
     # The trace is recorded with the edited call's settings (a trace from other settings is refused).
     reference = half(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, generator=seeded(), output_type="latent").trace
@@ -83,7 +86,8 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
     real_term = sampler.guidance_term
     monkeypatch.setattr(sampler, "guidance_term",
                         lambda s, i, t, grad, w, **kw: used.append((i, t, grad)) or real_term(s, i, t, grad, w, **kw))
-    edits = [[move("circle", dx=0.2, keep_others=False), resize("square", 1.5, keep_others=False)]]
+    w = {} if weight is None else dict(weight=weight)
+    edits = [[move("circle", dx=0.2, keep_others=False, **w), resize("square", 1.5, keep_others=False, **w)]]
     half(PROMPT, edits=edits[0], num_inference_steps=STEPS, trace=reference, guidance_scale=1.0, output_type="latent")
     step, t, grad = used[0]
     assert step == 0
@@ -104,6 +108,48 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch):
     numeric = ((energy(z + h * direction) - energy(z - h * direction)) / (2 * h)).item()
     assert numeric > 0
     assert (grad.double() * direction).sum().item() == pytest.approx(numeric, rel=0.05)
+
+
+def test_a_normalised_gradient_takes_the_variance_preserving_noise_level_in_the_step(monkeypatch):
+    # On a sigma-space scheduler the unit-RMS gradient is scaled by sqrt(1 - alpha_bar) =
+    # sigma / sqrt(sigma^2 + 1) of the sigma the scheduler holds, not by sigma.
+    pipe = tiny_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    seen = []
+    real_term = sampler.guidance_term
+
+    def spy(scheduler, i, t, grad, weight, **kwargs):
+        term = real_term(scheduler, i, t, grad, weight, **kwargs)
+        seen.append((grad.clone(), term.clone(), float(scheduler.sigmas[scheduler.step_index]), weight))
+        return term
+
+    monkeypatch.setattr(sampler, "guidance_term", spy)
+    sg(PROMPT, edits=[move("circle", dx=0.3)], num_inference_steps=STEPS, normalize_gradient=True,
+       self_guidance_scale=2.0, guidance_schedule=[0, 2], generator=seeded(), output_type="latent")
+    assert len(seen) == 2
+    for grad, term, sigma, weight in seen:
+        assert weight == 2.0 and sigma > 0.5
+        assert grad.double().pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+        vp = sigma / math.sqrt(sigma * sigma + 1.0)
+        torch.testing.assert_close(term.double(), 2.0 * vp * grad.double(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_gradient_that_is_not_finite_is_refused_naming_its_call():
+    from sgfast.edits import Edit
+
+    class NotFinite(Edit):
+        def needed_words(self, prompt_words):
+            return ["circle"]
+
+        def energy(self, current, reference, timestep):
+            return current.centroid("circle").sum() * float("nan")
+
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    with pytest.raises(FloatingPointError) as error:
+        sg(PROMPT, edits=[NotFinite()], num_inference_steps=STEPS, guidance_schedule=[1], generator=seeded(),
+           output_type="latent")
+    assert str(error.value) == "the self-guidance gradient is not finite at UNet call 1; lower the edit weights"
 
 
 # ---- arguments passed through to diffusers -------------------------------------------------------
@@ -204,8 +250,10 @@ def test_trace_image_noises_the_image_to_each_timestep(tiny):
 
 def test_every_batch_item_is_guided_as_it_would_be_alone(tiny):
     sg = SelfGuidancePipeline.from_pipe(tiny)
-    prompts = [PROMPT, "a green triangle and a red circle"]
-    edits = [[move("circle", dx=0.3, keep_others=False)], [resize("triangle", 2.0, keep_others=False)]]
+    # Three items: CFG halves of an odd size.
+    prompts = [PROMPT, "a green triangle and a red circle", "a red circle"]
+    edits = [[move("circle", dx=0.3, keep_others=False)], [resize("triangle", 2.0, keep_others=False)],
+             [move("circle", dy=-0.3, keep_others=False)]]
     settings = dict(num_inference_steps=STEPS, output_type="latent", normalize_gradient=True, self_guidance_scale=1.0)
     unedited = sg(prompts, num_inference_steps=STEPS, generator=seeded(), output_type="latent")
     batch = sg(prompts, edits=edits, trace=unedited.trace, **settings).images
@@ -233,6 +281,23 @@ def saved_for_backward(sg, reference):
     with torch.enable_grad(), sg.capture() as capture, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         guided_energy(pipe, capture, z, t, embeds, list(zip(edits, [reference])), words, chosen, tokens)
     return sum(saved)
+
+
+def test_the_energy_pass_records_features_only_for_edits_that_read_appearance():
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
+    pipe = sg.pipe
+    reference = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").trace
+    words = [PromptWords.from_tokenizer(pipe.tokenizer, PROMPT)]
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(STEPS)
+    z = torch.randn(1, 4, 16, 16, generator=seeded(3))
+    for edit, reads in ((move("circle", dx=0.2, keep_others=False), False), (move("circle", dx=0.2), True)):
+        assert edit.needs_features is reads
+        chosen, tokens = edit_selection([[edit]], words, "cpu")
+        with sg.capture() as capture:
+            guided_energy(pipe, capture, z, pipe.scheduler.timesteps[1], embeds, [([edit], reference)], words, chosen,
+                          tokens)
+            assert (capture.features is not None) is reads
 
 
 def test_fast_mode_saves_nothing_after_the_last_captured_layer():

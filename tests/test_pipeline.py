@@ -54,6 +54,14 @@ def test_default_schedule_is_the_papers():
     assert sum(default_schedule(50)) == 9 + 20
 
 
+def test_default_schedule_rounds_its_fractions():
+    # 64 steps: 3/16 of them is 12 dense steps; 65 steps: still 12, and ceil(65/32) = 3 unguided at the end.
+    s = default_schedule(64)
+    assert s[:12] == [True] * 12 and s[12:16] == [True, False, True, False] and s[-2:] == [False, False]
+    s = default_schedule(65)
+    assert s[:12] == [True] * 12 and s[12:14] == [True, False] and s[60] is True and s[-3:] == [False] * 3
+
+
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
 def test_guidance_gradient_matches_finite_differences(scheduler):
     pipe = tiny_pipeline().to(torch.float64)

@@ -94,6 +94,30 @@ def test_a_callback_may_replace_the_added_conditioning(pipe, sg):
     assert not torch.equal(out.images, plain)
 
 
+def test_a_guided_step_passes_each_cfg_half_its_own_added_conditioning(pipe, sg, base):
+    # diffusers runs [negative; prompt] in one UNet pass; a guided step runs the halves apart, and each
+    # takes its own rows of the pooled text embedding and time ids (here the negative micro-conditioning differs).
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append({k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()}),
+        with_kwargs=True)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", negative_original_size=(32, 32),
+                  negative_target_size=(64, 64))
+    try:
+        pipe(PROMPT, generator=seeded(), **kwargs)
+        batched, seen[:] = list(seen), []
+        sg(PROMPT, edits=[move("circle", dx=0.3)], guidance_schedule=[0, 1], generator=seeded(), **kwargs)
+    finally:
+        hook.remove()
+    assert len(batched) == STEPS and len(seen) == 2 * STEPS + 2  # the unedited run, then two guided steps
+    halves = [(0, slice(0, 1)), (1, slice(1, 2))]
+    guided = seen[STEPS:STEPS + 4]
+    for (step, rows), got in zip([(0, r) for _, r in halves] + [(1, r) for _, r in halves], guided):
+        assert not torch.equal(batched[step]["time_ids"][0], batched[step]["time_ids"][1])
+        for key in ("text_embeds", "time_ids"):
+            assert torch.equal(got[key], batched[step][key][rows]), (step, key)
+
+
 def test_denoising_end_hands_the_base_latents_to_a_refiner(pipe, sg):
     kwargs = dict(prompt=PROMPT, num_inference_steps=6, output_type="latent", denoising_end=0.5)
     expected = pipe(generator=seeded(), **kwargs).images
