@@ -9,7 +9,16 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from benchmarks.models import default_arch_dir
-from sgfast.capture import Capture, cross_attention_layers, default_feature_layer, default_layers, resolve_layers, xformers_attention
+from sgfast.capture import (
+    Capture,
+    check_feature_layer,
+    cross_attention_layers,
+    default_feature_layer,
+    default_layers,
+    grid_size,
+    resolve_layers,
+    xformers_attention,
+)
 from sgfast.trace import PromptWords, selection
 
 
@@ -181,3 +190,39 @@ def test_default_layers_order_up_blocks_by_number():
     assert default_feature_layer(unet, layers) == "up_blocks.8"
     assert default_feature_layer(unet, ["up_blocks.7.attn2"]) == "up_blocks.7"
     assert default_feature_layer(unet, ["mid_block.attentions.0.transformer_blocks.0.attn2"]) == "up_blocks.0"
+
+
+def test_an_unknown_feature_layer_names_the_unets_blocks(tiny_pipe):
+    unet = tiny_pipe.unet
+    blocks = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    for name in ("up_blocks.9", "", "mid_block.nope"):
+        with pytest.raises(ValueError) as raised:
+            check_feature_layer(unet, name)
+        assert str(raised.value) == f"unknown feature layer {name!r}; choose a UNet block such as: " + ", ".join(blocks)
+    assert check_feature_layer(unet, "up_blocks.1") is unet.up_blocks[1]
+
+
+def halvings(tokens, height, width):
+    """The grid a layer sees: the first of (ceil(h / 2**k), ceil(w / 2**k)), k = 0, 1, ..., whose
+    size is `tokens`, written out; None when no k gives it."""
+    for k in range(max(height, width).bit_length() + 1):
+        grid = (-(-height // 2**k), -(-width // 2**k))
+        if grid[0] * grid[1] == tokens:
+            return grid
+    return None
+
+
+@pytest.mark.parametrize("height, width", [(9, 9), (1, 9), (9, 1), (2, 1), (1, 2), (7, 12), (64, 40), (1, 1)])
+def test_grid_size_follows_the_downsamplers_on_odd_and_thin_latents(height, width):
+    seen = set()
+    for k in range(max(height, width).bit_length() + 1):
+        grid = (-(-height // 2**k), -(-width // 2**k))
+        tokens = grid[0] * grid[1]
+        if tokens in seen:
+            continue
+        seen.add(tokens)
+        assert grid_size(tokens, height, width) == halvings(tokens, height, width) == grid
+    for tokens in (0, height * width + 1) + ((3,) if halvings(3, height, width) is None else ()):
+        with pytest.raises(ValueError) as raised:
+            grid_size(tokens, height, width)
+        assert str(raised.value) == f"cannot place {tokens} queries on a grid for latents {height}x{width}"
