@@ -226,3 +226,23 @@ def test_grid_size_follows_the_downsamplers_on_odd_and_thin_latents(height, widt
         with pytest.raises(ValueError) as raised:
             grid_size(tokens, height, width)
         assert str(raised.value) == f"cannot place {tokens} queries on a grid for latents {height}x{width}"
+
+
+def test_a_masked_cross_attention_under_capture_is_diffusers_own(tiny_pipe):
+    """An `encoder_attention_mask` (tokens left out of cross-attention) reaches the captured layers as
+    it reaches diffusers' own processors: the UNet's output is the same, and the mask changes it."""
+    latents, embeds = unet_inputs(tiny_pipe, "a red circle and a blue square")
+    mask = torch.ones(2, embeds.shape[1])
+    mask[0, 5:] = 0
+    mask[1, 9:] = 0
+    unet = tiny_pipe.unet
+    layers = default_layers(unet)
+    words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, "a red circle and a blue square")
+    with torch.no_grad():
+        plain = unet(latents, 10, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+        unmasked = unet(latents, 10, encoder_hidden_states=embeds).sample
+        with Capture(unet, layers) as capture:
+            with capture.record(*selection([words, words], [["red"], ["red"]], "cpu"), (16, 16)):
+                captured = unet(latents, 10, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
+    assert (plain - unmasked).abs().max() > 1e-3
