@@ -246,3 +246,72 @@ def test_a_masked_cross_attention_under_capture_is_diffusers_own(tiny_pipe):
                 captured = unet(latents, 10, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
     torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
     assert (plain - unmasked).abs().max() > 1e-3
+
+
+def test_captured_bytes_are_the_recorded_maps_and_features(tiny_pipe):
+    latents, embeds = unet_inputs(tiny_pipe, "a red circle")
+    unet = tiny_pipe.unet
+    layers = default_layers(unet)
+    words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, "a red circle")
+    for feature_layer in (None, default_feature_layer(unet, layers)):
+        with torch.no_grad(), Capture(unet, layers, feature_layer=feature_layer) as capture:
+            assert capture.captured_bytes() == 0
+            with capture.record(*selection([words], [["red", "circle"]], "cpu"), (16, 16), batch_slice=slice(1, 2),
+                                features=feature_layer is not None):
+                unet(latents, 10, encoder_hidden_states=embeds)
+            expected = sum(m.numel() * m.element_size() for m in capture.maps.values())
+            if feature_layer is not None:
+                assert capture.features is not None
+                expected += capture.features.numel() * capture.features.element_size()
+            assert len(capture.maps) == len(layers) and capture.captured_bytes() == expected > 0
+
+
+def test_a_layer_the_capture_cannot_take_is_named():
+    from diffusers import UNet2DConditionModel as Unet
+
+    unet = Unet(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    layer = default_layers(unet)[0]
+    with pytest.raises(ValueError) as raised:
+        Capture(unet, ["down_blocks.0.nope"])
+    assert str(raised.value) == "unknown cross-attention layer 'down_blocks.0.nope'"
+    cross_attention_layers(unet)[layer].group_norm = torch.nn.GroupNorm(8, 32)
+    with pytest.raises(ValueError) as raised:
+        Capture(unet, [layer])
+    assert str(raised.value) == f"layer {layer!r} uses a normalisation the capture does not support"
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_the_graph_is_cut_or_the_unet_stopped_once_everything_is_recorded(tiny_pipe, with_features):
+    """cut_graph: the UNet's output past the last recorded layer (and feature layer) carries no graph,
+    while the maps do; without it the output does; stop=True ends the UNet call there."""
+    from sgfast.capture import RecordingDone
+
+    latents, embeds = unet_inputs(tiny_pipe, "a red circle")
+    latents.requires_grad_(True)
+    unet = tiny_pipe.unet
+    layers = default_layers(unet)[:1]
+    feature_layer = "down_blocks.1" if with_features else None
+    words = PromptWords.from_tokenizer(tiny_pipe.tokenizer, "a red circle")
+    chosen = selection([words, words], [["red"], ["red"]], "cpu")
+    seen = []  # a down block returns (hidden states, skip states): the features are the hidden states
+    hook = unet.down_blocks[1].register_forward_hook(lambda module, args, output: seen.append(output[0]))
+    for cut in (True, False):
+        with Capture(unet, layers, feature_layer=feature_layer, cut_graph=cut) as capture:
+            with capture.record(*chosen, (16, 16), features=with_features):
+                out = unet(latents, 10, encoder_hidden_states=embeds).sample
+                assert capture.maps[layers[0]].requires_grad
+                if with_features:
+                    assert torch.equal(capture.features, seen[-1])
+                else:
+                    assert capture.features is None
+                assert out.requires_grad == (not cut)
+            assert torch.is_grad_enabled()
+    hook.remove()
+    with Capture(unet, layers, feature_layer=feature_layer) as capture:
+        assert capture.cut_graph is False
+        with capture.record(*chosen, (16, 16), features=with_features, stop=True):
+            with pytest.raises(RecordingDone):
+                unet(latents, 10, encoder_hidden_states=embeds)
+            assert capture.maps[layers[0]].requires_grad
