@@ -21,7 +21,9 @@ def random_case(seed, batch=3, objects=3, size=12, sides=(6, 3)):
     return logits, maps, masks, keep
 
 
-def loop_reference(maps, masks, keep, kind, floor):
+def loop_reference(maps, masks, keep, kind, floor, positions=None):
+    """The loss as a loop over each present object's words: tokens 4j+2 and 4j+3 (its colour and shape
+    words in the random case), or `positions[b, j]` (negative: a word left out)."""
     layer_losses = []
     for m in maps:
         side = math.isqrt(m.shape[1])
@@ -33,7 +35,8 @@ def loop_reference(maps, masks, keep, kind, floor):
                 # area share of each latent cell covered by the object (cells tile the image exactly)
                 cell = masks.shape[-1] // side
                 cover = masks[b, j].reshape(side, cell, side, cell).mean((1, 3)).reshape(-1)
-                for token in (4 * j + 2, 4 * j + 3):
+                tokens = (4 * j + 2, 4 * j + 3) if positions is None else [p for p in positions[b, j].tolist() if p >= 0]
+                for token in tokens:
                     word_map = m[b, :, token]
                     if kind == "outside":
                         total += 1 - (word_map * cover).sum() / word_map.sum()
@@ -129,22 +132,5 @@ def test_left_out_colour_words_shift_the_positions_the_loss_reads():
     logits, maps, masks, keep = random_case(1)
     got = attention_localisation_loss(maps, masks, keep, "mask-kl", 0.07, positions)
     # The reference: a loop over each present object's named words at their own positions.
-    total, count = 0.0, 0
-    for m in maps:
-        side = math.isqrt(m.shape[1])
-        layer, n = 0.0, 0
-        for b in range(m.shape[0]):
-            for j in range(masks.shape[1]):
-                if not keep[b] or masks[b, j].sum() == 0:
-                    continue
-                cover = F.adaptive_avg_pool2d(masks[b, j][None], side).flatten()
-                target = (1 - 0.07) * cover / cover.sum() + 0.07 / len(cover)
-                for p in positions[b, j].tolist():
-                    if p < 0:
-                        continue
-                    spread = m[b, :, p] / m[b, :, p].sum()
-                    layer += (target * (target / spread).log()).sum()
-                    n += 1
-        total += layer / n
-        count += 1
-    assert torch.allclose(got, total / count, rtol=1e-10)
+    want = loop_reference(maps, masks, keep, "mask-kl", 0.07, positions)
+    assert torch.allclose(got, want, rtol=1e-10)
