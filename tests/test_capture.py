@@ -2,12 +2,14 @@
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+import sgfast.capture as capture_module
 from benchmarks.models import default_arch_dir
 from sgfast.capture import (
     Capture,
@@ -71,9 +73,10 @@ def test_maps_equal_diffusers_attention_scores(tiny_pipe):
     assert len(words.positions[words.index("catdog")]) == 3
 
 
-def test_xformers_output_path(tiny_pipe):
+def test_xformers_output_path(tiny_pipe, monkeypatch):
     # xformers runs on GPUs only: here an explicit attention in its [B, N, heads, d] layout stands in
-    # for it, to check the processor's layout around the call against the SDPA path.
+    # for it, given to the capture where it asks for xformers, to check the processor's layout around
+    # the call against the SDPA path.
     def attention_bnhd(q, k, v):
         probs = (torch.einsum("bnhd,bthd->bhnt", q, k) * q.shape[-1] ** -0.5).softmax(-1)
         calls.append(q.shape)
@@ -85,10 +88,105 @@ def test_xformers_output_path(tiny_pipe):
     layers = default_layers(tiny_pipe.unet)
     with torch.no_grad(), Capture(tiny_pipe.unet, layers) as capture:
         sdpa = tiny_pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
-        capture.attention = attention_bnhd
+    assert not calls
+    monkeypatch.setattr(capture_module, "xformers_attention", lambda unet: attention_bnhd)
+    with torch.no_grad(), Capture(tiny_pipe.unet, layers) as capture:
         stand_in = tiny_pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
     assert len(calls) == len(layers)
     torch.testing.assert_close(stand_in, sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_xformers_is_taken_for_a_unet_on_a_gpu_only(monkeypatch):
+    """With xformers installed, a UNet on CUDA gets its attention and one on the CPU SDPA (None);
+    without xformers every UNet gets SDPA."""
+    import types
+
+    def memory_efficient_attention(q, k, v):
+        return v
+
+    def unet_on(device):  # what xformers_attention reads of a UNet: its parameters' device
+        return types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(device=torch.device(device))]))
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    assert xformers_attention(unet_on("cuda")) is memory_efficient_attention
+    assert xformers_attention(unet_on("cuda:1")) is memory_efficient_attention
+    assert xformers_attention(unet_on("cpu")) is None
+    assert xformers_attention(unet_on("meta")) is None
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)  # not installed: the import fails
+    assert xformers_attention(unet_on("cuda")) is None
+
+
+def attention_layer(**config):
+    return Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, **config).double().eval()
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"residual_connection": True},
+    {"rescale_output_factor": 2.5},
+    {"cross_attention_norm": "layer_norm"},
+    {"residual_connection": True, "rescale_output_factor": 0.5, "cross_attention_norm": "layer_norm"},
+], ids=lambda c: "-".join(c) or "plain")
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "mask-per-query"])
+def test_the_capture_processor_is_diffusers_own_on_any_cross_attention(config, masked):
+    """Plugged into a diffusers Attention as any processor is, ours gives AttnProcessor2_0's output
+    (float64), whatever the layer's residual, output rescale and context normalisation, also with an
+    attention mask of one row per query."""
+    from types import SimpleNamespace
+
+    from sgfast.capture import CaptureAttnProcessor
+
+    torch.manual_seed(0)
+    attn = attention_layer(**config)
+    with torch.no_grad():  # a layer norm at its default weights would be the identity on a shifted input
+        for p in attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hidden = torch.randn(3, 35, 32, dtype=torch.float64)
+    context = torch.randn(3, 11, 24, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.where(torch.rand(3, 35, 11) < 0.3, -1e4, 0.0).double()
+    idle = SimpleNamespace(recording=False, attention=None)  # not recording, no xformers
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        expected = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+        attn.set_processor(CaptureAttnProcessor(idle, "layer"))
+        ours = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    assert ours.dtype == torch.float64
+
+
+def test_processors_of_their_own_are_refused_by_name_and_left_in_place(tiny_pipe):
+    class OwnProcessor(AttnProcessor2_0):
+        pass
+
+    class OtherProcessor(AttnProcessor2_0):
+        pass
+
+    unet = tiny_pipe.unet
+    layers = default_layers(unet)
+    assert len(layers) >= 2
+    before = dict(unet.attn_processors)
+    modules = cross_attention_layers(unet)
+    try:
+        modules[layers[0]].set_processor(OwnProcessor())
+        modules[layers[-1]].set_processor(OtherProcessor())
+        own = dict(unet.attn_processors)
+        with pytest.raises(ValueError) as raised:
+            with Capture(unet, layers):
+                pass
+        assert str(raised.value) == (
+            "self-guidance replaces the attention processors of the captured layers, and these have their own: "
+            f"{layers[0]} (OwnProcessor), {layers[-1]} (OtherProcessor); restore plain attention there "
+            "(unet.set_default_attn_processor()) or capture other layers (layers=...)"
+        )
+        assert unet.attn_processors == own
+        assert Capture(unet, layers[1:-1]).foreign_processors() == {}
+    finally:
+        unet.set_attn_processor(before)
 
 
 def test_capture_changes_no_output_and_touches_only_chosen_layers(tiny_pipe):
