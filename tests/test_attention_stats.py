@@ -421,6 +421,103 @@ def test_not_a_tensor():
         attention_stats(**args)
 
 
+def _changed(**changes):
+    """Valid inputs (q [2, 2, 12, 8], k [2, 2, 13, 8], token_index [2, 2]; 3 x 4 queries) with some replaced."""
+    args = _bad(None)
+    args.update(changes)
+    return args
+
+
+_q, _k, _tokens = _bad(None)["q"], _bad(None)["k"], _bad(None)["token_index"]
+FULL_MESSAGES = [
+    (dict(impl="cuda"), ValueError, "attention_stats: impl must be 'auto', 'triton' or 'torch', got 'cuda'"),
+    (dict(q=_q.tolist()), TypeError, "attention_stats: q must be a tensor, got list"),
+    (dict(k=_k.numpy()), TypeError, "attention_stats: k must be a tensor, got ndarray"),
+    (dict(token_index=(1, 2)), TypeError, "attention_stats: token_index must be a tensor, got tuple"),
+    (dict(q=_q[0]), ValueError, "attention_stats: q must have 4 dims, got shape (2, 12, 8)"),
+    (dict(k=_k[None]), ValueError, "attention_stats: k must have 4 dims, got shape (1, 2, 2, 13, 8)"),
+    (dict(token_index=_tokens[0]), ValueError, "attention_stats: token_index must have 2 dims, got shape (2,)"),
+    (dict(k=_k.double()), ValueError,
+     "attention_stats: q and k must share one floating dtype, got torch.float32 and torch.float64"),
+    (dict(q=_q.long(), k=_k.long()), ValueError,
+     "attention_stats: q and k must share one floating dtype, got torch.int64 and torch.int64"),
+    (dict(token_index=_tokens.float()), ValueError,
+     "attention_stats: token_index must be an integer tensor, got torch.float32"),
+    (dict(token_index=_tokens.to(torch.complex64)), ValueError,
+     "attention_stats: token_index must be an integer tensor, got torch.complex64"),
+    (dict(token_index=_tokens > 0), ValueError, "attention_stats: token_index must be an integer tensor, got torch.bool"),
+    (dict(k=_k.to("meta")), ValueError, "attention_stats: q, k and token_index must be on one device, got cpu, meta, cpu"),
+    (dict(token_index=_tokens.to("meta")), ValueError,
+     "attention_stats: q, k and token_index must be on one device, got cpu, cpu, meta"),
+    (dict(k=_k[:1]), ValueError,
+     "attention_stats: k [B, heads, T, d] does not match q [B, heads, N, d]: (1, 2, 13, 8) vs (2, 2, 12, 8)"),
+    (dict(k=_k[:, :1]), ValueError,
+     "attention_stats: k [B, heads, T, d] does not match q [B, heads, N, d]: (2, 1, 13, 8) vs (2, 2, 12, 8)"),
+    (dict(k=_k[..., :5]), ValueError,
+     "attention_stats: k [B, heads, T, d] does not match q [B, heads, N, d]: (2, 2, 13, 5) vs (2, 2, 12, 8)"),
+    (dict(token_index=_tokens[:1]), ValueError, "attention_stats: token_index has batch 1, q has 2"),
+    (dict(width=5), ValueError, "attention_stats: height * width = 3 * 5 != N = 12"),
+    (dict(height=4, width=3 + 1), ValueError, "attention_stats: height * width = 4 * 4 != N = 12"),
+    (dict(token_index=torch.tensor([[0, 13], [2, 3]])), ValueError,
+     "attention_stats: token_index must lie in [0, 13), got values in [0, 13]"),
+    (dict(token_index=torch.tensor([[0, 12], [-1, 3]])), ValueError,
+     "attention_stats: token_index must lie in [0, 13), got values in [-1, 12]"),
+]
+
+
+@pytest.mark.parametrize("changes, error, message", FULL_MESSAGES, ids=[m[2][17:60] for m in FULL_MESSAGES])
+@pytest.mark.parametrize("impl", ["torch", "triton", "auto"])
+def test_each_bad_input_is_named_in_full(changes, error, message, impl):
+    """Each wrong argument gets its own message, whole: what was wrong and what is allowed."""
+    args = _changed(**changes)
+    args.setdefault("impl", impl)
+    with pytest.raises(error) as raised:
+        attention_stats(**args)
+    assert type(raised.value) is error and str(raised.value) == message
+
+
+def test_token_indices_at_both_ends_of_the_range_are_taken():
+    q, k, token_index = _bad(None)["q"], _bad(None)["k"], torch.tensor([[0, 12], [12, 0]])
+    sums, maps = attention_stats(q, k, token_index, 3, 4, impl="torch")
+    want_sums, want_maps = attention_stats_reference(q, k, token_index, 3, 4, 8 ** -0.5)
+    assert torch.equal(sums, want_sums) and torch.equal(maps, want_maps)
+
+
+CUDA_RANGE_SCRIPT = """
+import sys
+import torch
+from sgfast.kernels import attention_stats
+q = torch.randn(1, 2, 12, 8, device="cuda")
+k = torch.randn(1, 2, 13, 8, device="cuda")
+tokens = torch.tensor([[int(t) for t in sys.argv[1:]]], device="cuda")
+# No host read: the check also runs inside CUDA-graph capture.
+graph = torch.cuda.CUDAGraph()
+static = attention_stats(q, k, tokens, 3, 4, impl="torch")  # warm-up outside the capture
+with torch.cuda.graph(graph):
+    static = attention_stats(q, k, tokens, 3, 4, impl="torch")
+graph.replay()
+torch.cuda.synchronize()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device assert needs a GPU")
+@pytest.mark.parametrize("tokens, ok", [((0, 12), True), ((12, 0), True), ((0, 13), False), ((-1, 3), False)])
+def test_cuda_token_range_is_a_device_assert_that_graphs_can_capture(tokens, ok):
+    """On CUDA the range check is an asynchronous device assert: indices 0 and T - 1 pass it, even
+    inside CUDA-graph capture (a host read would fail there), and -1 or T fail it. A failed device
+    assert leaves the CUDA context unusable, so each case runs in its own process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CUDA_RANGE_SCRIPT, *map(str, tokens)], capture_output=True, text=True,
+                          timeout=300)
+    if ok:
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    else:
+        assert done.returncode != 0 and "ok" not in done.stdout, done.stdout
+
+
 def test_the_triton_path_says_what_it_needs(monkeypatch):
     """impl="triton" without Triton, or with CPU tensors outside the interpreter: a clear error."""
     q, k, token_index = make_inputs(0, 1, 2, 2, 3, 5, 2, 16, torch.float32)
