@@ -348,6 +348,107 @@ def test_launch_plan_fills_the_gpu_at_batch_one(sms, kernel):
             assert groups * cfg["heads_per_program"] >= case.heads
 
 
+def planned(kernel, batch, heads, n, head_dim, keys, selected, dtype, sms, interpret, programs_per_sm=0.9):
+    """The launch plan written out from its rules by brute force (the docstrings' reading)."""
+    target = math.ceil(programs_per_sm * sms)
+    block_n = 32 if -(-n // 32) * heads * batch >= target else 16
+    blocks = -(-n // block_n)
+    block_t = max([16] + [2 ** i for i in range(16) if 2 ** i <= keys])
+    rest = keys - block_t
+    block_t2 = min(2 ** i for i in range(4, 16) if 2 ** i >= rest) if rest > 0 else 0
+    block_d = next((b for b in (64, 32, 16) if head_dim % b == 0), 16)
+    even_d = head_dim % 16 == 0
+    if dtype == torch.float64 or interpret:
+        qk, sel, dq = "ieee", "ieee", "ieee"
+    elif dtype == torch.float32:
+        qk, sel, dq = "tf32x3", "tf32x3", "tf32x3"
+    else:
+        qk, sel, dq = "tf32", "tf32x3", "tf32"
+    if kernel == "forward":
+        stages = 3 if block_d in (16, 32) else 2
+    else:
+        stages = 3 if block_d == 64 else 1
+    meta = dict(UPCAST_QK=interpret or dtype in (torch.float32, torch.float64), QK_PRECISION=qk, SEL_PRECISION=sel,
+                HAS_TAIL=rest > 0, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_T2=max(block_t2, 16), BLOCK_D=block_d,
+                BLOCK_S=min(64, max(16, min(2 ** i for i in range(12) if 2 ** i >= selected))), EVEN_D=even_d,
+                num_warps=4, num_stages=stages)
+    if kernel == "backward":
+        meta["DQ_PRECISION"] = dq
+        return {"grid": (blocks, heads, batch), "groups": heads, "heads_per_program": 1, "meta": meta}
+    per_program = max([1] + [p for p in range(1, heads + 1) if -(-heads // p) * blocks * batch >= target])
+    groups = -(-heads // per_program)
+    return {"grid": (blocks, groups, batch), "groups": groups, "heads_per_program": per_program, "meta": meta}
+
+
+PLAN_SHAPES = [  # (batch, heads, n, head_dim, keys, selected): odd sizes, the SD layers' and the edges
+    (1, 8, 4096, 40, 77, 4), (1, 8, 1024, 80, 77, 3), (2, 8, 256, 160, 77, 1), (1, 5, 64, 64, 77, 64),
+    (1, 20, 4096, 64, 77, 2), (3, 1, 35, 48, 13, 65), (1, 1, 1, 8, 1, 1), (1, 3, 63, 24, 16, 16),
+    (1, 2, 33, 32, 17, 17), (4, 10, 1024, 96, 64, 5), (1, 8, 9216, 40, 154, 33), (2, 6, 17, 72, 100, 7),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("interpret", [False, True])
+def test_launch_plan_follows_its_rules_on_every_shape(kernel, dtype, interpret):
+    for shape in PLAN_SHAPES:
+        for sms in (8, 108, 132):
+            got = ops.launch_config(kernel, *shape, dtype, sms, interpret=interpret)
+            assert got == planned(kernel, *shape, dtype, sms, interpret), (shape, sms)
+            fewer = ops.launch_config(kernel, *shape, dtype, sms, interpret=interpret, programs_per_sm=3.7)
+            assert fewer == planned(kernel, *shape, dtype, sms, interpret, programs_per_sm=3.7), (shape, sms)
+
+
+@needs_triton
+def test_launch_plan_overrides_and_bad_kernel():
+    cfg = ops.launch_config("forward", 1, 8, 1024, 40, 77, 4, torch.float16, 132, interpret=False,
+                            block_n=16, num_warps=8, num_stages=5)
+    # 64 blocks of 16 positions: 2 head groups (7 heads, then 1) give 128 programs, the fewest for 119.
+    assert cfg["grid"] == (64, 2, 1) and cfg["heads_per_program"] == 7
+    assert (cfg["meta"]["BLOCK_N"], cfg["meta"]["num_warps"], cfg["meta"]["num_stages"]) == (16, 8, 5)
+    assert ops.launch_config("forward", 1, 8, 1024, 40, 77, 4, torch.float16, 132, interpret=False,
+                             block_n=32)["grid"] == (32, 4, 1)
+    with pytest.raises(ValueError) as raised:
+        ops.launch_config("both", 1, 8, 1024, 40, 77, 4, torch.float16, 132)
+    assert str(raised.value) == "kernel must be 'forward' or 'backward', got 'both'"
+
+
+@needs_triton
+def test_a_launch_is_planned_for_the_inputs_shapes_and_device(monkeypatch):
+    q, k, token_index = make_inputs(3, 2, 3, 5, 7, 13, 4, 24, torch.float32)
+    for kernel in ("forward", "backward"):
+        assert ops._config_for(kernel, q, k, token_index) == ops.launch_config(
+            kernel, 2, 3, 35, 24, 13, 4, torch.float32, ops.device_sm_count(q.device))
+    monkeypatch.setattr(ops, "SM_COUNT_OVERRIDE", 132)
+    assert ops._config_for("forward", q, k, token_index) == ops.launch_config(
+        "forward", 2, 3, 35, 24, 13, 4, torch.float32, 132)
+
+
+def test_sm_count_of_each_device(monkeypatch):
+    """The CPU (the interpreter) plans for 8 SMs; CUDA asks the device given, else the current one."""
+    asked = []
+    monkeypatch.setattr(ops, "_cuda_sm_count", lambda index: asked.append(index) or 100 + index)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert ops.device_sm_count(torch.device("cpu")) == 8
+    assert ops.device_sm_count(torch.device("cuda", 3)) == 103
+    assert ops.device_sm_count(torch.device("cuda")) == 102
+    assert asked == [3, 2]
+    monkeypatch.setattr(ops, "SM_COUNT_OVERRIDE", 7)
+    assert ops.device_sm_count(torch.device("cpu")) == 7 and ops.device_sm_count(torch.device("cuda", 1)) == 7
+
+
+def test_new_outputs_are_poisoned_only_when_asked(monkeypatch):
+    for poison in (True, False):
+        monkeypatch.setattr(ops, "DEBUG_POISON_OUTPUTS", poison)
+        out = ops._new_output((2, 3, 5), torch.float64, torch.device("cpu"))
+        assert out.shape == (2, 3, 5) and out.dtype == torch.float64 and out.device.type == "cpu"
+        if poison:
+            assert out.isnan().all()
+    meta = ops._new_output((4,), torch.float16, torch.device("meta"))
+    assert meta.shape == (4,) and meta.dtype == torch.float16 and meta.device.type == "meta"
+
+
 @needs_triton
 @pytest.mark.parametrize("head_dim, block_d, even", [(40, 16, False), (64, 64, True), (80, 16, True), (160, 32, True)])
 def test_launch_plan_tiles(head_dim, block_d, even):
