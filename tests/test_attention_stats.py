@@ -113,6 +113,37 @@ def test_auto_uses_reference_on_cpu():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what the dispatch reads of one, on a machine without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("has_triton", [True, False])
+def test_auto_takes_triton_for_cuda_tensors_when_it_can(monkeypatch, has_triton):
+    """impl="auto": the fused kernels for CUDA tensors when Triton is installed, else the reference,
+    with the scale and return_maps passed on (d ** -0.5 by default)."""
+    q, k, token_index = make_inputs(4, 2, 3, 3, 5, 13, 2, 16, torch.float32)
+    fused = []
+    monkeypatch.setattr(ops, "fused_attention_stats", lambda *args: fused.append(args) or ("fused", args))
+    monkeypatch.setattr(ops, "HAS_TRITON", has_triton)
+    for scale, return_maps in ((None, True), (0.3, False)):
+        got = attention_stats(q.as_subclass(OnCuda), k.as_subclass(OnCuda), token_index, 3, 5, scale=scale,
+                              return_maps=return_maps, impl="auto")
+        want_scale = 16 ** -0.5 if scale is None else scale
+        if has_triton:
+            assert got[0] == "fused" and got[1][3:] == (3, 5, want_scale, return_maps)
+            assert got[1][0] is not None and torch.equal(got[1][0], q)
+        else:
+            want = attention_stats_reference(q, k, token_index, 3, 5, want_scale, return_maps)
+            assert torch.equal(got[0], want[0]) and (got[1] is None) == (not return_maps)
+    assert len(fused) == (2 if has_triton else 0)
+    attention_stats(q, k, token_index, 3, 5, impl="auto")  # CPU tensors: the reference
+    assert len(fused) == (2 if has_triton else 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton (interpreter) against the float64 reference
 # ---------------------------------------------------------------------------------------------------
