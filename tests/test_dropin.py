@@ -306,14 +306,11 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
 
 
-def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
-    # The step of each UNet call as diffusers' own loop counts it: the progress-bar updates before it.
-    from sgfast.sampler import call_steps
+def diffusers_call_steps(pipe, name):
+    """The step each UNet call belongs to in diffusers' own loop (the progress-bar updates before it),
+    and the bar's count of updates."""
 
     class Bar:
-        def __init__(self, updates):
-            self.updates = updates
-
         def __enter__(self):
             return self
 
@@ -321,24 +318,43 @@ def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
             return False
 
         def update(self, n=1):
-            self.updates[0] += n
+            updates[0] += n
+
+    updates, steps = [0], []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: steps.append(updates[0]))
+    pipe.progress_bar = lambda *a, **k: Bar()
+    try:
+        pipe(PROMPT, **call_kwargs(name))
+    finally:
+        hook.remove()
+        del pipe.progress_bar
+    return steps, updates[0]
+
+
+def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
+    from sgfast.sampler import call_steps
 
     for name in ("pndm", "heun", "ddim"):
-        pipe = pipes[name]
-        updates, steps = [0], []
-        hook = pipe.unet.register_forward_pre_hook(lambda *a: steps.append(updates[0]))
-        pipe.progress_bar = lambda *a, **k: Bar(updates)
-        try:
-            pipe(PROMPT, **call_kwargs(name))
-        finally:
-            hook.remove()
-            del pipe.progress_bar
-        order = pipe.scheduler.order
-        assert updates[0] == STEPS and len(steps) > (STEPS if name != "ddim" else STEPS - 1)
+        steps, updates = diffusers_call_steps(pipes[name], name)
+        order = pipes[name].scheduler.order
+        assert updates == STEPS and len(steps) > (STEPS if name != "ddim" else STEPS - 1)
         assert call_steps(len(steps), STEPS, order) == steps, name
         if order == 1:
             assert call_steps(len(steps), STEPS) == steps, name
     assert call_steps(4) == [0, 1, 2, 3]  # without a step count, every call its own step
+
+
+@pytest.mark.parametrize("name", ["pndm", "heun", "kdpm2_a", "ddim"])
+@pytest.mark.parametrize("guided", [0, 1, 2])
+def test_a_scheduled_step_guides_every_unet_call_of_that_step(pipes, name, guided):
+    """guidance_schedule counts inference steps as diffusers' progress bar does: a schedule of one
+    step guides exactly the UNet calls diffusers' loop makes in that step (PNDM's extra first call,
+    both calls of a second-order step), each recorded with its step."""
+    steps, _ = diffusers_call_steps(pipes[name], name)
+    sg = SelfGuidancePipeline.from_pipe(pipes[name])
+    out = sg(PROMPT, self_guidance_scale=1e-30, **{**MOVE, "guidance_schedule": [guided]}, **call_kwargs(name))
+    assert [step for step, _ in out.energies] == [s for s in steps if s == guided]
+    assert len(out.energies) == steps.count(guided) >= 1
 
 
 @pytest.mark.parametrize("name", ["pndm", "heun"])
