@@ -79,11 +79,12 @@ def naive_stats(q, k, token_index, height, width, scale):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_reference_matches_naive_loop():
-    q, k, token_index = make_inputs(0, batch=2, heads=2, height=3, width=4, keys=5, selected=3,
+@pytest.mark.parametrize("height, width", [(3, 4), (5, 7)])  # 5 x 7: centres not exact in float32
+def test_reference_matches_naive_loop(height, width):
+    q, k, token_index = make_inputs(0, batch=2, heads=2, height=height, width=width, keys=5, selected=3,
                                     head_dim=3, dtype=torch.float64, spread=2.0)
-    sums, maps = attention_stats_reference(q, k, token_index, 3, 4, scale=0.7)
-    want_sums, want_maps = naive_stats(q, k, token_index, 3, 4, scale=0.7)
+    sums, maps = attention_stats_reference(q, k, token_index, height, width, scale=0.7)
+    want_sums, want_maps = naive_stats(q, k, token_index, height, width, scale=0.7)
     torch.testing.assert_close(sums, want_sums, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(maps, want_maps, rtol=1e-12, atol=1e-14)
 
@@ -289,7 +290,7 @@ def test_triton_gradcheck_float64():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_triton_gradient_for_k(dtype):
     # k requiring a gradient (a UNet whose weights are not frozen): the fused backward gives it,
     # summed over position blocks, equal to the float64 reference's.
