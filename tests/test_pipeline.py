@@ -311,6 +311,64 @@ def test_bad_calls_fail_clearly_and_change_nothing(sg, call, message):
     assert processors(sg.pipe) == before
 
 
+@pytest.fixture(scope="module")
+def traces(sg):
+    """An unedited generation's trace of PROMPT and one of another prompt, at 2 steps."""
+    return {p: sg(p, num_inference_steps=2, output_type="latent").trace for p in (PROMPT, "a blue square")}
+
+
+REFUSED = {  # a call, and the whole message of the error it gets
+    "count 0": (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer >= 1, got 0"),
+    "count True": (dict(num_images_per_prompt=True), "num_images_per_prompt must be an integer >= 1, got True"),
+    "count 1.5": (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer >= 1, got 1.5"),
+    "v nan": (dict(edits=[move("circle")], self_guidance_scale=float("nan")),
+              "self_guidance_scale must be a finite number, got nan"),
+    "v str": (dict(edits=[move("circle")], self_guidance_scale="1"), "self_guidance_scale must be a finite number, got '1'"),
+    "normalize": (dict(edits=[move("circle")], normalize_gradient="yes"),
+                  "normalize_gradient must be True or False, got 'yes'"),
+    "embeds rows": (dict(prompt=[PROMPT, PROMPT], prompt_embeds=torch.zeros(1, 77, 32)),
+                    "got 2 prompts for 1 rows of prompt_embeds"),
+    "edit lists": (dict(edits=[[move("circle")], []]), "got 2 lists of edits for 1 prompts"),
+    "not an edit": (dict(edits=["move circle"]), "edits must be sgfast.edits objects (move, resize, ...); got 'move circle'"),
+    "embeds with edits": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32), edits=[move("circle")]),
+                          "edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`"),
+    "trace count": (dict(edits=[move("circle")], trace=[PROMPT, PROMPT]), "got 2 traces for 1 images"),
+    "trace prompt": (dict(edits=[move("circle")], trace="a blue square"),
+                     "the trace of 'a blue square' is not the unedited generation of 'a red circle and a blue square'; "
+                     "use it as an edit's source instead"),
+    "trace settings": (dict(edits=[move("circle")], trace=PROMPT, guidance_scale=3.0, eta=0.5),
+                       "the trace was recorded with other settings than this call: guidance_scale: 7.5 there, 3.0 here; "
+                       "eta: 0.0 there, 0.5 here. Call with the trace's settings, or use it as an edit's source instead"),
+    "no guided step": (dict(edits=[move("circle")], num_inference_steps=1),
+                       "the guidance schedule guides none of the 1 steps, so the edits would do nothing; use more steps "
+                       "or a guidance_schedule that guides at least one"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_each_refused_call_gets_its_whole_message_and_changes_nothing(sg, traces, name):
+    kwargs, message = REFUSED[name]
+    kwargs = {"prompt": PROMPT, "num_inference_steps": 2, "output_type": "latent", **kwargs}
+    if "trace" in kwargs:  # traces named by their prompt
+        trace = kwargs["trace"]
+        kwargs["trace"] = [traces[t] for t in trace] if isinstance(trace, list) else traces[trace]
+    before, state = processors(sg.pipe), torch.random.get_rng_state()
+    with pytest.raises((ValueError, TypeError)) as raised:
+        sg(**kwargs)
+    assert type(raised.value) is (TypeError if name == "not an edit" else ValueError)
+    assert str(raised.value) == message
+    assert processors(sg.pipe) == before and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_bad_mode_or_compile_without_fast_mode_is_refused(tiny_pipe):
+    with pytest.raises(ValueError) as raised:
+        SelfGuidancePipeline(tiny_pipe, mode="turbo")
+    assert str(raised.value) == "mode must be one of ('reference', 'fast'), got 'turbo'"
+    with pytest.raises(ValueError) as raised:
+        SelfGuidancePipeline(tiny_pipe, compile=True)
+    assert str(raised.value) == "compile=True needs mode='fast'"
+
+
 @pytest.mark.parametrize(
     "build, message",
     [
