@@ -306,9 +306,9 @@ def test_zero_scale_edits_on_a_batch_with_images_per_prompt(pipes):
     assert torch.equal(inside.images, plain.images) and torch.equal(reused.images, plain.images)
 
 
-def diffusers_call_steps(pipe, name):
-    """The step each UNet call belongs to in diffusers' own loop (the progress-bar updates before it),
-    and the bar's count of updates."""
+def progress_seen(pipe, run):
+    """Run `run()` with a recording progress bar on `pipe`: the bar's count before each UNet call
+    (the step the call belongs to), its updates, and the totals it was opened with."""
 
     class Bar:
         def __enter__(self):
@@ -320,15 +320,35 @@ def diffusers_call_steps(pipe, name):
         def update(self, n=1):
             updates[0] += n
 
-    updates, steps = [0], []
+    updates, steps, totals = [0], [], []
     hook = pipe.unet.register_forward_pre_hook(lambda *a: steps.append(updates[0]))
-    pipe.progress_bar = lambda *a, **k: Bar()
+    pipe.progress_bar = lambda iterable=None, total=None: totals.append(total) or Bar()
     try:
-        pipe(PROMPT, **call_kwargs(name))
+        run()
     finally:
         hook.remove()
         del pipe.progress_bar
-    return steps, updates[0]
+    return steps, updates[0], totals
+
+
+def diffusers_call_steps(pipe, name):
+    """The step each UNet call belongs to in diffusers' own loop, and the bar's count of updates."""
+    steps, updates, _ = progress_seen(pipe, lambda: pipe(PROMPT, **call_kwargs(name)))
+    return steps, updates
+
+
+@pytest.mark.parametrize("name", ["pndm", "heun", "ddim"])
+def test_the_progress_bar_counts_steps_as_diffusers_does(pipes, name):
+    """The same bar as diffusers': opened for the step count, one update per inference step, at the
+    same UNet calls. With edits and no trace, the unedited generation and then the edited one (whose
+    guided steps make more UNet calls), each with such a bar."""
+    pipe = pipes[name]
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    want = progress_seen(pipe, lambda: pipe(PROMPT, **call_kwargs(name)))
+    assert want[1:] == (STEPS, [STEPS])
+    assert progress_seen(pipe, lambda: sg(PROMPT, **call_kwargs(name))) == want
+    _, updates, totals = progress_seen(pipe, lambda: sg(PROMPT, self_guidance_scale=1e-30, **MOVE, **call_kwargs(name)))
+    assert (updates, totals) == (2 * STEPS, [STEPS, STEPS])
 
 
 def test_each_unet_call_belongs_to_the_step_of_diffusers_progress_bar(pipes):
