@@ -447,7 +447,7 @@ def test_launch_plan_overrides_and_bad_kernel():
 
 
 @needs_triton
-def test_a_launch_is_planned_for_the_inputs_shapes_and_device(monkeypatch):
+def test_a_launch_is_planned_for_the_inputs_shapes_dtype_and_device(monkeypatch):
     q, k, token_index = make_inputs(3, 2, 3, 5, 7, 13, 4, 24, torch.float32)
     for kernel in ("forward", "backward"):
         assert ops._config_for(kernel, q, k, token_index) == ops.launch_config(
@@ -455,6 +455,24 @@ def test_a_launch_is_planned_for_the_inputs_shapes_and_device(monkeypatch):
     monkeypatch.setattr(ops, "SM_COUNT_OVERRIDE", 132)
     assert ops._config_for("forward", q, k, token_index) == ops.launch_config(
         "forward", 2, 3, 35, 24, 13, 4, torch.float32, 132)
+    # The interpreter plans every dtype alike; on a GPU the dtype picks the dots' precision.
+    planned_for = []
+    monkeypatch.setattr(ops, "launch_config", lambda *args: planned_for.append(args))
+    ops._config_for("backward", q.half(), k.half(), token_index)
+    assert planned_for == [("backward", 2, 3, 35, 24, 13, 4, torch.float16, 132)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_backward_launch_returns_dq_and_dk_in_the_inputs_dtypes(dtype):
+    q, k, token_index = on_device(*make_inputs(5, 1, 2, 3, 5, 13, 2, 16, dtype, strided=True))
+    grad = torch.randn(1, 2, 15, device=q.device)
+    cfg = ops._config_for("backward", q, k, token_index)
+    dq, dk = ops.launch_backward(q, k, token_index, grad, 0.25, cfg, with_dk=True)
+    assert dq.dtype == dk.dtype == dtype and dq.is_contiguous() and dk.is_contiguous()
+    assert dq.shape == q.shape and dk.shape == k.shape
+    dq_only, no_dk = ops.launch_backward(q, k, token_index, grad, 0.25, cfg)
+    assert torch.equal(dq_only, dq) and no_dk.numel() == 0 and no_dk.dtype == dtype
 
 
 def test_sm_count_of_each_device(monkeypatch):
