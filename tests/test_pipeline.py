@@ -534,3 +534,40 @@ def test_fast_mode_asks_for_the_fused_op_where_there_is_one(monkeypatch):
         sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(), mode=mode)
         sg(PROMPT, edits=[move("circle", dx=0.2)], num_inference_steps=2, generator=seeded(), output_type="latent")
         assert impls and set(impls) == {impl}
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
+def test_a_trace_holds_each_prompts_conditional_maps_and_appearance_at_every_call(sg, guidance_scale):
+    """Each prompt's trace is what a capture of that prompt's conditional row records at each UNet
+    call of the generation (the rows after the unconditional half under CFG), for every word."""
+    from sgfast.capture import Capture
+    from sgfast.trace import selection
+
+    prompts = [PROMPT, "a blue square"]
+    unet = sg.pipe.unet
+    calls = []
+    hook = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args[0].clone(), args[1], kwargs["encoder_hidden_states"].clone())),
+        with_kwargs=True)
+    try:
+        out = sg(prompts, num_inference_steps=2, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(3),
+                 output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 2 and all(len(t.calls) == 2 for t in out.trace)
+    for b, (prompt, trace) in enumerate(zip(prompts, out.trace)):
+        row = b + (len(prompts) if guidance_scale > 1 else 0)
+        words = PromptWords.from_tokenizer(sg.pipe.tokenizer, prompt)
+        for call, (latents, t, embeds) in enumerate(calls):
+            with torch.no_grad(), Capture(unet, sg.layers, sg.feature_layer) as capture:
+                with capture.record(*selection([words], [trace.words], "cpu"), tuple(latents.shape[-2:]),
+                                    batch_slice=slice(row, row + 1)):
+                    unet(latents, t, encoder_hidden_states=embeds)
+                want = View(trace.words, {k: m[0] for k, m in capture.maps.items()}, capture.features[0])
+                want_appearance = torch.stack([want.appearance(w) for w in trace.words])
+            got = trace.view(t, call=call)
+            assert trace.calls[call][0] == int(t)
+            for layer in sg.layers:
+                torch.testing.assert_close(got.maps[layer], want.maps[layer][: len(trace.words)], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.stack([got.appearance(w) for w in trace.words]), want_appearance,
+                                       rtol=1e-5, atol=1e-6)
