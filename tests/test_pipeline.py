@@ -62,6 +62,27 @@ def test_default_schedule_rounds_its_fractions():
     assert s[:12] == [True] * 12 and s[12:14] == [True, False] and s[60] is True and s[-3:] == [False] * 3
 
 
+def test_a_guidance_schedule_in_each_form_it_takes():
+    """None: the default; a callable of the step; one bool per step; or step indices in [0, n)."""
+    from sgfast.sampler import resolve_schedule
+
+    assert resolve_schedule(None, 7) == default_schedule(7)
+    assert resolve_schedule(lambda i: i % 3 == 0, 7) == [True, False, False, True, False, False, True]
+    assert resolve_schedule(lambda i: i, 3) == [False, True, True]  # truth values of what it returns
+    assert resolve_schedule([True, False, True], 3) == [True, False, True]
+    assert resolve_schedule((False,) * 3, 3) == [False] * 3
+    assert resolve_schedule([0, 4], 5) == [True, False, False, False, True]  # both ends of the range
+    assert resolve_schedule([2, 0, 1], 3) == [True] * 3  # as many indices as steps: still indices
+    assert resolve_schedule({3}, 5) == [False, False, False, True, False]
+    assert resolve_schedule(range(1, 5, 2), 5) == [False, True, False, True, False]
+    assert resolve_schedule([], 4) == [False] * 4
+    message = "guidance_schedule must be bools for each of the 4 steps or step indices in [0, 4)"
+    for bad in ([4], [-1], [0, 1.0], [True, False], [True] * 5, [0, True], ["1"]):
+        with pytest.raises(ValueError) as raised:
+            resolve_schedule(bad, 4)
+        assert str(raised.value) == message, bad
+
+
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
 def test_guidance_gradient_matches_finite_differences(scheduler):
     pipe = tiny_pipeline().to(torch.float64)
