@@ -236,6 +236,31 @@ def test_keep_own_shape_carries_the_moved_objects_silhouette_to_the_target(edit)
     assert result["with"][1] == pytest.approx(1.0, abs=0.25) and result["without"][1] > 1.8
 
 
+def test_keep_own_shape_is_the_reference_silhouette_copied_to_the_target():
+    """A move's or a place's own-shape term is copy_shape of the object's reference silhouette,
+    translated by where the object is asked to go: (dx, dy) for a move, and for a place (x, y) less
+    the reference centroid (its mean over the layers), at the term's weight."""
+    scene = two_objects(circle=blob(0.45, 0.45, 0.12, 0.1), square=blob(0.7, 0.25, 0.06, 0.09))
+    reference = two_objects(circle=blob(0.35, 0.55, 0.09, 0.07)).traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    centre = reference[0].view(T).centroid("circle").mean(0)
+    assert abs(float(centre[0]) - float(centre[1])) > 0.1  # x and y told apart
+
+    def energy(edit):
+        with torch.no_grad():
+            return energy_of([[edit]], scene.capture([["circle"]]), [words], [["circle"]], reference, T).item()
+
+    cases = [
+        (move, dict(dx=0.15, dy=-0.1), (0.15, -0.1)),
+        (place, dict(x=0.6, y=0.3), (0.6 - float(centre[0]), 0.3 - float(centre[1]))),
+    ]
+    for kind, where, offset in cases:
+        held = energy(kind("circle", **where, keep_others=False, keep_own_shape_weight=1.7))
+        plain = energy(kind("circle", **where, keep_others=False))
+        copied = energy(copy_shape("circle", reference[0], translate=offset, weight=1.7))
+        assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), kind
+
+
 def test_keep_own_appearance_holds_the_moved_object_only():
     """With the others' appearance keep off, keep_own_appearance_weight pulls the moved object's drifted
     features back to the reference's and leaves the other object's alone."""
