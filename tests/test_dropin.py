@@ -399,6 +399,12 @@ def test_a_zero_scale_edit_with_guidance_rescale_is_diffusers_image(pipes):
     out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=1e-30, **MOVE, **call_kwargs("ddim"))
     assert len(out.energies) == STEPS
     torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
+    # Steps the schedule leaves unguided are rescaled too, and so is the unedited pass that records
+    # the reference: a vanishing scale on step 1 alone is diffusers' image within the guided step's rounding.
+    out = sg(PROMPT, guidance_rescale=0.7, self_guidance_scale=1e-30, **{**MOVE, "guidance_schedule": [1]},
+             **call_kwargs("ddim"))
+    assert [step for step, _ in out.energies] == [1]
+    torch.testing.assert_close(out.images, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---- a move lowers its energy, under every scheduler -------------------------------------------------

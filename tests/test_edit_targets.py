@@ -261,6 +261,27 @@ def test_keep_own_shape_is_the_reference_silhouette_copied_to_the_target():
         assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), kind
 
 
+@pytest.mark.parametrize("weight", [0.5, 1.0, 3.0])
+def test_move_holds_appearance_at_any_keep_weight_above_zero(weight):
+    """keep_appearance_weight adds keep_appearance of the moved object and the others at that weight,
+    also below 1."""
+    scene = two_objects(colours={"circle": COLOURS["green"], "square": COLOURS["oil"]})
+    reference = two_objects().traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    others_off = dict(keep_shape_weight=0.0, keep_centroid_weight=0.0, keep_size_weight=0.0)
+    selected = move("circle", dx=0.1, keep_appearance_weight=weight, **others_off).needed_words(words)
+    assert selected[0] == "circle" and "square" in selected
+
+    def energy(edit):
+        with torch.no_grad():
+            return energy_of([[edit]], scene.capture([selected]), [words], [selected], reference, T).item()
+
+    held = energy(move("circle", dx=0.1, keep_appearance_weight=weight, **others_off))
+    plain = energy(move("circle", dx=0.1, keep_appearance_weight=0.0, **others_off))
+    kept = energy(keep_appearance(selected, weight=weight))
+    assert kept > 0.01 and held == pytest.approx(plain + kept, rel=1e-9)
+
+
 def test_keep_own_appearance_holds_the_moved_object_only():
     """With the others' appearance keep off, keep_own_appearance_weight pulls the moved object's drifted
     features back to the reference's and leaves the other object's alone."""
