@@ -160,6 +160,38 @@ def test_each_pipeline_argument_as_diffusers(argument):
         assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("output_type", ["np", "pt"])
+def test_a_batch_of_four_images_decodes_as_in_diffusers(output_type):
+    pipe = tiny_pipeline(image_size=32)
+    kwargs = dict(prompt=[PROMPT, "a cat"], num_images_per_prompt=2, num_inference_steps=2, output_type=output_type)
+    expected = pipe(generator=seeded(), **kwargs).images
+    out = SelfGuidancePipeline.from_pipe(pipe)(generator=seeded(), **kwargs).images
+    assert len(out) == 4 and type(out) is type(expected)
+    assert (out == expected).all()
+
+
+class GainProcessor(AttnProcessor2_0):
+    """A user's processor on a layer self-guidance does not capture, reading its own keyword from
+    `cross_attention_kwargs`, as diffusers hands them to every processor."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, gain=1.0):
+        return gain * super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_cross_attention_kwargs_reach_the_attention_processors_as_in_diffusers():
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    own = [name for name in pipe.unet.attn_processors if name.startswith("down_blocks.0") and ".attn1." in name]
+    assert own and not any(name.removesuffix(".processor") in sg.layers for name in own)
+    pipe.unet.set_attn_processor({name: GainProcessor() if name in own else p for name, p in pipe.unet.attn_processors.items()})
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", cross_attention_kwargs={"gain": 1.7})
+    expected = pipe(PROMPT, generator=seeded(), **kwargs).images
+    assert not torch.equal(expected, pipe(PROMPT, generator=seeded(), **{**kwargs, "cross_attention_kwargs": None}).images)
+    assert torch.equal(sg(PROMPT, generator=seeded(), **kwargs).images, expected)
+    zero_scale = sg(PROMPT, generator=seeded(), edits=[move("circle", dx=0.2)], self_guidance_scale=0.0, **kwargs)
+    assert torch.equal(zero_scale.images, expected)
+
+
 def test_a_callback_sees_and_replaces_what_diffusers_hands_it():
     # Every call's (i, t, tensors) as diffusers' own loop hands them over; the negative embedding
     # replaced at the first step is what the later steps see (and the latents replaced at the second).
