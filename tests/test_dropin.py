@@ -805,6 +805,11 @@ def test_ip_adapter_image_embeds_as_diffusers_and_edits_refused():
     sg = SelfGuidancePipeline.from_pipe(pipe)
     out = sg(PROMPT, **kwargs())
     assert torch.equal(out.images, expected) and out.trace is None  # no trace: its processors were left alone
+    # Two images per prompt: the embeddings repeated within each CFG half, as diffusers repeats them.
+    two = dict(kwargs(), num_images_per_prompt=2)
+    expected_two = pipe(PROMPT, **two).images
+    assert not torch.equal(expected_two[0], expected_two[1])
+    assert torch.equal(sg(PROMPT, **dict(kwargs(), num_images_per_prompt=2)).images, expected_two)
     before = processors(pipe)
     with pytest.raises(ValueError, match=r"have their own: up_blocks.0.attentions.0.transformer_blocks.0.attn2 \(IPAdapterAttnProcessor2_0\)"):
         sg(PROMPT, edits=[move("circle", dx=0.2)], **kwargs())
