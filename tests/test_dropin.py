@@ -192,6 +192,31 @@ def test_cross_attention_kwargs_reach_the_attention_processors_as_in_diffusers()
     assert torch.equal(zero_scale.images, expected)
 
 
+@pytest.mark.parametrize("schedule", [dict(timesteps=[999, 600, 200]), dict(sigmas=[14.0, 3.0, 0.5]), {}],
+                         ids=["timesteps", "sigmas", "steps"])
+def test_an_edit_runs_both_passes_on_the_schedule_asked_for(schedule):
+    """A zero-scale edit without a trace runs the unedited pass and then the edited one, both on the
+    custom timesteps or sigmas asked for (the scheduler set again between them): diffusers' image."""
+    pipe = with_scheduler(tiny_pipeline(), "euler")
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", **schedule)
+    expected = pipe(PROMPT, generator=seeded(), **kwargs).images
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    out = sg(PROMPT, generator=seeded(), edits=[move("circle", dx=0.2)], self_guidance_scale=0.0, **kwargs)
+    assert torch.equal(out.images, expected)
+    assert [t for t, _ in out.trace.calls] == [int(t) for t in pipe.scheduler.timesteps]
+
+
+def test_a_trace_of_one_prompt_of_a_batch_keeps_its_own_negative_prompt(tiny_pipe):
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipe)
+    common = dict(num_inference_steps=STEPS, output_type="latent")
+    batch = sg([PROMPT, "a red cat"], negative_prompt=["blurry", "dark"], generator=seeded(), **common)
+    first, second = batch.trace
+    sg(PROMPT, edits=[move("circle", dx=0.2)], trace=first, negative_prompt="blurry", **common)
+    sg("a red cat", edits=[move("cat", dx=0.2)], trace=second, negative_prompt="dark", **common)
+    with pytest.raises(ValueError, match="negative_prompt: 'dark' there, 'blurry' here"):
+        sg("a red cat", edits=[move("cat", dx=0.2)], trace=second, negative_prompt="blurry", **common)
+
+
 def test_a_callback_sees_and_replaces_what_diffusers_hands_it():
     # Every call's (i, t, tensors) as diffusers' own loop hands them over; the negative embedding
     # replaced at the first step is what the later steps see (and the latents replaced at the second).
