@@ -119,10 +119,6 @@ def test_xformers_is_taken_for_a_unet_on_a_gpu_only(monkeypatch):
     assert xformers_attention(unet_on("cuda")) is None
 
 
-def attention_layer(**config):
-    return Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, **config).double().eval()
-
-
 @pytest.mark.parametrize("config", [
     {},
     {"residual_connection": True},
@@ -140,7 +136,7 @@ def test_the_capture_processor_is_diffusers_own_on_any_cross_attention(config, m
     from sgfast.capture import CaptureAttnProcessor
 
     torch.manual_seed(0)
-    attn = attention_layer(**config)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8, **config).double().eval()
     with torch.no_grad():  # a layer norm at its default weights would be the identity on a shifted input
         for p in attn.parameters():
             p.add_(0.1 * torch.randn_like(p))
