@@ -609,10 +609,7 @@ def processors(pipe):
     [
         (lambda sg: sg(PROMPT, edits=[keep_shape([])], num_inference_steps=2), "KeepShape names no word"),
         (lambda sg: sg("a and the", edits=[keep_appearance()], num_inference_steps=2), "KeepAppearance names no word"),
-        (lambda sg: sg(PROMPT, edits=[move("circle")], num_inference_steps=1), "guides none of the 1 steps"),
         (lambda sg: sg(PROMPT, edits=[move("circle")], guidance_schedule=[], num_inference_steps=3), "guides none of the 3"),
-        (lambda sg: sg(prompt_embeds=torch.zeros(1, 77, 32), edits=[move("circle")], num_inference_steps=2), "pass `prompt`"),
-        (lambda sg: sg(PROMPT, num_images_per_prompt=0, num_inference_steps=2), "num_images_per_prompt must be"),
     ],
 )
 def test_unsupported_calls_are_refused_clearly(tiny_pipe, call, message):
