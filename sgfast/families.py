@@ -36,6 +36,15 @@ class StableDiffusion:
     def default_feature_layer(self, layers):
         return default_feature_layer(self.pipe.unet, layers)
 
+    def size(self, height, width):
+        """diffusers' default size: the UNet's sample size (an int, or a (height, width) pair) times the
+        VAE's scale factor, for both sides when either is missing."""
+        sample = self.pipe.unet.config.sample_size
+        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        if not height or not width:
+            height, width = sample[0] * self.pipe.vae_scale_factor, sample[1] * self.pipe.vae_scale_factor
+        return height, width
+
     def check_arguments(self, extra):
         """The family-only arguments, with defaults filled in; an unknown one is an error."""
         unknown = sorted(set(extra) - set(self.call_arguments))
@@ -98,6 +107,11 @@ class StableDiffusionXL(StableDiffusion):
         original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
         negative_crops_coords_top_left=(0, 0), negative_target_size=None, denoising_end=None,
     )
+
+    def size(self, height, width):
+        """SDXL's default size: each missing side alone, from the pipeline's default sample size."""
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return height or default, width or default
 
     @property
     def tokenizer(self):

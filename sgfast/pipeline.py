@@ -127,7 +127,7 @@ class SelfGuidancePipeline:
         # 1. Check everything before anything runs.
         extra = family.check_arguments(family_arguments)
         guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale  # 7.5 SD, 5.0 SDXL
-        height, width = self._size(height, width)
+        height, width = family.size(height, width)
         if hasattr(callback_on_step_end, "tensor_inputs"):  # PipelineCallback / MultiPipelineCallbacks
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
@@ -243,14 +243,6 @@ class SelfGuidancePipeline:
         return SelfGuidanceOutput(
             images=images, nsfw_content_detected=nsfw, trace=traces, energies=energies if has_edits else None
         )
-
-    def _size(self, height, width):
-        """diffusers' default size: the UNet's sample size times the VAE's scale factor."""
-        sample = self.pipe.unet.config.sample_size
-        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
-        if not height or not width:
-            height, width = sample[0] * self.pipe.vae_scale_factor, sample[1] * self.pipe.vae_scale_factor
-        return height, width
 
     @staticmethod
     def _check_count(num_images_per_prompt):

@@ -18,14 +18,16 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from sgfast import SelfGuidancePipeline, copy_layout, keep_appearance, keep_shape, move
 from sgfast.sampler import guidance_term, noise_level
-from sgfast.testing import tiny_pipeline
+from sgfast.testing import tiny_components, tiny_pipeline
 
 PROMPT = "a red circle and a blue square"
 STEPS = 3
@@ -134,6 +136,9 @@ ARGUMENTS = {
     "cross_attention_kwargs": lambda pipe: dict(cross_attention_kwargs={"scale": 0.5}),
     "timesteps": lambda pipe: dict(timesteps=[999, 600, 200]),
     "sigmas": lambda pipe: dict(sigmas=[14.0, 3.0, 0.5]),
+    # diffusers takes the default size for both sides when either is missing.
+    "height_alone": lambda pipe: dict(height=40),
+    "width_alone": lambda pipe: dict(width=40),
 }
 
 
@@ -168,6 +173,29 @@ def test_a_batch_of_four_images_decodes_as_in_diffusers(output_type):
     out = SelfGuidancePipeline.from_pipe(pipe)(generator=seeded(), **kwargs).images
     assert len(out) == 4 and type(out) is type(expected)
     assert (out == expected).all()
+
+
+def test_a_non_square_unet_sample_size_is_the_default_size_as_in_diffusers():
+    components = tiny_components()
+    components["unet"].register_to_config(sample_size=(10, 14))  # latents 10x14: 40x56 images
+    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs = dict(num_inference_steps=2, output_type="np")
+    expected = pipe(PROMPT, generator=seeded(), **kwargs).images
+    out = SelfGuidancePipeline.from_pipe(pipe)(PROMPT, generator=seeded(), **kwargs)
+    assert expected.shape[1:3] == (40, 56)
+    np.testing.assert_array_equal(out.images, expected)
+    assert out.trace is not None
+
+
+def test_a_prompt_with_its_own_embeddings_is_the_prompts_image_and_names_the_words(tiny_pipe):
+    # The words come from `prompt`, the text conditioning from `prompt_embeds` (diffusers takes one or
+    # the other); embeddings of the same prompt give the prompt's image.
+    expected = tiny_pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="latent").images
+    out = SelfGuidancePipeline.from_pipe(tiny_pipe)(
+        PROMPT, prompt_embeds=embeds_of(tiny_pipe, PROMPT)[0], num_inference_steps=2, generator=seeded(), output_type="latent"
+    )
+    assert torch.equal(out.images, expected)
+    assert out.trace.prompt == PROMPT and "circle" in out.trace.words
 
 
 class GainProcessor(AttnProcessor2_0):
@@ -838,3 +866,19 @@ def test_ip_adapter_image_embeds_as_diffusers_and_edits_refused():
     with pytest.raises(ValueError, match=r"have their own: up_blocks.0.attentions.0.transformer_blocks.0.attn2 \(IPAdapterAttnProcessor2_0\)"):
         sg(PROMPT, edits=[move("circle", dx=0.2)], **kwargs())
     assert processors(pipe) == before
+
+
+def test_an_ip_adapter_image_is_encoded_as_diffusers_encodes_it():
+    pipe = with_ip_adapter(tiny_pipeline(image_size=32))
+    # A tiny CLIP image encoder whose projection gives the adapter's 16-wide image embedding; a tensor
+    # image goes to it as it is (no feature extractor).
+    torch.manual_seed(2)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection(config).eval())
+    image = torch.rand(1, 3, 32, 32, generator=seeded(6))
+    kwargs = lambda: dict(num_inference_steps=2, generator=seeded(), output_type="latent", ip_adapter_image=image)  # noqa: E731
+    expected = pipe(PROMPT, **kwargs()).images
+    without = pipe(PROMPT, **dict(kwargs(), ip_adapter_image_embeds=[torch.zeros(2, 1, 16)], ip_adapter_image=None)).images
+    assert not torch.equal(expected, without)  # the image changes the result
+    assert torch.equal(SelfGuidancePipeline.from_pipe(pipe)(PROMPT, **kwargs()).images, expected)

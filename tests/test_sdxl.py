@@ -59,6 +59,9 @@ CALLS = {
     "negative prompt, two images per prompt": dict(negative_prompt="green", num_images_per_prompt=2),
     "two prompts, second encoder's own prompt": dict(prompt=[PROMPT, "a cat"], prompt_2=["a dog", "a cat"], negative_prompt_2="blue"),
     "non-square": dict(height=48, width=80),
+    # SDXL defaults each missing side alone (SD's pipeline both when either is missing).
+    "height alone": dict(height=48),
+    "width alone": dict(width=80),
     "denoising_end": dict(denoising_end=0.6),
     "micro-conditioning, rescale": dict(
         original_size=(128, 96), crops_coords_top_left=(4, 8), target_size=(64, 64), negative_original_size=(32, 32),
