@@ -408,7 +408,9 @@ class SelfGuidancePipeline:
         traces = [trace] if isinstance(trace, Trace) else list(trace)
         if len(traces) != rows:
             raise ValueError(f"got {len(traces)} traces for {rows} images")
-        for t, p, wanted in zip(traces, prompts or [None] * rows, settings):
+        if prompts is None:
+            raise ValueError("a trace is the unedited generation of a prompt: pass `prompt` (its words) along with `prompt_embeds`")
+        for t, p, wanted in zip(traces, prompts, settings):
             if t.prompt != p or t.latents is None:
                 raise ValueError(
                     f"the trace of {t.prompt!r} is not the unedited generation of {p!r}; use it as an edit's source instead"

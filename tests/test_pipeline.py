@@ -350,6 +350,9 @@ REFUSED = {  # a call, and the whole message of the error it gets
     "not an edit": (dict(edits=["move circle"]), "edits must be sgfast.edits objects (move, resize, ...); got 'move circle'"),
     "embeds with edits": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32), edits=[move("circle")]),
                           "edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`"),
+    "embeds with a trace": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32), trace=PROMPT),
+                            "a trace is the unedited generation of a prompt: pass `prompt` (its words) along with "
+                            "`prompt_embeds`"),
     "trace count": (dict(edits=[move("circle")], trace=[PROMPT, PROMPT]), "got 2 traces for 1 images"),
     "trace prompt": (dict(edits=[move("circle")], trace="a blue square"),
                      "the trace of 'a blue square' is not the unedited generation of 'a red circle and a blue square'; "
