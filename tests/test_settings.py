@@ -141,6 +141,8 @@ def test_an_inverted_photos_edits_take_the_photo_section(folder):
         self_guidance_scale=2.0, normalize_gradient=True, **{k: v for k, v in arguments.items() if k != "num_inference_steps"},
     )
     assert torch.equal(bare, explicit)
+    as_list = latents(tuned, move("circle", dx=0.3), [inverted], **{k: v for k, v in arguments.items() if k != "num_inference_steps"})
+    assert torch.equal(as_list, bare)  # the trace alone or in a list of one
     generated = tuned(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
     assert tuned.settings.resolve([[move("circle", dx=0.3)]], STEPS)[0][0][0].weight == 3.0  # not the photo's 9
     assert torch.equal(latents(tuned, move("circle", dx=0.3), generated.trace),
