@@ -381,6 +381,13 @@ def test_each_refused_call_gets_its_whole_message_and_changes_nothing(sg, traces
     assert processors(sg.pipe) == before and torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_a_single_edit_is_a_list_of_one(sg, base):
+    kwargs = dict(num_inference_steps=STEPS, trace=base.trace, output_type="latent")
+    one = sg(PROMPT, edits=move("circle", dx=0.2), **kwargs)
+    listed = sg(PROMPT, edits=[move("circle", dx=0.2)], **kwargs)
+    assert torch.equal(one.images, listed.images) and not torch.equal(one.images, base.images)
+
+
 def test_a_bad_mode_or_compile_without_fast_mode_is_refused(tiny_pipe):
     with pytest.raises(ValueError) as raised:
         SelfGuidancePipeline(tiny_pipe, mode="turbo")
