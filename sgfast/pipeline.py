@@ -405,7 +405,7 @@ class SelfGuidancePipeline:
         rows = len(settings)
         if trace is None:
             return [None] * rows
-        traces = [trace] if isinstance(trace, Trace) else list(trace)
+        traces = traces_of(trace)
         if len(traces) != rows:
             raise ValueError(f"got {len(traces)} traces for {rows} images")
         if prompts is None:
@@ -464,7 +464,17 @@ def replay_generators(saved):
     return generators[0] if len(generators) == 1 else generators
 
 
+def traces_of(trace):
+    """`trace` (None, a Trace, or a list of them: one per image) as a list; anything else is an error."""
+    traces = [] if trace is None else [trace] if isinstance(trace, Trace) else trace
+    if not isinstance(traces, (list, tuple)):
+        raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a {type(trace).__name__}")
+    for t in traces:
+        if not isinstance(t, Trace):
+            raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a list holding a {type(t).__name__}")
+    return list(traces)
+
+
 def is_photo_trace(trace):
     """Whether `trace` (a Trace, a list of them, or None) comes from `sg.invert`."""
-    traces = [trace] if isinstance(trace, Trace) else list(trace or [])
-    return any(getattr(t, "inversion", None) is not None for t in traces)
+    return any(t.inversion is not None for t in traces_of(trace))

@@ -381,6 +381,15 @@ def test_each_refused_call_gets_its_whole_message_and_changes_nothing(sg, traces
     assert processors(sg.pipe) == before and torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("trace, named", [("a red circle", "a str"), ({"prompt": PROMPT}, "a dict"), ([None], "a list holding a NoneType")])
+def test_a_trace_that_is_not_one_is_refused(sg, trace, named):
+    before = processors(sg.pipe)
+    with pytest.raises(TypeError) as raised:
+        sg(PROMPT, edits=[move("circle")], trace=trace, num_inference_steps=2, output_type="latent")
+    assert str(raised.value) == f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got {named}"
+    assert processors(sg.pipe) == before
+
+
 def test_a_single_edit_is_a_list_of_one(sg, base):
     kwargs = dict(num_inference_steps=STEPS, trace=base.trace, output_type="latent")
     one = sg(PROMPT, edits=move("circle", dx=0.2), **kwargs)
