@@ -381,7 +381,7 @@ def test_each_refused_call_gets_its_whole_message_and_changes_nothing(sg, traces
     assert processors(sg.pipe) == before and torch.equal(torch.random.get_rng_state(), state)
 
 
-@pytest.mark.parametrize("trace, named", [("a red circle", "a str"), ({"prompt": PROMPT}, "a dict"), ([None], "a list holding a NoneType")])
+@pytest.mark.parametrize("trace, named", [("a red circle", "a str"), ({"prompt": PROMPT}, "a dict"), (["a red circle"], "a list holding a str")])
 def test_a_trace_that_is_not_one_is_refused(sg, trace, named):
     before = processors(sg.pipe)
     with pytest.raises(TypeError) as raised:
