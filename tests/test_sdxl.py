@@ -3,6 +3,8 @@ energy; the fast mode's gradient is the reference's; bad input refused. On the t
 sgfast.testing (real diffusers/transformers classes: two CLIP text encoders, the second with a
 projection, a "text_time" UNet with two transformer layers per block at its coarsest level, Euler)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -138,13 +140,48 @@ def test_zero_scale_edit_is_the_unedited_image(pipe, sg, base):
     assert torch.equal(out.images, expected) and out.energies
 
 
-def test_half_precision_vae_is_upcast_to_decode_as_diffusers_does():
+# Per-channel latent statistics, as some SDXL-family VAEs have them (normalised latents).
+LATENT_STATS = dict(latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[1.5, 0.8, 1.2, 2.0])
+
+
+def sdxl_with_vae(half, stats):
     pipe = tiny_sdxl_pipeline()
-    pipe.vae.to(torch.float16)
+    if stats:
+        pipe.vae.register_to_config(**LATENT_STATS)
+    if half:
+        pipe.vae.to(torch.float16)  # force_upcast, as SDXL's VAE: it runs in float32
+    return pipe
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("stats", [False, True], ids=["scaled", "normalised"])
+def test_the_vae_decodes_as_diffusers_does(half, stats):
+    pipe = sdxl_with_vae(half, stats)
     sg = SelfGuidancePipeline.from_pipe(pipe)
     expected = pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np").images
     out = sg(PROMPT, num_inference_steps=2, generator=seeded(), output_type="np")
-    assert np.array_equal(out.images, expected) and pipe.vae.dtype == torch.float16
+    assert np.array_equal(out.images, expected)
+    assert pipe.vae.dtype == (torch.float16 if half else torch.float32)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("stats", [False, True], ids=["scaled", "normalised"])
+def test_a_photo_encodes_to_the_latents_diffusers_img2img_makes(half, stats):
+    """img2img's scaling (its prepare_latents) of the encoder's mode, in float32 (an upcast VAE's
+    float16 weights in a float32 copy); the VAE is left in its own dtype."""
+    pipe = sdxl_with_vae(half, stats)
+    reference = copy.deepcopy(pipe.vae).float()
+    pixels = torch.rand(1, 3, 64, 64, generator=seeded(3)) * 2 - 1
+    latents = reference.encode(pixels).latent_dist.mode()
+    factor = reference.config.scaling_factor
+    if stats:
+        mean, std = (torch.tensor(LATENT_STATS[k]).view(1, 4, 1, 1) for k in ("latents_mean", "latents_std"))
+        expected = (latents - mean) * factor / std
+    else:
+        expected = latents * factor
+    out = SelfGuidancePipeline.from_pipe(pipe).family.encode_image(pixels)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert pipe.vae.dtype == (torch.float16 if half else torch.float32)
 
 
 # ---- defaults -----------------------------------------------------------------------------------------
