@@ -60,6 +60,9 @@ CALLS = {
     "plain": dict(),
     "negative prompt, two images per prompt": dict(negative_prompt="green", num_images_per_prompt=2),
     "two prompts, second encoder's own prompt": dict(prompt=[PROMPT, "a cat"], prompt_2=["a dog", "a cat"], negative_prompt_2="blue"),
+    # With a negative prompt (without one, SDXL's negative embeddings are zeros whatever negative_prompt_2 says).
+    "negative prompts of both encoders": dict(negative_prompt="green", negative_prompt_2="blue"),
+    "all four embeddings": "embeddings",
     "non-square": dict(height=48, width=80),
     # SDXL defaults each missing side alone (SD's pipeline both when either is missing).
     "height alone": dict(height=48),
@@ -73,14 +76,21 @@ CALLS = {
 }
 
 
+def embeddings(pipe, prompt=PROMPT, negative_prompt="green"):
+    """prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds and negative_pooled_prompt_embeds."""
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, pipe.encode_prompt(prompt, device="cpu", negative_prompt=negative_prompt)))
+
+
 @pytest.mark.parametrize("name", CALLS)
 def test_no_edits_is_the_sdxl_pipeline(pipe, sg, name):
-    kwargs = dict(dict(prompt=PROMPT, num_inference_steps=4, output_type="np"), **CALLS[name])
+    call = embeddings(pipe) if CALLS[name] == "embeddings" else CALLS[name]
+    kwargs = dict(dict(prompt=PROMPT if call.get("prompt_embeds") is None else None, num_inference_steps=4, output_type="np"), **call)
     expected = pipe(generator=seeded(), **kwargs).images
     out = sg(generator=seeded(), **kwargs)
     assert out.images.shape == expected.shape
     assert np.array_equal(out.images, expected)
-    assert out.trace is not None  # recorded on the way, without changing a bit
+    assert (out.trace is not None) == (kwargs["prompt"] is not None)  # recorded on the way, without changing a bit
 
 
 def test_a_callback_may_replace_the_added_conditioning(pipe, sg):
@@ -138,6 +148,24 @@ def test_zero_scale_edit_is_the_unedited_image(pipe, sg, base):
     out = sg(PROMPT, edits=[move("circle", dx=0.3)], trace=base.trace, num_inference_steps=STEPS, generator=seeded(),
              output_type="latent", self_guidance_scale=0.0)
     assert torch.equal(out.images, expected) and out.energies
+
+
+class FlipWatermark:
+    """Stands in for the invisible-watermark package's marker, which diffusers applies to the decoded
+    images before post-processing."""
+
+    def apply_watermark(self, images):
+        return images.flip(-1)
+
+
+def test_the_watermark_is_applied_as_diffusers_applies_it():
+    pipe = tiny_sdxl_pipeline()
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, output_type="np")
+    unmarked = pipe(generator=seeded(), **kwargs).images
+    pipe.watermark = FlipWatermark()
+    expected = pipe(generator=seeded(), **kwargs).images
+    assert not np.array_equal(expected, unmarked)
+    assert np.array_equal(SelfGuidancePipeline.from_pipe(pipe)(generator=seeded(), **kwargs).images, expected)
 
 
 # Per-channel latent statistics, as some SDXL-family VAEs have them (normalised latents).
@@ -342,6 +370,35 @@ def test_bad_input_is_refused_before_anything_runs(pipe, sg, base, kwargs, error
     finally:
         hook.remove()
     assert not calls
+
+
+# Calls SDXL's own check_inputs refuses, each through one of the arguments the wrapper hands it.
+REFUSED_AS_DIFFUSERS = {
+    "prompt_2 with prompt_embeds": lambda pipe: dict(prompt=None, prompt_2="a dog", **embeddings(pipe)),
+    "negative_prompt with its embeddings": lambda pipe: dict(prompt=None, **embeddings(pipe), negative_prompt="red"),
+    "negative_prompt_2 with its embeddings": lambda pipe: dict(prompt=None, **embeddings(pipe), negative_prompt_2="red"),
+    "negative embeddings without their pooled ones": lambda pipe: dict(
+        {k: v for k, v in embeddings(pipe).items() if k != "negative_pooled_prompt_embeds"}, prompt=None),
+    "prompt_embeds and negative_prompt_embeds of other shapes": lambda pipe: dict(
+        embeddings(pipe), prompt=None, negative_prompt_embeds=torch.zeros(1, 7, 64)),
+    "an IP-Adapter image and its embeddings": lambda pipe: dict(
+        ip_adapter_image=torch.zeros(1, 3, 32, 32), ip_adapter_image_embeds=[torch.zeros(2, 1, 16)]),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_AS_DIFFUSERS)
+def test_a_call_sdxl_refuses_is_refused_with_its_message(pipe, sg, name):
+    kwargs = dict(dict(prompt=PROMPT, num_inference_steps=2, output_type="latent"), **REFUSED_AS_DIFFUSERS[name](pipe))
+    with pytest.raises(ValueError) as expected:
+        pipe(**kwargs)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError) as raised:
+            sg(**kwargs)
+    finally:
+        hook.remove()
+    assert str(raised.value) == str(expected.value) and not calls
 
 
 def test_sd_pipelines_refuse_sdxl_arguments():
