@@ -68,6 +68,7 @@ CALLS = {
     "height alone": dict(height=48),
     "width alone": dict(width=80),
     "denoising_end": dict(denoising_end=0.6),
+    "denoising_end 1.0 (every step)": dict(denoising_end=1.0),
     "micro-conditioning, rescale": dict(
         original_size=(128, 96), crops_coords_top_left=(4, 8), target_size=(64, 64), negative_original_size=(32, 32),
         negative_crops_coords_top_left=(0, 4), negative_target_size=(64, 64), guidance_rescale=0.5,
@@ -350,6 +351,7 @@ def test_a_saved_sdxl_folder_loads_as_an_sdxl_pipeline(pipe, tmp_path):
     "kwargs, error, message",
     [
         (dict(denoising_end=1.5), ValueError, r"denoising_end must be a float in \(0, 1\]"),
+        (dict(denoising_end=0.0), ValueError, r"denoising_end must be a float in \(0, 1\], got 0.0"),
         (dict(aesthetic_score=6.0), TypeError, "unexpected arguments for a Stable Diffusion XL pipeline: aesthetic_score"),
         (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "pooled_prompt_embeds"),
         (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["negative_add_time_ids"]),
