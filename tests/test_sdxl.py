@@ -344,6 +344,25 @@ def test_a_saved_sdxl_folder_loads_as_an_sdxl_pipeline(pipe, tmp_path):
         load_pipeline(str(tmp_path))
 
 
+def test_a_folder_loads_as_its_class_with_the_arguments_given(tmp_path):
+    from sgfast.families import load_pipeline
+    from sgfast.testing import tiny_pipeline
+
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    tiny_pipeline().save_pretrained(tmp_path / "sd")
+    # safety_checker=None, which callers pass for SD folders, is taken by SDXL too (it has none).
+    sdxl = load_pipeline(str(tmp_path / "sdxl"), safety_checker=None, torch_dtype=torch.float64)
+    sd = load_pipeline(str(tmp_path / "sd"), safety_checker=None, torch_dtype=torch.float64)
+    assert (type(sdxl).__name__, type(sd).__name__) == ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
+    assert sdxl.unet.dtype == sd.unet.dtype == torch.float64
+    index = tmp_path / "sd" / "model_index.json"
+    index.write_text(index.read_text().replace('"StableDiffusionPipeline"', '"StableDiffusionImg2ImgPipeline"'))
+    with pytest.raises(ValueError) as raised:
+        load_pipeline(str(tmp_path / "sd"))
+    assert str(raised.value) == (f"{str(tmp_path / 'sd')!r} holds a StableDiffusionImg2ImgPipeline; "
+                                 "sgfast loads StableDiffusionPipeline or StableDiffusionXLPipeline folders")
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 
 
