@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
 from sgfast import (
     SelfGuidancePipeline,
@@ -177,15 +177,26 @@ LATENT_STATS = dict(latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[1.5, 0.8, 
 
 def sdxl_with_vae(half, stats):
     pipe = tiny_sdxl_pipeline()
-    if stats:
-        pipe.vae.register_to_config(**LATENT_STATS)
+    pipe.vae.register_to_config(**{k: LATENT_STATS[k] for k in stats})  # diffusers normalises only with both
     if half:
         pipe.vae.to(torch.float16)  # force_upcast, as SDXL's VAE: it runs in float32
     return pipe
 
 
+def test_a_tiny_autoencoder_decodes_as_in_diffusers():
+    # AutoencoderTiny (as taesdxl swaps in for fast previews): a config without latent statistics.
+    pipe = tiny_sdxl_pipeline()
+    torch.manual_seed(4)
+    pipe.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                               num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4)
+    kwargs = dict(prompt=PROMPT, num_inference_steps=2, output_type="np")
+    expected = pipe(generator=seeded(), **kwargs).images
+    assert expected.shape == (1, 64, 64, 3)
+    assert np.array_equal(SelfGuidancePipeline.from_pipe(pipe)(generator=seeded(), **kwargs).images, expected)
+
+
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
-@pytest.mark.parametrize("stats", [False, True], ids=["scaled", "normalised"])
+@pytest.mark.parametrize("stats", [(), ("latents_mean", "latents_std"), ("latents_mean",)], ids=["scaled", "normalised", "mean only"])
 def test_the_vae_decodes_as_diffusers_does(half, stats):
     pipe = sdxl_with_vae(half, stats)
     sg = SelfGuidancePipeline.from_pipe(pipe)
@@ -196,7 +207,7 @@ def test_the_vae_decodes_as_diffusers_does(half, stats):
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
-@pytest.mark.parametrize("stats", [False, True], ids=["scaled", "normalised"])
+@pytest.mark.parametrize("stats", [(), ("latents_mean", "latents_std"), ("latents_mean",)], ids=["scaled", "normalised", "mean only"])
 def test_a_photo_encodes_to_the_latents_diffusers_img2img_makes(half, stats):
     """img2img's scaling (its prepare_latents) of the encoder's mode, in float32 (an upcast VAE's
     float16 weights in a float32 copy); the VAE is left in its own dtype."""
@@ -205,7 +216,7 @@ def test_a_photo_encodes_to_the_latents_diffusers_img2img_makes(half, stats):
     pixels = torch.rand(1, 3, 64, 64, generator=seeded(3)) * 2 - 1
     latents = reference.encode(pixels).latent_dist.mode()
     factor = reference.config.scaling_factor
-    if stats:
+    if len(stats) == 2:
         mean, std = (torch.tensor(LATENT_STATS[k]).view(1, 4, 1, 1) for k in ("latents_mean", "latents_std"))
         expected = (latents - mean) * factor / std
     else:
