@@ -649,6 +649,37 @@ def test_unsupported_calls_are_refused_clearly(tiny_pipe, call, message):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+# Calls diffusers' own check_inputs refuses, each through one of the arguments the wrapper hands it.
+REFUSED_AS_DIFFUSERS = {
+    "a prompt that is not text": lambda pipe: dict(prompt=3),
+    "a size not divisible by 8": lambda pipe: dict(height=60, width=64),
+    "negative_prompt with its embeddings": lambda pipe: dict(
+        prompt=None, prompt_embeds=embeds_of(pipe, PROMPT)[0], negative_prompt_embeds=embeds_of(pipe, PROMPT)[1],
+        negative_prompt="red"),
+    "embeddings of other shapes": lambda pipe: dict(
+        prompt=None, prompt_embeds=embeds_of(pipe, PROMPT)[0], negative_prompt_embeds=torch.zeros(1, 7, 32)),
+    "an IP-Adapter image and its embeddings": lambda pipe: dict(
+        ip_adapter_image=torch.zeros(1, 3, 32, 32), ip_adapter_image_embeds=[torch.zeros(2, 1, 16)]),
+    "a callback tensor input diffusers does not hand out": lambda pipe: dict(
+        callback_on_step_end=scale_latents, callback_on_step_end_tensor_inputs=["noise_pred"]),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_AS_DIFFUSERS)
+def test_a_call_diffusers_refuses_is_refused_with_its_message(tiny_pipe, name):
+    kwargs = dict(dict(prompt=PROMPT, num_inference_steps=2, output_type="latent"), **REFUSED_AS_DIFFUSERS[name](tiny_pipe))
+    with pytest.raises(ValueError) as expected:
+        tiny_pipe(**kwargs)
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError) as raised:
+            SelfGuidancePipeline.from_pipe(tiny_pipe)(**kwargs)
+    finally:
+        hook.remove()
+    assert str(raised.value) == str(expected.value) and not calls
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
