@@ -429,8 +429,10 @@ def test_unknown_layer_and_unsupported_pipeline(tiny_pipe):
     with pytest.raises(ValueError, match="unknown feature layer"):
         SelfGuidancePipeline.from_pipe(tiny_pipe, feature_layer="up_blocks.7")
     unconditional = DDPMPipeline(UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2), DDIMScheduler())
-    with pytest.raises(TypeError, match="wraps diffusers' StableDiffusionPipeline.*got DDPMPipeline"):
+    with pytest.raises(TypeError) as raised:
         SelfGuidancePipeline.from_pipe(unconditional)
+    assert str(raised.value) == ("SelfGuidancePipeline wraps diffusers' StableDiffusionPipeline (Stable Diffusion 1.x/2.x) or "
+                                 "StableDiffusionXLPipeline (Stable Diffusion XL); got DDPMPipeline")
     assert processors(tiny_pipe) == before
 
 

@@ -4,6 +4,7 @@ sgfast.testing (real diffusers/transformers classes: two CLIP text encoders, the
 projection, a "text_time" UNet with two transformer layers per block at its coarsest level, Euler)."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ CALLS = {
     "width alone": dict(width=80),
     "denoising_end": dict(denoising_end=0.6),
     "denoising_end 1.0 (every step)": dict(denoising_end=1.0),
+    "negative original size alone (the negative time ids are the positive ones)": dict(negative_original_size=(32, 32)),
     "micro-conditioning, rescale": dict(
         original_size=(128, 96), crops_coords_top_left=(4, 8), target_size=(64, 64), negative_original_size=(32, 32),
         negative_crops_coords_top_left=(0, 4), negative_target_size=(64, 64), guidance_rescale=0.5,
@@ -384,7 +386,10 @@ def test_a_folder_loads_as_its_class_with_the_arguments_given(tmp_path):
     [
         (dict(denoising_end=1.5), ValueError, r"denoising_end must be a float in \(0, 1\]"),
         (dict(denoising_end=0.0), ValueError, r"denoising_end must be a float in \(0, 1\], got 0.0"),
-        (dict(aesthetic_score=6.0), TypeError, "unexpected arguments for a Stable Diffusion XL pipeline: aesthetic_score"),
+        (dict(aesthetic_score=6.0), TypeError, re.escape(
+            "unexpected arguments for a Stable Diffusion XL pipeline: aesthetic_score (its own: prompt_2, negative_prompt_2, "
+            "pooled_prompt_embeds, negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, "
+            "negative_original_size, negative_crops_coords_top_left, negative_target_size, denoising_end)") + "$"),
         (dict(prompt_embeds=torch.zeros(1, 77, 64)), ValueError, "pooled_prompt_embeds"),
         (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["negative_add_time_ids"]),
          ValueError, "callback_on_step_end_tensor_inputs` has to be in"),
@@ -460,5 +465,6 @@ def test_sd_pipelines_refuse_sdxl_arguments():
     from sgfast.testing import tiny_pipeline
 
     sg = SelfGuidancePipeline.from_pipe(tiny_pipeline())
-    with pytest.raises(TypeError, match="unexpected arguments for a Stable Diffusion 1.x/2.x pipeline: denoising_end"):
-        sg(PROMPT, denoising_end=0.5)
+    with pytest.raises(TypeError) as raised:
+        sg(PROMPT, prompt_2="a dog", denoising_end=0.5)
+    assert str(raised.value) == "unexpected arguments for a Stable Diffusion 1.x/2.x pipeline: denoising_end, prompt_2 (its own: none)"
