@@ -231,11 +231,13 @@ def test_a_photo_encodes_to_the_latents_diffusers_img2img_makes(half, stats):
 # ---- defaults -----------------------------------------------------------------------------------------
 
 
-def test_default_layers_are_the_coarsest_decoder_level(sg):
+def test_default_layers_are_the_coarsest_decoder_level(pipe, sg):
     assert sg.layers and all(name.startswith("up_blocks.0.attentions.") for name in sg.layers)
     assert len(sg.layers) == 4  # two attentions x two transformer layers
     # Appearance from the resnet that feeds the block's last attention: computed before the last map.
     assert sg.feature_layer == "up_blocks.0.resnets.1"
+    # Layers of two up blocks: the block that feeds the finer one, as for SD.
+    assert SelfGuidancePipeline.from_pipe(pipe, layers=["up_blocks.0", "up_blocks.1"]).feature_layer == "up_blocks.0"
 
 
 def test_words_come_from_the_first_tokenizer_and_stop_at_the_end_token(sg, pipe):
