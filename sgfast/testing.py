@@ -271,3 +271,25 @@ def tiny_sdxl_pipeline(seed=0, image_size=64):
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed, image_size), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def refusals(pipe, wrapper, **kwargs):
+    """The messages of the ValueErrors a diffusers pipeline and its wrapper raise for the same call
+    (None where there is none), and how many UNet calls the wrapper made (for tests: refused as
+    diffusers refuses, before anything runs)."""
+    expected = _value_error(pipe, kwargs)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = _value_error(wrapper, kwargs)
+    finally:
+        hook.remove()
+    return expected, got, len(calls)
+
+
+def _value_error(call, kwargs):
+    try:
+        call(**kwargs)
+    except ValueError as error:
+        return str(error)
+    return None

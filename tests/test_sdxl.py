@@ -25,7 +25,7 @@ from sgfast import (
     restyle,
 )
 from sgfast.sampler import edit_selection, guided_energy
-from sgfast.testing import tiny_sdxl_components, tiny_sdxl_pipeline
+from sgfast.testing import refusals, tiny_sdxl_components, tiny_sdxl_pipeline
 from sgfast.trace import PromptWords
 
 PROMPT = "a red circle and a blue square painting"
@@ -451,16 +451,8 @@ REFUSED_AS_DIFFUSERS = {
 @pytest.mark.parametrize("name", REFUSED_AS_DIFFUSERS)
 def test_a_call_sdxl_refuses_is_refused_with_its_message(pipe, sg, name):
     kwargs = dict(dict(prompt=PROMPT, num_inference_steps=2, output_type="latent"), **REFUSED_AS_DIFFUSERS[name](pipe))
-    with pytest.raises(ValueError) as expected:
-        pipe(**kwargs)
-    calls = []
-    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        with pytest.raises(ValueError) as raised:
-            sg(**kwargs)
-    finally:
-        hook.remove()
-    assert str(raised.value) == str(expected.value) and not calls
+    expected, got, unet_calls = refusals(pipe, sg, **kwargs)
+    assert expected is not None and got == expected and unet_calls == 0
 
 
 def test_sd_pipelines_refuse_sdxl_arguments():
