@@ -261,4 +261,6 @@ def load_pipeline(folder, **kwargs):
     classes = {pipeline_class.__name__: pipeline_class for pipeline_class, _ in FAMILIES}
     if name not in classes:
         raise ValueError(f"{folder!r} holds a {name}; sgfast loads {' or '.join(classes)} folders")
+    if classes[name] is StableDiffusionXLPipeline:
+        kwargs.pop("safety_checker", None)  # SDXL has none; diffusers would warn that it is ignored
     return classes[name].from_pretrained(folder, local_files_only=True, **kwargs)

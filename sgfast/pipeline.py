@@ -471,7 +471,7 @@ def traces_of(trace):
         raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a {type(trace).__name__}")
     for t in traces:
         if not isinstance(t, Trace):
-            raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a list holding a {type(t).__name__}")
+            raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a {type(traces).__name__} holding a {type(t).__name__}")
     return list(traces)
 
 

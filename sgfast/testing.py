@@ -279,7 +279,7 @@ def refusals(pipe, wrapper, **kwargs):
     diffusers refuses, before anything runs)."""
     expected = _value_error(pipe, kwargs)
     calls = []
-    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    hook = wrapper.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
         got = _value_error(wrapper, kwargs)
     finally:

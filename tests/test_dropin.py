@@ -187,13 +187,14 @@ def test_a_non_square_unet_sample_size_is_the_default_size_as_in_diffusers():
     assert out.trace is not None
 
 
-def test_a_prompt_with_its_own_embeddings_is_the_prompts_image_and_names_the_words(tiny_pipe):
-    # The words come from `prompt`, the text conditioning from `prompt_embeds` (diffusers takes one or
-    # the other); embeddings of the same prompt give the prompt's image.
-    expected = tiny_pipe(PROMPT, num_inference_steps=2, generator=seeded(), output_type="latent").images
-    out = SelfGuidancePipeline.from_pipe(tiny_pipe)(
-        PROMPT, prompt_embeds=embeds_of(tiny_pipe, PROMPT)[0], num_inference_steps=2, generator=seeded(), output_type="latent"
-    )
+def test_a_prompt_with_embeddings_takes_its_words_from_the_prompt_and_its_image_from_the_embeddings(tiny_pipe):
+    # diffusers takes one or the other; the wrapper takes the words from `prompt` (for edits and
+    # traces) and conditions on `prompt_embeds`, here those of another prompt.
+    embeds = embeds_of(tiny_pipe, "a cat")[0]
+    kwargs = dict(num_inference_steps=2, output_type="latent")
+    expected = tiny_pipe(prompt_embeds=embeds, generator=seeded(), **kwargs).images
+    assert not torch.equal(expected, tiny_pipe(PROMPT, generator=seeded(), **kwargs).images)
+    out = SelfGuidancePipeline.from_pipe(tiny_pipe)(PROMPT, prompt_embeds=embeds, generator=seeded(), **kwargs)
     assert torch.equal(out.images, expected)
     assert out.trace.prompt == PROMPT and "circle" in out.trace.words
 
