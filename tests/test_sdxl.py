@@ -380,6 +380,7 @@ def test_a_folder_loads_as_its_class_with_the_arguments_given(tmp_path):
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
     assert not [w for w in warnings if "not expected" in w]
+    assert type(load_pipeline(str(tmp_path / "sdxl"))).__name__ == "StableDiffusionXLPipeline"  # without it too
     assert (type(sdxl).__name__, type(sd).__name__) == ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
     assert sdxl.unet.dtype == sd.unet.dtype == torch.float64
     index = tmp_path / "sd" / "model_index.json"
