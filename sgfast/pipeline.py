@@ -467,11 +467,12 @@ def replay_generators(saved):
 def traces_of(trace):
     """`trace` (None, a Trace, or a list of them: one per image) as a list; anything else is an error."""
     traces = [] if trace is None else [trace] if isinstance(trace, Trace) else trace
+    allowed = "trace must be a Trace (a call's .trace, or sg.invert's) or a list of them"
     if not isinstance(traces, (list, tuple)):
-        raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a {type(trace).__name__}")
+        raise TypeError(f"{allowed}, got a {type(trace).__name__}")
     for t in traces:
         if not isinstance(t, Trace):
-            raise TypeError(f"trace must be a Trace (a call's .trace, or sg.invert's) or a list of them, got a {type(traces).__name__} holding a {type(t).__name__}")
+            raise TypeError(f"{allowed}, got a {type(traces).__name__} holding a {type(t).__name__}")
     return list(traces)
 
 

@@ -133,15 +133,16 @@ def test_an_inverted_photos_edits_take_the_photo_section(folder):
     image = PIL.Image.new("RGB", (64, 64), (200, 40, 40))
     inverted = tuned.invert(image, PROMPT, num_inference_steps=STEPS)
     arguments = edit_arguments(inverted, edits=[move("circle", dx=0.3)])
+    schedule = {k: v for k, v in arguments.items() if k != "num_inference_steps"}  # latents() sets the steps
     start = STEPS - round(0.6 * STEPS)
     assert arguments["guidance_schedule"] == [g and i >= start for i, g in enumerate(TUNED_SCHEDULE)]
-    bare = latents(tuned, move("circle", dx=0.3), inverted, **{k: v for k, v in arguments.items() if k != "num_inference_steps"})
+    bare = latents(tuned, move("circle", dx=0.3), inverted, **schedule)
     explicit = latents(
         plain, move("circle", dx=0.3, weight=9.0, keep_shape_weight=1.0, keep_centroid_weight=5.0), inverted,
-        self_guidance_scale=2.0, normalize_gradient=True, **{k: v for k, v in arguments.items() if k != "num_inference_steps"},
+        self_guidance_scale=2.0, normalize_gradient=True, **schedule,
     )
     assert torch.equal(bare, explicit)
-    as_list = latents(tuned, move("circle", dx=0.3), [inverted], **{k: v for k, v in arguments.items() if k != "num_inference_steps"})
+    as_list = latents(tuned, move("circle", dx=0.3), [inverted], **schedule)
     assert torch.equal(as_list, bare)  # the trace alone or in a list of one
     generated = tuned(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
     assert tuned.settings.resolve([[move("circle", dx=0.3)]], STEPS)[0][0][0].weight == 3.0  # not the photo's 9
