@@ -39,8 +39,8 @@ test-ci-slow: ci-deps
 	SGFAST_NO_SKIP=1 $(PY) -m pytest -q -m "slow or compile" --durations=10
 
 # Mutation testing of the core modules (setup.cfg's [mutmut] section) with mutmut. mutmut mutates
-# a copy of its source folder, and the editable install maps sgfast.kernels to kernels/, outside
-# sgfast/: so it runs in build/mutate/, a copy laid out as installed (kernels/ as sgfast/kernels/),
+# a copy of its source folder, and sgfast.kernels reaches the ops' sources in kernels/, outside
+# sgfast/: so it runs in build/mutate/, a copy laid out as installed (kernels/*.py in sgfast/kernels/),
 # and keeps its mutants and results in build/mutate/mutants/ (rerun: only changed functions).
 # MUTANTS picks mutants by name ("sgfast.capture*"), and then reruns those even when they have a
 # result; empty: all of them, skipping those with a result. Hours on 2 CPU cores.
@@ -57,7 +57,7 @@ mutate: $(STAMP)
 	mkdir -p $(MUTATE_DIR)
 	# cp -p keeps the times mutmut compares to know which files changed since its last run.
 	cp -Rp sgfast tests benchmarks pytest.ini setup.cfg $(MUTATE_DIR)/
-	cp -Rp kernels $(MUTATE_DIR)/sgfast/kernels
+	cp -p kernels/*.py $(MUTATE_DIR)/sgfast/kernels/
 	find $(MUTATE_DIR) -name __pycache__ -prune -exec rm -rf {} +
 ifneq ($(strip $(MUTATE_TESTS)),)
 	# The selection is the last setting of setup.cfg's [mutmut] section: replace it.

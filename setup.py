@@ -1,14 +1,35 @@
+import glob
+import os
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithKernels(build_py):
+    """Copies the ops' sources from the top-level kernels/ folder into the built sgfast.kernels package.
+
+    kernels/ has no __init__.py (a top-level package of that name would shadow the PyPI `kernels` that
+    transformers imports); sgfast/kernels/__init__.py reaches the folder in a checkout, a wheel holds
+    the files themselves."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install runs from the checkout, where the package's path reaches kernels/
+        target = os.path.join(self.build_lib, "sgfast", "kernels")
+        for source in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+            self.mkpath(target)
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
 
 setup(
     name="sgfast",
     version="0.1.0",
     description="Fast diffusion self-guidance for diffusers Stable Diffusion pipelines",
     python_requires=">=3.10",
-    # Our Triton ops live in the top-level kernels/ folder but install as sgfast.kernels: a PyPI
-    # package named `kernels` exists and diffusers/transformers probe for it.
+    # Our Triton ops live in the top-level kernels/ folder but install as sgfast.kernels (BuildWithKernels).
     packages=["sgfast", "sgfast.serve", "sgfast.shapes", "sgfast.kernels"],
-    package_dir={"sgfast": "sgfast", "sgfast.kernels": "kernels"},
+    cmdclass={"build_py": BuildWithKernels},
     include_package_data=True,
     # The built-in model's weights and configs; the server's page.
     package_data={"sgfast.shapes": ["assets/*", "assets/**/*"], "sgfast.serve": ["static/*"]},

@@ -5,8 +5,8 @@
 #   [GPU_PYTHON=python3] [WHEELS=wheelhouse] [GPU_SITE=outputs/gpu-site] sh benchmarks/bench_gpu.sh [--quick ...]
 #
 # WHEELS: a folder of wheels from `make wheelhouse` (installed with no network, no dependencies).
-# sgfast itself is installed there too: setup.py maps the top-level kernels/ folder to sgfast.kernels,
-# so a bare checkout on PYTHONPATH would have no sgfast.kernels.
+# sgfast itself is installed there too: setup.py copies the top-level kernels/ folder's sources into
+# sgfast.kernels, as a wheel holds them.
 set -e
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -20,8 +20,8 @@ if [ -n "$WHEELS" ]; then
 fi
 if ! $pip_install --no-build-isolation . ; then
     # Without a usable setuptools: the same layout by hand.
-    echo "[bench-gpu] pip could not install sgfast; copying it (sgfast/ and kernels/ as sgfast/kernels/)"
-    rm -rf "$site/sgfast" && cp -R sgfast "$site/sgfast" && cp -R kernels "$site/sgfast/kernels"
+    echo "[bench-gpu] pip could not install sgfast; copying it (sgfast/, and kernels/*.py into sgfast/kernels/)"
+    rm -rf "$site/sgfast" && cp -R sgfast "$site/sgfast" && cp kernels/*.py "$site/sgfast/kernels/"
 fi
 echo "[bench-gpu] install: $(($(date +%s) - start)) s"
 cd "$site"

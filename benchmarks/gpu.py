@@ -257,9 +257,9 @@ def machine_info(device):
         info["diffusers"] = diffusers.__version__
     except ImportError:
         info["diffusers"] = None
-    import sgfast.kernels
+    stats = importlib.import_module("sgfast.kernels.attention_stats")
 
-    info["sgfast_kernels"] = str(Path(sgfast.kernels.__file__).parent)  # which copy runs (installed or checkout)
+    info["sgfast_kernels"] = str(Path(stats.__file__).parent)  # which copy runs (installed or checkout)
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
