@@ -6,12 +6,34 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all bench bench-quality mutate clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch is pinned in the same pip command as the rest (constraints.txt): installed alone later,
-	# diffusers would pull a multi-GB CUDA build of torch on a CPU machine.
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch -e '.[dev,serve]'
+	# Exactly the versions the suite passed with (requirements.lock, every transitive package, hashes
+	# checked, torch's CPU build among them), then sgfast itself without resolving anything again.
+	# -qq: pip's own notices about this machine's package indexes are not ours to print.
+	$(PY) -m pip install -qq --disable-pip-version-check --require-hashes -r requirements.lock
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Refresh requirements.lock from setup.py's ranges (every extra CI installs, and docs), with hashes.
+# pip-compile (pip-tools) rather than uv: it resolves with pip's own finder and configuration, so it
+# locks the same torch file pip installs here (the CPU build), where uv would lock PyPI's CUDA build.
+LOCK_ENV := build/lock-env
+.PHONY: lock test-latest
+lock:
+	test -x $(LOCK_ENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_ENV) && $(LOCK_ENV)/bin/pip install -qq pip-tools==7.7.0; }
+	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_ENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links --extra dev --extra serve --extra ray --extra browser --extra mutate --extra docs \
+		-c constraints.txt -o requirements.lock setup.py
+
+# The newest releases setup.py allows, in a scratch environment, against the fast suite: the next
+# breaking release of a dependency shows up here first, not in a newcomer's first command.
+LATEST_ENV := build/latest-env
+test-latest:
+	rm -rf $(LATEST_ENV) && $(PYTHON) -m venv $(LATEST_ENV)
+	$(LATEST_ENV)/bin/pip install -qq --disable-pip-version-check --upgrade -c constraints.txt torch -e '.[dev,serve]'
+	$(LATEST_ENV)/bin/pip freeze --exclude-editable > $(LATEST_ENV)/versions.txt
+	SGFAST_UNLOCKED=1 $(LATEST_ENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(PY) -m sgfast demo
@@ -27,13 +49,12 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
 # What CI runs after `make test`: the slow and torch.compile tests with everything they need installed
-# (Debian's chromium for the page, Playwright to drive it, Ray Serve for two CPU replicas), and with
+# (Debian's chromium for the page; Playwright and Ray Serve come with the lock), and with
 # SGFAST_NO_SKIP=1, so that a test that would skip for want of one of them fails instead.
 .PHONY: test-ci-slow ci-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ci-deps: $(STAMP)
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,serve,ray,browser]'
 
 test-ci-slow: ci-deps
 	SGFAST_NO_SKIP=1 $(PY) -m pytest -q -m "slow or compile" --durations=10
@@ -52,7 +73,6 @@ MUTATE_TESTS ?=
 MUTATE_DIR ?= build/mutate
 MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[mutate]'
 	rm -rf $(MUTATE_DIR)/sgfast $(MUTATE_DIR)/tests $(MUTATE_DIR)/benchmarks
 	mkdir -p $(MUTATE_DIR)
 	# cp -p keeps the times mutmut compares to know which files changed since its last run.

@@ -35,6 +35,8 @@ setup(
     package_data={"sgfast.shapes": ["assets/*", "assets/**/*"], "sgfast.serve": ["static/*"]},
     install_requires=[
         "torch>=2.4",
+        # accelerate: what diffusers asks for to load models with low CPU memory (it warns without it).
+        "accelerate>=0.30",
         "diffusers>=0.30,<0.50",
         "transformers>=4.40",
         "triton>=3.0; platform_system=='Linux'",
@@ -55,5 +57,7 @@ setup(
         "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "httpx>=0.27", "prometheus-client>=0.20"],
         # The web page's test drives Debian's chromium (installed by the system, not by pip).
         "browser": ["playwright>=1.40"],
+        # `make docs`: the documentation site, its API reference read from the docstrings.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.25"],
     },
 )

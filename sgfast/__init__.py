@@ -1,6 +1,11 @@
 """sgfast: fast diffusion self-guidance (Epstein et al., NeurIPS 2023) for diffusers Stable Diffusion."""
 
-from sgfast.edits import (
+from sgfast.notices import silence_known_notices
+
+silence_known_notices()  # before diffusers is imported: its pipelines import transformers' image processors
+
+
+from sgfast.edits import (  # noqa: E402
     collage,
     copy_appearance,
     copy_layout,
@@ -12,7 +17,7 @@ from sgfast.edits import (
     resize,
     restyle,
 )
-from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline
-from sgfast.trace import Trace
+from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline  # noqa: E402
+from sgfast.trace import Trace  # noqa: E402
 
 __version__ = "0.1.0"

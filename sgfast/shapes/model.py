@@ -9,6 +9,7 @@ edits read ("move the red circle right"). It ships with the package as safetenso
 tiny random-weight one, or a local folder.
 """
 
+import contextlib
 import os
 
 from sgfast.shapes.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
@@ -47,9 +48,32 @@ def load_default_pipeline(torch_dtype=None):
 
 
 
+@contextlib.contextmanager
+def loading_bars_off():
+    """diffusers' and transformers' per-component loading bars off while a small pipeline loads (it
+    takes well under a second), so the command line prints the sampling bars and its own lines only."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was_on = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in was_on:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, on in was_on:
+            if on:
+                module.enable_progress_bar()
+
+
 def load_pipeline(model):
     """(pipeline, description) for `model`: "default" (the built-in model, or the tiny random-weight
     one if it is absent), "tiny", or a local diffusers folder (SD 1.x/2.x or SDXL)."""
+    with loading_bars_off():
+        return _load_pipeline(model)
+
+
+def _load_pipeline(model):
     from sgfast.families import load_pipeline as load_folder
 
     if model == "tiny":
@@ -61,7 +85,7 @@ def load_pipeline(model):
     if model == "default":
         if not os.path.exists(os.path.join(default_model_path(), "model_index.json")):
             print("The built-in model is not in this install; using the tiny random-weight pipeline.")
-            return load_pipeline("tiny")
+            return _load_pipeline("tiny")
         return load_default_pipeline(), f"built-in model ({default_model_path()})"
     return load_folder(model, safety_checker=None), model
 
