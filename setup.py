@@ -55,5 +55,7 @@ setup(
         "ray": ["ray[serve]>=2.9", "fastapi>=0.110", "httpx>=0.27", "prometheus-client>=0.20"],
         # The web page's test drives Debian's chromium (installed by the system, not by pip).
         "browser": ["playwright>=1.40"],
+        # `make docs`: the documentation site (MkDocs + Material; the API reference from the docstrings).
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9", "mkdocstrings[python]>=0.25"],
     },
 )
