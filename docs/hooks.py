@@ -4,8 +4,6 @@ copy that could fall behind. Its links into docs/ are made relative to the page.
 
 from pathlib import Path
 
-from mkdocs.structure.files import File
-
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
 
 
@@ -15,6 +13,8 @@ def results_page_text(text):
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File  # here: the rewrite above is tested without mkdocs installed
+
     files.append(File.generated(config, "results.md", content=results_page_text(RESULTS.read_text())))
     return files
 
