@@ -169,3 +169,15 @@ def test_markers_are_read(tmp_path):
         "<!-- slow -->\n\n```python\nc = 3\n```\n```bash\nls\n```\n"
     )
     assert blocks(page) == [(3, "a = 1\n", None, ""), (8, "b = 2\n", "not run", "needs a GPU"), (13, "c = 3\n", "slow", "")]
+
+
+@pytest.mark.parametrize("page", ["README.md", "benchmarks/RESULTS.md"])
+def test_links_outside_the_site_reach_files(page):
+    """README.md and RESULTS.md are read on their own, outside the site's --strict build: each relative
+    link and image of theirs names a file of the repository."""
+    path = REPO / page
+    targets = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    relative = [t.split("#")[0] for t in targets if "://" not in t and not t.startswith("#")]
+    assert relative, f"{page} links nowhere"
+    missing = [t for t in relative if not (path.parent / t).exists()]
+    assert not missing, f"{page} links to files that do not exist: {missing}"
