@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench bench-quality mutate clean
+.PHONY: demo test test-slow test-all bench bench-quality mutate clean docs docs-strict docs-sheet docs-charts
 
 $(STAMP): setup.py constraints.txt requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,13 +92,14 @@ endif
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.charts
 
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.photo_edit --scenes 50 --results
 
 clean:
-	rm -rf $(VENV) build *.egg-info outputs
+	rm -rf $(VENV) build *.egg-info outputs site
 
 # Load test of `python -m sgfast serve` on loopback (tiny model, and the built-in one when installed):
 # both schedulers on the same Poisson arrivals at several loads; latency percentiles, throughput within
@@ -133,6 +134,8 @@ WHEELS ?=
 ARGS ?=
 bench-gpu:
 	GPU_PYTHON="$(GPU_PYTHON)" GPU_SITE="$(GPU_SITE)" WHEELS="$(WHEELS)" sh benchmarks/bench_gpu.sh $(ARGS)
+	# The docs' cost chart reads the GPU section just written (PIL only).
+	-$(GPU_PYTHON) -m benchmarks.charts
 
 # The wheels the GPU machine lacks, for Python 3.12 on manylinux x86_64, into wheelhouse/ (needs network).
 # Its image already has torch, triton, transformers, huggingface-hub, safetensors, regex, numpy,
@@ -145,3 +148,22 @@ wheelhouse:
 		--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --dest wheelhouse $(WHEELHOUSE_PACKAGES)
 	ls wheelhouse
+
+# The documentation site (mkdocs.yml, pages in docs/), built into site/ with --strict: a broken link, a
+# missing page or an API reference that does not resolve fails the build. `make docs-strict` is the
+# same build for CI; the examples in the pages are run by tests/test_docs_examples.py (`make test`).
+# MkDocs and its plugins come with the lock (the `docs` extra).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+docs-strict: docs
+
+# The demo's sheet shown in README.md and on the docs' front page: run the demo, copy its sheet.
+docs-sheet: $(STAMP)
+	$(PY) -m sgfast demo --out outputs/demo
+	cp outputs/demo/sheet.png docs/demo.png
+
+# The charts of docs/img/ (guided/plain cost against the peers, serving latency), drawn from the
+# tables the benchmark commands write into benchmarks/RESULTS.md.
+docs-charts: $(STAMP)
+	$(PY) -m benchmarks.charts

@@ -322,7 +322,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server's worker")
     parser.add_argument("--min-steps", type=int, default=4, help="the server's degradation floor")
     parser.add_argument("--json", default=os.path.join("outputs", "bench", "serve_load.json"))
-    parser.add_argument("--plot", default=os.path.join("outputs", "bench", "serve_load.png"))
+    parser.add_argument("--plot", default=os.path.join("docs", "img", "serve_load.png"))
     parser.add_argument("--results-md", default=os.path.join("benchmarks", "RESULTS.md"), help='"" to leave it alone')
     parser.add_argument("--report-only", action="store_true", help="no runs: redo the tables, plot and RESULTS.md from --json")
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run, for RESULTS.md (e.g. a shared machine)")
