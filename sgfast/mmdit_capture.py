@@ -13,8 +13,6 @@ the word, as the model applies it. "text" renormalises over the text keys only, 
 cross-attention softmax over its 77 keys does.
 """
 
-from contextlib import contextmanager
-
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import (
@@ -210,7 +208,7 @@ class JointCapture(Capture):
 
     def foreign_processors(self):
         return {name: type(m.processor).__name__ for name, m in self.modules.items()
-                if not isinstance(m.processor, PLAIN_JOINT_PROCESSORS)}
+                if type(m.processor) not in PLAIN_JOINT_PROCESSORS}
 
     def check_processors(self):
         foreign = self.foreign_processors()
@@ -238,11 +236,6 @@ class JointCapture(Capture):
     @property
     def image_tokens(self):
         return self.latent_size[0] * self.latent_size[1]
-
-    @contextmanager
-    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True, stop=False):
-        with super().record(token_index, word_weights, latent_size, batch_slice, features, stop) as capture:
-            yield capture
 
     def record_attention(self, name, query, key, image, text, scale):
         """Store the selected words' maps of one captured layer ([B, heads, L, d] joint query and key)."""
