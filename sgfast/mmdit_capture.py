@@ -24,6 +24,7 @@ from diffusers.models.transformers.transformer_flux import (
 import torch.nn.functional as F
 
 from sgfast.capture import Capture, grid_size
+from sgfast.kernels.joint_attention_stats import joint_attention_stats
 
 SOFTMAXES = ("joint", "text")
 
@@ -185,8 +186,12 @@ class JointCapture(Capture):
     image-token grid (`latent_size` given to `record` is that grid)."""
 
     def __init__(self, transformer, layers, feature_layer=None, softmax="joint", impl="torch", cut_graph=False):
+        """`impl`: "torch" (the reference, sgfast.mmdit_capture.text_column_maps), "triton" or "auto"
+        (the fused op, Triton on CUDA; joint softmax only)."""
         if softmax not in SOFTMAXES:
             raise ValueError(f"softmax must be one of {SOFTMAXES}, got {softmax!r}")
+        if impl != "torch" and softmax != "joint":
+            raise ValueError(f"the fused op computes the joint softmax's maps; softmax={softmax!r} needs mode='reference'")
         modules = joint_attention_layers(transformer)
         for name in layers:
             if name not in modules:
@@ -241,7 +246,11 @@ class JointCapture(Capture):
         """Store the selected words' maps of one captured layer ([B, heads, L, d] joint query and key)."""
         query, key = query[self.batch_slice], key[self.batch_slice]
         height, width = grid_size(query[:, :, image].shape[2], *self.latent_size)
-        token_maps = text_column_maps(query, key, self.token_index, image, text, scale, self.softmax)
+        if self.impl == "torch":
+            token_maps = text_column_maps(query, key, self.token_index, image, text, scale, self.softmax)
+        else:  # the fused op (sgfast.kernels.joint_attention_stats): the joint softmax
+            _, token_maps = joint_attention_stats(query[:, :, image], key[:, :, image], key[:, :, text], self.token_index,
+                                                  height, width, scale=scale, impl=self.impl)
         word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
         self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width).clone()
         self._recorded(name)

@@ -46,7 +46,9 @@ def _rows(kwargs, rows, total):
 
 
 class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
-    """`mode="reference"`: word maps recomputed in plain PyTorch next to the captured blocks' attention.
+    """`mode="reference"`: word maps recomputed in plain PyTorch next to the captured blocks' attention, the
+    full autograd graph of the conditional pass. `mode="fast"`: the fused joint-attention op
+    (sgfast.kernels.joint_attention_stats, Triton on CUDA), the graph cut after the last captured block.
     `softmax`: "joint" (the maps' rows normalised over every key, image keys included) or "text"
     (renormalised over the text keys); see sgfast.mmdit_capture."""
 
@@ -61,13 +63,8 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             raise TypeError(f"MMDiTSelfGuidancePipeline wraps StableDiffusion3Pipeline or FluxPipeline; got {type(pipe).__name__}")
         if mode not in ("reference", "fast"):
             raise ValueError(f"mode must be one of ('reference', 'fast'), got {mode!r}")
-        if mode == "fast":
-            raise NotImplementedError(
-                f"mode='fast' on a {self.family.name} pipeline needs the fused joint-attention op, which this "
-                "version does not have yet; use mode='reference'"
-            )
         if compile:
-            raise ValueError("compile=True needs mode='fast'")
+            raise ValueError(f"compile=True is not available for {self.family.name} pipelines yet")
         self.pipe, self.mode = pipe, mode
         self.settings = model_settings(pipe, settings)
         transformer = pipe.transformer
@@ -75,7 +72,13 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         if not self.layers:
             raise ValueError("layers names no joint-attention block; name at least one")
         self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)
-        self._capture = JointCapture(transformer, self.layers, self.feature_layer, softmax=softmax)
+        if mode == "fast":
+            # The fused op (Triton on CUDA), the graph cut after the last captured block, no weight gradients.
+            self._capture = JointCapture(transformer, self.layers, self.feature_layer, softmax=softmax, impl="auto",
+                                         cut_graph=True)
+            transformer.requires_grad_(False)
+        else:
+            self._capture = JointCapture(transformer, self.layers, self.feature_layer, softmax=softmax)
 
     def words(self, prompt, max_sequence_length=None):
         return self._prompt_words(prompt, max_sequence_length).words

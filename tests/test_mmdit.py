@@ -425,9 +425,46 @@ def test_a_call_diffusers_refuses_is_refused_with_its_message(family, sd3, flux)
     assert str(got.value) == str(expected.value) and calls == []
 
 
-def test_fast_mode_is_refused_on_mmdit_with_what_to_use(sd3):
-    with pytest.raises(NotImplementedError, match="mode='reference'"):
-        SelfGuidancePipeline.from_pipe(sd3, mode="fast")
+@pytest.mark.parametrize("impl", ["auto", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fast_mode_guides_as_the_reference_through_the_fused_op(family, impl, sd3, flux, monkeypatch):
+    """mode="fast" (the fused op: "auto" is its torch reference on the CPU, "triton" its kernels through
+    the interpreter; the graph cut after the last captured block) against mode="reference" (the
+    written-out softmax, the full graph): the same energies and, through the guidance gradient, the
+    same latents, to 1e-4 in float32."""
+    import sgfast.mmdit_capture as mmdit_capture
+
+    pipe = sd3 if family == "sd3" else flux
+    impls = []
+    fused = mmdit_capture.joint_attention_stats
+
+    def counted(*args, **kwargs):
+        impls.append(kwargs["impl"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(mmdit_capture, "joint_attention_stats", counted)
+    layers = list(joint_attention_layers(pipe.transformer))[:2]
+    edits = [move("circle", dx=0.25), keep_appearance(["square"])]
+    call = dict(num_inference_steps=3, guidance_schedule=[1], output_type="latent", height=64, width=64,
+                max_sequence_length=16)
+    outputs = {}
+    for mode in ("reference", "fast"):
+        sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode, layers=layers)
+        if mode == "fast":
+            sg.capture().impl = impl  # "triton": the kernels on the CPU (TRITON_INTERPRET=1)
+        outputs[mode] = sg(PROMPT, edits, generator=torch.Generator().manual_seed(0), **call)
+    assert impls and set(impls) == {impl}
+    torch.testing.assert_close(outputs["fast"].energies, outputs["reference"].energies, rtol=1e-4, atol=1e-6)
+    plain = sg(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    assert not torch.equal(outputs["reference"].images, plain)  # the guidance moved it
+    torch.testing.assert_close(outputs["fast"].images, outputs["reference"].images, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_mode_takes_the_joint_softmax_only(sd3):
+    with pytest.raises(ValueError, match="softmax='text' needs mode='reference'"):
+        SelfGuidancePipeline.from_pipe(sd3, mode="fast", softmax="text")
+    with pytest.raises(ValueError, match="compile=True is not available"):
+        SelfGuidancePipeline.from_pipe(sd3, mode="fast", compile=True)
 
 
 def test_unknown_layers_and_softmax_are_refused(sd3):
