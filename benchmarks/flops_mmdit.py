@@ -185,7 +185,7 @@ def flop_table(arch, arch_dir, resolution=None):
             edits = [move("circle", dx=0.25)]
             label = "full graph" if mode == "reference" else "graph cut after the last captured block"
             row = measure(f"sgfast {mode} ({label}): move + keep shape + keep appearance",
-                          lambda: guided_step(sg, one if not cfg else one, grid, edits, words, [reference], cfg),
+                          lambda: guided_step(sg, one, grid, edits, words, [reference], cfg),
                           layers=list(sg.layers), kind="sgfast")
             row["feature_layer"] = sg.feature_layer
     plain_flops = rows[0]["flops"]
@@ -203,12 +203,15 @@ def format_table(info, rows):
         f"{info['published_m']:.2f} M) at {info['resolution']}px ({info['grid'][0]}x{info['grid'][1]} image tokens, "
         f"{info['text_tokens']} text tokens), batch 1, meta device, bfloat16",
         "",
-        "| step | TFLOP | x plain | saved for backward (GiB) |",
-        "|---|---|---|---|",
+        "| step | TFLOP | x plain | x floor (same last block) | saved for backward (GiB) |",
+        "|---|---|---|---|---|",
     ]
+    floors = {row["layers"][-1]: row["flops"] for row in rows if row["kind"] == "floor"}
     for row in rows:
         saved = f"{row['saved_bytes'] / GIB:.2f}" if "saved_bytes" in row else ""
-        lines.append(f"| {row['name']} | {row['flops'] / 1e12:.3f} | {row['x_plain']:.3f} | {saved} |")
+        floor = floors.get((row["layers"] or [None])[-1])
+        x_floor = f"{row['flops'] / floor:.3f}" if floor and row["kind"] == "sgfast" else ""
+        lines.append(f"| {row['name']} | {row['flops'] / 1e12:.3f} | {row['x_plain']:.3f} | {x_floor} | {saved} |")
     sgfast = [r for r in rows if r["kind"] == "sgfast"]
     if sgfast:
         lines.append("")
