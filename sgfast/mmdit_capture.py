@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_flux import (
 import torch.nn.functional as F
 
 from sgfast.capture import Capture, grid_size
-from sgfast.kernels.joint_attention_stats import joint_attention_stats
+from sgfast.kernels.joint_attention_stats import joint_attention_stats, sdpa_with_logsumexp
 
 SOFTMAXES = ("joint", "text")
 
@@ -123,10 +123,15 @@ class JointCaptureProcessor:
         query = torch.cat([query, text_query], dim=2)
         key = torch.cat([key, text_key], dim=2)
         value = torch.cat([value, text_value], dim=2)
+        lse = None
+        if self.capture.recording and self.capture.takes_lse():
+            out, lse = sdpa_with_logsumexp(query, key, value)  # the row normaliser from the attention itself
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         if self.capture.recording:
             images = residual.shape[1]  # image tokens first
-            self.capture.record_attention(self.name, query, key, slice(0, images), slice(images, None), head_dim**-0.5)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            self.capture.record_attention(self.name, query, key, slice(0, images), slice(images, None), head_dim**-0.5,
+                                          lse)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out, text_out = out[:, : residual.shape[1]], out[:, residual.shape[1]:]
         if not attn.context_pre_only:
@@ -160,13 +165,18 @@ class FluxCaptureProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        lse = None
+        if self.capture.recording and self.capture.takes_lse() and attention_mask is None:
+            out, lse = sdpa_with_logsumexp(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+            out = out.transpose(1, 2)  # the row normaliser from the attention itself
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
         if self.capture.recording:
             images = self.capture.image_tokens  # text first: the last tokens are the image's
             texts = query.shape[1] - images
             self.capture.record_attention(self.name, query.transpose(1, 2), key.transpose(1, 2), slice(texts, None),
-                                          slice(0, texts), attn.head_dim**-0.5)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+                                          slice(0, texts), attn.head_dim**-0.5, lse)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
@@ -242,15 +252,24 @@ class JointCapture(Capture):
     def image_tokens(self):
         return self.latent_size[0] * self.latent_size[1]
 
-    def record_attention(self, name, query, key, image, text, scale):
-        """Store the selected words' maps of one captured layer ([B, heads, L, d] joint query and key)."""
+    def takes_lse(self):
+        """Whether a captured block's attention should come with its row log-sum-exp: for the fused op
+        on a pass with gradients (a guided step's). Unguided passes keep the model's own attention call,
+        so that an unedited image stays diffusers' bit for bit."""
+        return self.impl != "torch" and torch.is_grad_enabled()
+
+    def record_attention(self, name, query, key, image, text, scale, lse=None):
+        """Store the selected words' maps of one captured layer ([B, heads, L, d] joint query and key;
+        `lse` [B, heads, L]: the rows' log-sum-exp over the joint keys, where the attention gave it)."""
         query, key = query[self.batch_slice], key[self.batch_slice]
+        if lse is not None:
+            lse = lse[self.batch_slice][:, :, image]
         height, width = grid_size(query[:, :, image].shape[2], *self.latent_size)
         if self.impl == "torch":
             token_maps = text_column_maps(query, key, self.token_index, image, text, scale, self.softmax)
         else:  # the fused op (sgfast.kernels.joint_attention_stats): the joint softmax
             _, token_maps = joint_attention_stats(query[:, :, image], key[:, :, image], key[:, :, text], self.token_index,
-                                                  height, width, scale=scale, impl=self.impl)
+                                                  height, width, scale=scale, lse=lse, impl=self.impl)
         word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
         self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width).clone()
         self._recorded(name)
