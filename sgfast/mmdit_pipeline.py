@@ -232,7 +232,8 @@ class _Run:
             return forward(*args, **kwargs)
         total = kwargs["hidden_states"].shape[0]
         rows = self.family.cond_rows(total, self.call)
-        if self.edits is not None and self.schedule[self.step] and can_guide_flow(flow_sigma(self.pipe.scheduler, self._timestep())):
+        guided = self.edits is not None and self.step < len(self.schedule) and self.schedule[self.step]
+        if guided and can_guide_flow(flow_sigma(self.pipe.scheduler, self._timestep())):
             return self._guided(forward, kwargs, rows, total)
         if self.traces:
             with self.capture.record(*self.trace_tokens, self.grid, batch_slice=rows):

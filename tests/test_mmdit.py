@@ -500,3 +500,14 @@ def test_foreign_processors_are_refused_for_edits_and_left_alone_without(sd3):
 def test_joint_capture_refuses_a_layer_it_does_not_have(sd3):
     with pytest.raises(ValueError, match="unknown joint-attention layer 'transformer_blocks.9.attn'"):
         JointCapture(sd3.transformer, ["transformer_blocks.9.attn"])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_fast_mode_without_edits_and_at_zero_scale_is_diffusers_own(family, sd3, flux):
+    pipe = sd3 if family == "sd3" else flux
+    sg = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
+    kwargs = dict(prompt=PROMPT, num_inference_steps=STEPS, output_type="np", height=64, width=64)
+    expected, got = same_call(pipe, sg, **kwargs)
+    np.testing.assert_array_equal(got, expected)
+    _, zero = same_call(pipe, lambda **k: sg(edits=[move("circle", dx=0.2)], self_guidance_scale=0, **k), **kwargs)
+    np.testing.assert_array_equal(zero, expected)
