@@ -119,9 +119,9 @@ def joint_cases(batches=(1,), selected=SELECTED):
 
 
 def joint_cost(case, element_size, kernel):
-    """(bytes, FLOPs at fp16 tensor-core rate, FLOPs at tf32 rate) one launch must move and do: each
-    input read once and each output written once; the dots the kernel's design does (Q K^T on the
-    input tiles; P @ K, P^T @ (r Q) on fp32 P, tf32). `selected` columns' work is counted too."""
+    """(bytes, FLOPs on input-dtype tiles, FLOPs in tf32) one launch must move and do: each input read
+    once and each output written once; the dots of the kernel's design (Q K^T, P @ K and
+    P^T @ (r Q) on fp16/bf16 tiles; the selected columns' W @ K_sel and W^T @ Q in tf32)."""
     b, h, n, d, m, t, s = case.batch, case.heads, case.n, case.head_dim, case.image_keys, case.text, case.selected
     keys = m + t
     q_bytes, lse_bytes, maps_bytes = b * h * n * d * element_size, b * h * n * 4, b * s * n * 4
@@ -133,18 +133,16 @@ def joint_cost(case, element_size, kernel):
         return q_bytes + k_bytes + 2 * lse_bytes + maps_bytes, 2 * b * h * n * keys * d + select, 0
     if kernel == "backward_dq":
         # Q, K, lse, the maps' gradient in; dq, r and the selected dk shares out.
-        return 2 * q_bytes + k_bytes + 2 * lse_bytes + maps_bytes, 2 * b * h * n * keys * d + select, \
-            2 * b * h * n * keys * d + 2 * select
-    rows = m if kernel == "backward_dk_image" else t
+        return 2 * q_bytes + k_bytes + 2 * lse_bytes + maps_bytes, 4 * b * h * n * keys * d + select, 2 * select
     if kernel in ("backward_dk_image", "backward_dk_text"):
+        rows = m if kernel == "backward_dk_image" else t
         # Q, lse, r, these keys in; their dk (fp32) out.
-        return q_bytes + 2 * lse_bytes + b * h * rows * d * (element_size + 4), 2 * b * h * rows * n * d, \
-            2 * b * h * rows * n * d
+        return q_bytes + 2 * lse_bytes + b * h * rows * d * (element_size + 4), 4 * b * h * rows * n * d, 0
     raise ValueError(f"kernel must be one of {JOINT_KERNELS}, got {kernel!r}")
 
 
 def joint_floor_us(case, element_size, kernel, bandwidth, peaks):
     """The launch's floor: its bytes at the memory bandwidth or its dots at the tensor-core peaks,
     whichever is longer."""
-    nbytes, fp16_flops, tf32_flops = joint_cost(case, element_size, kernel)
-    return max(nbytes / bandwidth, fp16_flops / peaks["fp16"] + tf32_flops / peaks["tf32"]) * 1e6
+    nbytes, tile_flops, tf32_flops = joint_cost(case, element_size, kernel)
+    return max(nbytes / bandwidth, tile_flops / peaks["fp16"] + tf32_flops / peaks["tf32"]) * 1e6

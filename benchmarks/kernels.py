@@ -286,8 +286,9 @@ def write_results(records, command, joint_records=()):
         "row logsumexp given or computing it, the backward's dq (with the normaliser's P @ K over every "
         "joint key) and the normaliser's share of dk for the image and the text keys. Bytes: each input "
         "read once, each output written once; GFLOP: the dots the kernel does; floor: the bytes at the "
-        "bandwidth above or the dots at the dense tensor-core peaks (A100: 312 TFLOP/s fp16, 156 tf32; "
-        "H100 SXM: 989 fp16, 494 tf32; P @ K and P^T @ (r Q) run in tf32), whichever is longer.\n\n"
+        "bandwidth above or the dots at the dense tensor-core peaks (A100: 312 TFLOP/s fp16/bf16, 156 tf32; "
+        "H100 SXM: 989 and 494; Q K^T, P @ K and P^T @ (r Q) on fp16/bf16 tiles, the selected columns' "
+        "dots in tf32), whichever is longer.\n\n"
         f"{joint_table}\n\n"
         f"Targets missed: {len(failures(list(records) + list(joint_records)))}.\n"
     )

@@ -219,9 +219,25 @@ if HAS_TRITON:
                  mask=n_mask[:, None] & s_mask[None, :])
 
     @triton.jit
+    def _low_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr):
+        """a @ b for fp32 `a` in [-1, 1] and `b` in the input dtype. LOW (fp16/bf16 inputs): `a` rounded
+        to the input dtype and both on the tensor cores as they are (tf32's mantissa is fp16's: the
+        same rounding at twice the rate; bf16's is the input's own precision); the interpreter
+        rounds alike and multiplies in ACC. Else both in ACC at PRECISION (tf32x3 / ieee)."""
+        if LOW:
+            a = a.to(b.dtype)
+            if UPCAST:
+                a = a.to(ACC)
+                b = b.to(ACC)
+        else:
+            b = b.to(ACC)
+        return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+
+    @triton.jit
     def _probs_times_keys(q, k_base, K, stride_kt, stride_kd, D, qk_scale, lse2, o,
                           ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr,
-                          PV_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                          PV_PRECISION: tl.constexpr, PV_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
         """o + P @ K over K keys in tiles of BLOCK_M, P = exp2(logits2 - lse2)."""
         for m0 in range(0, K, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -232,8 +248,7 @@ if HAS_TRITON:
                 kq = k.to(ACC)
             s = tl.dot(q, tl.trans(kq), input_precision=QK_PRECISION, out_dtype=ACC) * qk_scale
             p = tl.where(m_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            # K in fp16/bf16 is exact in tf32: the dot's only rounding is P's, to tf32 (fp16's size).
-            o += tl.dot(p, k.to(ACC), input_precision=PV_PRECISION, out_dtype=ACC)
+            o += _low_dot(p, k, ACC, UPCAST_QK, PV_PRECISION, PV_LOW)
         return o
 
     @triton.jit
@@ -245,7 +260,8 @@ if HAS_TRITON:
         stride_ktb, stride_kth, stride_ktt, stride_ktd,
         stride_tb, stride_ts, stride_lb, stride_lh, stride_ln,
         WRITE_DK: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        PV_LOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         """One program per (block of positions, head, batch item):
         W = P_sel * G / heads over S tokens in chunks of BLOCK_S, r = rowsum W, then
@@ -292,9 +308,9 @@ if HAS_TRITON:
         # The normaliser's term: O = P @ K over every joint key.
         o = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
         o = _probs_times_keys(q, ki_base, M, stride_kit, stride_kid, D, qk_scale, lse2, o,
-                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, BLOCK_M, BLOCK_D)
+                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, PV_LOW, BLOCK_M, BLOCK_D)
         o = _probs_times_keys(q, kt_base, T, stride_ktt, stride_ktd, D, qk_scale, lse2, o,
-                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, BLOCK_M, BLOCK_D)
+                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, PV_LOW, BLOCK_M, BLOCK_D)
         dq = (dq_sel - r[:, None] * o) * scale
         tl.store(dq_ptr + ((b * HEADS + h) * N + offs_n[:, None]) * D + offs_d[None, :],
                  dq.to(dq_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
@@ -308,7 +324,7 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_lb, stride_lh, stride_ln,
-        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, PV_LOW: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (block of keys, head, batch item): the normaliser's share of dk,
@@ -337,9 +353,13 @@ if HAS_TRITON:
                            other=0.0).to(ACC) * 1.4426950408889634
             r = tl.load(r_ptr + (b * HEADS + h) * N + offs_n, mask=n_mask, other=0.0)
             s = tl.dot(k, tl.trans(qk), input_precision=QK_PRECISION, out_dtype=ACC) * qk_scale  # [BLOCK_K, BLOCK_N]
-            # r * P in fp32 (r can be far below fp16's range); Q is exact in tf32.
-            pr = tl.where(n_mask[None, :], tl.exp2(s - lse2[None, :]) * r[None, :], 0.0)
-            acc += tl.dot(pr, q.to(ACC), input_precision=PV_PRECISION, out_dtype=ACC)
+            p = tl.where(n_mask[None, :], tl.exp2(s - lse2[None, :]), 0.0)
+            # r can lie far below fp16's range: the block's r over its largest |r|, in [-1, 1], goes
+            # into the dot and the largest |r| multiplies its result.
+            r_max = tl.max(tl.abs(r), axis=0)
+            r_max = tl.where(r_max > 0, r_max, 1.0)
+            rq = q.to(ACC) * (r / r_max)[:, None]
+            acc += _low_dot(p, rq.to(q.dtype), ACC, UPCAST_QK, PV_PRECISION, PV_LOW) * r_max
         tl.store(dk_ptr + ((b * HEADS + h) * K + offs_k[:, None]) * D + offs_d[None, :], acc * neg_scale,
                  mask=k_mask[:, None] & (offs_d < D)[None, :])
 
@@ -391,6 +411,13 @@ def _cuda_sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _warps(block_d):
+    """4 warps; 8 for head dims of 128 and up, where 4 spill for sm_90 (FLUX's backward dq at two
+    stages) or take up to 245 registers (the normaliser's forward): chosen by compiling offline
+    (`python -m benchmarks.kernels`), without spills and with fewer registers, not by timing."""
+    return 8 if block_d >= 128 else 4
+
+
 def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, selected, dtype, sms,
                   has_lse=False, interpret=INTERPRET, num_warps=None, num_stages=None):
     """The launch of `kernel` ("forward", "backward_dq" or "backward_dk_image" / "backward_dk_text")
@@ -406,16 +433,17 @@ def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, sele
     block_s = min(MAX_BLOCK_S, max(16, _next_power_of_2(selected)))
     qk, pv = _precisions(dtype, interpret)
     meta = dict(UPCAST_QK=interpret or dtype in (torch.float32, torch.float64), QK_PRECISION=qk, BLOCK_D=block_d,
-                num_warps=num_warps or 4, num_stages=num_stages or 2)
+                num_warps=num_warps or _warps(block_d), num_stages=num_stages or 2)
+    pv_low = dtype in (torch.float16, torch.bfloat16)
     if kernel.startswith("backward_dk"):
         keys = image_keys if kernel == "backward_dk_image" else text_keys
-        meta.update(PV_PRECISION=pv, BLOCK_K=rows, BLOCK_N=inner)
+        meta.update(PV_PRECISION=pv, PV_LOW=pv_low, BLOCK_K=rows, BLOCK_N=inner)
         return {"grid": (max(1, triton.cdiv(keys, rows)), heads, batch), "groups": heads, "heads_per_program": 1,
                 "meta": meta}
     blocks = triton.cdiv(n, rows)
     meta.update(BLOCK_N=rows, BLOCK_M=inner, BLOCK_S=block_s)
     if kernel == "backward_dq":
-        meta["PV_PRECISION"] = pv
+        meta.update(PV_PRECISION=pv, PV_LOW=pv_low)
         return {"grid": (blocks, heads, batch), "groups": heads, "heads_per_program": 1, "meta": meta}
     meta["HAS_LSE"] = has_lse
     target = math.ceil(PROGRAMS_PER_SM["lse given" if has_lse else "lse computed"] * sms)

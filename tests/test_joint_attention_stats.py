@@ -516,6 +516,10 @@ def test_launch_plan_tiles_and_precisions(dtype, precisions):
                 meta["BLOCK_N"], meta["BLOCK_M"])
             assert (rows, inner) == (32, 64)
             assert meta["UPCAST_QK"] == (dtype in (torch.float32, torch.float64))
+            # fp16/bf16: P rounded to the input dtype for P @ K (tf32's mantissa is fp16's).
+            assert meta.get("PV_LOW", dtype in (torch.float16, torch.bfloat16)) == (
+                dtype in (torch.float16, torch.bfloat16))
+            assert (meta["num_warps"], meta["num_stages"]) == ((8 if block_d >= 128 else 4), 2)
             interpreted = ops.launch_config(kernel, 1, 24, 4096, d, 4096, 333, 3, dtype, 132, interpret=True)["meta"]
             assert interpreted["UPCAST_QK"] and interpreted["QK_PRECISION"] == "ieee"
     for selected, block_s in ((1, 16), (17, 32), (64, 64), (200, 64)):
@@ -638,3 +642,19 @@ def test_the_triton_path_says_what_it_needs(monkeypatch):
         "joint_attention_stats: the Triton path needs CUDA tensors, or TRITON_INTERPRET=1 set before sgfast.kernels "
         "is imported (to run the kernels on the CPU through the interpreter)"
     )
+
+
+def test_the_docs_examples_run():
+    """docs/kernels.md's joint-attention examples, run in order as one script (the reference on the CPU)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
+    section = text[text.index("## Joint attention statistics"):]
+    section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    scope = {}
+    exec(compile("\n".join(blocks), "docs/kernels.md", "exec"), scope)
+    assert scope["maps"].shape == (1, 2, 64) and scope["dk_img"].shape == (1, 4, 64, 16)
+    assert ((scope["centroid"] > 0) & (scope["centroid"] < 1)).all()
