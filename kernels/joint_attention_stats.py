@@ -411,11 +411,15 @@ def _cuda_sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _warps(block_d):
-    """4 warps; 8 for head dims of 128 and up, where 4 spill for sm_90 (FLUX's backward dq at two
-    stages) or take up to 245 registers (the normaliser's forward): chosen by compiling offline
-    (`python -m benchmarks.kernels`), without spills and with fewer registers, not by timing."""
-    return 8 if block_d >= 128 else 4
+def _warps_and_stages(kernel, block_d):
+    """(num_warps, num_stages): 4 warps and 2 stages; for head dims of 128 and up, 8 warps (with 4 the
+    normaliser's forward takes up to 245 registers), except the backward dq: 4 warps and 1 stage,
+    the one setting without spills for sm_90 under both Triton 3.9 and 3.6 (8 warps spill 8 bytes
+    under 3.6, 2 stages under 3.9). Chosen by compiling offline (`python -m benchmarks.kernels`), for
+    no spills and fewer registers, not by timing."""
+    if block_d < 128:
+        return 4, 2
+    return (4, 1) if kernel == "backward_dq" else (8, 2)
 
 
 def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, selected, dtype, sms,
@@ -433,7 +437,8 @@ def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, sele
     block_s = min(MAX_BLOCK_S, max(16, _next_power_of_2(selected)))
     qk, pv = _precisions(dtype, interpret)
     meta = dict(UPCAST_QK=interpret or dtype in (torch.float32, torch.float64), QK_PRECISION=qk, BLOCK_D=block_d,
-                num_warps=num_warps or _warps(block_d), num_stages=num_stages or 2)
+                num_warps=num_warps or _warps_and_stages(kernel, block_d)[0],
+                num_stages=num_stages or _warps_and_stages(kernel, block_d)[1])
     pv_low = dtype in (torch.float16, torch.bfloat16)
     if kernel.startswith("backward_dk"):
         keys = image_keys if kernel == "backward_dk_image" else text_keys
