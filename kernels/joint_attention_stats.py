@@ -105,11 +105,13 @@ def joint_attention_stats_reference(q, k_img, k_txt, token_index, height, width,
 
 def sdpa_with_logsumexp(q, k, v, scale=None):
     """(out, lse): scaled dot-product attention [B, heads, L, d] and its row logsumexp [B, heads, L]
-    (float32, natural log) from the one kernel call: flash attention on CUDA (fp16/bf16), the
-    memory-efficient kernel on CUDA otherwise, the CPU flash kernel on the CPU. `out` is
-    differentiable as SDPA's; `lse` is for `joint_attention_stats(lse=...)` (no gradient)."""
+    (float32, natural log) from the one kernel call: flash attention on CUDA (fp16/bf16, head dims
+    a multiple of 8 up to 256), the memory-efficient kernel on CUDA otherwise, the CPU flash kernel
+    on the CPU. `out` is differentiable as SDPA's; `lse` is for `joint_attention_stats(lse=...)`
+    (no gradient)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    head_dim = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
     elif q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]

@@ -165,6 +165,10 @@ def test_sdpa_with_logsumexp_on_the_cpu(dtype):
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3))
     torch.testing.assert_close(lse.to(dtype), torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, dim=-1))
     assert out.requires_grad and not lse.requires_grad and lse.shape == (2, 3, 11)
+    # Its output's gradient is SDPA's.
+    (got,) = torch.autograd.grad(out.square().sum(), q)
+    (want,) = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).square().sum(), q)
+    torch.testing.assert_close(got, want)
     assert sdpa_with_logsumexp(q, k, v)[1].shape == (2, 3, 11)  # default scale d ** -0.5
     torch.testing.assert_close(sdpa_with_logsumexp(q, k, v)[1].to(dtype),
                                torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, dim=-1))
@@ -629,6 +633,17 @@ def test_token_range_edges():
     meta = [t.to("meta") for t in (_q, _ki, _kt, _tokens)]
     sums, maps = joint_attention_stats(*meta, 3, 4, impl="torch")
     assert sums.shape == (2, 2, 3) and maps.shape == (2, 2, 12) and maps.device.type == "meta"
+
+
+@needs_triton
+def test_triton_empty_selection():
+    """No token selected: empty outputs and zero gradients, every kernel launched on the empty shapes."""
+    q, k_img, k_txt, token_index = make_inputs(31, 1, 2, 2, 3, 5, 1, 8, torch.float32)
+    inputs = [t.to(DEVICE).requires_grad_(True) for t in (q, k_img, k_txt)]
+    sums, maps = joint_attention_stats(*inputs, token_index[:, :0].to(DEVICE), 2, 3, impl="triton")
+    assert sums.shape == (1, 0, 3) and maps.shape == (1, 0, 6)
+    grads = torch.autograd.grad(sums.sum() + maps.sum(), inputs)
+    assert all(g.shape == x.shape and torch.equal(g, torch.zeros_like(g)) for g, x in zip(grads, inputs))
 
 
 def test_the_triton_path_says_what_it_needs(monkeypatch):
