@@ -427,7 +427,7 @@ def test_triton_gradient_for_each_input_alone(needs):
     _, maps = joint_attention_stats(*some, token_index, 3, 5, impl="triton")
     chosen = [t for t, need in zip(some, needs) if need]
     (got,) = torch.autograd.grad(maps.square().sum(), chosen)
-    torch.testing.assert_close(got, want[needs.index(True)], rtol=0, atol=0)
+    torch.testing.assert_close(got, want[needs.index(True)])
 
 
 @needs_triton
