@@ -25,8 +25,8 @@ into `lse`, and the gradients with respect to q and the keys are the exact ones 
 (L's own dependence on q and every key included), whichever way L was obtained.
 
 Backward. Write G[b, s, p] for the upstream gradient of the maps (the sums' folded in by autograd:
-sums = maps @ [1, x, y]), l_j = scale * q_p . k_j the logits of one row (b, h, p), j over all M + T
-joint keys. Then
+sums = maps @ [1, x, y]), l_j = scale * q_p . k_j the logits of one row (b, h, p) and
+P_j = exp(l_j - L_p) its probabilities, j over all M + T joint keys (image and text). Then
 
     dmaps/dP:   dP[p, t] = sum_{s: token_index[s] == t} G[s, p] / heads        (zero on image keys)
     softmax:    dl_j = P_j (dP_j - r_p),  r_p = sum_t P_t dP_t = sum_s W[p, s],
@@ -39,7 +39,14 @@ are the keys) and dL/dk_j = scale * P_j q_p. So the backward is two dense passes
 as flash attention's backward: per block of queries, O = P @ K (every joint key, for dq), and per
 block of keys, dk_dense = -scale * P^T (r * q) (every image query); plus the cheap selected-column
 terms (S columns), whose per-block dk shares are summed in a fixed order and put on their text
-rows by a one-hot matmul (deterministic; no atomics).
+rows by a one-hot matmul (deterministic; no atomics). With `lse` given, both passes take
+P_j = exp(l_j - lse_p): exact when lse is L; an lse off by e scales every term by exp(-e) (for a
+float32 lse, a relative error of about 1e-7).
+
+Dots: Q K^T on the input tiles (fp16/bf16 on tensor cores with fp32 accumulation, fp32 inputs in
+tf32x3, fp64 in fp64); P @ K and P^T @ (r Q) with P (and r Q, scaled per block into [-1, 1]) rounded
+to fp16/bf16 for fp16/bf16 inputs -- the rounding tf32 would make for fp16, at twice tf32's rate; the
+selected columns' dots (S columns) in fp32.
 
 Public entry: `joint_attention_stats(...)`; `joint_attention_stats_reference(...)` is the plain
 PyTorch ground truth. `launch_config(...)` is the launch plan; `benchmarks.kernels` compiles exactly
