@@ -268,7 +268,16 @@ def failures(records):
     return bad
 
 
-def write_results(records, command, joint_records=()):
+def _triton_version():
+    import triton
+
+    return triton.__version__
+
+
+def write_results(records, command, joint_records=(), compiled_on=None):
+    import datetime
+
+    compiled_on = compiled_on or datetime.date.today().isoformat()
     table = "\n".join([HEADER, "|" + "---|" * 13] + [format_row(r) for r in records])
     joint_table = "\n".join([JOINT_HEADER, "|" + "---|" * 13] + [format_joint_row(r) for r in joint_records])
     section = (
@@ -288,7 +297,10 @@ def write_results(records, command, joint_records=()):
         "read once, each output written once; GFLOP: the dots the kernel does; floor: the bytes at the "
         "bandwidth above or the dots at the dense tensor-core peaks (A100: 312 TFLOP/s fp16/bf16, 156 tf32; "
         "H100 SXM: 989 and 494; Q K^T, P @ K and P^T @ (r Q) on fp16/bf16 tiles, the selected columns' "
-        "dots in tf32), whichever is longer.\n\n"
+        "dots in tf32), whichever is longer. "
+        f"Compiled {compiled_on} with Triton {_triton_version()} on a CPU-only machine; Triton 3.6.0 (the GPU "
+        "image's) compiles the same joint launches for both targets without spills too (the 3.6.0 wheel on "
+        "PYTHONPATH, the same command).\n\n"
         f"{joint_table}\n\n"
         f"Targets missed: {len(failures(list(records) + list(joint_records)))}.\n"
     )
