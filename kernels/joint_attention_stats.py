@@ -25,8 +25,8 @@ into `lse`, and the gradients with respect to q and the keys are the exact ones 
 (L's own dependence on q and every key included), whichever way L was obtained.
 
 Backward. Write G[b, s, p] for the upstream gradient of the maps (the sums' folded in by autograd:
-sums = maps @ [1, x, y]), l_j = scale * q_p . k_j the logits of one row (b, h, p), j over all M + T
-joint keys. Then
+sums = maps @ [1, x, y]), l_j = scale * q_p . k_j the logits of one row (b, h, p) and
+P_j = exp(l_j - L_p) its probabilities, j over all M + T joint keys (image and text). Then
 
     dmaps/dP:   dP[p, t] = sum_{s: token_index[s] == t} G[s, p] / heads        (zero on image keys)
     softmax:    dl_j = P_j (dP_j - r_p),  r_p = sum_t P_t dP_t = sum_s W[p, s],
@@ -39,7 +39,14 @@ are the keys) and dL/dk_j = scale * P_j q_p. So the backward is two dense passes
 as flash attention's backward: per block of queries, O = P @ K (every joint key, for dq), and per
 block of keys, dk_dense = -scale * P^T (r * q) (every image query); plus the cheap selected-column
 terms (S columns), whose per-block dk shares are summed in a fixed order and put on their text
-rows by a one-hot matmul (deterministic; no atomics).
+rows by a one-hot matmul (deterministic; no atomics). With `lse` given, both passes take
+P_j = exp(l_j - lse_p): exact when lse is L; an lse off by e scales every term by exp(-e) (for a
+float32 lse, a relative error of about 1e-7).
+
+Dots: Q K^T on the input tiles (fp16/bf16 on tensor cores with fp32 accumulation, fp32 inputs in
+tf32x3, fp64 in fp64); P @ K and P^T @ (r Q) with P (and r Q, scaled per block into [-1, 1]) rounded
+to fp16/bf16 for fp16/bf16 inputs -- the rounding tf32 would make for fp16, at twice tf32's rate; the
+selected columns' dots (S columns) in fp32.
 
 Public entry: `joint_attention_stats(...)`; `joint_attention_stats_reference(...)` is the plain
 PyTorch ground truth. `launch_config(...)` is the launch plan; `benchmarks.kernels` compiles exactly
@@ -105,11 +112,13 @@ def joint_attention_stats_reference(q, k_img, k_txt, token_index, height, width,
 
 def sdpa_with_logsumexp(q, k, v, scale=None):
     """(out, lse): scaled dot-product attention [B, heads, L, d] and its row logsumexp [B, heads, L]
-    (float32, natural log) from the one kernel call: flash attention on CUDA (fp16/bf16), the
-    memory-efficient kernel on CUDA otherwise, the CPU flash kernel on the CPU. `out` is
-    differentiable as SDPA's; `lse` is for `joint_attention_stats(lse=...)` (no gradient)."""
+    (float32, natural log) from the one kernel call: flash attention on CUDA (fp16/bf16, head dims
+    a multiple of 8 up to 256), the memory-efficient kernel on CUDA otherwise, the CPU flash kernel
+    on the CPU. `out` is differentiable as SDPA's; `lse` is for `joint_attention_stats(lse=...)`
+    (no gradient)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    head_dim = q.shape[-1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
     elif q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
@@ -219,9 +228,25 @@ if HAS_TRITON:
                  mask=n_mask[:, None] & s_mask[None, :])
 
     @triton.jit
+    def _low_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr):
+        """a @ b for fp32 `a` in [-1, 1] and `b` in the input dtype. LOW (fp16/bf16 inputs): `a` rounded
+        to the input dtype and both on the tensor cores as they are (tf32's mantissa is fp16's: the
+        same rounding at twice the rate; bf16's is the input's own precision); the interpreter
+        rounds alike and multiplies in ACC. Else both in ACC at PRECISION (tf32x3 / ieee)."""
+        if LOW:
+            a = a.to(b.dtype)
+            if UPCAST:
+                a = a.to(ACC)
+                b = b.to(ACC)
+        else:
+            b = b.to(ACC)
+        return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+
+    @triton.jit
     def _probs_times_keys(q, k_base, K, stride_kt, stride_kd, D, qk_scale, lse2, o,
                           ACC: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr,
-                          PV_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                          PV_PRECISION: tl.constexpr, PV_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
         """o + P @ K over K keys in tiles of BLOCK_M, P = exp2(logits2 - lse2)."""
         for m0 in range(0, K, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -232,8 +257,7 @@ if HAS_TRITON:
                 kq = k.to(ACC)
             s = tl.dot(q, tl.trans(kq), input_precision=QK_PRECISION, out_dtype=ACC) * qk_scale
             p = tl.where(m_mask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-            # K in fp16/bf16 is exact in tf32: the dot's only rounding is P's, to tf32 (fp16's size).
-            o += tl.dot(p, k.to(ACC), input_precision=PV_PRECISION, out_dtype=ACC)
+            o += _low_dot(p, k, ACC, UPCAST_QK, PV_PRECISION, PV_LOW)
         return o
 
     @triton.jit
@@ -245,7 +269,8 @@ if HAS_TRITON:
         stride_ktb, stride_kth, stride_ktt, stride_ktd,
         stride_tb, stride_ts, stride_lb, stride_lh, stride_ln,
         WRITE_DK: tl.constexpr, UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        PV_LOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         """One program per (block of positions, head, batch item):
         W = P_sel * G / heads over S tokens in chunks of BLOCK_S, r = rowsum W, then
@@ -292,9 +317,9 @@ if HAS_TRITON:
         # The normaliser's term: O = P @ K over every joint key.
         o = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
         o = _probs_times_keys(q, ki_base, M, stride_kit, stride_kid, D, qk_scale, lse2, o,
-                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, BLOCK_M, BLOCK_D)
+                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, PV_LOW, BLOCK_M, BLOCK_D)
         o = _probs_times_keys(q, kt_base, T, stride_ktt, stride_ktd, D, qk_scale, lse2, o,
-                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, BLOCK_M, BLOCK_D)
+                              ACC, UPCAST_QK, QK_PRECISION, PV_PRECISION, PV_LOW, BLOCK_M, BLOCK_D)
         dq = (dq_sel - r[:, None] * o) * scale
         tl.store(dq_ptr + ((b * HEADS + h) * N + offs_n[:, None]) * D + offs_d[None, :],
                  dq.to(dq_ptr.dtype.element_ty), mask=n_mask[:, None] & d_mask[None, :])
@@ -308,7 +333,7 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_lb, stride_lh, stride_ln,
-        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+        UPCAST_QK: tl.constexpr, QK_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, PV_LOW: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (block of keys, head, batch item): the normaliser's share of dk,
@@ -337,9 +362,13 @@ if HAS_TRITON:
                            other=0.0).to(ACC) * 1.4426950408889634
             r = tl.load(r_ptr + (b * HEADS + h) * N + offs_n, mask=n_mask, other=0.0)
             s = tl.dot(k, tl.trans(qk), input_precision=QK_PRECISION, out_dtype=ACC) * qk_scale  # [BLOCK_K, BLOCK_N]
-            # r * P in fp32 (r can be far below fp16's range); Q is exact in tf32.
-            pr = tl.where(n_mask[None, :], tl.exp2(s - lse2[None, :]) * r[None, :], 0.0)
-            acc += tl.dot(pr, q.to(ACC), input_precision=PV_PRECISION, out_dtype=ACC)
+            p = tl.where(n_mask[None, :], tl.exp2(s - lse2[None, :]), 0.0)
+            # r can lie far below fp16's range: the block's r over its largest |r|, in [-1, 1], goes
+            # into the dot and the largest |r| multiplies its result.
+            r_max = tl.max(tl.abs(r), axis=0)
+            r_max = tl.where(r_max > 0, r_max, 1.0)
+            rq = q.to(ACC) * (r / r_max)[:, None]
+            acc += _low_dot(p, rq.to(q.dtype), ACC, UPCAST_QK, PV_PRECISION, PV_LOW) * r_max
         tl.store(dk_ptr + ((b * HEADS + h) * K + offs_k[:, None]) * D + offs_d[None, :], acc * neg_scale,
                  mask=k_mask[:, None] & (offs_d < D)[None, :])
 
@@ -391,6 +420,17 @@ def _cuda_sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _warps_and_stages(kernel, block_d):
+    """(num_warps, num_stages): 4 warps and 2 stages; for head dims of 128 and up, 8 warps (with 4 the
+    normaliser's forward takes up to 245 registers), except the backward dq: 4 warps and 1 stage,
+    the one setting without spills for sm_90 under both Triton 3.9 and 3.6 (8 warps spill 8 bytes
+    under 3.6, 2 stages under 3.9). Chosen by compiling offline (`python -m benchmarks.kernels`), for
+    no spills and fewer registers, not by timing."""
+    if block_d < 128:
+        return 4, 2
+    return (4, 1) if kernel == "backward_dq" else (8, 2)
+
+
 def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, selected, dtype, sms,
                   has_lse=False, interpret=INTERPRET, num_warps=None, num_stages=None):
     """The launch of `kernel` ("forward", "backward_dq" or "backward_dk_image" / "backward_dk_text")
@@ -406,16 +446,18 @@ def launch_config(kernel, batch, heads, n, head_dim, image_keys, text_keys, sele
     block_s = min(MAX_BLOCK_S, max(16, _next_power_of_2(selected)))
     qk, pv = _precisions(dtype, interpret)
     meta = dict(UPCAST_QK=interpret or dtype in (torch.float32, torch.float64), QK_PRECISION=qk, BLOCK_D=block_d,
-                num_warps=num_warps or 4, num_stages=num_stages or 2)
+                num_warps=num_warps or _warps_and_stages(kernel, block_d)[0],
+                num_stages=num_stages or _warps_and_stages(kernel, block_d)[1])
+    pv_low = dtype in (torch.float16, torch.bfloat16)
     if kernel.startswith("backward_dk"):
         keys = image_keys if kernel == "backward_dk_image" else text_keys
-        meta.update(PV_PRECISION=pv, BLOCK_K=rows, BLOCK_N=inner)
+        meta.update(PV_PRECISION=pv, PV_LOW=pv_low, BLOCK_K=rows, BLOCK_N=inner)
         return {"grid": (max(1, triton.cdiv(keys, rows)), heads, batch), "groups": heads, "heads_per_program": 1,
                 "meta": meta}
     blocks = triton.cdiv(n, rows)
     meta.update(BLOCK_N=rows, BLOCK_M=inner, BLOCK_S=block_s)
     if kernel == "backward_dq":
-        meta["PV_PRECISION"] = pv
+        meta.update(PV_PRECISION=pv, PV_LOW=pv_low)
         return {"grid": (blocks, heads, batch), "groups": heads, "heads_per_program": 1, "meta": meta}
     meta["HAS_LSE"] = has_lse
     target = math.ceil(PROGRAMS_PER_SM["lse given" if has_lse else "lse computed"] * sms)
