@@ -18,6 +18,7 @@ from sgfast.edits import (  # noqa: E402
     restyle,
 )
 from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline  # noqa: E402
+from sgfast.mmdit_pipeline import MMDiTSelfGuidancePipeline  # noqa: E402  (SD3 / FLUX: from_pipe hands them to it)
 from sgfast.trace import Trace  # noqa: E402
 
 __version__ = "0.1.0"

@@ -388,7 +388,8 @@ def test_a_folder_loads_as_its_class_with_the_arguments_given(tmp_path):
     with pytest.raises(ValueError) as raised:
         load_pipeline(str(tmp_path / "sd"))
     assert str(raised.value) == (f"{str(tmp_path / 'sd')!r} holds a StableDiffusionImg2ImgPipeline; "
-                                 "sgfast loads StableDiffusionPipeline or StableDiffusionXLPipeline folders")
+                                 "sgfast loads StableDiffusionPipeline or StableDiffusionXLPipeline or "
+                                 "StableDiffusion3Pipeline or FluxPipeline folders")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
