@@ -195,3 +195,119 @@ def test_the_built_in_model_moves_an_uploaded_photos_object(default_sg):
         image = PIL.Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
         ok, error = check_move(scene, word_object, (dx, dy), image)
         assert ok, error
+
+
+# ----------------------------------------------------------------------------------------------
+# Photos as phones and tools write them; every way Pillow refuses a file
+
+
+def png_chunk(kind, data):
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def text_bomb():
+    """An 8 KB PNG whose compressed text chunk expands to 8 MB (Pillow: ValueError "Decompressed data too large")."""
+    import zlib
+
+    data = encoded(PIL.Image.new("RGB", (64, 64)))
+    return data[:33] + png_chunk(b"zTXt", b"c\0\0" + zlib.compress(b"A" * 2**23, 9)) + data[33:]
+
+
+def test_pillow_refusals_are_4xx_without_addresses(client):
+    png = encoded(scene_photo())
+    cases = [
+        (text_bomb(), 413, "decompresses to more than"),
+        (b"hello, not an image", 415, "not a readable image"),
+        (png[: len(png) // 2], 415, "truncated or corrupt"),
+        (png[:16] + b"\xff" * 8 + png[24:], 415, "PNG or JPEG"),  # IHDR's sides scrambled (its CRC then fails)
+        (encoded(scene_photo(), "JPEG")[:300], 415, "PNG or JPEG"),
+    ]
+    before = photo_outcomes(client)
+    for data, status, message in cases:
+        detail = error_of(post(client, data), status)
+        assert message in detail["message"] and " at 0x" not in detail["message"], detail
+    assert sum(photo_outcomes(client).values()) == sum(before.values()) + len(cases)
+
+
+@pytest.mark.parametrize("error", [OSError("broken data stream"), ValueError("Decompressed data too large"), SyntaxError("not a PNG file"),
+                                   EOFError(), IndexError("list index out of range"), KeyError(7), TypeError("bad"), ZeroDivisionError(),
+                                   "struct", "bomb"])
+def test_every_exception_of_pillows_decoders_is_a_photo_error(error):
+    import struct
+
+    from sgfast.invert import PhotoError
+    from sgfast.serve.photo import refusals
+
+    if error == "struct":
+        error = struct.error("unpack requires a buffer of 4 bytes")
+    elif error == "bomb":
+        error = PIL.Image.DecompressionBombError("Image size (1000000000 pixels) exceeds limit")
+    with pytest.raises(PhotoError) as refused:
+        with refusals("is not a readable image"):
+            raise error
+    too_large = isinstance(error, PIL.Image.DecompressionBombError) or "too large" in str(error)
+    assert refused.value.kind == ("too_large" if too_large else "unsupported")
+    assert type(error).__name__ in str(refused.value) or too_large
+
+
+def test_photo_bytes_take_wrapped_base64_and_data_urls():
+    from sgfast.invert import PhotoError
+    from sgfast.serve.photo import photo_bytes
+
+    data = encoded(scene_photo())
+    assert photo_bytes(base64.encodebytes(data).decode()) == data  # 76 columns, "\n"
+    assert photo_bytes(base64.encodebytes(data).decode().replace("\n", "\r\n")) == data
+    assert photo_bytes("data:image/png;base64," + base64.b64encode(data).decode()) == data
+    assert photo_bytes("DATA:image/jpeg;name=a.jpg;base64,\n" + base64.encodebytes(data).decode()) == data
+    with pytest.raises(PhotoError, match="data URL of 'text/plain'"):
+        photo_bytes("data:text/plain;base64," + base64.b64encode(data).decode())
+    with pytest.raises(PhotoError, match="line breaks and a data:image/png;base64, prefix are allowed"):
+        photo_bytes(base64.b64encode(data).decode()[:-2] + "!!")
+
+
+def mpo(first, second):
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second], quality=95)
+    return buffer.getvalue()
+
+
+def with_orientation(image, orientation, format="JPEG"):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(image, format, exif=exif.tobytes(), **({"quality": 95} if format == "JPEG" else {}))
+
+
+def test_multi_picture_jpegs_give_their_first_picture_and_exif_turns_photos_upright():
+    from sgfast.serve.photo import load_photo
+
+    photo = scene_photo()
+    other = PIL.Image.new("RGB", photo.size, (0, 200, 0))
+    data = mpo(photo, other)
+    assert PIL.Image.open(io.BytesIO(data)).format == "MPO"
+    first = np.asarray(PIL.Image.open(io.BytesIO(encoded(photo, "JPEG", quality=95))).convert("RGB"), np.int16)
+    assert np.abs(np.asarray(load_photo(data), np.int16) - first).max() <= 2  # the first picture, not the green one
+    landscape = photo.crop((0, 16, 64, 48))  # 64x32, stored sideways: orientation 6 = turn 90 degrees clockwise
+    for format in ("JPEG", "PNG"):
+        upright = np.asarray(load_photo(with_orientation(landscape, 6, format)), np.int16)
+        assert upright.shape == (64, 32, 3)
+        right, wrong = (np.abs(upright - np.asarray(landscape.transpose(turn), np.int16)).mean()
+                        for turn in (PIL.Image.Transpose.ROTATE_270, PIL.Image.Transpose.ROTATE_90))
+        assert right < (8 if format == "JPEG" else 0.01) and wrong > 40, (right, wrong)
+    with pytest.raises(ValueError, match="32x64 upright.*between 8 and 48"):
+        load_photo(with_orientation(landscape, 6), max_side=48)  # the upright height is over the cap
+    assert load_photo(with_orientation(landscape, 1), max_side=64).size == (64, 32)
+
+
+def test_a_phones_photo_is_edited_upright(client):
+    """An MPO with an EXIF orientation, sent as `base64` without -w0 writes it behind a data URL head."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 8  # turn 90 degrees counter-clockwise
+    buffer = io.BytesIO()
+    scene_photo().crop((0, 16, 64, 48)).save(buffer, "MPO", save_all=True, append_images=[scene_photo()], exif=exif.tobytes())
+    text = "data:image/jpeg;base64," + base64.encodebytes(buffer.getvalue()).decode()
+    r = client.post("/v1/edits", json={"photo": text, "prompt": PROMPT, "edits": MOVE, "steps": 2})
+    assert r.status_code == 200, r.text[:300]
+    assert (r.json()["width"], r.json()["height"]) == (32, 64)
