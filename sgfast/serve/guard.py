@@ -114,6 +114,7 @@ class Guard:
             await self._handle(scope, receive, recorded)
         except Exception as e:  # the last resort, a bug below: still one schema, one count, the connection kept sane
             log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            state["outcome"] = "error"  # whatever the route had noted before it failed
             if status is None:
                 status = 500
                 await send_error(send, 500, f"internal error: {type(e).__name__}; the server carries on", close=True)
