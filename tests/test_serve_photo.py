@@ -311,3 +311,148 @@ def test_a_phones_photo_is_edited_upright(client):
     r = client.post("/v1/edits", json={"photo": text, "prompt": PROMPT, "edits": MOVE, "steps": 2})
     assert r.status_code == 200, r.text[:300]
     assert (r.json()["width"], r.json()["height"]) == (32, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fuzz: photos from a seeded generator (chunk structures, sizes, truncations, bit flips)
+
+
+def png_chunks(data):
+    """[(type, body)] of a PNG (after its signature)."""
+    import struct
+
+    chunks, at = [], 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        chunks.append((kind, data[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def jpeg_segments(data):
+    """[marker + body] of a JPEG's segments up to its scan, then the rest as one piece."""
+    import struct
+
+    segments, at = [data[:2]], 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        if data[at + 1] == 0xDA:  # start of scan: the entropy-coded data follows
+            break
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+        segments.append(data[at : at + 2 + length])
+        at += 2 + length
+    return segments + [data[at:]]
+
+
+def random_photo(rng):
+    """A seeded random file: a real image of a random size, mode and format, then mangled."""
+    import struct
+    import zlib
+
+    side = lambda: rng.choice([8, 16, 24, 32, 7, 1, 40, 4096])
+    size = (side(), side()) if rng.random() < 0.3 else (rng.choice([16, 32]),) * 2
+    size = size if size[0] * size[1] <= 4096 * 64 else (32, 32)
+    pixels = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels).convert(rng.choice(["RGB", "L", "P", "RGBA", "CMYK", "1"]))
+    format = rng.choice(["PNG", "JPEG", "MPO"]) if image.mode in ("RGB", "L") else "PNG"
+    if image.mode == "CMYK":
+        format = rng.choice(["JPEG", "MPO"])
+    if image.mode == "1" and rng.random() < 0.5:
+        format = "GIF"
+    kwargs = {}
+    if rng.random() < 0.3:
+        exif = PIL.Image.Exif()
+        exif[0x0112] = rng.choice([0, 1, 3, 6, 8, 9, 65535])
+        kwargs["exif"] = exif.tobytes()
+    if format == "MPO":
+        kwargs.update(save_all=True, append_images=[image])
+    data = encoded(image, format, **kwargs)
+    what = rng.random()
+    if format == "PNG" and what < 0.4:  # the chunk structure
+        chunks = png_chunks(data)
+        for _ in range(rng.randrange(1, 4)):
+            move = rng.randrange(5)
+            if move == 0 and len(chunks) > 1:
+                del chunks[rng.randrange(len(chunks))]
+            elif move == 1:
+                chunks.insert(rng.randrange(len(chunks) + 1), chunks[rng.randrange(len(chunks))])
+            elif move == 2:
+                kind = rng.choice([b"tEXt", b"zTXt", b"iTXt", b"iCCP", b"eXIf", b"sPLT", b"acTL", b"fcTL", b"xYzW", b"IHDR"])
+                body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+                if kind in (b"zTXt", b"iCCP"):
+                    body = b"k\0\0" + zlib.compress(b"A" * rng.choice([10, 10**5, 2**23]), 9)
+                chunks.insert(rng.randrange(1, len(chunks) + 1), (kind, body))
+            elif move == 3:
+                rng.shuffle(chunks)
+            else:
+                i = rng.randrange(len(chunks))
+                chunks[i] = (chunks[i][0], chunks[i][1][: rng.randrange(len(chunks[i][1]) + 1)])
+        data = data[:8] + b"".join(png_chunk(k, b) if rng.random() < 0.9 else struct.pack(">I", rng.randrange(2**32)) + k + b for k, b in chunks)
+    elif format in ("JPEG", "MPO") and what < 0.4:  # the segment structure
+        segments = jpeg_segments(data)
+        for _ in range(rng.randrange(1, 3)):
+            i = rng.randrange(1, len(segments))
+            move = rng.randrange(3)
+            if move == 0:
+                del segments[i]
+            elif move == 1:
+                segments.insert(i, segments[rng.randrange(1, len(segments))])
+            else:
+                body = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60)))
+                segments.insert(i, b"\xff" + bytes([rng.choice([0xE1, 0xE2, 0xC0, 0xDB, 0xC4, 0xDD])]) + struct.pack(">H", len(body) + 2) + body)
+        data = b"".join(segments)
+    elif what < 0.65:
+        data = data[: rng.randrange(len(data) + 1)]
+    elif what < 0.9:
+        flipped = bytearray(data)
+        for _ in range(rng.randrange(1, 9)):
+            at = rng.randrange(len(flipped))
+            flipped[at] ^= 1 << rng.randrange(8)
+        data = bytes(flipped)
+    return data
+
+
+def random_photo_field(rng, data):
+    text = base64.b64encode(data).decode()
+    how = rng.random()
+    if how < 0.2:
+        return base64.encodebytes(data).decode()
+    if how < 0.3:
+        return "data:image/png;base64," + text
+    if how < 0.35:
+        return text[: rng.randrange(len(text) + 1)]
+    return text
+
+
+def fuzz_photos(client, count, seed):
+    import random
+
+    rng = random.Random(seed)
+    statuses, sent = {}, sum(photo_outcomes(client).values())
+    for _ in range(count):
+        data = random_photo(rng)
+        body = {"photo": random_photo_field(rng, data), "prompt": PROMPT, "edits": MOVE, "steps": 2}
+        r = client.post("/v1/edits", json=body)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert r.status_code < 500 and r.headers["content-type"] == "application/json", (data[:64], r.text[:300])
+        if r.status_code >= 400:
+            error_of(r, r.status_code)
+        else:
+            assert r.json()["image"]
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert sum(photo_outcomes(client).values()) == sent + count  # one counted outcome each, none lost
+    assert post(client, encoded(scene_photo()), steps=2).status_code == 200
+    return statuses
+
+
+def test_fuzz_photos(tiny_sg):
+    with make_client(tiny_sg) as c:
+        statuses = fuzz_photos(c, 30, seed=0)
+    assert statuses.get(200, 0) >= 2 and statuses.get(415, 0) >= 8 and statuses.get(422, 0) >= 1, statuses
+
+
+@pytest.mark.slow
+def test_fuzz_photos_hundreds(tiny_sg):
+    with make_client(tiny_sg) as c:
+        statuses = fuzz_photos(c, 600, seed=1)
+    assert statuses.get(200, 0) >= 20 and statuses.get(413, 0) >= 1, statuses
