@@ -346,3 +346,11 @@ def test_an_unexpected_exception_is_answered_in_the_schema_and_counted_once(tiny
         assert c.post("/v1/images", json={"prompt": PROMPT, "steps": 1}).status_code == 200  # it carries on
         assert outcomes(c) == {"error": 1, "ok": 1}
         assert 'sgfast_photo_edits_total{outcome="error"} 1.0' in c.get("/metrics").text
+
+
+def test_messages_carry_no_heap_addresses():
+    from sgfast.serve.errors import error_detail, raw_response
+
+    message = "cannot identify image file <_io.BytesIO object at 0x7fe1c2a3b4d0>; <function f at 0xABCDEF12>"
+    assert error_detail(500, message)["message"] == "cannot identify image file <_io.BytesIO object>; <function f>"
+    assert b"0x" not in raw_response(400, "Bad Request", message)

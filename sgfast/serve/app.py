@@ -23,16 +23,22 @@ Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedite
 `degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
 `cache_hit`, `batch_size`, `words`. Every other answer has one schema (`sgfast.serve.errors`):
 `{"detail": {"status", "type", "message", ...}}`: 400 for a Host header this server does not answer
-to; 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a body
-over the cap (declared or chunked); 415 for a body not sent as application/json; 422 for bad input
-(schema, caps, unknown words naming the prompt's words, an edit with no word to hold or no guided
-step, a budget no plan can ever meet: `errors` lists the schema's complaints). Photos (/v1/edits):
-413 over `--max-photo-kb` (the body may be 4/3 of it, base64, plus 64 KB); 415 for a file that is not
-a PNG or JPEG, or not 8 bits a channel (CMYK, 16-bit); 422 for a photo that is not base64 or whose
-sides are not multiples of the model's size step up to `--max-size` (a 1x1 image). 503 with Retry-After
-when the request would miss its budget under `--policy reject` (or make queued requests miss theirs),
-the queue is full, its deadline passed while queued, or the server is stopping; 500 when generation
-failed (the worker carries on). A client that goes away cancels its request.
+to, a request with both Content-Length and Transfer-Encoding (the connection is closed), or one the
+HTTP parser refuses (`sgfast.serve.http`); 404 for a path with no route (no redirect for a trailing
+slash); 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a
+body over the cap (declared or chunked); 415 for a body not sent as application/json, or not UTF-8;
+422 for bad input (schema, caps, unknown words naming the prompt's words, an edit with no word to hold
+or no guided step, a budget no plan can ever meet: `errors` lists the schema's complaints). Photos
+(/v1/edits, `sgfast.serve.photo`): base64, wrapped or not, with or without a `data:image/...;base64,`
+head; a PNG, JPEG or multi-picture JPEG (its first picture), turned upright by its EXIF orientation;
+413 over `--max-photo-kb` or for a file that decompresses past what the server takes; 415 for a file
+that is not a readable PNG or JPEG (whatever Pillow raised), or not 8 bits a channel (CMYK, 16-bit);
+422 for a photo that is not base64 or whose upright sides are not multiples of the model's size step
+up to `--max-size`. 503 with Retry-After when the request would miss its budget under `--policy
+reject` (or make queued requests miss theirs), the queue is full, its deadline passed while queued,
+or the server is stopping; 500 when generation failed, or for any error nobody expected (logged; the
+server carries on). A client that goes away cancels its request. /docs and /openapi.json only with
+`docs=True` (`--docs`).
 
 The engine (`sgfast.serve.engine`, with the per-step scheduler of `sgfast.serve.iteration`) does the
 work: admission against the budget, EDF queue, one worker thread owning the model, batching and the

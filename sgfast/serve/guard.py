@@ -1,12 +1,17 @@
 """The ASGI layer in front of the FastAPI app: the checks every request passes before a route sees it,
 and the one place that counts how each request ended.
 
+- framing: Content-Length together with Transfer-Encoding -> 400, connection closed (RFC 9112 6.1:
+  the two disagree on where the body ends, and the rest would run as a smuggled request);
 - Host: only the configured host names (DNS rebinding: a page on another name that resolves to
-  loopback must not reach the server) -> 400;
+  loopback must not reach the server), parsed strictly (no userinfo, no path) -> 400;
 - POST bodies: JSON only -> 415; at most `max_body_bytes` (`photo_body_bytes` for /v1/edits, whose
   body carries a photo), declared or streamed (chunked) -> 413;
-  read in full within `body_timeout_s` -> 408. The route then gets the body already read, so a body
-  error is answered here and never becomes the framework's "error parsing the body";
+  read in full within `body_timeout_s` -> 408; in UTF-8, the only encoding of JSON over HTTP (RFC
+  8259) -> 415. The route then gets the body already read, so a body error is answered here and
+  never becomes the framework's "error parsing the body";
+- the last resort: an exception nobody caught is logged and answered 500 in the schema (when no
+  answer has started), counted once as "error";
 - outcomes: each request to /v1/images ends in exactly one `sgfast_requests_total{outcome}` count, each
   to /v1/edits in one `sgfast_photo_edits_total{outcome}` count (the routes name finer outcomes such
   as degraded, expired or cancelled in `scope["sgfast"]`); every other route counts in

@@ -89,6 +89,8 @@ def refusals(what):
         raise
     except Exception as error:
         reason = without_addresses(str(error)) or type(error).__name__
+        if isinstance(error, PIL.UnidentifiedImageError):  # its message names the file object
+            reason = "no image format recognised"
         if isinstance(error, PIL.Image.DecompressionBombError) or "decompressed data too large" in reason.lower():
             raise PhotoError("too_large", f"the photo decompresses to more than this server takes ({reason})") from None
         raise PhotoError("unsupported", f"the photo {what} ({type(error).__name__}: {reason}); send a PNG or JPEG file") from None
