@@ -6,7 +6,8 @@ plain generations, edits whose reference pass runs (a new seed) or is cached (th
 and photo edits (inversion, regeneration and edit), at several step counts. For each, the prediction
 admission made (`timings.predicted_ms`) is compared with the pipeline call's time (`timings.run_ms`):
 error = predicted / measured - 1. Prints the distribution of |error| by kind (p50, p90, max) and the
-signed median (under- or over-prediction); `--results-md` adds it to RESULTS.md's "## Serving" section.
+signed median (under- or over-prediction); `--results-md` writes it as RESULTS.md's "## Serving: the
+cost model's error" section.
 
     python -m benchmarks.serve_cost --model default --threads 1
     python -m benchmarks.serve_cost --model tiny --rounds 1
@@ -22,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red circle and a blue square"
-HEADING = "### Cost model: predicted against measured"
+HEADING = "## Serving: the cost model's error"
 
 
 def percentile(values, q):
@@ -84,12 +85,22 @@ def summary(rows):
     }
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def markdown(stats, command, note, load):
+    import torch
+
     date = datetime.date.today().isoformat()
     lines = [
         HEADING,
         "",
-        f"{date}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+        f"{date}, {cpu_name()}, {os.cpu_count()} cores, GPU: none, torch {torch.__version__}, Python {platform.python_version()}. "
         f"Load average during the run: {load}. {note}".strip(),
         f"Command: `{command}`. Each request ran alone (nothing queued), so each prediction is the cost model's own; "
         "error = predicted / measured - 1 of the pipeline call (`timings.predicted_ms` against `timings.run_ms`). "
@@ -104,16 +115,18 @@ def markdown(stats, command, note, load):
 
 
 def write_section(path, text):
-    """Put `text` (a "###" subsection) at the end of the "## Serving" section, replacing an older one."""
+    """Replace this benchmark's own section of RESULTS.md, or put it after the last "## Serving" one."""
     lines = open(path).read().splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.strip() == "## Serving")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    old = next((i for i in range(start, end) if lines[i].strip() == HEADING), None)
-    if old is not None:
-        stop = next((i for i in range(old + 1, end) if lines[i].startswith("#")), end)
-        del lines[old:stop]
-        end -= stop - old
-    lines[end:end] = [text, "\n"]
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    own = next((i for i in heads if lines[i].strip() == HEADING), None)
+    if own is not None:
+        end = next((i for i in heads if i > own), len(lines))
+        del lines[own:end]
+        at = own
+    else:
+        serving = [i for i in heads if lines[i].startswith("## Serving")]
+        at = next((i for i in heads if serving and i > serving[-1]), len(lines))
+    lines[at:at] = [text, "\n"]
     with open(path, "w") as f:
         f.write("".join(lines))
 

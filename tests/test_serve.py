@@ -88,6 +88,17 @@ def test_a_calibration_gives_way_to_live_timings_within_a_few_requests():
     assert cost.snapshot() == {**before, "photo_factor": {64 * 64: 0.75}}  # step times untouched
 
 
+def test_an_edited_call_scales_its_step_times_and_a_stall_moves_them_at_most_4x():
+    cost = fixed_cost()  # settled constants: each timing weighs 0.2
+    predicted = cost.call_ms(1, 64 * 64, 20, 9)
+    cost.observe_call(1, 64 * 64, 20, 9, 0, elapsed_ms=2 * predicted)
+    # Both kinds scaled by 2 (not 2x the difference charged to the 9 guided steps: 30 -> 0.8 * 30 + 0.2 * 133).
+    assert (cost.ms("plain"), cost.ms("guided")) == (pytest.approx(12), pytest.approx(36))
+    cost = fixed_cost()
+    cost.observe_call(1, 64 * 64, 20, 0, 0, elapsed_ms=1e6)  # a stall
+    assert cost.ms("plain") == pytest.approx(0.8 * 10 + 0.2 * 40)
+
+
 def test_admission_plans_photo_edits_with_their_factor():
     cost = fixed_cost()
     cost.photo_factor[64 * 64] = (0.5, 5)

@@ -27,6 +27,9 @@ def _interpolate(table, batch):
     return max(value, min(table.values()) * 0.5)
 
 
+MAX_RATIO = 4.0  # a call measured more than 4x off its prediction (a stall, a swap) moves the model as 4x
+
+
 class CostModel:
     """Milliseconds per denoising step ("plain": a classifier-free-guidance step; "guided": a step
     with the self-guidance gradient; "iteration": one step of every active request under
@@ -115,19 +118,25 @@ class CostModel:
             by_batch[batch] = (1 - weight) * old + weight * ms
 
     def observe_call(self, batch, pixels, steps, guided, reference_steps, elapsed_ms, photo=False):
-        """Attribute a measured call to its step kind: a call without guided steps refreshes the plain
-        step time, a call with them the guided one (the rest taken from the model); a photo edit
-        refreshes the photo factor alone."""
+        """Fold a measured call into the step times: a call without guided steps refreshes the plain
+        step time (the overhead taken from the model); a call with them scales the plain and the
+        guided step times by measured / predicted (what the call says is how far its total was off,
+        not which part: charging the whole difference to the guided steps, a few of many, multiplied
+        a plain step mis-timed at calibration into guided steps several times too long). A photo
+        edit refreshes the photo factor alone. One call moves the times by at most MAX_RATIO."""
+        predicted = self.call_ms(batch, pixels, steps, guided, reference_steps)
+        ratio = min(max(elapsed_ms / predicted, 1 / MAX_RATIO), MAX_RATIO) if predicted > 0 else math.nan
         if photo:
-            return self._observe_photo(pixels, elapsed_ms / self.call_ms(batch, pixels, steps, guided, reference_steps))
-        overhead = self.ms("overhead", batch, pixels)
+            return self._observe_photo(pixels, ratio)
         if guided == 0:
             plain_steps = steps + reference_steps
             if plain_steps:
-                self.observe("plain", batch, pixels, (elapsed_ms - overhead) / plain_steps)
+                plain = (elapsed_ms - self.ms("overhead", batch, pixels)) / plain_steps
+                now = self.ms("plain", batch, pixels)
+                self.observe("plain", batch, pixels, min(max(plain, now / MAX_RATIO), now * MAX_RATIO))
         else:
-            plain = self.ms("plain", batch, pixels)
-            self.observe("guided", batch, pixels, (elapsed_ms - overhead - (steps - guided + reference_steps) * plain) / guided)
+            for kind in ("plain", "guided"):
+                self.observe(kind, batch, pixels, self.ms(kind, batch, pixels) * ratio)
 
     def _observe_photo(self, pixels, ratio):
         if not (math.isfinite(ratio) and ratio > 0):
