@@ -138,6 +138,8 @@ def main(argv=None):
     parser.add_argument("--json", default=os.path.join("outputs", "bench", "serve_cost.json"))
     parser.add_argument("--results-md", default="", help="RESULTS.md to add the table to (default: leave it alone)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run")
+    parser.add_argument("--skew", type=float, default=1.0,
+                        help="scale the calibrated plain step times by this (a calibration made under another load) before the run")
     from sgfast.serve.cli import add_arguments, build_engine
 
     add_arguments(parser)
@@ -145,10 +147,15 @@ def main(argv=None):
     args.min_steps = 1  # predictions are compared as planned: nothing degraded
     engine = build_engine(args)
     engine.start()
+    for (kind, _), by_batch in engine.cost.table.items():
+        if kind == "plain":
+            for batch in by_batch:
+                by_batch[batch] *= args.skew
     try:
         load_before = os.getloadavg()[0]
         mix = requests(args.rounds, [int(s) for s in args.steps.split(",")])
-        measure(engine, requests(1, [4], seed0=10), log=lambda msg: None)  # warm-up (other seeds): first calls are slow
+        if args.skew == 1.0:  # warm-up (other seeds): first calls are slow; a skewed model is measured from its start
+            measure(engine, requests(1, [4], seed0=10), log=lambda msg: None)
         rows = measure(engine, mix)
         load_after = os.getloadavg()[0]
     finally:

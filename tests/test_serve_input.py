@@ -293,6 +293,7 @@ def test_health_and_host_names_of_the_command_line(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert allowed_hosts(parser.parse_args([])) == ("127.0.0.1", "localhost", "::1")
+    assert not parser.parse_args([]).docs and parser.parse_args(["--docs"]).docs  # /docs and /openapi.json: off unless asked
     args = parser.parse_args(["--host", "0.0.0.0", "--allowed-hosts", "gpu-box.lan, Serve.Example"])
     assert allowed_hosts(args) == ("127.0.0.1", "localhost", "::1", "gpu-box.lan", "serve.example")
     assert [host_name(h) for h in ("LocalHost:8000", "[::1]:8000", "::1", "127.0.0.1")] == ["localhost", "::1", "::1", "127.0.0.1"]

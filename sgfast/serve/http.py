@@ -17,7 +17,7 @@ import socket
 
 import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
 from sgfast.serve.errors import outcome_of, raw_response
 
@@ -58,7 +58,7 @@ def guarded_protocol(header_timeout_s, max_connections, metrics=lambda: None):
     class Guarded(H11Protocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.conn = _Parser(h11.SERVER, self.conn._max_incomplete_event_size)
+            self.conn = _Parser(h11.SERVER, self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
 
         def connection_made(self, transport):
             super().connection_made(transport)
