@@ -16,9 +16,6 @@ from sgfast.serve.errors import without_addresses
 # A data URL's head (RFC 2397): what browsers' FileReader.readAsDataURL and many tools write.
 DATA_URL = re.compile(r"^data:(?P<media>[^,;]*)(?:;[^,;=]+=[^,;]*)*;base64,", re.IGNORECASE)
 FORMATS = ("PNG", "JPEG", "MPO")  # MPO: a JPEG with more pictures after the first (phones' HDR, 3D)
-# EXIF orientations that store the picture turned a quarter (its width and height swap when upright).
-QUARTER_TURNS = (5, 6, 7, 8)
-ORIENTATION = 0x0112
 
 
 def photo_bytes(text):
@@ -46,7 +43,8 @@ def photo_bytes(text):
 def load_photo(data, max_side=2048, max_bytes=20 * 2**20):
     """An uploaded file (bytes) as an upright RGB PIL image, or a PhotoError saying what was wrong and
     what is allowed: at most `max_bytes`, a readable PNG, JPEG or MPO (its first frame), an 8-bit mode,
-    upright sides multiples of 8 in [8, max_side] (read from the header, before the pixels are decoded)."""
+    sides multiples of 8 in [8, max_side] (read from the header, before the pixels are decoded; the
+    same either way up). Then it is decoded and turned upright by its EXIF orientation."""
     import PIL.Image
     import PIL.ImageOps
 
@@ -63,11 +61,9 @@ def load_photo(data, max_side=2048, max_bytes=20 * 2**20):
         raise PhotoError("unsupported", f"the photo is a {image.format} image; PNG and JPEG are allowed (a multi-picture JPEG too: its first picture)")
     if image.mode not in PHOTO_MODES:
         raise PhotoError("unsupported", f"the photo's mode is {image.mode!r} (e.g. CMYK or 16-bit); 8-bit {', '.join(PHOTO_MODES)} are allowed")
-    with refusals("is truncated or corrupt"):  # a PNG reads its chunks to the end for EXIF
-        turned = image.getexif().get(ORIENTATION) in QUARTER_TURNS
-    width, height = image.size[::-1] if turned else image.size
+    width, height = image.size  # the check is the same either way up: nothing is decoded before it
     if not (8 <= width <= max_side and 8 <= height <= max_side) or width % 8 or height % 8:
-        raise PhotoError("invalid", f"the photo is {width}x{height} upright; its sides must be multiples of 8 between 8 and {max_side}")
+        raise PhotoError("invalid", f"the photo is {width}x{height}; its sides must be multiples of 8 between 8 and {max_side}")
     with refusals("is truncated or corrupt"):
         image.load()
         upright = PIL.ImageOps.exif_transpose(image)  # as every viewer shows it
