@@ -139,7 +139,8 @@ def main(argv=None):
     parser.add_argument("--results-md", default="", help="RESULTS.md to add the table to (default: leave it alone)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run")
     parser.add_argument("--skew", type=float, default=1.0,
-                        help="scale the calibrated plain step times by this (a calibration made under another load) before the run")
+                        help="scale the calibrated times of --skew-kinds by this (a calibration made under another load) before the run")
+    parser.add_argument("--skew-kinds", default="plain", help="comma-separated: plain, guided, overhead")
     from sgfast.serve.cli import add_arguments, build_engine
 
     add_arguments(parser)
@@ -148,7 +149,7 @@ def main(argv=None):
     engine = build_engine(args)
     engine.start()
     for (kind, _), by_batch in engine.cost.table.items():
-        if kind == "plain":
+        if kind in args.skew_kinds.split(","):
             for batch in by_batch:
                 by_batch[batch] *= args.skew
     try:
