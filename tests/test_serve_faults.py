@@ -414,7 +414,13 @@ def test_the_parsers_refusals_are_answered_in_the_schema_and_counted(tiny_sg):
         wait_for(lambda: run.metrics() == {"bad_request": 1}, "the broken body to be counted")
         page = httpx.get(run.url + "/metrics", timeout=WAIT).text
         assert refused(page) == {("malformed_request", "400"): 4.0, ("malformed_request", "501"): 1.0}
-        assert httpx.get(run.url + "/healthz", timeout=WAIT).status_code == 200
+        # No WebSocket routes: an upgrade request is a plain HTTP request, answered and counted as one.
+        upgrade = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        status, body, sock = raw_request(run.port, upgrade)
+        sock.close()
+        assert status == 200 and body["status"] == "ok"
+        assert 'sgfast_other_requests_total{path="/healthz",status="200"} 1.0' in httpx.get(run.url + "/metrics", timeout=WAIT).text
     finally:
         run.stop()
 

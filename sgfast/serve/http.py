@@ -148,6 +148,7 @@ def server(app, engine, *, host="127.0.0.1", port=0, drain=True, drain_timeout_s
         port=port,
         log_level=log_level,
         http=guarded_protocol(header_timeout_s, max_connections, lambda: engine.metrics),
+        ws="none",  # no WebSocket routes: an upgrade request is an HTTP request, answered and counted as one
         timeout_graceful_shutdown=drain_timeout_s + 2.0,
         timeout_keep_alive=5,
     )
