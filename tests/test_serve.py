@@ -68,6 +68,44 @@ def test_cost_model_refreshes_from_live_timings():
     assert np.isfinite(cost.ms("plain"))
 
 
+def test_a_calibration_gives_way_to_live_timings_within_a_few_requests():
+    """A calibrated point counts as one timing (a calibration on a busy machine must not outlive it),
+    a fixed constant as a settled value; photo edits learn their own factor and leave step times alone."""
+    cost = fixed_cost()
+    cost.counts[("plain", 64 * 64, 1)] = 1  # as CostModel.calibrate leaves it
+    for seen, expected in ((20, 15), (20, 10 / 3 + 40 / 3), (20, 0.75 * (10 / 3 + 40 / 3) + 5)):
+        cost.observe("plain", 1, 64 * 64, seen)
+        assert cost.ms("plain") == pytest.approx(expected)  # weights 1/2, 1/3, 1/4 ...
+    for _ in range(50):
+        cost.observe("plain", 1, 64 * 64, 20)
+    assert cost.ms("plain") == pytest.approx(20, rel=1e-3)
+    before = cost.snapshot()
+    plan = dict(batch=1, pixels=64 * 64, steps=8, guided=3, reference_steps=16)
+    predicted = cost.call_ms(**plan, photo=True)
+    assert predicted == pytest.approx(cost.call_ms(**plan))  # no photo edit seen yet: the step model
+    cost.observe_call(**plan, elapsed_ms=predicted / 2, photo=True)
+    assert cost.call_ms(**plan, photo=True) == pytest.approx(0.75 * predicted)  # the step model's guess counts once
+    assert cost.snapshot() == {**before, "photo_factor": {64 * 64: 0.75}}  # step times untouched
+
+
+def test_an_edited_call_scales_its_step_times_and_a_stall_moves_them_at_most_4x():
+    cost = fixed_cost()  # settled constants: each timing weighs 0.2
+    predicted = cost.call_ms(1, 64 * 64, 20, 9)
+    cost.observe_call(1, 64 * 64, 20, 9, 0, elapsed_ms=2 * predicted)
+    # Both kinds scaled by 2 (not 2x the difference charged to the 9 guided steps: 30 -> 0.8 * 30 + 0.2 * 133).
+    assert (cost.ms("plain"), cost.ms("guided")) == (pytest.approx(12), pytest.approx(36))
+    cost = fixed_cost()
+    cost.observe_call(1, 64 * 64, 20, 0, 0, elapsed_ms=1e6)  # a stall
+    assert cost.ms("plain") == pytest.approx(0.8 * 10 + 0.2 * 40)
+
+
+def test_admission_plans_photo_edits_with_their_factor():
+    cost = fixed_cost()
+    cost.photo_factor[64 * 64] = (0.5, 5)
+    args = dict(steps=20, has_edits=True, pixels=64 * 64, ahead_ms=0.0, budget_ms=None, policy="degrade", limits=LIMITS)
+    assert admit(cost, photo=True, **args).predicted_ms == pytest.approx(admit(cost, **args).predicted_ms / 2)
+
+
 def test_admission_accepts_what_fits():
     d = plan_of(budget_ms=10_000, ahead_ms=100)
     assert not d.degraded and d.plan.steps == 20 and d.plan.guided_steps == sum(default_schedule(20))

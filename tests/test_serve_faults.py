@@ -312,6 +312,7 @@ def test_slow_headers_and_bodies_are_cut_and_connections_capped(tiny_sg):
             s.close()
         wait_for(lambda: httpx.get(run.url + "/healthz", timeout=WAIT).status_code == 200, "the server to serve again")
         assert run.metrics() == {"timeout": 1}
+        assert refused(httpx.get(run.url + "/metrics", timeout=WAIT).text) == {("too_many_connections", "503"): 1.0}
     finally:
         run.stop()
 
@@ -344,3 +345,96 @@ def test_a_second_server_on_a_busy_port_fails_before_loading_the_model():
     assert done.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "model:" not in done.stdout and "calibrated" not in done.stdout + done.stderr
     assert time.monotonic() - started < WAIT
+
+
+# ----------------------------------------------------------------------------------------------
+# Below the app: request smuggling, the HTTP parser's refusals, the last resort
+
+
+def refused(text):
+    """{(reason, status): count} of sgfast_refused_connections_total in a /metrics page."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("sgfast_refused_connections_total{"):
+            label, value = line.split("} ")
+            parts = label.split('"')
+            found[(parts[1], parts[3])] = float(value)
+    return found
+
+
+def closed_after(sock):
+    """Whether the server closes the connection (nothing more is answered on it)."""
+    sock.settimeout(WAIT)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+def test_content_length_with_transfer_encoding_is_400_and_closes_the_connection(tiny_sg):
+    """RFC 9112 6.1: the bytes after the chunked body's end would otherwise run as a second request."""
+    run = Running(tiny_sg)
+    try:
+        smuggled = b"0\r\n\r\nGET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        head = ("POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(smuggled)}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        status, body, sock = raw_request(run.port, head + smuggled)
+        assert status == 400 and "not both" in body["detail"]["message"] and body["detail"]["type"] == "bad_request"
+        assert closed_after(sock)  # the smuggled GET got no answer
+        page = httpx.get(run.url + "/metrics", timeout=WAIT).text
+        assert run.metrics() == {"bad_request": 1}
+        assert 'path="/metrics"' not in page  # this page is counted after it is made: the smuggled GET never ran
+    finally:
+        run.stop()
+
+
+MALFORMED = {
+    "garbage request line": (b"\x16\x03\x01\x02\x00 hello\r\n\r\n", 400),
+    "bad header name": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n", 400),
+    "two content-lengths": (b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400),
+    "NUL in a header": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n", 400),
+    "a transfer coding not chunked": (b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+}
+
+
+def test_the_parsers_refusals_are_answered_in_the_schema_and_counted(tiny_sg):
+    run = Running(tiny_sg)
+    try:
+        for case, (data, expected) in MALFORMED.items():
+            status, body, sock = raw_request(run.port, data)
+            assert status == expected, case
+            assert body["detail"]["status"] == expected and "malformed HTTP/1.1 request" in body["detail"]["message"], case
+            assert closed_after(sock), case
+        # A chunked body that breaks off into garbage, after the request reached the app: counted there.
+        head = b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        status, body, sock = raw_request(run.port, head + b"4\r\n{\"pr\r\nzz\r\n")
+        assert status == 400 and body["detail"]["type"] == "bad_request" and closed_after(sock)
+        wait_for(lambda: run.metrics() == {"bad_request": 1}, "the broken body to be counted")
+        page = httpx.get(run.url + "/metrics", timeout=WAIT).text
+        assert refused(page) == {("malformed_request", "400"): 4.0, ("malformed_request", "501"): 1.0}
+        # No WebSocket routes: an upgrade request is a plain HTTP request, answered and counted as one.
+        upgrade = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        status, body, sock = raw_request(run.port, upgrade)
+        sock.close()
+        assert status == 200 and body["status"] == "ok"
+        assert 'sgfast_other_requests_total{path="/healthz",status="200"} 1.0' in httpx.get(run.url + "/metrics", timeout=WAIT).text
+    finally:
+        run.stop()
+
+
+def test_an_unexpected_exception_over_http_is_json_and_keeps_the_connection(tiny_sg, monkeypatch):
+    run = Running(tiny_sg)
+    try:
+        monkeypatch.setattr(run.engine.sg, "words", lambda prompt: {}["boom"])
+        with httpx.Client(timeout=WAIT) as c:
+            r = c.get(run.url + "/v1/words", params={"prompt": PROMPT})
+            assert "internal error: KeyError" in assert_error_schema(r, 500)["message"]
+            monkeypatch.undo()
+            assert c.get(run.url + "/v1/words", params={"prompt": PROMPT}).status_code == 200
+            page = c.get(run.url + "/metrics").text
+        assert 'sgfast_other_requests_total{path="/v1/words",status="500"} 1.0' in page
+    finally:
+        run.stop()

@@ -293,6 +293,65 @@ def test_health_and_host_names_of_the_command_line(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert allowed_hosts(parser.parse_args([])) == ("127.0.0.1", "localhost", "::1")
+    assert not parser.parse_args([]).docs and parser.parse_args(["--docs"]).docs  # /docs and /openapi.json: off unless asked
     args = parser.parse_args(["--host", "0.0.0.0", "--allowed-hosts", "gpu-box.lan, Serve.Example"])
     assert allowed_hosts(args) == ("127.0.0.1", "localhost", "::1", "gpu-box.lan", "serve.example")
     assert [host_name(h) for h in ("LocalHost:8000", "[::1]:8000", "::1", "127.0.0.1")] == ["localhost", "::1", "::1", "127.0.0.1"]
+    # Userinfo, paths, spaces and stray colons name no host of ours (the last colon is not where the port starts).
+    for fooled in ("127.0.0.1:8000@evil.example", "evil.example@127.0.0.1", "127.0.0.1/evil", "127.0.0.1 evil", "127.0.0.1:80:80",
+                   "[::1", "::1@evil", "127.0.0.1:8000#x"):
+        assert host_name(fooled) is None, fooled
+
+
+def test_a_host_header_with_userinfo_is_refused(client):
+    before = outcomes(client)
+    r = client.post("/v1/images", json={"prompt": PROMPT}, headers={"host": "127.0.0.1:8000@evil.example"})
+    assert "evil.example" in error_of(r, 400)["message"]
+    assert outcomes(client).get("bad_request", 0) == before.get("bad_request", 0) + 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+def test_json_bodies_must_be_utf8(client, encoding):
+    body = json.dumps({"prompt": PROMPT, "steps": 1}).encode(encoding)
+    assert json.loads(body)["prompt"] == PROMPT  # Python's json would take it
+    r = client.post("/v1/images", content=body, headers={"content-type": "application/json"})
+    assert "UTF-8" in error_of(r, 415)["message"]
+    charset = client.post("/v1/images", content=body, headers={"content-type": f"application/json; charset={encoding}"})
+    assert encoding in error_of(charset, 415)["message"]
+
+
+def test_no_redirect_for_a_trailing_slash_and_no_docs_by_default(tiny_sg, client):
+    for r in (client.get("/v1/images/", follow_redirects=False), client.post("/v1/images/", json={"prompt": PROMPT}, follow_redirects=False)):
+        assert "did you mean /v1/images?" in error_of(r, 404)["message"]
+    for path in ("/docs", "/openapi.json"):
+        error_of(client.get(path), 404)
+    from fastapi.testclient import TestClient
+
+    engine = Engine(tiny_sg, model="tiny", cost=CostModel.fixed(20, 60, 10), threads=1)
+    with TestClient(create_app(engine, docs=True), base_url="http://localhost") as c:
+        assert c.get("/openapi.json").json()["paths"]["/v1/images"] and c.get("/docs").status_code == 200
+
+
+def test_an_unexpected_exception_is_answered_in_the_schema_and_counted_once(tiny_sg, monkeypatch):
+    from sgfast.serve import app as app_module
+
+    with make_client(tiny_sg) as c:
+        monkeypatch.setattr(c.engine.sg, "words", lambda prompt: {}["boom"])  # a bug after the image is made
+        r = c.post("/v1/images", json={"prompt": PROMPT, "steps": 1})
+        assert "internal error: KeyError" in error_of(r, 500)["message"]
+        assert "error" in error_of(c.get("/v1/words", params={"prompt": PROMPT}), 500)["type"]
+        monkeypatch.setattr(app_module, "photo_of", lambda body, limits: 1 / 0)
+        r = c.post("/v1/edits", json={"photo": "AAAA", "prompt": PROMPT, "edits": [{"type": "move", "word": "circle"}]})
+        assert "ZeroDivisionError" in error_of(r, 500)["message"]
+        monkeypatch.undo()
+        assert c.post("/v1/images", json={"prompt": PROMPT, "steps": 1}).status_code == 200  # it carries on
+        assert outcomes(c) == {"error": 1, "ok": 1}
+        assert 'sgfast_photo_edits_total{outcome="error"} 1.0' in c.get("/metrics").text
+
+
+def test_messages_carry_no_heap_addresses():
+    from sgfast.serve.errors import error_detail, raw_response
+
+    message = "cannot identify image file <_io.BytesIO object at 0x7fe1c2a3b4d0>; <function f at 0xABCDEF12>"
+    assert error_detail(500, message)["message"] == "cannot identify image file <_io.BytesIO object>; <function f>"
+    assert b"0x" not in raw_response(400, "Bad Request", message)

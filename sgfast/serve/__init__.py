@@ -2,7 +2,8 @@
 
 - `app`: the FastAPI app (routes, answers); `guard`: the ASGI layer before it (Host names, JSON bodies,
   size cap, body read deadline, one counted outcome per request); `errors`: the one error schema;
-  `schema`: the request schema and its checks; `metrics`: Prometheus metrics; `static/`: the page at `/`;
+  `schema`: the request schema and its checks; `photo`: the photo of a photo edit as phones and tools
+  send it; `metrics`: Prometheus metrics; `static/`: the page at `/`;
 - `http`: the uvicorn server under the app (header deadline, connection cap, shutdown deadline told
   to the engine at once, bind before the model loads);
 - `engine`: the worker that owns the model, its earliest-deadline-first queue, request-level batching,

@@ -139,17 +139,18 @@ class Decision:
 
 def admit(
     cost, *, steps, has_edits, pixels, ahead_ms, budget_ms, policy, limits, reference_steps_for=lambda s: 0, batch=1,
-    slack_ms=math.inf, guided_for=paper_guided,
+    slack_ms=math.inf, guided_for=paper_guided, photo=False,
 ):
     """Plan one request. Returns a Decision or raises Rejected (422: no plan meets the budget even on
     an idle server; 503: not with the work queued ahead of it now). `slack_ms`: how much work can be
     put ahead of the queued requests due after this one before one of them is predicted to miss its
-    deadline (a plan costing more is not admitted either). Pure: no timing, no engine."""
+    deadline (a plan costing more is not admitted either). `photo`: a photo edit (the cost model's
+    photo factor applies). Pure: no timing, no engine."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
 
     def predict(plan):
-        return cost.call_ms(batch, pixels, plan.steps, plan.guided_steps, plan.reference_steps)
+        return cost.call_ms(batch, pixels, plan.steps, plan.guided_steps, plan.reference_steps, photo=photo)
 
     def fits(plan):
         ms = predict(plan)

@@ -23,16 +23,22 @@ Answers: 200 with `steps`, `guided_steps`, `reference_steps` (0 when the unedite
 `degraded`/`degradation`, `timings` (queue_ms, run_ms, total_ms, predicted_ms), `deadline_missed`,
 `cache_hit`, `batch_size`, `words`. Every other answer has one schema (`sgfast.serve.errors`):
 `{"detail": {"status", "type", "message", ...}}`: 400 for a Host header this server does not answer
-to; 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a body
-over the cap (declared or chunked); 415 for a body not sent as application/json; 422 for bad input
-(schema, caps, unknown words naming the prompt's words, an edit with no word to hold or no guided
-step, a budget no plan can ever meet: `errors` lists the schema's complaints). Photos (/v1/edits):
-413 over `--max-photo-kb` (the body may be 4/3 of it, base64, plus 64 KB); 415 for a file that is not
-a PNG or JPEG, or not 8 bits a channel (CMYK, 16-bit); 422 for a photo that is not base64 or whose
-sides are not multiples of the model's size step up to `--max-size` (a 1x1 image). 503 with Retry-After
-when the request would miss its budget under `--policy reject` (or make queued requests miss theirs),
-the queue is full, its deadline passed while queued, or the server is stopping; 500 when generation
-failed (the worker carries on). A client that goes away cancels its request.
+to, a request with both Content-Length and Transfer-Encoding (the connection is closed), or one the
+HTTP parser refuses (`sgfast.serve.http`); 404 for a path with no route (no redirect for a trailing
+slash); 406 when Accept takes neither JSON nor PNG; 408 for a body not received in time; 413 for a
+body over the cap (declared or chunked); 415 for a body not sent as application/json, or not UTF-8;
+422 for bad input (schema, caps, unknown words naming the prompt's words, an edit with no word to hold
+or no guided step, a budget no plan can ever meet: `errors` lists the schema's complaints). Photos
+(/v1/edits, `sgfast.serve.photo`): base64, wrapped or not, with or without a `data:image/...;base64,`
+head; a PNG, JPEG or multi-picture JPEG (its first picture), turned upright by its EXIF orientation;
+413 over `--max-photo-kb` or for a file that decompresses past what the server takes; 415 for a file
+that is not a readable PNG or JPEG (whatever Pillow raised), or not 8 bits a channel (CMYK, 16-bit);
+422 for a photo that is not base64 or whose upright sides are not multiples of the model's size step
+up to `--max-size`. 503 with Retry-After when the request would miss its budget under `--policy
+reject` (or make queued requests miss theirs), the queue is full, its deadline passed while queued,
+or the server is stopping; 500 when generation failed, or for any error nobody expected (logged; the
+server carries on). A client that goes away cancels its request. /docs and /openapi.json only with
+`docs=True` (`--docs`).
 
 The engine (`sgfast.serve.engine`, with the per-step scheduler of `sgfast.serve.iteration`) does the
 work: admission against the budget, EDF queue, one worker thread owning the model, batching and the
@@ -117,12 +123,14 @@ def png_bytes(image):
 
 
 def create_app(
-    engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=True, allowed_hosts=LOOPBACK_NAMES, body_timeout_s=10.0
+    engine, *, drain_on_shutdown=True, shutdown_timeout=None, start=True, allowed_hosts=LOOPBACK_NAMES, body_timeout_s=10.0,
+    docs=False,
 ):
     """The FastAPI app in front of `engine`, inside its guard (`sgfast.serve.guard`: host names,
     JSON bodies, size cap, body read deadline, outcome counting). The engine's worker starts with the
     app (lifespan) unless it is already running; on shutdown every request gets an answer within
-    `shutdown_timeout` seconds (queued ones run when `drain_on_shutdown`, else 503)."""
+    `shutdown_timeout` seconds (queued ones run when `drain_on_shutdown`, else 503). `docs`: serve
+    the OpenAPI schema and its page (/openapi.json, /docs; the serve command's --docs)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -141,7 +149,11 @@ def create_app(
         yield
         await asyncio.get_running_loop().run_in_executor(None, lambda: engine.shutdown(drain_on_shutdown, shutdown_timeout))
 
-    app = FastAPI(title="sgfast", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="sgfast", version="0.1.0", lifespan=lifespan, redoc_url=None, docs_url="/docs" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        redirect_slashes=False,  # "/v1/images/" is a 404 in the schema, not a bodiless 307 a POST may not follow
+    )
     app.state.engine = engine
 
     def error(status, message, type=None, headers=None, **extra):
@@ -158,7 +170,18 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc):
-        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        path = request.url.path
+        if exc.status_code == 404:
+            near = path.rstrip("/")
+            routes = {getattr(r, "path", None) for r in app.routes}
+            message = f"no route {path}" + (f"; did you mean {near}?" if near != path and near in routes else "")
+        return error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        # Starlette answers with this before it re-raises to the guard (which logs it and counts it once).
+        return error(500, f"internal error: {type(exc).__name__}; the server carries on")
 
     def words_of(prompt):
         return engine.sg.words(prompt)
@@ -281,7 +304,9 @@ def create_app(
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
     limits = engine.limits
-    photo_body = 4 * ((limits.max_photo_bytes + 2) // 3) + limits.max_body_bytes  # base64 of the photo + the rest
+    encoded = 4 * ((limits.max_photo_bytes + 2) // 3)
+    # base64 of the photo, wrapped at 76 columns (each line break "\r\n" escaped in JSON: 4 bytes), + the rest
+    photo_body = encoded + 4 * -(-encoded // 76) + limits.max_body_bytes
     return Guard(
         app, metrics, limits.max_body_bytes, body_timeout_s, allowed_hosts, stop_at=lambda: engine.stop_at, photo_body_bytes=photo_body
     )

@@ -38,6 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request has to send its whole body")
     parser.add_argument("--max-connections", type=int, default=256, help="open connections at most (more are answered 503)")
     parser.add_argument("--allowed-hosts", default="", help="extra Host header names to answer (comma-separated); loopback names and --host always")
+    parser.add_argument("--docs", action="store_true", help="serve the OpenAPI schema at /openapi.json and its page at /docs (off by default)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads of the model worker (0: torch's default)")
     parser.add_argument("--log-level", default="info")
 
@@ -122,7 +123,7 @@ def serve(args):
     engine = build_engine(args)
     app = create_app(
         engine, drain_on_shutdown=not args.no_drain, shutdown_timeout=args.drain_timeout,
-        allowed_hosts=allowed_hosts(args), body_timeout_s=args.body_timeout,
+        allowed_hosts=allowed_hosts(args), body_timeout_s=args.body_timeout, docs=args.docs,
     )
     http = server(
         app, engine, host=args.host, port=args.port, drain=not args.no_drain, drain_timeout_s=args.drain_timeout,

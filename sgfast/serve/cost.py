@@ -28,19 +28,30 @@ def _interpolate(table, batch):
     return max(value, min(table.values()) * 0.5)
 
 
+MAX_RATIO = 4.0  # a call measured more than 4x off its prediction (a stall, a swap) moves the model as 4x
+
+
 class CostModel:
     """Milliseconds per denoising step ("plain": a classifier-free-guidance step; "guided": a step
     with the self-guidance gradient; "iteration": one step of every active request under
     iteration-level batching, measured only) and per pipeline call ("overhead": prompt encoding, VAE decode),
     by batch size and resolution (pixels). Calibrated on the loaded model, refreshed from live
     timings by an exponential moving average. An unmeasured resolution is scaled from the nearest
-    measured one by the ratio of pixels; an unmeasured batch size is interpolated."""
+    measured one by the ratio of pixels; an unmeasured batch size is interpolated.
+
+    A calibrated point counts as one timing: the first live timings are averaged with it (weights 1/2,
+    1/3, ... down to `alpha`), so a calibration made while the machine was busy (or idle) gives way
+    within a few requests, not a few dozen. Photo edits (inversion, regeneration, edit and their VAE
+    calls) are predicted from the step times times a factor learnt from their own timings, and never
+    refresh the step times themselves (their steps are not the generations' steps)."""
 
     KINDS = ("plain", "guided", "overhead")
 
     def __init__(self, table=None, alpha=0.2):
         self.table = {}  # {(kind, pixels): {batch: ms}}
         self.alpha = alpha
+        self.counts = {}  # {(kind, pixels, batch): timings folded in}; absent: a settled value (weight alpha)
+        self.photo_factor = {}  # {pixels: (measured / predicted of photo edits, timings folded in)}
         self.lock = threading.Lock()
         for (kind, pixels), by_batch in (table or {}).items():
             self.table[(kind, int(pixels))] = {int(b): float(ms) for b, ms in by_batch.items()}
@@ -67,41 +78,84 @@ class CostModel:
         with self.lock:
             return max((b for (k, _), by_batch in self.table.items() if k == kind for b in by_batch), default=0)
 
-    def call_ms(self, batch, pixels, steps, guided, reference_steps=0):
+    def call_ms(self, batch, pixels, steps, guided, reference_steps=0, photo=False):
         """Predicted milliseconds of one pipeline call: `steps` steps of which `guided` carry
-        self-guidance, plus `reference_steps` steps of an unedited reference pass."""
+        self-guidance, plus `reference_steps` steps of an unedited reference pass (`photo`: a photo
+        edit, whose reference is the inversion and the regeneration)."""
         plain = self.ms("plain", batch, pixels)
-        return self.ms("overhead", batch, pixels) + (steps - guided + reference_steps) * plain + guided * self.ms(
+        ms = self.ms("overhead", batch, pixels) + (steps - guided + reference_steps) * plain + guided * self.ms(
             "guided", batch, pixels
         )
+        return ms * self._photo_factor(pixels) if photo else ms
+
+    def _photo_factor(self, pixels):
+        with self.lock:
+            if not self.photo_factor:
+                return 1.0
+            nearest = min(self.photo_factor, key=lambda p: (abs(math.log(p / pixels)), p))
+            return self.photo_factor[nearest][0]
+
+    def _weight(self, key):
+        """The weight of a new timing at `key`: 1/(n+1) after n timings, never below alpha."""
+        n = self.counts.get(key)
+        if n is None:
+            return self.alpha
+        self.counts[key] = n + 1
+        return max(self.alpha, 1.0 / (n + 1))
 
     def observe(self, kind, batch, pixels, ms):
-        """Fold a live measurement into the table (EWMA at measured points, a new point otherwise)."""
+        """Fold a live measurement into the table (a running mean, then an EWMA, at measured points;
+        a new point otherwise)."""
         if not (math.isfinite(ms) and ms > 0):
             return
         with self.lock:
             by_batch = self.table.setdefault((kind, int(pixels)), {})
             old = by_batch.get(batch)
-            by_batch[batch] = ms if old is None else (1 - self.alpha) * old + self.alpha * ms
+            if old is None:
+                by_batch[batch] = ms
+                self.counts[(kind, int(pixels), batch)] = 1
+                return
+            weight = self._weight((kind, int(pixels), batch))
+            by_batch[batch] = (1 - weight) * old + weight * ms
 
-    def observe_call(self, batch, pixels, steps, guided, reference_steps, elapsed_ms):
-        """Attribute a measured call to its step kind: a call without guided steps refreshes the plain
-        step time, a call with them the guided one (the rest taken from the model)."""
-        overhead = self.ms("overhead", batch, pixels)
+    def observe_call(self, batch, pixels, steps, guided, reference_steps, elapsed_ms, photo=False):
+        """Fold a measured call into the step times: a call without guided steps refreshes the plain
+        step time (the overhead taken from the model); a call with them scales the plain and the
+        guided step times by measured / predicted (what the call says is how far its total was off,
+        not which part: charging the whole difference to the guided steps, a few of many, multiplied
+        a plain step mis-timed at calibration into guided steps several times too long). A photo
+        edit refreshes the photo factor alone. One call moves the times by at most MAX_RATIO."""
+        predicted = self.call_ms(batch, pixels, steps, guided, reference_steps)
+        ratio = min(max(elapsed_ms / predicted, 1 / MAX_RATIO), MAX_RATIO) if predicted > 0 else math.nan
+        if photo:
+            return self._observe_photo(pixels, ratio)
         if guided == 0:
             plain_steps = steps + reference_steps
             if plain_steps:
-                self.observe("plain", batch, pixels, (elapsed_ms - overhead) / plain_steps)
+                plain = (elapsed_ms - self.ms("overhead", batch, pixels)) / plain_steps
+                now = self.ms("plain", batch, pixels)
+                self.observe("plain", batch, pixels, min(max(plain, now / MAX_RATIO), now * MAX_RATIO))
         else:
-            plain = self.ms("plain", batch, pixels)
-            self.observe("guided", batch, pixels, (elapsed_ms - overhead - (steps - guided + reference_steps) * plain) / guided)
+            for kind in ("plain", "guided"):
+                self.observe(kind, batch, pixels, self.ms(kind, batch, pixels) * ratio)
+
+    def _observe_photo(self, pixels, ratio):
+        if not (math.isfinite(ratio) and ratio > 0):
+            return
+        with self.lock:
+            factor, n = self.photo_factor.get(int(pixels), (1.0, 1))  # the step model's own guess counts once
+            weight = max(self.alpha, 1.0 / (n + 1))
+            self.photo_factor[int(pixels)] = ((1 - weight) * factor + weight * ratio, n + 1)
 
     def snapshot(self):
-        """{kind: {pixels: {batch: ms}}} (for /metrics, /healthz and logs)."""
+        """{kind: {pixels: {batch: ms}}}, and "photo_factor": {pixels: factor} once photo edits ran
+        (for /metrics, /healthz and logs)."""
         with self.lock:
             out = {}
             for (kind, pixels), by_batch in sorted(self.table.items()):
                 out.setdefault(kind, {})[pixels] = dict(sorted(by_batch.items()))
+            if self.photo_factor:
+                out["photo_factor"] = {pixels: round(f, 3) for pixels, (f, _) in sorted(self.photo_factor.items())}
             return out
 
     @classmethod
@@ -148,6 +202,7 @@ class CostModel:
                 guided = max((tg - overhead - 2 * plain) / 4, plain)
                 for kind, ms in (("plain", plain), ("guided", guided), ("overhead", overhead)):
                     model.table.setdefault((kind, pixels), {})[batch] = ms
+                    model.counts[(kind, pixels, batch)] = 1  # one timing: live ones soon outweigh it
                 if log:
                     log(
                         f"calibrated {height}x{width} batch {batch}: {plain:.1f} ms/plain step, "

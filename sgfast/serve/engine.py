@@ -144,7 +144,7 @@ class Engine:
                 reference_steps_for=self.reference_steps_for(spec),
                 slack_ms=slack,
                 guided_for=guided_for,
-                batch=self._admission_batch(),
+                batch=self._admission_batch(), photo=spec.photo is not None,
             )
             plan = decision.plan
             job = Job(spec, plan, now, deadline, decision.predicted_ms, decision.degraded, next(self.seq), guided_for=guided_for)
@@ -267,7 +267,7 @@ class Engine:
             limits=self.limits,
             reference_steps_for=self.reference_steps_for(spec),
             guided_for=job.guided_for,
-            batch=self._admission_batch(),
+            batch=self._admission_batch(), photo=spec.photo is not None,
         )
         if self.policy == "degrade":
             # Never run more than admitted (the admitted plan may already be degraded).
@@ -342,8 +342,8 @@ class Engine:
                 batch = self._next_batch()
                 if not batch:
                     continue
-                p = batch[0].plan
-                predicted = self.cost.call_ms(len(batch), batch[0].spec.height * batch[0].spec.width, p.steps, p.guided_steps, p.reference_steps)
+                p, s = batch[0].plan, batch[0].spec
+                predicted = self.cost.call_ms(len(batch), s.height * s.width, p.steps, p.guided_steps, p.reference_steps, photo=s.photo is not None)
                 if self._past_stop(predicted):
                     for job in batch:
                         job.answer(error=ShuttingDown("the server is stopping and this request would not finish before it stops", retry_after_s=SHUTDOWN_RETRY_S))
@@ -389,7 +389,7 @@ class Engine:
         head = batch[0]
         pixels = head.spec.height * head.spec.width
         p = head.plan
-        self.cost.observe_call(len(batch), pixels, p.steps, p.guided_steps, p.reference_steps, elapsed_ms)
+        self.cost.observe_call(len(batch), pixels, p.steps, p.guided_steps, p.reference_steps, elapsed_ms, photo=head.spec.photo is not None)
         self.batches += 1
         if self.metrics is not None:
             self.metrics.batch_done(len(batch), p.steps * len(batch), p.guided_steps * len(batch), p.reference_steps * len(batch))

@@ -9,6 +9,7 @@ readable sentence; extra fields carry specifics: `errors` (schema errors: loc, m
 """
 
 import json
+import re
 
 # status -> the outcome a request answered with it ends in (handlers may say more: degraded, expired...)
 OUTCOMES = {
@@ -21,18 +22,29 @@ OUTCOMES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid",
+    431: "headers_too_large",
     500: "error",
+    501: "not_implemented",
     503: "rejected",
 }
+
+# "<_io.BytesIO object at 0x7fe...>": a heap address says nothing to a client and something to an attacker.
+_AT_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")
 
 
 def outcome_of(status):
     return OUTCOMES.get(status, "ok" if 200 <= status < 300 else f"http_{status}")
 
 
+def without_addresses(text):
+    """`text` with every repr's heap address left out ("<_io.BytesIO object at 0x7f...>" ->
+    "<_io.BytesIO object>")."""
+    return _AT_ADDRESS.sub(r"<\1>", text)
+
+
 def error_detail(status, message, type=None, **extra):
-    """The `detail` object of an error answer."""
-    return {"status": status, "type": type or outcome_of(status), "message": message, **extra}
+    """The `detail` object of an error answer (its message without heap addresses)."""
+    return {"status": status, "type": type or outcome_of(status), "message": without_addresses(message), **extra}
 
 
 def error_body(status, message, type=None, **extra):

@@ -1,12 +1,17 @@
 """The ASGI layer in front of the FastAPI app: the checks every request passes before a route sees it,
 and the one place that counts how each request ended.
 
+- framing: Content-Length together with Transfer-Encoding -> 400, connection closed (RFC 9112 6.1:
+  the two disagree on where the body ends, and the rest would run as a smuggled request);
 - Host: only the configured host names (DNS rebinding: a page on another name that resolves to
-  loopback must not reach the server) -> 400;
+  loopback must not reach the server), parsed strictly (no userinfo, no path) -> 400;
 - POST bodies: JSON only -> 415; at most `max_body_bytes` (`photo_body_bytes` for /v1/edits, whose
   body carries a photo), declared or streamed (chunked) -> 413;
-  read in full within `body_timeout_s` -> 408. The route then gets the body already read, so a body
-  error is answered here and never becomes the framework's "error parsing the body";
+  read in full within `body_timeout_s` -> 408; in UTF-8, the only encoding of JSON over HTTP (RFC
+  8259) -> 415. The route then gets the body already read, so a body error is answered here and
+  never becomes the framework's "error parsing the body";
+- the last resort: an exception nobody caught is logged and answered 500 in the schema (when no
+  answer has started), counted once as "error";
 - outcomes: each request to /v1/images ends in exactly one `sgfast_requests_total{outcome}` count, each
   to /v1/edits in one `sgfast_photo_edits_total{outcome}` count (the routes name finer outcomes such
   as degraded, expired or cancelled in `scope["sgfast"]`); every other route counts in
@@ -14,27 +19,65 @@ and the one place that counts how each request ended.
 """
 
 import asyncio
+import ipaddress
+import logging
 import math
+import re
 import time
 
 from sgfast.serve.errors import outcome_of, send_error
+
+log = logging.getLogger("sgfast.serve")
 
 IMAGES = "/v1/images"
 EDITS = "/v1/edits"
 KNOWN_PATHS = ("/v1/images", "/v1/edits", "/v1/words", "/healthz", "/metrics", "/")
 
 
+# RFC 9110 7.2 / RFC 3986 3.2.2: Host = a name or IPv4 address, or an [IPv6] literal, then an optional :port.
+# Anything else (userinfo "a:1@b", paths, spaces) names no host: such a header is never taken for ours.
+_HOST = re.compile(r"(?P<name>[a-z0-9._~%!$&'()*+,;=-]*|\[(?P<literal>[0-9a-f:.]+)\])(?::[0-9]*)?")
+
+
 def host_name(value):
-    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1"), or None when the header is
+    not a host and port ("127.0.0.1:8000@evil.example")."""
     value = value.strip().lower()
-    if value.startswith("["):
-        return value[1:].partition("]")[0]
-    return value.rpartition(":")[0] if value.count(":") == 1 else value
+    if value.count(":") > 1 and not value.startswith("["):  # a bare IPv6 address, as some clients send
+        try:
+            return str(ipaddress.IPv6Address(value))
+        except ValueError:
+            return None
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return None
+    return match.group("literal") or match.group("name")
 
 
 def is_json(content_type):
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def charset_of(content_type):
+    """The charset parameter of a content type, lowercased (None without one)."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
+def is_utf8(body):
+    """Whether a body is UTF-8 JSON could be: valid UTF-8 without NUL bytes (JSON has none outside
+    escapes, while UTF-16 and UTF-32 text of ASCII is full of them, and Python's json takes those)."""
+    if b"\x00" in body:
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _BodyError(Exception):
@@ -74,16 +117,25 @@ class Guard:
 
         try:
             await self._handle(scope, receive, recorded)
-        except Exception as e:  # a bug below: still one schema, one count
+        except Exception as e:  # the last resort, a bug below: still one schema, one count, the connection kept sane
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            state["outcome"] = "error"  # whatever the route had noted before it failed
             if status is None:
                 status = 500
-                await send_error(send, 500, f"internal error: {type(e).__name__}")
-            raise
+                await send_error(send, 500, f"internal error: {type(e).__name__}; the server carries on", close=True)
         finally:
             self._count(scope, state, status, time.monotonic() - start)
 
     async def _handle(self, scope, receive, send):
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers") or []]
+        headers = dict(raw)
+        names = {k for k, _ in raw}
+        if "transfer-encoding" in names and "content-length" in names:
+            # RFC 9112 6.1: the two disagree on where the body ends (request smuggling); a server that
+            # does not reject such a request must still close the connection after it. We do both.
+            return await send_error(
+                send, 400, "a request may carry Content-Length or Transfer-Encoding, not both; send one", close=True
+            )
         if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
             allowed = ", ".join(sorted(self.allowed_hosts))
             return await send_error(send, 400, f"host {headers.get('host', '')!r} is not served here; allowed host names: {allowed}", close=True)
@@ -93,6 +145,9 @@ class Guard:
         if content_type is None or not is_json(content_type):
             what = "no content-type" if content_type is None else f"content-type {content_type!r}"
             return await send_error(send, 415, f"{what}: the body must be JSON, sent as content-type application/json", close=True)
+        charset = charset_of(content_type)
+        if charset not in (None, "utf-8", "utf8"):
+            return await send_error(send, 415, f"charset {charset!r}: JSON over HTTP is UTF-8 (RFC 8259); send the body in UTF-8", close=True)
         cap = self.photo_body_bytes if scope.get("path") == EDITS else self.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
@@ -102,9 +157,13 @@ class Guard:
         except _BodyError as e:
             extra = {"retry_after_s": 5} if e.status == 503 else {}
             return await send_error(send, e.status, str(e), "shutting_down" if e.status == 503 else None, close=True, **extra)
-        if body is None:  # the client went away while sending
-            scope["sgfast"]["outcome"] = "cancelled"
+        if body is None:  # the client went away while sending (or the connection layer answered it)
+            scope["sgfast"]["outcome"] = scope["sgfast"].get("outcome") or "cancelled"
             return
+        if not is_utf8(body):
+            return await send_error(
+                send, 415, "the body is not UTF-8 (UTF-16 or UTF-32?): JSON over HTTP is UTF-8 (RFC 8259); send it in UTF-8"
+            )
         await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, receive, cap):

@@ -3,6 +3,9 @@
 - connections: at most `max_connections` open (one more is answered 503 JSON and closed), and each
   must deliver a request's headers within `header_timeout_s` of opening (or of its previous answer)
   or it is closed: a client that never finishes its headers holds nothing;
+- requests the HTTP parser refuses (h11: a garbage request line, a bad header name or value, two
+  different Content-Lengths, a transfer coding other than chunked) are answered in the error schema,
+  closed and counted (`sgfast_refused_connections_total`), as connections over the cap are;
 - shutdown (SIGTERM, SIGINT): the engine hears of it at once, not after uvicorn has waited for every
   handler; it answers every request within `drain_timeout_s` (queued ones run when they fit, the rest
   503 JSON with Retry-After) and the process stops then;
@@ -14,9 +17,9 @@ import socket
 
 import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
-from sgfast.serve.errors import raw_response
+from sgfast.serve.errors import outcome_of, raw_response
 
 
 def bind(host, port):
@@ -34,18 +37,62 @@ def bind(host, port):
     return sock
 
 
-def guarded_protocol(header_timeout_s, max_connections):
-    """An h11 protocol class with a deadline on request headers and a cap on open connections."""
+class _Parser(h11.Connection):
+    """h11's connection, keeping the last parse error (uvicorn's protocol drops it for a fixed text)."""
+
+    error = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as error:
+            self.error = error
+            raise
+
+
+def guarded_protocol(header_timeout_s, max_connections, metrics=lambda: None):
+    """uvicorn's h11 protocol (pinned: its httptools one parses and answers differently) with a deadline
+    on request headers, a cap on open connections, and malformed requests answered in the error
+    schema and counted (`metrics()`: the server's Metrics, or None)."""
 
     class Guarded(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conn = _Parser(h11.SERVER, self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
+
         def connection_made(self, transport):
             super().connection_made(transport)
             self.header_timer = None
             if len(self.connections) > max_connections:
                 transport.write(raw_response(503, "Service Unavailable", f"too many connections (at most {max_connections}); retry", retry_after_s=1))
                 transport.close()
+                self._count("too_many_connections", 503)
                 return
             self._await_headers()
+
+        def _count(self, reason, status):
+            if metrics() is not None:
+                metrics().refused_connection(reason, status)
+
+        def send_400_response(self, msg):
+            """A request h11 cannot parse (request line, header names or values, conflicting lengths, a
+            transfer coding other than chunked, a bad chunk): answered in the schema, counted once, closed."""
+            error = self.conn.error
+            status = getattr(error, "error_status_hint", 400) or 400
+            reason = str(error) if error is not None and str(error) else msg
+            cycle = self.cycle
+            in_flight = cycle is not None and not cycle.response_complete
+            if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or (in_flight and cycle.response_started):
+                self.transport.close()  # its answer is already going out, and counted with it
+                return
+            phrase = {400: "Bad Request", 431: "Request Header Fields Too Large", 501: "Not Implemented"}.get(status, "Bad Request")
+            message = f"malformed HTTP/1.1 request: {reason[:200]}"
+            self.transport.write(raw_response(status, phrase, message))
+            if in_flight:  # its body was malformed: the guard, reading it, counts the request
+                cycle.scope.setdefault("sgfast", {})["outcome"] = outcome_of(status)
+            else:
+                self._count("malformed_request", status)
+            self.transport.close()
 
         def _await_headers(self):
             if self.header_timer is not None:
@@ -100,7 +147,8 @@ def server(app, engine, *, host="127.0.0.1", port=0, drain=True, drain_timeout_s
         host=host,
         port=port,
         log_level=log_level,
-        http=guarded_protocol(header_timeout_s, max_connections),
+        http=guarded_protocol(header_timeout_s, max_connections, lambda: engine.metrics),
+        ws="none",  # no WebSocket routes: an upgrade request is an HTTP request, answered and counted as one
         timeout_graceful_shutdown=drain_timeout_s + 2.0,
         timeout_keep_alive=5,
     )

@@ -18,6 +18,11 @@ class Metrics:
             buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.refused = Counter(
+            "sgfast_refused_connections",
+            "Requests answered below the app, by reason: malformed HTTP (the parser's 400/501) or over --max-connections (503)",
+            ["reason", "status"], registry=r,
+        )
         self.other = Counter("sgfast_other_requests", "Requests to the other routes, by path and status", ["path", "status"], registry=r)
         self.latency = Histogram(
             "sgfast_request_latency_seconds",
@@ -52,6 +57,9 @@ class Metrics:
 
     def other_request(self, path, status):
         self.other.labels(path, str(status)).inc()
+
+    def refused_connection(self, reason, status):
+        self.refused.labels(reason, str(status)).inc()
 
     def deadline_miss(self):
         self.misses.inc()

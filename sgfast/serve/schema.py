@@ -2,9 +2,6 @@
 server's caps and the prompt's words: a request becomes an engine `Spec` or an `InvalidRequest` (HTTP
 422; a photo that is too large or not an 8-bit PNG/JPEG carries 413 or 415 as its `status`)."""
 
-import base64
-import binascii
-
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -98,7 +95,7 @@ class PhotoEditRequest(BaseModel):
 
     model_config = STRICT
 
-    photo: str = Field(min_length=1, description="the PNG or JPEG file, base64-encoded")
+    photo: str = Field(min_length=1, description="the PNG or JPEG file, base64-encoded (line breaks and a data:image/...;base64, prefix allowed)")
     prompt: str = Field(min_length=1, max_length=10_000, description="what the photo shows (the words edits name)")
     edits: list[EditSpec] = Field(min_length=1, max_length=1000)
     # None: the model's photo setting (its self_guidance.json; 1 without one).
@@ -170,20 +167,18 @@ def to_spec(request, engine):
     return spec
 
 
-# load_photo's refusals as HTTP statuses: over the byte cap, not an 8-bit PNG/JPEG, a bad size.
+# The photo's refusals as HTTP statuses: over the byte cap, not an 8-bit PNG/JPEG, a bad size or not base64.
 PHOTO_STATUS = {"too_large": 413, "unsupported": 415, "invalid": 422}
 
 
 def photo_of(request, limits):
-    """The request's photo: base64 -> an RGB PIL image, or InvalidRequest (413, 415 or 422)."""
-    from sgfast.invert import PhotoError, load_photo
+    """The request's photo: base64 -> an upright RGB PIL image (`sgfast.serve.photo`), or
+    InvalidRequest (413, 415 or 422)."""
+    from sgfast.invert import PhotoError
+    from sgfast.serve.photo import load_photo, photo_bytes
 
     try:
-        data = base64.b64decode(request.photo, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(["photo"], "photo is not base64: send the PNG or JPEG file's bytes base64-encoded") from None
-    try:
-        return load_photo(data, max_side=limits.max_size, max_bytes=limits.max_photo_bytes)
+        return load_photo(photo_bytes(request.photo), max_side=limits.max_size, max_bytes=limits.max_photo_bytes)
     except PhotoError as e:
         raise InvalidRequest(["photo"], str(e), status=PHOTO_STATUS[e.kind]) from None
 
