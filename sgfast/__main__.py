@@ -184,8 +184,14 @@ def serve_ray(args):
 
 
 def train(args):
-    from sgfast.shapes.train import main
-
+    # `--family sd3` trains the built-in MMDiT model (sgfast.shapes.train_mmdit, its own flags);
+    # the default, the built-in UNet model.
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", default="unet")
+    if family.parse_known_args(args.rest)[0].family == "sd3":
+        from sgfast.shapes.train_mmdit import main
+    else:
+        from sgfast.shapes.train import main
     main(args.rest)
 
 

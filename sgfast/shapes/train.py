@@ -612,6 +612,8 @@ class Trainer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sgfast train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["unet"], default="unet",
+                   help="unet: the built-in Stable Diffusion model; sd3: the built-in MMDiT model (--family sd3 --help)")
     p.add_argument("--out", default="training/run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1000)
