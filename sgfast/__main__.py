@@ -25,7 +25,10 @@ def demo(args):
 
     pipe, name = load_pipeline(args.model)
     # Bare calls: the model's own guidance settings (its folder's self_guidance.json) are the defaults.
-    sg = SelfGuidancePipeline.from_pipe(pipe)
+    try:
+        sg = SelfGuidancePipeline.from_pipe(pipe)
+    except TypeError as error:  # a pipeline family this build does not wrap
+        raise SystemExit(f"{name}: {error}") from None
     os.makedirs(args.out, exist_ok=True)
     settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     if args.weight is not None:

@@ -138,3 +138,26 @@ def test_a_unet_checkpoint_is_refused(tmp_path):
     torch.save({"phase": 2, "step": 5, "seed": 0}, run / "checkpoint.pt")
     with pytest.raises(SystemExit, match="not an SD3 run"):
         train_mmdit.main(["--out", str(run)] + TINY)
+
+
+def test_the_quality_gate_reads_an_sd3_export(tmp_path):
+    """benchmarks.quality_gate loads an SD3 folder by its model_index.json, records the colour words'
+    joint-attention maps at the CLIP positions, and puts diffusers' processors back."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from benchmarks import quality_gate
+
+    run_training(tmp_path, "--steps", "1")
+    pipe, folder = quality_gate.load_model(str(tmp_path / "export"))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and folder == str(tmp_path / "export")
+    pipe.set_progress_bar_config(disable=True)
+    recorder = quality_gate.attention_recorder(pipe)
+    pipe(["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    assert len(recorder.sums) == 2  # one per block
+    assert all(m.shape == (2, 64, 77) for m in recorder.sums.values())  # cond half, 8x8 patches, CLIP keys
+    centroids = recorder.centroids(torch.tensor([2, 2]))
+    assert centroids.shape == (2, 2) and ((centroids > 0) & (centroids < 1)).all()
+    recorder.restore()
+    assert all(isinstance(p, JointAttnProcessor2_0) for p in pipe.transformer.attn_processors.values())
+    result, (images, captions, ok) = quality_gate.evaluate(pipe, seeds=2, steps=2, guidance_scale=3.0)
+    assert images.shape == (2, 64, 64, 3) and result["images"] == 2
