@@ -50,6 +50,7 @@ from sgfast.shapes.train import (
     MAX_LENGTH,
     attention_localisation_loss,
     build_tokenizer,
+    default_positions,
     drop_colour_words,
     lr_at,
     to_pixels,
@@ -137,7 +138,7 @@ class JointAttentionRecorder:
         logits = q @ k.transpose(-1, -2) * attn.scale
         multiplicity = self.store.get("multiplicity", 1)
         if multiplicity != 1:
-            bias = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+            bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
             bias[-1] = math.log(multiplicity)
             logits = logits + bias
         probs = logits.softmax(-1)
@@ -170,8 +171,11 @@ class Trainer:
         self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self.log_path = os.path.join(self.out, "log.txt")
         self.tokenizer = build_tokenizer(os.path.join(self.out, "tokenizer"))
+        self.device = torch.device(args.device)
         self.encoders, self.transformer, self.scheduler = build_models(args, self.tokenizer)
         self.vae = load_vae(args.vae_from)
+        for m in (self.transformer, self.vae, *self.encoders):
+            m.to(self.device)
         self.params = list(self.transformer.parameters()) + [p for e in self.encoders for p in e.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
         self.attn_store = {"active": False, "maps": [], "multiplicity": T5_ZEROS}
@@ -218,10 +222,13 @@ class Trainer:
         for e, sd in zip(self.encoders, s["encoders"]):
             e.load_state_dict(sd)
         self.opt.load_state_dict(s["opt"])
-        self.transformer_ema.shadow = s["transformer_ema"]
+        self.transformer_ema.shadow = self.on_device(s["transformer_ema"])
         for e, sd in zip(self.encoder_emas, s["encoder_emas"]):
-            e.shadow = sd
+            e.shadow = self.on_device(sd)
         self.log(f"resumed step={self.step} from {self.ckpt_path}")
+
+    def on_device(self, state):
+        return {k: v.to(self.device) for k, v in state.items()}
 
     def init_from_export(self, folder):
         """Start from an exported StableDiffusion3Pipeline (e.g. the committed one): its EMA weights
@@ -264,7 +271,7 @@ class Trainer:
         std, measured on 512 fresh scenes."""
         rng = np.random.default_rng([self.args.seed, PHASE_MMDIT, 0, 2])
         images, _ = scenes.sample_batch(rng, 512)
-        z = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in to_pixels(images).split(64)])
+        z = torch.cat([self.vae.encode(chunk.to(self.device)).latent_dist.mode().cpu() for chunk in to_pixels(images).split(64)])
         shift, scale = float(z.mean()), float(1 / (z - z.mean()).std())
         self.log(f"latents: shift_factor {shift:.4f} scaling_factor {scale:.4f}")
         return shift, scale
@@ -286,8 +293,9 @@ class Trainer:
     def encode_text(self, captions, encoders=None):
         """(text tokens (batch, 77 + 1, 2 hidden), pooled (batch, 2 projection)) as the pipeline builds
         them without T5, its 256 zero rows stood in by one (see JointAttentionRecorder)."""
-        ids = self.token_ids(captions)
-        outs = [e(ids, output_hidden_states=True) for e in (encoders or self.encoders)]
+        encoders = encoders or self.encoders
+        ids = self.token_ids(captions).to(encoders[0].device)
+        outs = [e(ids, output_hidden_states=True) for e in encoders]
         tokens = torch.cat([o.hidden_states[-2] for o in outs], -1)
         pooled = torch.cat([o.text_embeds for o in outs], -1)
         return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1])], 1), pooled
@@ -303,16 +311,19 @@ class Trainer:
         pixels, captions, gen, masks = self.batch(self.step, a.batch)
         drop = torch.rand(len(captions), generator=gen) < a.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        positions = None
+        positions = default_positions(len(captions), masks.shape[1])
         if a.colour_dropout > 0:
             rng = np.random.default_rng([a.seed, PHASE_MMDIT, self.step, 1])
             captions, positions = drop_colour_words(captions, rng, a.colour_dropout)
+        # Random draws on the CPU, computation on --device: the same run wherever it trains.
+        dev = self.device
+        pixels, masks, positions, keep = pixels.to(dev), masks.to(dev), positions.to(dev), (~drop).to(dev)
         with torch.no_grad():
             posterior = self.vae.encode(pixels).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(dev)
             x0 = (z - self.shift_factor) * self.scaling_factor
-        noise = torch.randn(x0.shape, generator=gen)
-        s = self.sample_sigmas(len(captions), gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        s = self.sample_sigmas(len(captions), gen).to(dev)
         x_t = (1 - s[:, None, None, None]) * x0 + s[:, None, None, None] * noise
         lr = lr_at(self.step, a.lr, a.warmup, a.steps)
         if self.rewarm_from:
@@ -330,7 +341,7 @@ class Trainer:
         self.attn_store["active"] = False
         flow = F.mse_loss(pred, noise - x0)
         attn = (
-            attention_localisation_loss(self.attn_store["maps"], masks, ~drop, "mask-kl", a.attn_floor, positions)
+            attention_localisation_loss(self.attn_store["maps"], masks, keep, "mask-kl", a.attn_floor, positions)
             if supervise else torch.zeros(())
         )
         self.attn_store["maps"] = []
@@ -368,7 +379,7 @@ class Trainer:
         from diffusers import StableDiffusion3Pipeline
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-        transformer = copy.deepcopy(self.transformer)
+        transformer = copy.deepcopy(self.transformer).to("cpu")
         transformer.load_state_dict(self.transformer_ema.shadow)
         transformer.set_attn_processor(JointAttnProcessor2_0())
         encoders = []
@@ -376,7 +387,7 @@ class Trainer:
             encoder = type(e)(e.config)
             encoder.load_state_dict(ema.shadow)
             encoders.append(encoder)
-        vae = copy.deepcopy(self.vae)
+        vae = copy.deepcopy(self.vae).to("cpu")
         vae.register_to_config(shift_factor=float(self.shift_factor), scaling_factor=float(self.scaling_factor))
         for m in (transformer, vae, *encoders):
             m.eval().requires_grad_(False)
@@ -509,6 +520,7 @@ def parser():
     p.add_argument("--validation", type=int, default=48, help="validation captions generated at each export")
     p.add_argument("--validation-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the training steps run (cuda on a GPU); exports and validation run on the CPU")
     p.add_argument("--log-every", type=int, default=25)
     return p
 
