@@ -4,6 +4,7 @@ resumed from its checkpoint continues exactly, and its export loads through
 StableDiffusion3Pipeline.from_pretrained offline."""
 
 import json
+import pathlib
 import os
 
 import numpy as np
@@ -116,6 +117,10 @@ def test_trains_resumes_exactly_and_exports_a_loadable_pipeline(tmp_path):
     info = json.loads((folder / "training.json").read_text())
     assert info["family"] == "sd3" and info["step"] == 2 and np.isfinite(info["validation_loss"])
     GuidanceSettings.read(str(folder / "self_guidance.json"))
+    from sgfast.shapes import default_model_path
+
+    for config in folder.rglob("*.json"):  # the record travels with the weights: no path of this machine
+        assert default_model_path() not in config.read_text(), config
     pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, text_encoder_3=None, tokenizer_3=None)
     assert pipe.text_encoder_3 is None and pipe.vae.config.shift_factor == resumed["shift_factor"]
     for name, weight in resumed["transformer_ema"].items():
@@ -161,3 +166,21 @@ def test_the_quality_gate_reads_an_sd3_export(tmp_path):
     assert all(isinstance(p, JointAttnProcessor2_0) for p in pipe.transformer.attn_processors.values())
     result, (images, captions, ok) = quality_gate.evaluate(pipe, seeds=2, steps=2, guidance_scale=3.0)
     assert images.shape == (2, 64, 64, 3) and result["images"] == 2
+
+
+def test_the_shipped_mmdit_model_loads_offline_and_draws():
+    from diffusers import StableDiffusion3Pipeline
+
+    from sgfast.settings import GuidanceSettings
+    from sgfast.shapes import load_pipeline
+    from sgfast.shapes.mmdit import mmdit_model_path
+
+    pipe, description = load_pipeline("default-mmdit")
+    assert isinstance(pipe, StableDiffusion3Pipeline) and "MMDiT" in description
+    assert pipe.text_encoder_3 is None and pipe.transformer.config.joint_attention_dim == 128
+    weights = sum(p.stat().st_size for p in pathlib.Path(mmdit_model_path()).rglob("*.safetensors"))
+    assert weights <= 20e6
+    GuidanceSettings.read(os.path.join(mmdit_model_path(), "self_guidance.json"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

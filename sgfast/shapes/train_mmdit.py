@@ -110,7 +110,10 @@ def build_models(args, tokenizer):
 def load_vae(folder):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), local_files_only=True)
+    loaded = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), local_files_only=True)
+    # Rebuilt from its config: the export then records no path of the folder it came from.
+    vae = AutoencoderKL.from_config({k: v for k, v in loaded.config.items() if not k.startswith("_")})
+    vae.load_state_dict(loaded.state_dict())
     return vae.eval().requires_grad_(False)
 
 
