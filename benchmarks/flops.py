@@ -2,6 +2,7 @@
 
     python -m benchmarks.flops --arch sd15            # SD1.5 UNet at 512px (64x64 latents)
     python -m benchmarks.flops --arch sdxl --json out.json   # diffusers' StableDiffusionXLPipeline at 1024px
+    python -m benchmarks.flops --arch sd3-medium | sd35-large | flux-dev   # MMDiT: benchmarks.flops_mmdit
 
 Rows: the plain CFG step (one forward at batch 2); the floor for growing sets of decoder layers
 (uncond forward + cond forward + backward to the latents through the layers up to the last
@@ -406,7 +407,7 @@ def format_table(info, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--arch", choices=("sd15", "sdxl", "sd3-medium", "sd35-large", "flux-dev"), default="sd15")
     parser.add_argument("--arch-dir", default=None, help="folder of the architecture configs (default: ../shared/architectures)")
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512 / 1024)")
     parser.add_argument("--no-attend-excite", action="store_true", help="leave out Attend-and-Excite")
@@ -414,10 +415,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     quiet()
     start = time.perf_counter()
-    info, rows = flop_table(args.arch, args.arch_dir, args.resolution, attend_excite=not args.no_attend_excite)
+    if args.arch in ("sd15", "sdxl"):
+        info, rows = flop_table(args.arch, args.arch_dir, args.resolution, attend_excite=not args.no_attend_excite)
+        table = format_table
+    else:  # the MMDiT families
+        from benchmarks import flops_mmdit
+
+        info, rows = flops_mmdit.flop_table(args.arch, args.arch_dir or default_arch_dir(), args.resolution)
+        table = flops_mmdit.format_table
     info["seconds"] = round(time.perf_counter() - start, 1)
     info["command"] = "python -m benchmarks.flops " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_table(info, rows))
+    print(table(info, rows))
     print(f"\n{info['command']}  ({info['seconds']} s; FLOPs: torch.utils.flop_counter formulas, SDPA counted as its math path)")
     if args.json:
         with open(args.json, "w") as f:

@@ -13,6 +13,7 @@ from sgfast.edits import (
     restyle,
 )
 from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline
+from sgfast.mmdit_pipeline import MMDiTSelfGuidancePipeline  # SD3 / FLUX: from_pipe hands them to it
 from sgfast.trace import Trace
 
 __version__ = "0.1.0"

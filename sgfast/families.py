@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sgfast.capture import cross_attention_layers, default_feature_layer, default_layers
 
@@ -239,6 +239,8 @@ class StableDiffusionXL(StableDiffusion):
 
 
 FAMILIES = ((StableDiffusionPipeline, StableDiffusion), (StableDiffusionXLPipeline, StableDiffusionXL))
+# Folders load_pipeline takes: these families' and the MMDiT ones (sgfast.mmdit_families).
+LOADABLE = tuple(pipeline_class for pipeline_class, _ in FAMILIES) + (StableDiffusion3Pipeline, FluxPipeline)
 
 
 def family_of(pipe):
@@ -252,15 +254,15 @@ def family_of(pipe):
 
 def load_pipeline(folder, **kwargs):
     """A local diffusers folder (`save_pretrained`) as the pipeline class its model_index.json names,
-    SD 1.x/2.x or SDXL, offline; `kwargs` go to `from_pretrained`. Another class is an error."""
+    SD 1.x/2.x, SDXL, SD3 or FLUX, offline; `kwargs` go to `from_pretrained`. Another class is an error."""
     index = os.path.join(folder, "model_index.json")
     if not os.path.exists(index):
         raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: it has no model_index.json")
     with open(index) as f:
         name = json.load(f).get("_class_name")
-    classes = {pipeline_class.__name__: pipeline_class for pipeline_class, _ in FAMILIES}
+    classes = {pipeline_class.__name__: pipeline_class for pipeline_class in LOADABLE}
     if name not in classes:
         raise ValueError(f"{folder!r} holds a {name}; sgfast loads {' or '.join(classes)} folders")
-    if classes[name] is StableDiffusionXLPipeline:
+    if classes[name] is not StableDiffusionPipeline:
         kwargs.pop("safety_checker", None)  # SDXL has none; diffusers would warn that it is ignored
     return classes[name].from_pretrained(folder, local_files_only=True, **kwargs)

@@ -46,6 +46,13 @@ class SelfGuidancePipeline:
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
     cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
 
+    def __new__(cls, pipe=None, *args, **kwargs):
+        # A family with a wrapper of its own (SD3, FLUX: sgfast.mmdit_pipeline) gets that wrapper.
+        for wrapper in cls.__subclasses__():
+            if getattr(wrapper, "wraps", None) is not None and wrapper.wraps(pipe):
+                return super().__new__(wrapper)
+        return super().__new__(cls)
+
     def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None):
         self.family = family_of(pipe)
         if mode not in MODES:

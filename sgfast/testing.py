@@ -293,3 +293,121 @@ def _value_error(call, kwargs):
     except ValueError as error:
         return str(error)
     return None
+
+
+# --- MMDiT pipelines (SD3 / SD3.5, FLUX.1): tiny, offline ------------------------------------------
+
+def build_t5_tokenizer(words=TINY_WORDS, max_length=512):
+    """A real T5Tokenizer (sentencepiece-style unigram) from a locally built vocabulary (no network):
+    each of `words` is one piece ("▁circle"), and any other text still tokenizes through single
+    characters with and without the word-start mark."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-"
+    vocab += [("▁" + c, -4.0) for c in chars if "▁" + c not in dict(vocab)] + [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(tokenizer, seed):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=48, d_kv=8, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config)
+
+
+# SD3 variants: the first is SD3-medium's layout, then SD3.5-medium's (dual attention in the first
+# blocks, QK RMS-norm) and SD3.5-large's (QK RMS-norm).
+SD3_VARIANTS = {
+    "sd3": dict(),
+    "sd35-medium": dict(dual_attention_layers=(0,), qk_norm="rms_norm"),
+    "sd35-large": dict(qk_norm="rms_norm"),
+}
+# FlowMatchEulerDiscreteScheduler as the checkpoints ship it: SD3 with a fixed shift, FLUX with the
+# resolution-dependent one (`mu` from the image's token count).
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def tiny_sd3_components(seed=0, image_size=64, words=TINY_WORDS, variant="sd3", num_layers=3):
+    """The parts of a tiny StableDiffusion3Pipeline: 64x64 images, 16x16x4 latents, patch 2 (8x8 image
+    tokens); two CLIP encoders with projections (hidden states concatenated per token: 16 + 16 = the
+    T5 width 32) and a T5 encoder. `variant`: a key of SD3_VARIANTS."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    if variant not in SD3_VARIANTS:
+        raise ValueError(f"unknown SD3 variant {variant!r}; choose one of {sorted(SD3_VARIANTS)}")
+    tokenizer = build_tokenizer(words)
+    tokenizer_2 = build_tokenizer(words, pad_token="!")
+    tokenizer_3 = build_t5_tokenizer(words)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 16, projection_dim=32))
+    text_encoder_3 = _t5_encoder(tokenizer_3, seed + 1)
+    torch.manual_seed(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 4, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4, pos_embed_max_size=32, **SD3_VARIANTS[variant],
+    )
+    vae = tiny_vae(image_size, scaling_factor=1.5305, shift_factor=0.0609)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    for model in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        model.eval().requires_grad_(False)
+    return dict(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def tiny_sd3_pipeline(seed=0, image_size=64, variant="sd3", num_layers=3):
+    """A real diffusers StableDiffusion3Pipeline with tiny seeded weights, built offline."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed, image_size, variant=variant, num_layers=num_layers))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_components(seed=0, words=TINY_WORDS, guidance_embeds=True, num_layers=2, num_single_layers=2):
+    """The parts of a tiny FluxPipeline: 4 latent channels packed 2x2 into 16-wide tokens (64x64 images:
+    8x8 image tokens), rotary embeddings on text and image, a CLIP encoder for the pooled vector and a
+    T5 encoder for the text tokens. `guidance_embeds`: FLUX.1-dev (True) or FLUX.1-schnell (False)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    tokenizer = build_tokenizer(words)
+    tokenizer_2 = build_t5_tokenizer(words)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    text_encoder_2 = _t5_encoder(tokenizer_2, seed + 1)
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8), guidance_embeds=guidance_embeds,
+    )
+    vae = tiny_vae(64, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    for model in (transformer, vae, text_encoder, text_encoder_2):
+        model.eval().requires_grad_(False)
+    return dict(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+def tiny_flux_pipeline(seed=0, guidance_embeds=True, num_layers=2, num_single_layers=2):
+    """A real diffusers FluxPipeline with tiny seeded weights, built offline (call it with height=64,
+    width=64: FLUX's default size is 1024px whatever the model)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**tiny_flux_components(seed, guidance_embeds=guidance_embeds, num_layers=num_layers,
+                                               num_single_layers=num_single_layers))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

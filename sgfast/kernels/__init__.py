@@ -14,5 +14,16 @@ if os.path.isfile(os.path.join(_checkout_sources, "attention_stats.py")):
     __path__.append(_checkout_sources)
 
 from sgfast.kernels.attention_stats import attention_stats, attention_stats_reference  # noqa: E402
+from sgfast.kernels.joint_attention_stats import (  # noqa: E402
+    joint_attention_stats,
+    joint_attention_stats_reference,
+    sdpa_with_logsumexp,
+)
 
-__all__ = ["attention_stats", "attention_stats_reference"]
+__all__ = [
+    "attention_stats",
+    "attention_stats_reference",
+    "joint_attention_stats",
+    "joint_attention_stats_reference",
+    "sdpa_with_logsumexp",
+]

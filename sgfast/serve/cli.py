@@ -49,10 +49,13 @@ def build_engine(args, log=print):
     from sgfast import SelfGuidancePipeline
     from sgfast.serve.admission import Limits
     from sgfast.serve.engine import Engine
+    from sgfast.serve.families import is_transformer, native_size
     from sgfast.serve.iteration import IterationEngine
     from sgfast.shapes import load_pipeline
 
     pipe, name = load_pipeline(args.model)
+    if args.scheduler == "iteration" and is_transformer(pipe):
+        sys.exit(f"--scheduler iteration runs UNet pipelines; {type(pipe).__name__} is served with --scheduler request")
     pipe.set_progress_bar_config(disable=True)
     device = args.device
     if device == "auto":
@@ -72,7 +75,7 @@ def build_engine(args, log=print):
         max_body_bytes=args.max_body_kb * 1024,
         max_photo_bytes=args.max_photo_kb * 1024,
     )
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     sizes = [(native, native)] + [(int(s), int(s)) for s in args.calibrate_sizes.split(",") if s.strip() and int(s) != native]
     name = display_name(args.model, name)
     log(f"model: {name} on {device} ({mode} mode); the cost model is calibrated when the worker starts")

@@ -6,6 +6,7 @@ import math
 import threading
 import time
 
+from sgfast.serve.families import native_size
 from sgfast.serve.jobs import seeded_latents
 
 
@@ -112,7 +113,7 @@ class CostModel:
         from sgfast.edits import move
 
         pipe = sg.pipe
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        native = native_size(pipe)
         sizes = sizes or [(native, native)]
         prompt = prompt or calibration_prompt(sg)
         word = next((w for w in sg.words(prompt)[::-1] if w.isalpha()), sg.words(prompt)[-1])

@@ -28,7 +28,7 @@ import torch
 from sgfast.serve.admission import POLICIES, Expired, Limits, Plan, Rejected, ShuttingDown, admit, degradation_of, model_guided
 from sgfast.serve.cache import TraceCache, call_photo_edit, call_pipeline
 from sgfast.serve.cost import CostModel
-from sgfast.serve.jobs import Abandoned, Job, reference_steps, result_of
+from sgfast.serve.jobs import Abandoned, Job, denoiser, native_size, reference_steps, result_of
 
 SHUTDOWN_RETRY_S = 5  # Retry-After of requests answered 503 because the server stopped
 NO_BUDGET_MS = 3_600_000.0  # requests without a budget are ordered as if due in an hour (FIFO among themselves)
@@ -52,7 +52,7 @@ class Engine:
         self.cost = cost
         self.policy = policy
         self.limits = limits or Limits()
-        self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.native = native_size(self.pipe)
         if self.limits.max_size is None:
             self.limits.max_size = 2 * self.native
         self.cache = TraceCache(cache_bytes)
@@ -411,7 +411,7 @@ class Engine:
             if all(j.abandoned for j in batch):
                 raise Abandoned()
 
-        hook = self.pipe.unet.register_forward_pre_hook(stop_if_abandoned)
+        hook = denoiser(self.pipe).register_forward_pre_hook(stop_if_abandoned)
         try:
             if batch[0].spec.photo is not None:
                 return call_photo_edit(self.sg, batch[0])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sgfast.serve.admission import Plan, degradation_of, paper_guided
+from sgfast.serve.families import denoiser, initial_noise, native_size  # noqa: F401 (the engine's too)
 
 
 @dataclass
@@ -102,9 +103,7 @@ def result_of(job, image, cache_hit, start, run_ms, batch_size, done):
 def seeded_latents(pipe, seeds, height, width, device=None):
     """The initial noise of each seed, as diffusers draws it for a batch of one with a CPU generator,
     so that a request's image does not depend on what it was batched with."""
-    unet = pipe.unet
-    shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype) for s in seeds]
+    noise = [initial_noise(pipe, s, height, width) for s in seeds]
     # diffusers' _execution_device walks every module (milliseconds): a caller that knows it passes it.
     return torch.cat(noise).to(device or pipe._execution_device)
 

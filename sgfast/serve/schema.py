@@ -277,5 +277,6 @@ def _no_words(edit_spec, words):
 
 def size_multiple(pipe):
     """Pixel sizes must divide down through the VAE and every UNet downsampling."""
-    downs = len(pipe.unet.config.block_out_channels) - 1
-    return pipe.vae_scale_factor * 2**downs
+    from sgfast.serve.families import size_multiple as multiple
+
+    return multiple(pipe)

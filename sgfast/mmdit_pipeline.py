@@ -1,0 +1,294 @@
+"""Self-guidance on MMDiT pipelines (SD3 / SD3.5, FLUX.1): `SelfGuidancePipeline.from_pipe` of a
+StableDiffusion3Pipeline or FluxPipeline is a MMDiTSelfGuidancePipeline.
+
+Sampling is diffusers' own `__call__`, with every argument as diffusers takes it; the wrapper only
+looks in at three places for the length of a call: `prepare_latents` (the initial noise a trace
+keeps), the transformer's forward (captured maps; on a guided step the conditional rows run with
+gradients to the latents) and the scheduler's `step` (where the guidance term, in velocity units,
+joins the prediction: sgfast.flow). Without edits the images are diffusers' own, bit for bit.
+"""
+
+import math
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from sgfast.flow import can_guide_flow, flow_guidance_term, flow_sigma
+from sgfast.mmdit_capture import JointCapture, resolve_joint_layers
+from sgfast.mmdit_families import call_arguments, mmdit_family_of
+from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_trace
+from sgfast.capture import RecordingDone
+from sgfast.sampler import FP16_LOSS_SCALE, energy_of, edit_selection, record_traces, resolve_schedule, unit_rms
+from sgfast.settings import model_settings
+from sgfast.trace import Trace, selection
+
+# A transformer call's arguments that hold one entry per batch row.
+ROW_ARGUMENTS = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "guidance")
+
+
+@contextmanager
+def replaced(obj, name, value):
+    """`obj.name` is `value` inside the block (an instance attribute), as before afterwards."""
+    had, old = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+def _rows(kwargs, rows, total):
+    return {k: (v[rows] if k in ROW_ARGUMENTS and torch.is_tensor(v) and v.ndim and v.shape[0] == total else v)
+            for k, v in kwargs.items()}
+
+
+class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
+    """`mode="reference"`: word maps recomputed in plain PyTorch next to the captured blocks' attention, the
+    full autograd graph of the conditional pass. `mode="fast"`: the fused joint-attention op
+    (sgfast.kernels.joint_attention_stats, Triton on CUDA), the graph cut after the last captured block.
+    `softmax`: "joint" (the maps' rows normalised over every key, image keys included) or "text"
+    (renormalised over the text keys); see sgfast.mmdit_capture."""
+
+    @staticmethod
+    def wraps(pipe):
+        return mmdit_family_of(pipe) is not None
+
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None,
+                 softmax="joint"):
+        self.family = mmdit_family_of(pipe)
+        if self.family is None:
+            raise TypeError(f"MMDiTSelfGuidancePipeline wraps StableDiffusion3Pipeline or FluxPipeline; got {type(pipe).__name__}")
+        if mode not in ("reference", "fast"):
+            raise ValueError(f"mode must be one of ('reference', 'fast'), got {mode!r}")
+        if compile:
+            raise ValueError(f"compile=True is not available for {self.family.name} pipelines yet")
+        self.pipe, self.mode = pipe, mode
+        self.settings = model_settings(pipe, settings)
+        transformer = pipe.transformer
+        self.layers = resolve_joint_layers(transformer, layers) if layers is not None else self.family.default_layers()
+        if not self.layers:
+            raise ValueError("layers names no joint-attention block; name at least one")
+        self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)
+        if mode == "fast":
+            # The fused op (Triton on CUDA), the graph cut after the last captured block, no weight gradients.
+            self._capture = JointCapture(transformer, self.layers, self.feature_layer, softmax=softmax, impl="auto",
+                                         cut_graph=True)
+            transformer.requires_grad_(False)
+        else:
+            self._capture = JointCapture(transformer, self.layers, self.feature_layer, softmax=softmax)
+
+    def words(self, prompt, max_sequence_length=None):
+        return self._prompt_words(prompt, max_sequence_length).words
+
+    def _prompt_words(self, prompt, max_sequence_length=None):
+        if max_sequence_length is None:
+            max_sequence_length = call_arguments(self.pipe, None, {})["max_sequence_length"]
+        return self.family.prompt_words(prompt, max_sequence_length)
+
+    def trace_image(self, *args, **kwargs):
+        raise NotImplementedError(f"trace_image is not available for {self.family.name} pipelines yet")
+
+    def invert(self, *args, **kwargs):
+        raise NotImplementedError(f"invert is not available for {self.family.name} pipelines yet")
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, edits=None, *, self_guidance_scale=None, normalize_gradient=None,
+                 guidance_schedule=None, trace=None, record_trace=True, **kwargs):
+        """Every argument of the wrapped pipeline's __call__, with its defaults, plus the edits and the
+        guidance settings as for Stable Diffusion."""
+        pipe, family = self.pipe, self.family
+        call = call_arguments(pipe, prompt, kwargs)
+        # 1. Check everything before anything runs.
+        self._check_count(call["num_images_per_prompt"])
+        images_per_prompt = call["num_images_per_prompt"]
+        prompts, batch = self._prompts(prompt, call["prompt_embeds"])
+        prompts, prompt_words, edits = self._checked_edits(prompts, edits, batch, images_per_prompt,
+                                                           call["max_sequence_length"])
+        has_edits = any(edits)
+        steps = call["num_inference_steps"] if call["sigmas"] is None else len(call["sigmas"])
+        settings = self.settings.for_photo() if is_photo_trace(trace) else self.settings
+        edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
+            edits, steps, self_guidance_scale, normalize_gradient, guidance_schedule
+        )
+        self._check_guidance(self_guidance_scale, normalize_gradient)
+        schedule = resolve_schedule(guidance_schedule, steps)
+        if has_edits and not any(schedule):
+            raise ValueError(
+                f"the guidance schedule guides none of the {steps} steps, so the edits would do nothing; "
+                "use more steps or a guidance_schedule that guides at least one"
+            )
+        needs_capture = has_edits or (record_trace and prompt_words is not None)
+        if needs_capture and not has_edits and self._capture.foreign_processors():
+            needs_capture = False  # the user's own processors run untouched; only a trace needs ours
+        if has_edits:
+            self._capture.check_processors()
+        height, width = family.size(call)
+        trace_settings = self._trace_settings(call, (height, width), batch)
+        trace_settings = [s for s in trace_settings for _ in range(images_per_prompt)]
+        references = self._references(trace, prompts, trace_settings)
+        if call["latents"] is None and references[0] is not None:
+            call["latents"] = torch.cat([r.latents for r in references])
+        if call["latents"] is not None and not torch.isfinite(call["latents"]).all():
+            raise ValueError("latents contain NaN or infinite values")
+
+        run = _Run(self, call, family.grid(height, width), prompt_words, trace_settings)
+        needs_reference = any(e.needs_reference for item in edits for e in item)
+        traces, energies = None, []
+        with self._capture if needs_capture else nullcontext():
+            if has_edits and needs_reference and references[0] is None:
+                # The unedited generation, recorded as the edits' reference (no decoding, no callback).
+                run.traces = []
+                reference_call = dict(call, output_type="latent", return_dict=False, callback_on_step_end=None)
+                run.generate(reference_call)
+                references = run.traces
+                call["latents"] = run.initial
+            if references[0] is not None:
+                traces, run.traces = references, None  # recorded already: nothing to record again
+            elif not has_edits and needs_capture:
+                run.traces = traces = []
+            else:
+                run.traces = None
+            run.guide(edits if has_edits else None, references, schedule, self_guidance_scale, normalize_gradient, energies)
+            output = run.generate(call)
+        if not call["return_dict"]:
+            return output
+        if traces is not None and len(traces) == 1:
+            traces = traces[0]
+        return SelfGuidanceOutput(images=output.images, trace=traces, energies=energies if has_edits else None)
+
+    def _checked_edits(self, prompts, edits, batch, images_per_prompt, max_sequence_length=None):
+        edits = [item for item in self._edits_per_item(edits, batch) for _ in range(images_per_prompt)]
+        if prompts is None:
+            if any(edits):
+                raise ValueError("edits name words of the prompt: pass `prompt` (its words) along with `prompt_embeds`")
+            return None, None, edits
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        prompt_words = [self._prompt_words(p, max_sequence_length) for p in prompts]
+        for item, words in zip(edits, prompt_words):
+            for edit in item:
+                edit.validate(words)
+        return prompts, prompt_words, edits
+
+    def _trace_settings(self, call, size, batch):
+        negative = call["negative_prompt"]
+        negatives = negative if isinstance(negative, (list, tuple)) else [negative] * batch
+        common = dict(
+            size=size, scheduler=type(self.pipe.scheduler).__name__, num_inference_steps=call["num_inference_steps"],
+            sigmas=None if call["sigmas"] is None else tuple(float(s) for s in call["sigmas"]),
+            guidance_scale=float(call["guidance_scale"]), **self.family.settings(call),
+        )
+        return [dict(common, negative_prompt=n) for n in negatives]
+
+
+class _Run:
+    """One wrapped call's hooks: the transformer forward, the scheduler step and prepare_latents."""
+
+    def __init__(self, sg, call, grid, prompt_words, trace_settings):
+        self.sg, self.pipe, self.family, self.capture = sg, sg.pipe, sg.family, sg._capture
+        self.call, self.grid, self.prompt_words, self.trace_settings = call, grid, prompt_words, trace_settings
+        self.traces, self.edits, self.initial = None, None, None
+        self.energies = []
+
+    def guide(self, edits, references, schedule, scale, normalize, energies):
+        self.edits, self.references, self.schedule = edits, references, schedule
+        self.scale, self.normalize, self.energies = scale, normalize, energies
+        if edits is not None:
+            self.edit_words, self.edit_tokens = edit_selection(edits, self.prompt_words, self.pipe._execution_device)
+
+    def generate(self, call):
+        """diffusers' __call__ with the hooks in place."""
+        pipe = self.pipe
+        self.step, self.first_in_step, self.grad, self.new_traces = 0, True, None, self.traces == []
+        if self.traces is not None and self.prompt_words is not None:
+            self.trace_words = [list(dict.fromkeys(pw.words)) for pw in self.prompt_words]
+            self.trace_tokens = selection(self.prompt_words, self.trace_words, pipe._execution_device)
+        forward, step, prepare = pipe.transformer.forward, pipe.scheduler.step, pipe.prepare_latents
+        with replaced(pipe.transformer, "forward", lambda *a, **k: self._forward(forward, *a, **k)), \
+                replaced(pipe.scheduler, "step", lambda *a, **k: self._step(step, *a, **k)), \
+                replaced(pipe, "prepare_latents", lambda *a, **k: self._prepare(prepare, *a, **k)):
+            return pipe(**call)
+
+    def _prepare(self, prepare, *args, **kwargs):
+        out = prepare(*args, **kwargs)
+        latents = out[0] if isinstance(out, tuple) else out
+        self.initial = latents.clone()
+        if self.new_traces:
+            self.traces[:] = [
+                Trace(w.prompt, list(dict.fromkeys(w.words)), latents=latents[b : b + 1].clone(), image_size=s["size"],
+                      settings=s)
+                for b, (w, s) in enumerate(zip(self.prompt_words, self.trace_settings))
+            ]
+        return out
+
+    def _timestep(self):
+        return self.pipe.scheduler.timesteps[self.step]
+
+    def _forward(self, forward, *args, **kwargs):
+        first, self.first_in_step = self.first_in_step, False
+        if args or self.family.is_side_call(kwargs, first) or (self.edits is None and not self.traces):
+            return forward(*args, **kwargs)
+        total = kwargs["hidden_states"].shape[0]
+        rows = self.family.cond_rows(total, self.call)
+        if self.edits is not None and self.schedule[self.step] and can_guide_flow(flow_sigma(self.pipe.scheduler, self._timestep())):
+            return self._guided(forward, kwargs, rows, total)
+        if self.traces:
+            with self.capture.record(*self.trace_tokens, self.grid, batch_slice=rows):
+                out = forward(**kwargs)
+                record_traces(self.traces, self.capture, self.trace_words, self._timestep())
+            return out
+        return forward(**kwargs)
+
+    def _energy(self, forward, kwargs, stop):
+        """The conditional pass with the edits' words recorded: (output or None, energy)."""
+        items = [item for item in self.edits]
+        features = any(e.needs_features for item in items for e in item)
+        out = None
+        with self.capture.record(*self.edit_tokens, self.grid, features=features, stop=stop):
+            try:
+                out = forward(**kwargs)
+            except RecordingDone:
+                pass
+        energy = energy_of(items, self.capture, self.prompt_words, self.edit_words, self.references,
+                           self._timestep(), self.step)
+        return out, energy
+
+    def _guided(self, forward, kwargs, rows, total):
+        """A guided step's prediction: the conditional rows with gradients to the latents (their
+        energy's gradient kept for the step), the others without."""
+        cond_kwargs = _rows(kwargs, rows, total)
+        if self.scale == 0:
+            # No term: the prediction from the unedited call as it is, the energy from a pass of its own.
+            out = forward(**kwargs)
+            _, energy = self._energy(forward, cond_kwargs, stop=self.capture.can_stop_early)
+            self.energies.append((self.step, float(energy)))
+            return out
+        others = None
+        if rows != slice(0, total):
+            others = forward(**_rows(kwargs, slice(0, rows.start), total))  # the negative prompt's rows
+        z = cond_kwargs["hidden_states"].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out, energy = self._energy(forward, dict(cond_kwargs, hidden_states=z), stop=False)
+            loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
+            (grad,) = torch.autograd.grad(energy * loss_scale, z)
+        grad = grad.float() / loss_scale
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(f"the self-guidance gradient is not finite at step {self.step}; lower the edit weights")
+        self.grad = unit_rms(grad) if self.normalize else grad
+        self.energies.append((self.step, float(energy.detach())))
+        sample = out[0].detach()
+        if others is not None:
+            sample = torch.cat([others[0], sample])
+        return (sample,) + tuple(out[1:])
+
+    def _step(self, step, model_output, timestep, sample, *args, **kwargs):
+        if self.grad is not None:
+            sigma = flow_sigma(self.pipe.scheduler, timestep)
+            term = flow_guidance_term(sigma, self.grad, self.scale, normalized=self.normalize)
+            model_output = model_output + term.to(model_output.dtype)
+            self.grad = None
+        self.step += 1
+        self.first_in_step = True
+        return step(model_output, timestep, sample, *args, **kwargs)
