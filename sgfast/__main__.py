@@ -65,8 +65,14 @@ def demo(args):
         if prompt != args.prompt and describe_changes(args.prompt, original.images[0], original.images[0]):
             print(f"{title} into {prompt!r}: unedited, reads {describe_scene(unedited.images[0])}; "
                   f"edited, reads {describe_scene(out.images[0])}")
-        # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
-        rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
+        # Read the edited image's maps back the paper's way (noise it, run the denoiser, record); a
+        # family without trace_image shows the maps its edited generation itself recorded, where its
+        # prompt is the sheet's.
+        try:
+            rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
+        except NotImplementedError:
+            if prompt == args.prompt:
+                rows.append((title, out.images[0], out.trace))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
     prompt_words = PromptWords.from_tokenizer(pipe.tokenizer, args.prompt).words
     words = list(dict.fromkeys([args.move_word, args.resize_word] + content_words(prompt_words)))
