@@ -4,8 +4,8 @@ resumed from its checkpoint continues exactly, and its export loads through
 StableDiffusion3Pipeline.from_pretrained offline."""
 
 import json
-import pathlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
