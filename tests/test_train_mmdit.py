@@ -15,7 +15,8 @@ from sgfast.shapes import train_mmdit
 from sgfast.shapes.train_mmdit import JointAttentionRecorder
 
 TINY = ["--layers", "2", "--heads", "2", "--head-dim", "8", "--text-hidden", "16", "--text-projection", "8",
-        "--batch", "3", "--validation", "2", "--validation-steps", "2", "--log-every", "1", "--warmup", "1"]
+        "--batch", "3", "--validation", "2", "--validation-steps", "2", "--log-every", "1", "--warmup", "1",
+        "--validation-scenes", "4", "--latent-scenes", "16"]
 
 
 def tiny_transformer(joint_dim=6, qk_norm="rms_norm"):

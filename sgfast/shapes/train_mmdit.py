@@ -273,9 +273,9 @@ class Trainer:
     @torch.no_grad()
     def measure_latents(self):
         """SD3's latent normalisation for this VAE: (shift, scale) with (z - shift) * scale of unit
-        std, measured on 512 fresh scenes."""
+        std, measured on `--latent-scenes` fresh scenes."""
         rng = np.random.default_rng([self.args.seed, PHASE_MMDIT, 0, 2])
-        images, _ = scenes.sample_batch(rng, 512)
+        images, _ = scenes.sample_batch(rng, self.args.latent_scenes)
         z = torch.cat([self.vae.encode(chunk.to(self.device)).latent_dist.mode().cpu() for chunk in to_pixels(images).split(64)])
         shift, scale = float(z.mean()), float(1 / (z - z.mean()).std())
         self.log(f"latents: shift_factor {shift:.4f} scaling_factor {scale:.4f}")
@@ -360,9 +360,10 @@ class Trainer:
         return dict(loss=flow.item(), attn=attn.item(), gnorm=float(grad_norm))
 
     @torch.no_grad()
-    def validation_loss(self, pipe, n=64):
+    def validation_loss(self, pipe):
         """Flow-matching loss of the EMA model on fixed validation scenes and noise, at sigmas spread
         evenly over (0, 1): comparable between exports."""
+        n = self.args.validation_scenes
         rng = np.random.default_rng([scenes.VALIDATION_SEED, PHASE_MMDIT])
         images, captions = scenes.sample_batch(rng, n)
         gen = torch.Generator().manual_seed(scenes.VALIDATION_SEED)
@@ -524,6 +525,8 @@ def parser():
     p.add_argument("--stop-at", type=int, default=None, help="save and stop at this step")
     p.add_argument("--validation", type=int, default=48, help="validation captions generated at each export")
     p.add_argument("--validation-steps", type=int, default=25)
+    p.add_argument("--validation-scenes", type=int, default=64, help="scenes of the validation loss")
+    p.add_argument("--latent-scenes", type=int, default=512, help="scenes the latent shift and scale are measured on")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="where the training steps run (cuda on a GPU); exports and validation run on the CPU")
     p.add_argument("--log-every", type=int, default=25)
