@@ -296,7 +296,7 @@ def main(argv=None):
                 examples[(mode, label)] = example
     elapsed = time.perf_counter() - start
     text = table(results)
-    print(f"\nmodel: {name}; {args.seeds} seeds, {args.steps} DDIM steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
+    print(f"\nmodel: {name}; {args.seeds} seeds, {args.steps} {type(pipe.scheduler).__name__} steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
     print(text)
     json_path = os.path.join(args.out, "quality.json")
     with open(json_path, "w") as f:
@@ -318,7 +318,7 @@ def main(argv=None):
             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {args.device}"
             f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
             f"torch {torch.__version__}; `{command.strip()}` ({elapsed:.0f} s)\n\n"
-            f"{args.seeds} held-out two-object captions, one seed each, {args.steps} DDIM steps, guidance scale "
+            f"{args.seeds} held-out two-object captions, one seed each, {args.steps} {type(pipe.scheduler).__name__} steps, guidance scale "
             f"{args.guidance_scale}, bare calls (the model's own settings unless named); an image counts when the reader finds "
             f"the caption's objects in the unedited image. Medians over those images; in brackets, how many reach the target.\n\n{text}\n"
         )

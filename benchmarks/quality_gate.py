@@ -2,9 +2,10 @@
 
     python -m benchmarks.quality_gate --seeds 100
     python -m benchmarks.quality_gate --seeds 40 --guidance 3,5,7.5     # compare guidance scales
+    python -m benchmarks.quality_gate --seeds 100 --model default-mmdit   # the built-in MMDiT model
 
 Captions come from held-out scenes (`sgfast.shapes.scenes.make_scene(HELDOUT_SEED + k)`, a seed family
-that training never draws from). Each is generated with the shipped model (DDIM), the image is read
+that training never draws from). Each is generated with the model (its own scheduler), the image is read
 back with the scene reader (colour segmentation + connected components + shape classification), and
 an image passes when it holds exactly the captioned objects: the right colours, the right count.
 Shapes are reported too. Writes `<out>/gate.json` and a PNG sheet of samples with their captions,
@@ -73,6 +74,58 @@ class AttentionRecorder:
         self.unet.set_attn_processor(self.original)
 
 
+class JointAttentionRecorder(AttentionRecorder):
+    """The same for an SD3 transformer, in every block: the head-averaged joint-attention
+    probabilities of image queries at the CLIP text keys (the first `text_positions` text tokens),
+    as the MMDiT's training records them (`sgfast.shapes.train_mmdit.JointAttentionRecorder`, which
+    also computes the block's output)."""
+
+    def __init__(self, transformer, text_positions):
+        from sgfast.shapes.train_mmdit import JointAttentionRecorder as Recorder
+
+        self.unet = transformer
+        self.original = transformer.attn_processors
+        self.text_positions = text_positions
+        self.sums = {}
+        self.store = {"active": True, "maps": [], "multiplicity": 1}
+        recorder = Recorder(self.store)
+        transformer.set_attn_processor({name: self._wrap(name, recorder) for name in self.original})
+
+    def _wrap(self, name, recorder):
+        def processor(attn, hidden_states, encoder_hidden_states=None, *args, **kw):
+            out = recorder(attn, hidden_states, encoder_hidden_states, *args, **kw)
+            probs = self.store["maps"].pop()[:, :, : self.text_positions]
+            probs = probs[probs.shape[0] // 2 :]  # conditional half of the CFG batch
+            self.sums[name] = self.sums.get(name, 0) + probs.detach().float()
+            return out
+
+        return processor
+
+
+def attention_recorder(pipe):
+    if getattr(pipe, "transformer", None) is not None:
+        return JointAttentionRecorder(pipe.transformer, pipe.tokenizer.model_max_length)
+    return AttentionRecorder(pipe.unet)
+
+
+def load_model(model):
+    """(pipeline, folder) for --model: None (the shipped UNet model), "default-mmdit" (the shipped
+    MMDiT model), or a local folder of either kind (by its model_index.json)."""
+    from sgfast.shapes import default_model_path, load_default_pipeline
+    from sgfast.shapes.mmdit import NAME, load_mmdit_pipeline, mmdit_model_path
+
+    if model is None:
+        return load_default_pipeline(), default_model_path()
+    folder = mmdit_model_path() if model == NAME else model
+    with open(os.path.join(folder, "model_index.json")) as f:
+        kind = json.load(f).get("_class_name")
+    if kind == "StableDiffusion3Pipeline":
+        return load_mmdit_pipeline(folder), folder
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None), folder
+
+
 def evaluate(pipe, seeds, steps, guidance_scale, first=0, batch=16):
     """Generate the held-out captions, read the images back, and check where each object's colour
     word attends against where the object was drawn."""
@@ -80,7 +133,7 @@ def evaluate(pipe, seeds, steps, guidance_scale, first=0, batch=16):
 
     held_out = [scenes.make_scene(scenes.HELDOUT_SEED + k) for k in range(first, first + seeds)]
     captions = [s.caption for s in held_out]
-    recorder = AttentionRecorder(pipe.unet)
+    recorder = attention_recorder(pipe)
     images, read, ok, attention_errors, attention_right = [], [], [], [], []
     start = time.perf_counter()
     try:
@@ -161,7 +214,9 @@ def main(argv=None):
     p.add_argument("--first", type=int, default=0, help="first held-out scene index")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", default="3.0", help="guidance scale, or a comma-separated list to compare")
-    p.add_argument("--model", default=None, help="a local pipeline folder (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help='a local pipeline folder (StableDiffusionPipeline or StableDiffusion3Pipeline), or "default-mmdit" '
+                        "(default: the shipped UNet model)")
     p.add_argument("--out", default=os.path.join("outputs", "quality_gate"))
     p.add_argument("--sheet", type=int, default=32, help="samples in the PNG sheet")
     p.add_argument("--threads", type=int, default=1)
@@ -171,16 +226,7 @@ def main(argv=None):
 
     from sgfast.shapes import scenes
 
-    if args.model:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True, safety_checker=None)
-        where = args.model
-    else:
-        from sgfast.shapes import default_model_path, load_default_pipeline
-
-        pipe = load_default_pipeline()
-        where = default_model_path()
+    pipe, where = load_model(args.model)
     pipe.set_progress_bar_config(disable=True)
     info_path = os.path.join(where, "training.json")
     trained = json.load(open(info_path)) if os.path.exists(info_path) else {}
@@ -194,7 +240,7 @@ def main(argv=None):
         scenes.caption_sheet(images[: args.sheet], captions[: args.sheet], ok[: args.sheet]).save(sheet_path)
         counts = ", ".join(f"{n} object(s) {v['rate']:.0%} of {v['images']}" for n, v in result["by_count"].items())
         print(
-            f"guidance {g:g}, {args.steps} DDIM steps: {sum(ok)}/{len(ok)} = {result['rate']:.1%} right colours and count "
+            f"guidance {g:g}, {args.steps} {type(pipe.scheduler).__name__} steps: {sum(ok)}/{len(ok)} = {result['rate']:.1%} right colours and count "
             f"({result['rate_with_shapes']:.1%} with shapes); {counts}; failures {result['failures']}; "
             f"attention: colour word's map centroid to its object median {result['attention_centroid_error_median']}, "
             f"nearest object is its own {result['attention_nearest_object_right']} "

@@ -25,7 +25,10 @@ def demo(args):
 
     pipe, name = load_pipeline(args.model)
     # Bare calls: the model's own guidance settings (its folder's self_guidance.json) are the defaults.
-    sg = SelfGuidancePipeline.from_pipe(pipe)
+    try:
+        sg = SelfGuidancePipeline.from_pipe(pipe)
+    except TypeError as error:  # a pipeline family this build does not wrap
+        raise SystemExit(f"{name}: {error}") from None
     os.makedirs(args.out, exist_ok=True)
     settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     if args.weight is not None:
@@ -62,8 +65,14 @@ def demo(args):
         if prompt != args.prompt and describe_changes(args.prompt, original.images[0], original.images[0]):
             print(f"{title} into {prompt!r}: unedited, reads {describe_scene(unedited.images[0])}; "
                   f"edited, reads {describe_scene(out.images[0])}")
-        # Read the edited image's maps back the paper's way (noise it, run the UNet, record).
-        rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
+        # Read the edited image's maps back the paper's way (noise it, run the denoiser, record); a
+        # family without trace_image shows the maps its edited generation itself recorded, where its
+        # prompt is the sheet's.
+        try:
+            rows.append((title, out.images[0], sg.trace_image(out.images[0], args.prompt, args.steps, torch.Generator().manual_seed(0))))
+        except NotImplementedError:
+            if prompt == args.prompt:
+                rows.append((title, out.images[0], out.trace))
     # The edited words first, then the prompt's other content words (so a held object's map shows too).
     prompt_words = PromptWords.from_tokenizer(pipe.tokenizer, args.prompt).words
     words = list(dict.fromkeys([args.move_word, args.resize_word] + content_words(prompt_words)))
@@ -184,8 +193,14 @@ def serve_ray(args):
 
 
 def train(args):
-    from sgfast.shapes.train import main
-
+    # `--family sd3` trains the built-in MMDiT model (sgfast.shapes.train_mmdit, its own flags);
+    # the default, the built-in UNet model.
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", default="unet")
+    if family.parse_known_args(args.rest)[0].family == "sd3":
+        from sgfast.shapes.train_mmdit import main
+    else:
+        from sgfast.shapes.train import main
     main(args.rest)
 
 

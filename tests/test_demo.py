@@ -47,3 +47,16 @@ def test_demo_images_are_the_librarys(tmp_path):
     assert np.abs(pixels(moved.images[0]) - pixels(original.images[0])).max() > 2  # the move changes the image
     for name, image in (("original.png", original.images[0]), ("move.png", moved.images[0])):
         assert np.abs(pixels(PIL.Image.open(out / name)) - pixels(image)).max() <= 1, name
+
+
+def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
+    # The SD3 family has no trace_image: the sheet shows the move's and the resize's own maps, and
+    # leaves out the copy appearance row (its prompt is not the sheet's).
+    out = tmp_path / "demo"
+    main(["demo", "--model", "default-mmdit", "--steps", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "built-in MMDiT model" in printed
+    for name in ("original.png", "source.png", "move.png", "resize.png", "appearance.png", "sheet.png"):
+        assert (out / name).exists() and str(out / name) in printed
+    assert PIL.Image.open(out / "move.png").size == (64, 64)
+    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 3 * (192 + 18))

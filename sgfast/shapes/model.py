@@ -68,13 +68,18 @@ def loading_bars_off():
 
 def load_pipeline(model):
     """(pipeline, description) for `model`: "default" (the built-in model, or the tiny random-weight
-    one if it is absent), "tiny", or a local diffusers folder (SD 1.x/2.x or SDXL)."""
+    one if it is absent), "default-mmdit" (the built-in MMDiT model, a StableDiffusion3Pipeline),
+    "tiny", or a local diffusers folder (SD 1.x/2.x, SDXL, SD3 or FLUX)."""
     with loading_bars_off():
         return _load_pipeline(model)
 
 
 def _load_pipeline(model):
     from sgfast.families import load_pipeline as load_folder
+    from sgfast.shapes.mmdit import NAME as MMDIT, load_mmdit_pipeline, mmdit_model_path
+
+    if model == MMDIT:
+        return load_mmdit_pipeline(), f"built-in MMDiT model ({mmdit_model_path()})"
 
     if model == "tiny":
         from sgfast.testing import tiny_pipeline

@@ -612,6 +612,8 @@ class Trainer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sgfast train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["unet", "sd3"], default="unet",
+                   help="unet: the built-in Stable Diffusion model; sd3: the built-in MMDiT model (--family sd3 --help)")
     p.add_argument("--out", default="training/run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1000)
@@ -648,6 +650,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=25)
     args = p.parse_args(argv)
+    if args.family != "unet":
+        raise SystemExit("--family sd3 is sgfast.shapes.train_mmdit's: run `python -m sgfast train --family sd3`")
     torch.set_num_threads(args.threads)
     trainer = Trainer(args)
     if args.export:
