@@ -47,3 +47,17 @@ def test_demo_images_are_the_librarys(tmp_path):
     assert np.abs(pixels(moved.images[0]) - pixels(original.images[0])).max() > 2  # the move changes the image
     for name, image in (("original.png", original.images[0]), ("move.png", moved.images[0])):
         assert np.abs(pixels(PIL.Image.open(out / name)) - pixels(image)).max() <= 1, name
+
+
+def test_demo_side_effects_line():
+    from argparse import Namespace
+
+    from sgfast.__main__ import side_effects
+
+    args = Namespace(dx=-0.3, scale=2.0)
+    held = {"blue square": dict(dx=0.0, dy=0.0, area=1.0, iou=0.96, colour=3.4)}
+    moved = {"object": dict(dx=-0.27, dy=0.04, area=1.05, iou=0.1, colour=2.0), "others": held}
+    assert side_effects("move", moved, args) == "lands 0.05 from its target, its area x1.05; blue square IoU 0.96, colour shift 3"
+    grown = {"object": dict(dx=0.03, dy=-0.04, area=1.9, iou=0.5, colour=2.0), "others": {"blue square": None}}
+    assert side_effects("resize", grown, args) == "area x1.90 (x2 asked), centroid drift 0.05; blue square gone"
+    assert side_effects("move", {"object": None, "others": held}, args) == "the edited object is not read in the edited image"
