@@ -133,8 +133,9 @@ class SelfGuidancePipeline:
         # 0. A call with a trace repeats the trace's call, for every argument it leaves out.
         called = dict(height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, negative_prompt=negative_prompt)
-        called, family_arguments = recorded_arguments(trace, called, family_arguments, family.call_arguments, negative_prompt_embeds is not None,
-                                                      num_images_per_prompt)
+        called, family_arguments = recorded_arguments(
+            trace, called, family_arguments, family.call_arguments, negative_prompt_embeds is not None, num_images_per_prompt
+        )
         height, width, num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta, negative_prompt = called.values()
         num_inference_steps = 50 if num_inference_steps is None else num_inference_steps  # diffusers' defaults
         eta = 0.0 if eta is None else eta
