@@ -769,24 +769,35 @@ def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
                     for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
     edit = move("circle", dx=0.1, weight=2.0, keep_shape_weight=1.5, keep_appearance_weight=0.0, keep_centroid_weight=0.7)
     assert edit.energy(current, reference, T).item() == pytest.approx(2.0 * move_term + 1.5 * shape_gap(1) + 0.7 * centroid_gap(1), rel=1e-6)
-    # resize holds its own centroid too when centroids are held; not when keep_others is off
+    # resize holds the others' centroids at keep_centroid_weight and its own at keep_own_centroid_weight
     size_term = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(1.3 * max(loop_size(r), 1e-4)))
                     for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
     edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9)
-    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * (centroid_gap(0) + centroid_gap(1)), rel=1e-6)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * centroid_gap(1), rel=1e-6)
+    edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9,
+                  keep_own_centroid_weight=2.5)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 2.5 * centroid_gap(0) + 0.9 * centroid_gap(1), rel=1e-6)
     alone = resize("circle", 1.3, weight=1.0, keep_others=False, keep_centroid_weight=0.9)
     assert alone.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term, rel=1e-6)
+    named = resize("circle", 1.3, weight=1.0, keep_others=False, keep_own_centroid_weight=2.5)
+    assert named.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term + 2.5 * centroid_gap(0), rel=1e-6)
+    # a move's own size, at its weight: the log-size distance of the moved object to its reference
+    own_size = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(max(loop_size(r), 1e-4)))
+                   for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = move("circle", dx=0.1, weight=2.0, keep_others=False, keep_own_size_weight=1.7)
+    assert edit.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(2.0 * move_term + 1.7 * own_size, rel=1e-6)
 
 
 def test_default_weights_and_held_words():
     for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
         assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
-        own = ("keep_own_shape_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else ()
+        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else (
+            "keep_own_centroid_weight",)
         assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight") + own
         assert all(getattr(edit, name) == 0.0 for name in own)
         assert edit.needs_features and edit.needs_reference
     assert move("circle", weight=1.0, keep_centroid_weight=2.0, keep_size_weight=0.0, keep_own_shape_weight=0.0,
-                keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
     assert not move("circle", keep_appearance_weight=0.0).needs_features
     assert move("circle", keep_appearance_weight=0.0, keep_own_appearance_weight=0.5).needs_features
     assert place("circle", keep_others=False, keep_own_appearance_weight=0.5).needs_features
