@@ -76,9 +76,10 @@ def load_pipeline(model):
 # decoder features it reads also encode position, so it would pin the edited object in place).
 KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_centroid_weight": 2.0}
 # A move or place also holds the moved object's own silhouette (the reference's, translated to the
-# target): the centroid alone was reached by the object growing toward its target (x1.0-2.2 its area;
-# the size held in 2 of 9 tuning captions, 6 of 7 with the silhouette; a log-size hold instead kept the
-# size but stopped the move short: docs/edits.md).
+# target) and, lightly, its appearance: the centroid alone was reached by the object growing toward its
+# target (the size held in 3 of 17 tuning moves; a log-size hold kept the size but stopped the move
+# short), and moves next to the other object came apart without the appearance hold (14 of 18 tuning
+# moves on target with the size held: docs/edits.md).
 OWN_SHAPE = {"keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
 # A resize holds its own centroid, and starts at step 5: from step 1 the whole layout reshuffled while
 # the object grew (drift up to 0.6 of the width); in place within 0.06 and within 25% of the asked ratio
