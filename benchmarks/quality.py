@@ -20,10 +20,16 @@ edited image and compare:
     python -m benchmarks.quality --settings paper            # the paper's defaults instead of the model's
     python -m benchmarks.quality --settings my.json          # another settings file (same format)
     python -m benchmarks.quality --scale 1,1.5,2             # a sweep of the self-guidance scale v
+    python -m benchmarks.quality --seeds 6 --tuning --edits move,resize   # the captions settings are tuned on
+
+Besides what each edit asked, a second table reads its side effects: the moved object's area ratio
+(a move holds its size), the resized object's centroid drift (a resize holds its place), and the
+other objects' IoU and colour shift (RGB distance of their mean colours) for every edit.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,7 +39,9 @@ import numpy as np
 import torch
 
 from sgfast import SelfGuidancePipeline, copy_appearance, copy_layout, move, resize
-from sgfast.shapes.scenes import COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, parse_caption, read_scene
+from sgfast.shapes.scenes import (
+    COLOURS, HELDOUT_SEED, by_colour, make_scene, matches_caption, mean_colour, object_change, parse_caption, read_edit, read_scene,
+)
 
 MOVE = 0.25  # of the width
 SCALES = (2.0, 0.5)
@@ -66,30 +74,54 @@ def nearest(objects, centroid):
     return min(objects, key=lambda o: (o.centroid[0] - centroid[0]) ** 2 + (o.centroid[1] - centroid[1]) ** 2)
 
 
-def measure_move(before, after, colour, other_colour, dx, dy):
-    """(|error x|, |error y| in fractions of the width, measured (dx, dy), IoU of the other object)
-    or None when unreadable."""
-    a0, a1 = by_colour(before, colour), by_colour(after, colour)
-    b0, b1 = by_colour(before, other_colour), by_colour(after, other_colour)
-    if a0 is None or a1 is None:
+def other_objects(change):
+    """(lowest IoU, largest colour shift) of the objects an edit was not asked to change; an object
+    lost in the edited image counts as IoU 0 and colour shift NaN."""
+    others = list(change["others"].values())
+    if not others:
+        return float("nan"), float("nan")
+    lost = any(o is None for o in others)
+    return (0.0 if lost else min(o["iou"] for o in others)), (float("nan") if lost else max(o["colour"] for o in others))
+
+
+def measure_move(image_before, image_after, caption, word, dx, dy):
+    """The move of `word`'s object by (dx, dy), read in pixels: dict of error_x, error_y (fractions of
+    the width), error (their length), measured (dx, dy), area (the moved object's area ratio),
+    other_iou and other_colour (`other_objects`); None when the moved object is not read."""
+    change = read_edit(caption, word, image_before, image_after)
+    if change is None or change["object"] is None:
         return None
-    measured = (a1.centroid[0] - a0.centroid[0], a1.centroid[1] - a0.centroid[1])
-    keep = iou(b0.mask, b1.mask) if b0 is not None and b1 is not None else 0.0
-    return abs(measured[0] - dx), abs(measured[1] - dy), measured, keep
+    moved = change["object"]
+    error_x, error_y = abs(moved["dx"] - dx), abs(moved["dy"] - dy)
+    other_iou, other_colour = other_objects(change)
+    return dict(error_x=error_x, error_y=error_y, error=math.hypot(error_x, error_y), measured=(moved["dx"], moved["dy"]),
+                area=moved["area"], other_iou=other_iou, other_colour=other_colour)
 
 
-def measure_resize(before, after, colour, other_colour):
-    """(area ratio of the object, area ratio of the other object) or None when unreadable; a lost
-    other object counts as ratio 0."""
-    a0, a1 = by_colour(before, colour), by_colour(after, colour)
-    b0, b1 = by_colour(before, other_colour), by_colour(after, other_colour)
-    if a0 is None or a1 is None:
+def measure_held(image_before, image_after, colours):
+    """dict(other_iou, other_colour): the lowest IoU and the largest colour shift (`object_change`) of
+    the objects of `colours` between two images; a lost object counts as IoU 0 and colour shift NaN."""
+    read_before, read_after = read_scene(image_before), read_scene(image_after)
+    changes = []
+    for colour in colours:
+        a, b = by_colour(read_before, colour), by_colour(read_after, colour)
+        changes.append(None if a is None or b is None else object_change(image_before, image_after, a, b))
+    other_iou, other_colour = other_objects({"others": dict(enumerate(changes))})
+    return dict(other_iou=other_iou, other_colour=other_colour)
+
+
+def measure_resize(image_before, image_after, caption, word):
+    """The resize of `word`'s object, read in pixels: dict of ratio (its area ratio), drift (how far its
+    centroid moved, fractions of the width), other_area (the other objects' smallest area ratio; 0 for
+    a lost one), other_iou and other_colour (`other_objects`); None when the object is not read."""
+    change = read_edit(caption, word, image_before, image_after)
+    if change is None or change["object"] is None:
         return None
-    return a1.area / a0.area, (b1.area / b0.area if b0 is not None and b1 is not None else 0.0)
-
-
-def mean_colour(image, mask):
-    return image[mask].astype(np.float64).mean(0)
+    resized = change["object"]
+    other_iou, other_colour = other_objects(change)
+    areas = [0.0 if o is None else o["area"] for o in change["others"].values()]
+    return dict(ratio=resized["area"], drift=math.hypot(resized["dx"], resized["dy"]), other_area=min(areas, default=float("nan")),
+                other_iou=other_iou, other_colour=other_colour)
 
 
 def measure_appearance(image_before, image_after, before, after, colour, source_colour):
@@ -157,16 +189,22 @@ def settings_for(setting):
 EDITS = ("move", "resize", "copy_appearance", "copy_layout")
 
 
-def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale=None, edits=EDITS):
+# Captions and seeds that settings are tuned on (`--tuning`), apart from the reported ones.
+TUNING_CAPTIONS, TUNING_SEEDS = HELDOUT_SEED + 60_000, 100
+
+
+def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale=None, edits=EDITS, tuning=False):
     """Measurements for every seed; images of the first seed for the example sheet. Edits are bare
     calls: the pipeline's settings decide scale, normalisation, schedule and keep weights; `scale`,
-    when given, is passed as every call's self-guidance scale v; `edits`: the kinds to measure."""
+    when given, is passed as every call's self-guidance scale v; `edits`: the kinds to measure;
+    `tuning`: the tuning captions and seeds instead of the reported ones."""
     guided = {} if scale is None else {"self_guidance_scale": scale}
     rows, skipped, example = [], 0, None
-    for k, caption in enumerate(captions(seeds)):
+    first_caption, first_seed = (TUNING_CAPTIONS, TUNING_SEEDS) if tuning else (HELDOUT_SEED + 50_000, 0)
+    for k, caption in enumerate(captions(seeds, first_caption)):
         (colour_a, shape_a), (colour_b, shape_b) = parse_caption(caption)
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
-        base = sg(caption, generator=torch.Generator().manual_seed(k), **common)
+        base = sg(caption, generator=torch.Generator().manual_seed(first_seed + k), **common)
         image0 = to_array(base.images[0])
         read0 = read_scene(image0)
         if not matches_caption(read0, caption):
@@ -175,33 +213,35 @@ def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale
         a0 = by_colour(read0, colour_a)
         dx = MOVE if a0.centroid[0] < 0.5 else -MOVE
         edit = dict(trace=base.trace, **guided, **common)
-        row = {"caption": caption, "seed": k}
+        row = {"caption": caption, "seed": first_seed + k}
 
         moved = resized = looked = laid = source = layout_source = None
         if "move" in edits:
             moved = to_array(sg(caption, edits=[move(shape_a, dx=dx)], **edit).images[0])
-            row["move"] = measure_move(read0, read_scene(moved), colour_a, colour_b, dx, 0.0)
+            row["move"] = measure_move(image0, moved, caption, shape_a, dx, 0.0)
         resized = []
         for factor in SCALES if "resize" in edits else ():
             resized.append(to_array(sg(caption, edits=[resize(shape_a, factor)], **edit).images[0]))
-            row[f"resize x{factor:g}"] = measure_resize(read0, read_scene(resized[-1]), colour_a, colour_b)
+            row[f"resize x{factor:g}"] = measure_resize(image0, resized[-1], caption, shape_a)
 
         if "copy_appearance" in edits:
             source_colour = next(c for c in COLOURS if c not in (colour_a, colour_b))
-            source = sg(f"a {source_colour} {shape_a}", generator=torch.Generator().manual_seed(1000 + k), **common)
+            source = sg(f"a {source_colour} {shape_a}", generator=torch.Generator().manual_seed(1000 + first_seed + k), **common)
             # The paper's composition: the target's caption names the object, the source gives its look.
             open_caption = caption_without_colour(caption, colour_a)
-            open_base = sg(open_caption, generator=torch.Generator().manual_seed(k), **common)
+            open_base = sg(open_caption, generator=torch.Generator().manual_seed(first_seed + k), **common)
             open0 = to_array(open_base.images[0])
             looked = to_array(sg(open_caption, edits=[copy_appearance(shape_a, source.trace)], **{**edit, "trace": open_base.trace}).images[0])
             row["copy_appearance"] = measure_open_appearance(open0, looked, read_scene(open0), read_scene(looked), shape_a, colour_b, shape_b, source_colour)
+            row["copy_appearance held"] = measure_held(open0, looked, [colour_b])
             # The harder case: the caption names the object's own colour, which the source contradicts.
             named = to_array(sg(caption, edits=[copy_appearance(shape_a, source.trace)], **edit).images[0])
             row["copy_appearance named"] = measure_appearance(image0, named, read0, read_scene(named), colour_a, source_colour)
         if "copy_layout" in edits:
-            layout_source = sg(caption, generator=torch.Generator().manual_seed(2000 + k), **common)
+            layout_source = sg(caption, generator=torch.Generator().manual_seed(2000 + first_seed + k), **common)
             laid = to_array(sg(caption, edits=[copy_layout(layout_source.trace)], **edit).images[0])
             row["copy_layout"] = measure_layout(read0, read_scene(laid), read_scene(to_array(layout_source.images[0])), [colour_a, colour_b])
+            row["copy_layout held"] = measure_held(image0, laid, [colour_a, colour_b])
         rows.append(row)
         if example is None:
             sources = [to_array(t.images[0]) if t is not None else None for t in (source, layout_source)]
@@ -232,16 +272,69 @@ def table(results):
         named = [r["copy_appearance named"] for r in rows if r.get("copy_appearance named")]
         layouts = [r["copy_layout"] for r in rows if "copy_layout" in r]
         cells = [mode, setting, f"{len(rows)}/{len(rows) + skipped}",
-                 f"{median([m[0] for m in moves]):.3f} / {median([m[1] for m in moves]):.3f}",
-                 f"{median([m[3] for m in moves]):.2f}"]
+                 f"{median([m['error_x'] for m in moves]):.3f} / {median([m['error_y'] for m in moves]):.3f}",
+                 f"{median([m['other_iou'] for m in moves]):.2f}"]
         for factor in SCALES:
             sizes = [r[f"resize x{factor:g}"] for r in rows if r.get(f"resize x{factor:g}")]
-            cells += [f"{median([s[0] for s in sizes]):.2f} ({within([s[0] for s in sizes], factor, 0.2)})",
-                      f"{median([s[1] for s in sizes]):.2f} (within 15%: {within([s[1] for s in sizes], 1.0, 0.15)})"]
+            cells += [f"{median([s['ratio'] for s in sizes]):.2f} ({within([s['ratio'] for s in sizes], factor, 0.2)})",
+                      f"{median([s['other_area'] for s in sizes]):.2f} (within 15%: {within([s['other_area'] for s in sizes], 1.0, 0.15)})"]
         cells += [f"{sum(l[2] for l in looks)}/{len(looks)} -> {sum(l[3] for l in looks)}/{len(looks)}",
                   f"{median([l[0] for l in looks]):.0f} -> {median([l[1] for l in looks]):.0f}",
                   f"{sum(n[2] for n in named)}/{len(named)}",
                   f"{median([l[1] for l in layouts]):.2f} -> {median([l[0] for l in layouts]):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ON_TARGET = 0.08  # of the width: a move lands when its centroid ends this near its target
+AREA_HELD = (0.8, 1.25)  # the moved object's area ratio that counts as its size held
+RATIO_TOLERANCE = 0.25  # a resize lands within 25% of its asked area ratio ...
+IN_PLACE = 0.06  # ... with its centroid within this of where it was (of the width)
+
+
+def count(flags):
+    flags = list(flags)
+    return f"{sum(flags)}/{len(flags)}"
+
+
+def move_lands(m):
+    """On target, with the moved object's size held."""
+    return m["error"] <= ON_TARGET and AREA_HELD[0] <= m["area"] <= AREA_HELD[1]
+
+
+def resize_lands(r, factor):
+    """Within RATIO_TOLERANCE of the asked ratio, in place."""
+    return abs(r["ratio"] / factor - 1) <= RATIO_TOLERANCE and r["drift"] <= IN_PLACE
+
+
+def held(entries):
+    """"IoU / colour shift" medians of the objects an edit was not asked to change."""
+    return f"{median([e['other_iou'] for e in entries]):.2f} / {median([e['other_colour'] for e in entries]):.0f}"
+
+
+def side_effects_table(results):
+    """What each edit did besides what it asked: the moved object's area, the resized object's drift,
+    the other objects' IoU and colour shift (RGB distance of their mean colours, 0-255)."""
+    header = (
+        f"| path | settings | move: on target ({ON_TARGET}) | moved object's area ratio, median (in {AREA_HELD[0]}x-{AREA_HELD[1]}x) | "
+        f"move: on target and area held | move: other's IoU / colour shift, median | "
+        + " | ".join(f"resize x{f:g}: within {RATIO_TOLERANCE:.0%} | x{f:g}: drift, median (within {IN_PLACE}) | "
+                     f"x{f:g}: within {RATIO_TOLERANCE:.0%} and in place | x{f:g}: other's IoU / colour shift" for f in SCALES)
+        + " | copy appearance: other's IoU / colour shift | copy layout: objects' colour shift, median |"
+    )
+    lines = [header, "|" + "---|" * (6 + 4 * len(SCALES) + 2)]
+    for (mode, setting), (rows, skipped) in results.items():
+        moves = [r["move"] for r in rows if r.get("move")]
+        cells = [mode, setting, count(m["error"] <= ON_TARGET for m in moves),
+                 f"{median([m['area'] for m in moves]):.2f} ({count(AREA_HELD[0] <= m['area'] <= AREA_HELD[1] for m in moves)})",
+                 count(move_lands(m) for m in moves), held(moves)]
+        for factor in SCALES:
+            sizes = [r[f"resize x{factor:g}"] for r in rows if r.get(f"resize x{factor:g}")]
+            cells += [count(abs(s["ratio"] / factor - 1) <= RATIO_TOLERANCE for s in sizes),
+                      f"{median([s['drift'] for s in sizes]):.3f} ({count(s['drift'] <= IN_PLACE for s in sizes)})",
+                      count(resize_lands(s, factor) for s in sizes), held(sizes)]
+        cells += [held([r["copy_appearance held"] for r in rows if r.get("copy_appearance held")]),
+                  f"{median([r['copy_layout held']['other_colour'] for r in rows if r.get('copy_layout held')]):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,6 +365,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: OpenMP's spinning threads slow every step on a shared machine)")
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--tuning", action="store_true", help="the captions and seeds settings are tuned on, not the reported ones")
     args = parser.parse_args(argv)
     unknown = set(args.edits.split(",")) - set(EDITS)
     if unknown:
@@ -291,12 +385,13 @@ def main(argv=None):
             sg = SelfGuidancePipeline.from_pipe(pipe, mode=mode, settings=settings_for(setting))
             for scale in [None] if args.scale is None else [float(v) for v in args.scale.split(",")]:
                 label = setting if scale is None else f"{setting}, v={scale:g}"
-                rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting, scale=scale, edits=args.edits.split(","))
+                rows, skipped, example = run(sg, args.seeds, args.steps, args.guidance_scale, setting, scale=scale, edits=args.edits.split(","), tuning=args.tuning)
                 results[(mode, label)] = (rows, skipped)
                 examples[(mode, label)] = example
     elapsed = time.perf_counter() - start
-    text = table(results)
-    print(f"\nmodel: {name}; {args.seeds} seeds, {args.steps} {type(pipe.scheduler).__name__} steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
+    text = table(results) + "\n\nSide effects (what each edit changed besides what it asked):\n\n" + side_effects_table(results)
+    which = "tuning" if args.tuning else "reported"
+    print(f"\nmodel: {name}; {args.seeds} seeds ({which} captions), {args.steps} {type(pipe.scheduler).__name__} steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
     print(text)
     json_path = os.path.join(args.out, "quality.json")
     with open(json_path, "w") as f:

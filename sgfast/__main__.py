@@ -8,6 +8,7 @@ Serve, `train` trains the built-in model (`sgfast.shapes.train`). The web stack 
 only when their command runs."""
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ def demo(args):
     from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
     from sgfast.edits import content_words, phrase_of
     from sgfast.shapes import load_pipeline
-    from sgfast.shapes.scenes import describe_changes, describe_scene
+    from sgfast.shapes.scenes import describe_changes, describe_scene, read_edit
     from sgfast.sheet import sheet
     from sgfast.trace import PromptWords
 
@@ -59,9 +60,14 @@ def demo(args):
         path = os.path.join(args.out, name_ + ".png")
         out.images[0].save(path)
         written.append(path)
-        # A scene of the built-in model: say what the edit did to every object, as the reader sees it.
+        # A scene of the built-in model: say what the edit did to every object, as the reader sees it,
+        # and what it did besides what it asked (the moved object's size, the resized one's place).
         for line in describe_changes(args.prompt, original.images[0], out.images[0]) if prompt == args.prompt else []:
             print(f"{title}: {line}")
+        word = {"move": args.move_word, "resize": args.resize_word}.get(name_)
+        change = read_edit(args.prompt, word, original.images[0], out.images[0]) if word else None
+        if change is not None:
+            print(f"{title}: {side_effects(name_, change, args)}")
         if prompt != args.prompt and describe_changes(args.prompt, original.images[0], original.images[0]):
             print(f"{title} into {prompt!r}: unedited, reads {describe_scene(unedited.images[0])}; "
                   f"edited, reads {describe_scene(out.images[0])}")
@@ -80,6 +86,22 @@ def demo(args):
     print(f"done in {time.perf_counter() - start:.1f} s; wrote:")
     for path in written:
         print("  " + path)
+
+
+def side_effects(kind, change, args):
+    """One line: how far a move landed from its target and the moved object's area, or a resize's
+    area and centroid drift, then every other object's IoU and colour shift (`read_edit`)."""
+    edited = change["object"]
+    if edited is None:
+        return "the edited object is not read in the edited image"
+    if kind == "move":
+        off = math.hypot(edited["dx"] - args.dx, edited["dy"])
+        said = f"lands {off:.2f} from its target, its area x{edited['area']:.2f}"
+    else:
+        said = f"area x{edited['area']:.2f} (x{args.scale:g} asked), centroid drift {math.hypot(edited['dx'], edited['dy']):.2f}"
+    others = [f"{name} " + ("gone" if o is None else f"IoU {o['iou']:.2f}, colour shift {o['colour']:.0f}")
+              for name, o in change["others"].items()]
+    return "; ".join([said] + others)
 
 
 def parse_pairs(values, flag, count):

@@ -138,9 +138,17 @@ class _KeepOthers(Edit):
                       "keep_centroid_weight": 0.0, "keep_size_weight": 0.0}
     default_weight = None  # the edit's own weight (the subclass's)
 
+    own_holds = ()  # the subclass's weights that hold the edited object itself (see `_Moving`, `Resize`)
+
     def __post_init__(self):
-        # Remember which weights the caller left to the model, then fill in the library's.
+        # Remember which weights the caller left to the model, then fill in the library's. Without
+        # keep_others, the object's own holds the caller did not name are off, not the model's.
         self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
+        if not self.keep_others:
+            for name in self.own_holds:
+                if name in self.unset:
+                    setattr(self, name, 0.0)
+            self.unset = tuple(name for name in self.unset if name not in self.own_holds)
         for name in self.unset:
             setattr(self, name, self.default_weight if name == "weight" else self.model_defaults[name])
         for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight,
@@ -190,17 +198,22 @@ class _KeepOthers(Edit):
 @dataclass
 class _Moving(_KeepOthers):
     """A move or a place, which may also hold the moved object's own silhouette (the reference's,
-    translated to where the object is asked to go) and its own appearance (the reference's) while it
-    moves: on an inverted photo the object can otherwise come apart or change colour on the way.
-    Both are off by default (0); the model's settings may set them per edit kind."""
+    translated to where the object is asked to go), its own size (log ratio to the reference's) and
+    its own appearance (the reference's) while it moves: a centroid can reach its target by the
+    object growing toward it, and on an inverted photo the object can come apart or change colour
+    on the way. All are off by default (0); the model's settings may set them per edit kind."""
 
     keep_own_shape_weight: float = field(default=None, kw_only=True)
+    keep_own_size_weight: float = field(default=None, kw_only=True)
     keep_own_appearance_weight: float = field(default=None, kw_only=True)
 
-    model_defaults = {**_KeepOthers.model_defaults, "keep_own_shape_weight": 0.0, "keep_own_appearance_weight": 0.0}
+    model_defaults = {**_KeepOthers.model_defaults, "keep_own_shape_weight": 0.0, "keep_own_size_weight": 0.0,
+                      "keep_own_appearance_weight": 0.0}
+    own_holds = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight")
 
     def check_own(self):
         _check_weight(self.keep_own_shape_weight)
+        _check_weight(self.keep_own_size_weight)
         _check_weight(self.keep_own_appearance_weight)
         self.needs_features = self.needs_features or self.keep_own_appearance_weight > 0
 
@@ -215,6 +228,8 @@ class _Moving(_KeepOthers):
             translate = tuple(float(v) for v in self.offset(reference))
             targets = [transform_shape(r.to(c)[None, None], translate)[0, 0] for r, c in zip(reference.shape(self.word), shapes)]
             energy = energy + self.keep_own_shape_weight * _shape_distance(shapes, targets)
+        if self.keep_own_size_weight:
+            energy = energy + self.keep_own_size_weight * _log_size_distance(current.size(self.word), reference.size(self.word))
         if self.keep_own_appearance_weight:
             diff = _appearance_distance(current.appearance(self.word), reference.appearance(self.word))
             energy = energy + self.keep_own_appearance_weight * diff
@@ -222,7 +237,7 @@ class _Moving(_KeepOthers):
 
     def energy(self, current, reference, timestep):
         energy = super().energy(current, reference, timestep)
-        if self.keep_own_shape_weight or self.keep_own_appearance_weight:
+        if self.keep_own_shape_weight or self.keep_own_size_weight or self.keep_own_appearance_weight:
             energy = energy + self.own_energy(current, reference)
         return energy
 
@@ -291,28 +306,34 @@ def _log_size_distance(size, reference, scale=1.0):
 
 @dataclass
 class Resize(_KeepOthers):
-    """Scale the area of `word`'s object by `scale` (> 0) relative to the reference."""
+    """Scale the area of `word`'s object by `scale` (> 0) relative to the reference. It may also hold
+    the object's own centroid (`keep_own_centroid_weight`, off by default; the model's settings may
+    set it): it grows or shrinks in place instead of drifting to where there is room."""
 
     word: str
     scale: float = 1.0
     weight: float = None  # None: the model's setting, else SIZE_WEIGHT
+    keep_own_centroid_weight: float = field(default=None, kw_only=True)
     default_weight = SIZE_WEIGHT
+    model_defaults = {**_KeepOthers.model_defaults, "keep_own_centroid_weight": 0.0}
+    own_holds = ("keep_own_centroid_weight",)
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
         super().__post_init__()
 
+    def check_own(self):
+        _check_weight(self.keep_own_centroid_weight)
+
     def object_energy(self, current, reference):
         return _log_size_distance(current.size(self.word), reference.size(self.word), self.scale)
 
     def energy(self, current, reference, timestep):
-        # Where the other objects' centroids are held (keep_centroid_weight), the resized object's is
-        # too: it grows or shrinks in place instead of drifting to where there is room.
         energy = super().energy(current, reference, timestep)
-        if self.keep_others and self.keep_centroid_weight:
+        if self.keep_own_centroid_weight:
             distance = _l1(current.centroid(self.word), reference.centroid(self.word).to(energy)).sum(-1).mean()
-            energy = energy + self.keep_centroid_weight * distance
+            energy = energy + self.keep_own_centroid_weight * distance
         return energy
 
 

@@ -1,8 +1,11 @@
 """Real photos as editable generations: DDIM inversion.
 
     inverted = sg.invert(photo, "a red circle and a blue square", num_inference_steps=25)
-    out = sg("a red circle and a blue square", edits=[move("circle", dx=-0.2)], trace=inverted,
-             **edit_arguments(inverted))
+    out = sg("a red circle and a blue square", edits=[move("circle", dx=-0.2)], trace=inverted)
+
+A call with the inverted trace takes the inversion's steps, size, guidance scale and negative prompt,
+and the model's photo strength schedule, for every argument it leaves out; `edit_arguments` gives
+those values (with another strength or schedule, to splat into the call).
 
 `invert` encodes the photo with the VAE and runs the deterministic DDIM sampler backwards to noise.
 Plain DDIM inversion assumes eps(z_t, t) ~ eps(z_{t-1}, t); each step here is refined by fixed-point

@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from sgfast.capture import Capture, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.families import family_of
+from sgfast.invert import edit_arguments
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
@@ -100,13 +101,13 @@ class SelfGuidancePipeline:
         *,
         height=None,
         width=None,
-        num_inference_steps=50,
+        num_inference_steps=None,
         timesteps=None,
         sigmas=None,
         guidance_scale=None,
         negative_prompt=None,
         num_images_per_prompt=1,
-        eta=0.0,
+        eta=None,
         generator=None,
         latents=None,
         prompt_embeds=None,
@@ -116,7 +117,7 @@ class SelfGuidancePipeline:
         output_type="pil",
         return_dict=True,
         cross_attention_kwargs=None,
-        guidance_rescale=0.0,
+        guidance_rescale=None,
         clip_skip=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
@@ -129,8 +130,23 @@ class SelfGuidancePipeline:
     ):
         """`family_arguments`: the wrapped pipeline's own (SDXL: prompt_2, negative_prompt_2,
         pooled_prompt_embeds, negative_pooled_prompt_embeds, original_size, crops_coords_top_left,
-        target_size, their negative_ counterparts and denoising_end)."""
+        target_size, their negative_ counterparts and denoising_end).
+
+        With `trace=`, every argument of the call the trace was recorded with that this call leaves out
+        (None) is the trace's: the schedule (steps, timesteps or sigmas), size, guidance scale and
+        rescale, eta, negative prompt and the family's own; for a photo's trace (`sg.invert`) also its
+        strength's guidance schedule. Without one they are diffusers' defaults."""
         pipe, family = self.pipe, self.family
+        # 0. A call with a trace repeats the trace's call, for every argument it leaves out.
+        called = dict(height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta, negative_prompt=negative_prompt)
+        called, family_arguments = recorded_arguments(
+            trace, called, family_arguments, family.call_arguments, negative_prompt_embeds is not None, num_images_per_prompt
+        )
+        height, width, num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta, negative_prompt = called.values()
+        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps  # diffusers' defaults
+        eta = 0.0 if eta is None else eta
+        guidance_rescale = 0.0 if guidance_rescale is None else guidance_rescale
         # 1. Check everything before anything runs.
         extra = family.check_arguments(family_arguments)
         guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale  # 7.5 SD, 5.0 SDXL
@@ -159,8 +175,12 @@ class SelfGuidancePipeline:
         timesteps, num_inference_steps, reset = self._timesteps(num_inference_steps, timesteps, sigmas, device)
         timesteps, num_inference_steps = family.cut_timesteps(timesteps, num_inference_steps, extra)
         # Arguments left None take the model's settings (else the paper's defaults).
-        # An edit of an inverted photo runs without CFG: the model's photo settings, where it has them.
+        # An edit of an inverted photo runs without CFG: the model's photo settings, where it has them,
+        # and, unless the call says otherwise, its strength's schedule (sgfast.invert.edit_arguments).
         settings = self.settings.for_photo() if is_photo_trace(trace) else self.settings
+        photo = next((t for t in traces_of(trace) if t.inversion is not None), None)
+        if guidance_schedule is None and photo is not None and schedule_arguments(reset) == photo_schedule(photo):
+            guidance_schedule = edit_arguments(photo, edits=edits[0])["guidance_schedule"]
         edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
             edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
         )
@@ -173,7 +193,7 @@ class SelfGuidancePipeline:
             )
         trace_settings = self._settings(height, width, timesteps, guidance_scale, guidance_rescale, eta, negative_prompt, batch)
         trace_settings = [{**s, **family.settings(extra)} for s in trace_settings for _ in range(images_per_prompt)]  # one per image
-        references = self._references(trace, prompts, trace_settings)
+        references = self._references(trace, prompts, trace_settings, schedule_arguments(reset))
         if latents is None and references[0] is not None:
             latents = torch.cat([r.latents for r in references])
         if latents is not None and not torch.isfinite(latents).all():
@@ -212,14 +232,14 @@ class SelfGuidancePipeline:
         traces, energies = None, []
         with self.capture() if needs_capture else nullcontext() as capture:
             if has_edits and needs_reference and references[0] is None:
-                references = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state)
+                references = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state, reset)
                 denoise(pipe, initial.clone(), timesteps, embeds, guidance_scale, capture=capture, traces=references, **loop)
                 pipe.scheduler.set_timesteps(**reset)  # a fresh scheduler state for the edited pass
                 restore_noise_state(generator, device, noise_state)  # the edited pass draws the same step noise
             if references[0] is not None:
                 traces = references
             elif not has_edits and needs_capture:
-                traces = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state)
+                traces = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state, reset)
             latents = denoise(
                 pipe,
                 latents,
@@ -408,7 +428,7 @@ class SelfGuidancePipeline:
         return per_item
 
     @staticmethod
-    def _references(trace, prompts, settings):
+    def _references(trace, prompts, settings, schedule):
         rows = len(settings)
         if trace is None:
             return [None] * rows
@@ -426,18 +446,18 @@ class SelfGuidancePipeline:
             if differ:
                 raise ValueError(
                     "the trace was recorded with other settings than this call: "
-                    + "; ".join(f"{k}: {t.settings.get(k)!r} there, {wanted[k]!r} here" for k in differ)
-                    + ". Call with the trace's settings, or use it as an edit's source instead"
+                    + "; ".join(difference(k, t.settings.get(k), wanted[k], t.schedule, schedule) for k in differ)
+                    + ". Leave them out (a call with a trace takes the trace's), or use it as an edit's source instead"
                 )
         return traces
 
-    def _new_traces(self, prompts, prompt_words, initial, settings, noise_state):
+    def _new_traces(self, prompts, prompt_words, initial, settings, noise_state, reset):
         # Keep the noise as `latents=` takes it: prepare_latents scales by init_noise_sigma again.
         noise = initial / self.pipe.scheduler.init_noise_sigma
         return [
             Trace(
                 p, list(dict.fromkeys(w.words)), latents=noise[b : b + 1].clone(), image_size=settings[b]["size"],
-                noise_state=noise_state, settings=settings[b],
+                noise_state=noise_state, settings=settings[b], schedule=schedule_arguments(reset),
             )
             for b, (p, w) in enumerate(zip(prompts, prompt_words))
         ]
@@ -486,3 +506,67 @@ def traces_of(trace):
 def is_photo_trace(trace):
     """Whether `trace` (a Trace, a list of them, or None) comes from `sg.invert`."""
     return any(t.inversion is not None for t in traces_of(trace))
+
+
+def photo_schedule(trace):
+    """The schedule arguments a photo's trace was inverted with (its edits' strength schedule fits them)."""
+    return {"num_inference_steps": trace.inversion["arguments"]["num_inference_steps"]}
+
+
+def schedule_arguments(reset):
+    """How a call asked for its schedule: {"num_inference_steps": n}, {"timesteps": [...]} or
+    {"sigmas": [...]} (`_timesteps`' reset arguments without the device)."""
+    return {k: (list(v) if k != "num_inference_steps" else v) for k, v in reset.items() if k != "device"}
+
+
+# The call arguments a trace's settings record under their own names (besides size, timesteps, negative_prompt).
+RECORDED_AS_GIVEN = ("guidance_scale", "guidance_rescale", "eta")
+
+
+def recorded_arguments(trace, called, family_arguments, family_names, has_negative_embeds, images_per_prompt):
+    """(call arguments, family arguments) with those left None taken from the traces' recorded call
+    (one trace per image); a trace that recorded no call (a real image's, a server's) or traces that
+    disagree supply nothing for that argument (the reference checks refuse what does not fit), but
+    the negative prompt, which may be one per prompt."""
+    traces = traces_of(trace)
+    if not traces or any(t.settings is None for t in traces):
+        return called, family_arguments
+    called = dict(called)
+
+    def shared(value_of):
+        values = [value_of(t) for t in traces]
+        return values[0] if all(v == values[0] for v in values) else None
+
+    size = shared(lambda t: tuple(t.settings.get("size") or (None, None)))
+    for side, value in zip(("height", "width"), size or (None, None)):
+        if called[side] is None:
+            called[side] = value
+    schedule = shared(lambda t: t.schedule)
+    if schedule and all(called[k] is None for k in ("num_inference_steps", "timesteps", "sigmas")):
+        called.update(schedule)
+    for key in RECORDED_AS_GIVEN:
+        if called[key] is None:
+            called[key] = shared(lambda t: t.settings.get(key))
+    # The negative prompt: one for every prompt, or each prompt's own (its images' traces agree).
+    n = images_per_prompt if isinstance(images_per_prompt, int) and images_per_prompt >= 1 else 1
+    negatives = [t.settings.get("negative_prompt") for t in traces]
+    per_prompt = negatives[::n]
+    if called["negative_prompt"] is None and not has_negative_embeds and negatives == [v for v in per_prompt for _ in range(n)]:
+        called["negative_prompt"] = per_prompt if any(v != per_prompt[0] for v in per_prompt) else per_prompt[0]
+    family_arguments = dict(family_arguments)
+    for key in family_names:
+        if key not in family_arguments and shared(lambda t: t.settings.get(key)) is not None:
+            family_arguments[key] = shared(lambda t: t.settings.get(key))
+    return called, family_arguments
+
+
+def difference(key, there, here, trace_schedule, call_schedule):
+    """One part of the refusal of a trace recorded with other settings, named by the call's argument:
+    the schedule by the argument both calls asked it with (num_inference_steps, timesteps or sigmas)."""
+    if key == "size":
+        return f"height, width: {there!r} there, {here!r} here"
+    if key == "timesteps" and trace_schedule and call_schedule and set(trace_schedule) == set(call_schedule):
+        (name,) = call_schedule
+        if trace_schedule[name] != call_schedule[name]:
+            return f"{name}: {trace_schedule[name]!r} there, {call_schedule[name]!r} here"
+    return f"{key}: {there!r} there, {here!r} here"

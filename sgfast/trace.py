@@ -158,6 +158,9 @@ class Trace:
     settings: dict = None
     # A photo's trace (sg.invert): the call arguments its edits use, its reconstruction and PSNR.
     inversion: dict = None
+    # How the generation asked for its schedule ({"num_inference_steps": n}, {"timesteps": [...]} or
+    # {"sigmas": [...]}): a call that takes the trace and leaves its schedule out asks the same.
+    schedule: dict = None
 
     def add(self, timestep, maps, appearance):
         step = TraceStep(

@@ -60,3 +60,17 @@ def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
         assert (out / name).exists() and str(out / name) in printed
     assert PIL.Image.open(out / "move.png").size == (64, 64)
     assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 3 * (192 + 18))
+
+
+def test_demo_side_effects_line():
+    from argparse import Namespace
+
+    from sgfast.__main__ import side_effects
+
+    args = Namespace(dx=-0.3, scale=2.0)
+    held = {"blue square": dict(dx=0.0, dy=0.0, area=1.0, iou=0.96, colour=3.4)}
+    moved = {"object": dict(dx=-0.27, dy=0.04, area=1.05, iou=0.1, colour=2.0), "others": held}
+    assert side_effects("move", moved, args) == "lands 0.05 from its target, its area x1.05; blue square IoU 0.96, colour shift 3"
+    grown = {"object": dict(dx=0.03, dy=-0.04, area=1.9, iou=0.5, colour=2.0), "others": {"blue square": None}}
+    assert side_effects("resize", grown, args) == "area x1.90 (x2 asked), centroid drift 0.05; blue square gone"
+    assert side_effects("move", {"object": None, "others": held}, args) == "the edited object is not read in the edited image"

@@ -676,8 +676,8 @@ def test_a_call_diffusers_refuses_is_refused_with_its_message(tiny_pipe, name):
 @pytest.mark.parametrize(
     "change, named",
     [
-        (dict(height=72, width=72), "size"),
-        (dict(num_inference_steps=4), "timesteps"),
+        (dict(height=72, width=72), "height, width"),
+        (dict(num_inference_steps=4), "num_inference_steps"),
         (dict(guidance_scale=3.0), "guidance_scale"),
         (dict(negative_prompt="blurry"), "negative_prompt"),
         (dict(guidance_rescale=0.7), "guidance_rescale"),
@@ -688,7 +688,7 @@ def test_a_trace_from_other_settings_is_refused(tiny_pipe, change, named):
     sg = SelfGuidancePipeline.from_pipe(tiny_pipe)
     trace = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(), output_type="latent").trace
     kwargs = {"num_inference_steps": STEPS, "output_type": "latent", **change}
-    with pytest.raises(ValueError, match=f"other settings than this call: {named}: [^;]* there, [^;]* here. Call with"):
+    with pytest.raises(ValueError, match=f"other settings than this call: {named}: [^;]* there, [^;]* here. Leave them out"):
         sg(PROMPT, edits=[move("circle", dx=0.2)], trace=trace, **kwargs)
 
 

@@ -261,6 +261,68 @@ def test_keep_own_shape_is_the_reference_silhouette_copied_to_the_target():
         assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), kind
 
 
+@pytest.mark.parametrize("edit", [
+    lambda own: move("circle", dx=0.15, dy=-0.1, keep_others=False, keep_own_size_weight=own),
+    lambda own: place("circle", 0.6, 0.35, keep_others=False, keep_own_size_weight=own),
+])
+def test_keep_own_size_carries_the_moved_objects_size_to_the_target(edit):
+    """The moved object starts 1.5 times its reference's radii: with its own size held (log ratio to
+    the reference's), it reaches the target at its reference size; without, it stays large."""
+    reference = two_objects().traces()
+    result = {}
+    for name, own in (("with", 4.0), ("without", 0.0)):
+        scene = two_objects(circle=blob(0.45, 0.45, 0.12, 0.12))
+        scene.guide([[edit(own)]], reference, steps=250)
+        result[name] = (scene.centre(0, "circle"), scene.area(0, "circle") / (0.08 * 0.08))
+    target = torch.tensor([0.6, 0.35], dtype=torch.float64)
+    for name in result:
+        torch.testing.assert_close(result[name][0], target, atol=0.03, rtol=0)
+    assert result["with"][1] == pytest.approx(1.0, abs=0.25) and result["without"][1] > 1.8
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_keep_own_centroid_grows_a_drifted_object_in_place(scale):
+    """A resize whose object has drifted off its place: with its own centroid held it goes back while
+    it scales; without, it stays near where it drifted to."""
+    reference = two_objects().traces()
+    result = {}
+    for name, own in (("with", 4.0), ("without", 0.0)):
+        scene = disturbed(two_objects(), "circle", by=(0.1, -0.08))
+        with torch.no_grad():
+            scene.params[0]["red"][:2] += torch.tensor([0.1, -0.08], dtype=torch.float64)
+        scene.guide([[resize("circle", scale, keep_others=False, keep_own_centroid_weight=own)]], reference, steps=250)
+        result[name] = ((scene.centre(0, "circle") - CIRCLE[:2]).norm().item(), scene.area(0, "circle") / (0.08 * 0.08))
+    assert result["with"][0] < 0.02 and result["without"][0] > 0.05  # it drifted 0.13
+    for name in result:
+        assert result[name][1] == pytest.approx(scale, rel=0.15)
+
+
+def test_the_own_holds_are_their_terms_at_their_weights():
+    """A move's own-size term is the log-size distance of the object to its reference, and a resize's
+    own-centroid term the centroid distance, each at its weight, added to the edit's energy."""
+    from sgfast import edits as edits_module
+
+    scene = two_objects(circle=blob(0.5, 0.4, 0.11, 0.09))
+    reference = two_objects().traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+    current, ref = scene.capture([["circle"]]), reference[0].view(T)
+
+    def energy(edit):
+        with torch.no_grad():
+            return energy_of([[edit]], current, [words], [["circle"]], reference, T).item()
+
+    from sgfast.trace import View
+    now = View(["circle"], {layer: m[0] for layer, m in current.maps.items()})
+    with torch.no_grad():
+        size = edits_module._log_size_distance(now.size("circle"), ref.size("circle")).item()
+        centroid = edits_module._l1(now.centroid("circle"), ref.centroid("circle")).sum(-1).mean().item()
+    assert size > 0.05 and centroid > 0.05
+    assert energy(move("circle", dx=0.1, keep_others=False, keep_own_size_weight=2.5)) == pytest.approx(
+        energy(move("circle", dx=0.1, keep_others=False)) + 2.5 * size, rel=1e-9)
+    assert energy(resize("circle", 2.0, keep_others=False, keep_own_centroid_weight=1.5)) == pytest.approx(
+        energy(resize("circle", 2.0, keep_others=False)) + 1.5 * centroid, rel=1e-9)
+
+
 @pytest.mark.parametrize("weight", [0.5, 1.0, 3.0])
 def test_move_holds_appearance_at_any_keep_weight_above_zero(weight):
     """keep_appearance_weight adds keep_appearance of the moved object and the others at that weight,
@@ -707,24 +769,35 @@ def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
                     for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
     edit = move("circle", dx=0.1, weight=2.0, keep_shape_weight=1.5, keep_appearance_weight=0.0, keep_centroid_weight=0.7)
     assert edit.energy(current, reference, T).item() == pytest.approx(2.0 * move_term + 1.5 * shape_gap(1) + 0.7 * centroid_gap(1), rel=1e-6)
-    # resize holds its own centroid too when centroids are held; not when keep_others is off
+    # resize holds the others' centroids at keep_centroid_weight and its own at keep_own_centroid_weight
     size_term = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(1.3 * max(loop_size(r), 1e-4)))
                     for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
     edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9)
-    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * (centroid_gap(0) + centroid_gap(1)), rel=1e-6)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 0.9 * centroid_gap(1), rel=1e-6)
+    edit = resize("circle", 1.3, weight=1.0, keep_shape_weight=0.0, keep_appearance_weight=0.0, keep_centroid_weight=0.9,
+                  keep_own_centroid_weight=2.5)
+    assert edit.energy(current, reference, T).item() == pytest.approx(size_term + 2.5 * centroid_gap(0) + 0.9 * centroid_gap(1), rel=1e-6)
     alone = resize("circle", 1.3, weight=1.0, keep_others=False, keep_centroid_weight=0.9)
     assert alone.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term, rel=1e-6)
+    named = resize("circle", 1.3, weight=1.0, keep_others=False, keep_own_centroid_weight=2.5)
+    assert named.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(size_term + 2.5 * centroid_gap(0), rel=1e-6)
+    # a move's own size, at its weight: the log-size distance of the moved object to its reference
+    own_size = sum(smooth_l1(math.log(max(loop_size(c), 1e-4)) - math.log(max(loop_size(r), 1e-4)))
+                   for c, r in zip(maps(current, 0), maps(reference, 0))) / len(layers)
+    edit = move("circle", dx=0.1, weight=2.0, keep_others=False, keep_own_size_weight=1.7)
+    assert edit.energy(current.subset(["circle"]), reference, T).item() == pytest.approx(2.0 * move_term + 1.7 * own_size, rel=1e-6)
 
 
 def test_default_weights_and_held_words():
     for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
         assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
-        own = ("keep_own_shape_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else ()
+        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else (
+            "keep_own_centroid_weight",)
         assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight") + own
         assert all(getattr(edit, name) == 0.0 for name in own)
         assert edit.needs_features and edit.needs_reference
     assert move("circle", weight=1.0, keep_centroid_weight=2.0, keep_size_weight=0.0, keep_own_shape_weight=0.0,
-                keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
     assert not move("circle", keep_appearance_weight=0.0).needs_features
     assert move("circle", keep_appearance_weight=0.0, keep_own_appearance_weight=0.5).needs_features
     assert place("circle", keep_others=False, keep_own_appearance_weight=0.5).needs_features

@@ -359,7 +359,8 @@ REFUSED = {  # a call, and the whole message of the error it gets
                      "use it as an edit's source instead"),
     "trace settings": (dict(edits=[move("circle")], trace=PROMPT, guidance_scale=3.0, eta=0.5),
                        "the trace was recorded with other settings than this call: guidance_scale: 7.5 there, 3.0 here; "
-                       "eta: 0.0 there, 0.5 here. Call with the trace's settings, or use it as an edit's source instead"),
+                       "eta: 0.0 there, 0.5 here. Leave them out (a call with a trace takes the trace's), or use it as an edit's "
+                       "source instead"),
     "no guided step": (dict(edits=[move("circle")], num_inference_steps=1),
                        "the guidance schedule guides none of the 1 steps, so the edits would do nothing; use more steps "
                        "or a guidance_schedule that guides at least one"),

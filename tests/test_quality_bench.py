@@ -25,26 +25,59 @@ def test_captions_name_two_objects_of_different_shapes():
 
 def test_move_measured_in_fractions_of_the_width():
     scene = two_object_scene()
-    (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
-    before = read_scene(scene.image)
+    (_, shape_a), _ = parse_caption(scene.caption)
     shifted = np.full_like(scene.image, 240)
     shifted[:, 3:] = scene.image[:, :-3]  # everything 3 px to the right
-    after = read_scene(shifted)
-    error_x, error_y, measured, keep = quality.measure_move(before, after, colour_a, colour_b, dx=3 / 64, dy=0.0)
-    assert error_x == pytest.approx(0.0, abs=1e-6) and error_y == pytest.approx(0.0, abs=1e-6)
-    assert measured[0] == pytest.approx(3 / 64)
-    assert 0.0 < keep < 1.0  # the other object moved too, so it was not kept
-    error_x, error_y, _, keep = quality.measure_move(before, before, colour_a, colour_b, dx=0.25, dy=0.0)
-    assert error_x == pytest.approx(0.25) and error_y == 0.0 and keep == 1.0
+    moved = quality.measure_move(scene.image, shifted, scene.caption, shape_a, dx=3 / 64, dy=0.0)
+    assert moved["error_x"] == pytest.approx(0.0, abs=1e-6) and moved["error_y"] == pytest.approx(0.0, abs=1e-6)
+    assert moved["measured"][0] == pytest.approx(3 / 64) and moved["area"] == pytest.approx(1.0, abs=0.05)
+    assert 0.0 < moved["other_iou"] < 1.0  # the other object moved too, so it was not kept
+    assert moved["other_colour"] == pytest.approx(0.0, abs=1.0)  # but it kept its colour
+    still = quality.measure_move(scene.image, scene.image, scene.caption, shape_a, dx=0.25, dy=0.0)
+    assert still["error_x"] == pytest.approx(0.25) and still["error_y"] == 0.0 and still["error"] == pytest.approx(0.25)
+    assert still["other_iou"] == 1.0 and still["other_colour"] == 0.0 and still["area"] == 1.0
+    assert not quality.move_lands(still) and quality.move_lands(moved)
+
+
+def test_a_move_that_grows_its_object_does_not_land():
+    # The moved object drawn twice its size at the target: on target, but its size not held.
+    scene = two_object_scene()
+    (colour_a, shape_a), _ = parse_caption(scene.caption)
+    objects = read_scene(scene.image)
+    a = quality.by_colour(objects, colour_a)
+    grown = np.where(a.mask[..., None], 240, scene.image).astype(np.uint8)
+    rows, cols = np.nonzero(a.mask)
+    centre = rows.mean(), cols.mean()
+    for r, c in zip(rows, cols):  # scale the mask by sqrt(2) about its centre
+        for dr in (0, 1):
+            for dc in (0, 1):
+                rr = int(round(centre[0] + (r - centre[0]) * 1.41)) + dr
+                cc = int(round(centre[1] + (c - centre[1]) * 1.41)) + dc
+                if 0 <= rr < 64 and 0 <= cc < 64:
+                    grown[rr, cc] = quality.COLOURS[colour_a]
+    measured = quality.measure_move(scene.image, grown, scene.caption, shape_a, dx=0.0, dy=0.0)
+    assert measured["error"] < quality.ON_TARGET and measured["area"] > quality.AREA_HELD[1]
+    assert not quality.move_lands(measured)
 
 
 def test_resize_layout_and_appearance_measures():
     scene = two_object_scene()
-    (colour_a, _), (colour_b, _) = parse_caption(scene.caption)
+    (colour_a, shape_a), (colour_b, _) = parse_caption(scene.caption)
     objects = read_scene(scene.image)
-    assert quality.measure_resize(objects, objects, colour_a, colour_b) == (1.0, 1.0)
+    same = quality.measure_resize(scene.image, scene.image, scene.caption, shape_a)
+    assert same == dict(ratio=1.0, drift=0.0, other_area=1.0, other_iou=1.0, other_colour=0.0)
     without_b = np.where(quality.by_colour(objects, colour_b).mask[..., None], 240, scene.image).astype(np.uint8)
-    assert quality.measure_resize(objects, read_scene(without_b), colour_a, colour_b) == (1.0, 0.0)  # the other is lost
+    lost = quality.measure_resize(scene.image, without_b, scene.caption, shape_a)
+    assert (lost["ratio"], lost["other_area"], lost["other_iou"]) == (1.0, 0.0, 0.0) and lost["other_colour"] != lost["other_colour"]
+    shifted = np.full_like(scene.image, 240)
+    shifted[:, 3:] = scene.image[:, :-3]
+    assert quality.measure_resize(scene.image, shifted, scene.caption, shape_a)["drift"] == pytest.approx(3 / 64)
+    assert quality.resize_lands(dict(ratio=2.4, drift=0.05), 2.0) and not quality.resize_lands(dict(ratio=2.6, drift=0.0), 2.0)
+    assert not quality.resize_lands(dict(ratio=2.0, drift=0.07), 2.0)
+    recoloured_b = scene.image.copy()
+    recoloured_b[quality.by_colour(objects, colour_b).mask] = (np.array(quality.COLOURS[colour_b]) * 0.8).astype(np.uint8)
+    held = quality.measure_held(scene.image, recoloured_b, [colour_b])
+    assert held["other_iou"] == 1.0 and held["other_colour"] == pytest.approx(np.linalg.norm(np.array(quality.COLOURS[colour_b]) * 0.2), abs=1.5)
     assert quality.measure_layout(objects, objects, objects, [colour_a, colour_b]) == (1.0, 1.0)
     before, after, read_as = quality.measure_appearance(scene.image, scene.image, objects, objects, colour_a, colour_b)
     assert before == after > 50 and not read_as
@@ -81,7 +114,9 @@ def test_smoke_run_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| fast | model | 1/1 |" in printed
     rows = json.loads((tmp_path / "quality.json").read_text())["fast/model"]["rows"]
-    assert all(rows[0][key] is not None for key in ("move", "resize x2", "resize x0.5", "copy_appearance", "copy_layout"))
+    assert all(rows[0][key] is not None for key in ("move", "resize x2", "resize x0.5", "copy_appearance", "copy_layout",
+                                                    "copy_appearance held", "copy_layout held"))
+    assert "Side effects" in printed and "move: on target and area held" in printed
     assert (tmp_path / "quality_fast_model.png").exists()
 
 
@@ -112,10 +147,21 @@ def test_calls_are_bare_unless_a_scale_is_swept():
     assert [c[0] for c in calls] == ["Move", "Resize", "Resize", "CopyAppearance", "CopyAppearance", "CopyLayout"]
     assert all(extra == set() for _, extra, _, _ in calls)  # the model's own settings decide the rest
     assert calls[0][3].unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight",
-                                 "keep_own_shape_weight", "keep_own_appearance_weight")
+                                 "keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight")
     calls.clear()
     quality.run(sg, 1, 10, 5.0, progress=lambda line: None, scale=2.5, edits=("resize",))
     assert [(c[0], c[2]) for c in calls] == [("Resize", 2.5), ("Resize", 2.5)]
+    # The tuning captions and seeds are not the reported ones.
+    unedited = []
+
+    def first_calls(prompt, edits=None, generator=None, **kwargs):
+        unedited.append((prompt, generator.initial_seed()))
+        return Drawn()
+
+    for tuning in (False, True):
+        quality.run(first_calls, 2, 10, 5.0, progress=lambda line: None, edits=(), tuning=tuning)
+    assert unedited[:2] == [(c, k) for k, c in enumerate(quality.captions(2))]
+    assert unedited[2:] == [(c, quality.TUNING_SEEDS + k) for k, c in enumerate(quality.captions(2, quality.TUNING_CAPTIONS))]
 
 
 def test_results_section_is_replaced_up_to_the_next_heading(tmp_path):

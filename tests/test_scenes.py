@@ -145,3 +145,33 @@ def test_read_change_measures_an_objects_move_and_area():
     assert scenes.read_change("a photo of a cat", "cat", scene.image, shifted) is None  # not a scene caption
     blank = np.full_like(scene.image, scene.image[0, 0])
     assert scenes.read_change(scene.caption, shape, scene.image, blank) is None  # the object is gone
+
+
+def test_read_edit_reads_the_edited_object_and_every_other_one():
+    scene = next(s for s in (scenes.make_scene(k) for k in range(50)) if len(s.objects) == 2)
+    (colour_a, shape_a), (colour_b, shape_b) = scenes.parse_caption(scene.caption)
+    objects = scenes.read_scene(scene.image)
+    edited = scene.image.copy()
+    # The first object 3 px to the right (on the flat background), the second one darkened.
+    a, b = scenes.by_colour(objects, colour_a), scenes.by_colour(objects, colour_b)
+    edited[a.mask] = scenes.BACKGROUND
+    rows, cols = np.nonzero(a.mask)
+    edited[rows, cols + 3] = scenes.COLOURS[colour_a]
+    darker = (np.array(scenes.COLOURS[colour_b]) * 0.9).astype(np.uint8)
+    edited[b.mask] = darker
+    change = scenes.read_edit(scene.caption, shape_a, scene.image, edited)
+    moved, other = change["object"], change["others"][f"{colour_b} {shape_b}"]
+    assert list(change["others"]) == [f"{colour_b} {shape_b}"]
+    assert (moved["dx"], moved["dy"], moved["area"]) == (pytest.approx(3 / 64), pytest.approx(0.0), pytest.approx(1.0))
+    assert 0.0 < moved["iou"] < 1.0 and moved["colour"] == pytest.approx(0.0)
+    assert other["iou"] == 1.0 and other["area"] == 1.0
+    assert other["colour"] == pytest.approx(np.linalg.norm(np.array(scenes.COLOURS[colour_b]) - darker))
+    # Named by its colour word too; an object gone is None; not a scene caption or an object missing before: None.
+    assert scenes.read_edit(scene.caption, colour_a, scene.image, edited)["object"] == moved
+    gone = np.where(b.mask[..., None], np.array(scenes.BACKGROUND, np.uint8), scene.image)
+    assert scenes.read_edit(scene.caption, shape_a, scene.image, gone)["others"][f"{colour_b} {shape_b}"] is None
+    assert scenes.read_edit("a photo of a cat", "cat", scene.image, edited) is None
+    assert scenes.read_edit(scene.caption, shape_a, gone, scene.image) is None
+    assert scenes.read_edit(scene.caption, "hexagon", scene.image, edited) is None
+    lines = scenes.describe_changes(scene.caption, scene.image, edited)
+    assert lines[1].startswith(f"{colour_b} {shape_b}: dx=+0.00 dy=+0.00 area x1.00 IoU 1.00 colour shift {other['colour']:.0f}, reads {colour_b}")

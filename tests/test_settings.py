@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
+from sgfast import SelfGuidancePipeline, copy_appearance, move, place, resize
 from sgfast import edits as edits_module
 from sgfast.sampler import default_schedule
 from sgfast.settings import FILENAME, KINDS, GuidanceSettings, kind_of, model_settings
@@ -160,8 +160,9 @@ def test_bad_settings_argument_is_a_clear_error():
 def test_every_edit_has_a_kind_and_the_fields_its_settings_may_set():
     assert kind_of(edits_module.CopyAppearance) == "copy_appearance" and "copy_layout" in KINDS and "keep_shape" in KINDS
     held = {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
-    own = {"keep_own_shape_weight", "keep_own_appearance_weight"}
-    assert set(KINDS["move"]) == set(KINDS["place"]) == held | own and set(KINDS["resize"]) == held
+    own = {"keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight"}
+    assert set(KINDS["move"]) == set(KINDS["place"]) == held | own
+    assert set(KINDS["resize"]) == held | {"keep_own_centroid_weight"}
     assert KINDS["copy_appearance"] == ("keep_appearance_weight", "keep_shape_weight")
     assert KINDS["copy_layout"] == KINDS["copy_shape"] == KINDS["keep_shape"] == ()
 
@@ -185,3 +186,27 @@ def test_the_files_feature_layer_is_used_unless_from_pipe_names_one(tmp_path):
         json.dump({**SETTINGS, "feature_layer": "up_blocks.9"}, f)
     with pytest.raises(ValueError, match="unknown feature layer 'up_blocks.9'; choose a UNet block such as"):
         SelfGuidancePipeline.from_pipe(load(tmp_path))
+
+
+def test_the_models_own_holds_apply_unless_keep_others_is_off_or_a_weight_is_given():
+    """A move or place takes its own-shape and own-size holds, a resize its own-centroid hold, from the
+    model's settings; keep_others=False turns off those it did not name, a weight it names is its own."""
+    own = {"move": {"keep_own_shape_weight": 4.0, "keep_own_size_weight": 0.5},
+           "place": {"keep_own_shape_weight": 3.0}, "resize": {"keep_own_centroid_weight": 6.0}}
+    settings = GuidanceSettings(edits=own)
+    filled = settings.fill(move("circle", dx=0.2))
+    assert (filled.keep_own_shape_weight, filled.keep_own_size_weight) == (4.0, 0.5)
+    assert settings.fill(place("circle", 0.3, 0.4)).keep_own_shape_weight == 3.0
+    assert settings.fill(resize("circle", 2.0)).keep_own_centroid_weight == 6.0
+    off = settings.fill(move("circle", dx=0.2, keep_others=False))
+    assert (off.keep_own_shape_weight, off.keep_own_size_weight, off.keep_own_appearance_weight) == (0.0, 0.0, 0.0)
+    assert settings.fill(resize("circle", 2.0, keep_others=False)).keep_own_centroid_weight == 0.0
+    named = settings.fill(move("circle", dx=0.2, keep_others=False, keep_own_size_weight=2.0))
+    assert (named.keep_own_shape_weight, named.keep_own_size_weight) == (0.0, 2.0)
+    assert settings.fill(move("circle", dx=0.2, keep_own_shape_weight=0.0)).keep_own_shape_weight == 0.0
+    assert settings.fill(resize("circle", 2.0, keep_own_centroid_weight=0.0)).keep_own_centroid_weight == 0.0
+    for bad in (dict(keep_own_size_weight=-1.0), dict(keep_own_size_weight=float("nan"))):
+        with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+            move("circle", **bad)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+        resize("circle", 2.0, keep_own_centroid_weight=-2.0)

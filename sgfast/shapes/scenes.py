@@ -215,6 +215,46 @@ def read_change(caption, word, before, after):
     return (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1]), b.area / a.area
 
 
+def mean_colour(image, mask):
+    """Mean RGB (0-255) of an image's pixels under a mask."""
+    return np.asarray(image)[..., :3][mask].astype(np.float64).mean(0)
+
+
+def object_change(image_before, image_after, before, after):
+    """How object `before` (read from the first image) became `after` (read from the second): dict of
+    dx, dy (centroid, image fractions), area (ratio), iou (of the masks) and colour (distance of the
+    mean colours, RGB 0-255)."""
+    union = np.logical_or(before.mask, after.mask).sum()
+    shift = mean_colour(image_after, after.mask) - mean_colour(image_before, before.mask)
+    return dict(
+        dx=after.centroid[0] - before.centroid[0], dy=after.centroid[1] - before.centroid[1], area=after.area / before.area,
+        iou=float(np.logical_and(before.mask, after.mask).sum() / union) if union else 0.0, colour=float(np.linalg.norm(shift)),
+    )
+
+
+def read_edit(caption, word, before, after):
+    """What an edit of the object `word` names did, read in pixels: {"object": its object_change,
+    "others": {"blue square": object_change, ...}}, each change None where the object is not read in
+    the edited image (followed by its colour); None when the caption is not a scene caption or the
+    unedited image lacks one of its objects."""
+    try:
+        objects = parse_caption(caption)
+    except ValueError:
+        return None
+    images = np.asarray(before), np.asarray(after)
+    read_before, read_after = read_scene(images[0]), read_scene(images[1])
+    changes = {}
+    for colour, shape in objects:
+        a, b = by_colour(read_before, colour), by_colour(read_after, colour)
+        if a is None:
+            return None
+        changes[f"{colour} {shape}"] = None if b is None else object_change(*images, a, b)
+    edited = next((name for name in changes if word in name.split()), None)
+    if edited is None:
+        return None
+    return {"object": changes.pop(edited), "others": changes}
+
+
 def describe_scene(image):
     """The objects the reader sees in an RGB image: "green circle, blue square" (or "nothing")."""
     return ", ".join(f"{o.colour} {o.shape}" for o in read_scene(np.asarray(image))) or "nothing"
@@ -222,7 +262,8 @@ def describe_scene(image):
 
 def describe_changes(caption, before, after):
     """What happened to each object of a scene caption between two RGB images, as the reader sees it:
-    one line per object ("red circle: dx=-0.29 dy=+0.01 area x1.02 IoU 0.10, reads red"). An object
+    one line per object ("red circle: dx=-0.29 dy=+0.01 area x1.02 IoU 0.10 colour shift 4, reads red
+    circle"; the colour shift is the distance of the mean colours, RGB 0-255). An object
     is followed by its colour, or, when no object of its colour is left (a copied appearance), by the
     nearest object. [] when the caption is not a scene caption."""
     try:
@@ -242,10 +283,10 @@ def describe_changes(caption, before, after):
         if b is None:
             lines.append(f"{colour} {shape}: gone")
             continue
-        overlap = np.logical_and(a.mask, b.mask).sum() / np.logical_or(a.mask, b.mask).sum()
+        change = object_change(np.asarray(before), np.asarray(after), a, b)
         lines.append(
-            f"{colour} {shape}: dx={b.centroid[0] - a.centroid[0]:+.2f} dy={b.centroid[1] - a.centroid[1]:+.2f} "
-            f"area x{b.area / a.area:.2f} IoU {overlap:.2f}, reads {b.colour} {b.shape}"
+            f"{colour} {shape}: dx={change['dx']:+.2f} dy={change['dy']:+.2f} area x{change['area']:.2f} "
+            f"IoU {change['iou']:.2f} colour shift {change['colour']:.0f}, reads {b.colour} {b.shape}"
         )
     return lines
 
