@@ -545,7 +545,7 @@ def sgfast_runner(bench, pipe, mode, edit, key="sd15"):
 
     name = (key, mode, edit)
     if name not in bench.state:
-        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps)
+        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps, bench.config.step_call)
     return bench.state[name]
 
 
