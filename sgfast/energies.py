@@ -411,11 +411,13 @@ class EnergyPlan:
             parts.append(value.unsqueeze(0).expand(self.planes[kind], *value.shape).reshape(-1))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def energy(self, maps, features, targets):
+    def energy(self, maps, features, targets, weights=None):
         """The total energy (a 0-dim tensor): maps [L, B, S, N] stacked, features [B, C, h, w] or None,
-        targets: this step's row of `target_table`."""
+        targets: this step's row of `target_table`, weights: `self.weights` (or a copy of them)."""
+        if not self.kinds:  # every term weighs 0: a zero that still depends on the maps
+            return maps.sum() * 0.0
         distance = (self.current(maps, features) - targets).abs()
         near = distance.clamp_max(L1_SMOOTHING)
         # Smooth L1 (edits._l1) times L1_SMOOTHING: near * (d - near / 2), quadratic within the smoothing.
-        return torch.dot(near * torch.add(distance, near, alpha=-0.5), self.weights)
+        return torch.dot(near * torch.add(distance, near, alpha=-0.5), self.weights if weights is None else weights)
 
