@@ -120,8 +120,15 @@ def normalize(maps):
 
 
 def shape(maps, sharpness):
-    """As `properties.shape`, over flat maps."""
-    return normalize(torch.sigmoid((normalize(maps) - 0.5) * sharpness))
+    """As `properties.shape`, over flat maps. The outer normalisation's bounds are constants: the
+    inner one maps each map onto [0, 1] exactly (min to 0, max to range / range = 1), and the
+    sigmoid is monotonic, so they are sigmoid(-sharpness / 2) and sigmoid(sharpness / 2), with zero
+    gradient as in the reference (where the min and the max are the constant 0 and 1 of the inner
+    normalisation). Only a map flatter than the reference's EPS (range below 1e-8, not a flat one)
+    would come out otherwise."""
+    low, high = 1.0 / (1.0 + math.exp(0.5 * sharpness)), 1.0 / (1.0 + math.exp(-0.5 * sharpness))
+    soft = torch.sigmoid((normalize(maps) - 0.5) * sharpness)
+    return (soft - low) * (1.0 / max(high - low, properties.EPS))
 
 
 class Stacked:
@@ -159,7 +166,8 @@ def appearance(maps, resize, features, sharpness):
     mean_map = torch.einsum("lbsn,lnq->bsq", maps.detach(), resize)
     mask = shape(mean_map, sharpness)
     features = features.reshape(*features.shape[:2], -1)
-    features = features.to(torch.promote_types(features.dtype, torch.float32))
+    if features.dtype != torch.float64:
+        features = features.float()  # energies in fp32 even for an fp16 UNet
     mask = mask.to(features.dtype)
     weighted = torch.bmm(mask, features.transpose(1, 2))
     return weighted / mask.sum(-1, keepdim=True).clamp_min(properties.EPS)

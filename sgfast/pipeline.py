@@ -334,7 +334,7 @@ class SelfGuidancePipeline:
             dict(
                 size=(height, width),
                 scheduler=type(self.pipe.scheduler).__name__,
-                timesteps=tuple(float(t) for t in timesteps),
+                timesteps=tuple(float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)),
                 guidance_scale=float(guidance_scale),
                 guidance_rescale=float(guidance_rescale),
                 eta=float(eta),
