@@ -226,6 +226,9 @@ class GuidedCall:
                     cond = unet(x, t, encoder_hidden_states=cond_embeds, return_dict=False,
                                 **_rows(unet_kwargs, slice(batch, None) if do_cfg else None))[0]
                 energy = self.energy(targets, weights, call)
+            # The maps are the energy's alone: dropped here, so that nothing with a gradient graph
+            # outlives the evaluation (a compiled or graph-captured one returns its outputs only).
+            self.capture.maps, self.capture.features = {}, None
             (grad,) = torch.autograd.grad(energy * loss_scale, x)
         grad = grad.float() * (input_scale / loss_scale)
         finite = torch.isfinite(grad).all()
