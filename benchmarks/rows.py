@@ -176,12 +176,13 @@ class SgfastRunner:
 
     guided_available = True
 
-    def __init__(self, pipe, row, steps, step_call=None):
+    def __init__(self, pipe, row, steps, step_call=None, **options):
         from sgfast import SelfGuidancePipeline
 
         # The paper's settings whatever the model's folder holds: the rows time the paper's schedule and
-        # its full move (keep shape + keep appearance).
-        kwargs = dict(mode=row.mode, settings="paper")
+        # its full move (keep shape + keep appearance). `options`: more from_pipe arguments
+        # (guided_step, cuda_graph).
+        kwargs = dict(mode=row.mode, settings="paper", **options)
         if row.compile:
             kwargs["compile"] = True
         self.sg = SelfGuidancePipeline.from_pipe(pipe, **kwargs)
