@@ -93,16 +93,22 @@ class Layout:
             means[i, : h * w] = 1.0 / (h * w)
         return moments, means
 
-    def resize_matrix(self, size, dtype, device):
-        """[L, N, n]: bilinear resizing of each layer's flat map to the grid `size` (F.interpolate's
-        weights, align_corners=False), divided by L: maps @ it summed over layers = the layer mean."""
+    def resize_matrices(self, size, dtype, device):
+        """(groups [G, L] one-hot of each layer's grid, resize [G, N, n]): bilinear resizing of a
+        grid's flat maps to the grid `size` (F.interpolate's weights, align_corners=False), divided by
+        L: summing the layers of a grid, then resizing, and summing the grids is the layer mean. One
+        matrix per distinct grid, not per layer (SDXL's 30 layers share one)."""
+        grids = list(dict.fromkeys(self.grids))
         n = size[0] * size[1]
-        out = torch.zeros(len(self.grids), self.length, n, dtype=dtype, device=device)
-        for i, (h, w) in enumerate(self.grids):
+        groups = torch.zeros(len(grids), len(self.grids), dtype=dtype, device=device)
+        resize = torch.zeros(len(grids), self.length, n, dtype=dtype, device=device)
+        for g, (h, w) in enumerate(grids):
             basis = torch.eye(h * w, dtype=dtype, device=device).reshape(h * w, 1, h, w)
             resized = F.interpolate(basis, size=size, mode="bilinear", align_corners=False)
-            out[i, : h * w] = resized.reshape(h * w, n) / len(self.grids)
-        return out
+            resize[g, : h * w] = resized.reshape(h * w, n) / len(self.grids)
+            for i, grid in enumerate(self.grids):
+                groups[g, i] = float(grid == (h, w))
+        return groups, resize
 
     def unpad(self, flat, layer):
         h, w = self.grids[layer]
@@ -162,8 +168,11 @@ def log_size(size):
 
 def appearance(maps, resize, features, sharpness):
     """[B, S, C]: mean feature inside the silhouette of the layer-averaged map on the features' grid
-    (the mask detached), as `View.appearance`. maps [L, B, S, N], resize [L, N, n], features [B, C, h, w]."""
-    mean_map = torch.einsum("lbsn,lnq->bsq", maps.detach(), resize)
+    (the mask detached), as `View.appearance`. maps [L, B, S, N], resize: `Layout.resize_matrices`,
+    features [B, C, h, w]."""
+    groups, matrices = resize
+    per_grid = torch.einsum("gl,lbsn->gbsn", groups, maps.detach())
+    mean_map = torch.einsum("gbsn,gnq->bsq", per_grid, matrices)
     mask = shape(mean_map, sharpness)
     features = features.reshape(*features.shape[:2], -1)
     if features.dtype != torch.float64:
@@ -333,6 +342,7 @@ class EnergyPlan:
         out = []
         for k in range(shapes.shape[0]):
             if term.place is not None:  # a place's own silhouette: to where the object is asked to go
+                # (host reads of the reference's centroid, before the loop: transform_shape takes numbers)
                 reference = self._references[b]
                 centre = self._trace_targets(reference, by_call=True).get("centroid")[k, :, reference.words.index(term.word)]
                 centre = centre.detach().mean(0)
@@ -384,7 +394,7 @@ class EnergyPlan:
             [weights[k].permute(*[i - 1 for i in order[k][1:]]).reshape(-1) for k in self.kinds]
         ) / L1_SMOOTHING if self.kinds else torch.zeros(0, dtype=dtype, device=device)
         if "appearance" in self.kinds:
-            self.resize = self.layout.resize_matrix(self.feature_size, dtype, device)
+            self.resize = self.layout.resize_matrices(self.feature_size, dtype, device)
 
     def _weights(self, kind, weight, shape, pixel_means, dtype, device):
         """Each element's share of its term: the term's means (over layers, pixels, channels) folded in."""
