@@ -67,8 +67,14 @@ class _Entry:
                 fn(self.static)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(self.static)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = fn(self.static)
+        except RuntimeError as error:  # a host read or an unsupported op inside the step: say which, stop
+            raise RuntimeError(
+                f"capturing the {structure[0]} step as a CUDA graph failed ({error}); something in the step "
+                "reads the device on the host or cannot be captured: run without cuda_graph=True"
+            ) from error
 
     def __call__(self, inputs):
         for buffer, value in zip(self.static, inputs):
