@@ -131,8 +131,7 @@ def has_terms(edit):
     def first(names):
         return next((i for i, cls in enumerate(mro) if any(n in vars(cls) for n in names)), len(mro))
 
-    terms = first(TERM_METHODS)
-    return terms <= first(ENERGY_METHODS) and "terms" in dir(edit) and terms < mro.index(object)
+    return first(TERM_METHODS) <= first(ENERGY_METHODS)
 
 
 class GuidedCall:
