@@ -213,36 +213,27 @@ def rows_for(arch, forms=("split", "batched"), arch_dir=None):
             energy = energy_ops(sg, BATCH_PROMPTS, batch_edits())
             rows.append(dict(arch=arch, row="energies alone: batch of four prompts, four edits", ops=None, syncs=None,
                              x_plain=None, energy_ops=energy, energy_x_plain=energy / plain_ops))
-    rows.append(dict(arch=arch, row="layers captured", layers=len(sg.layers)))
+    rows.append(dict(arch=arch, row="layers captured", layers=len(sg.layers), names=list(sg.layers)))
     return rows
 
 
-def flop_floor(arch, arch_dir=None):
-    """(plain, floor) TFLOP of the real architecture at its native resolution, default layers."""
+def flop_floor(arch, layers, arch_dir=None):
+    """(plain, floor) TFLOP of the real architecture at its native resolution, fp16, on the meta
+    device, the floor for `layers` (the narrowed model's captured layers: the same names)."""
     from benchmarks.flops import floor_step, plain_step
     from benchmarks.measure import CountFlops
     from benchmarks.models import random_pipeline
-    from sgfast.families import family_of
 
     pipe = random_pipeline(arch, arch_dir or default_arch_dir(), device="meta", dtype=torch.float16)
     unet = pipe.unet
     size = unet.config.sample_size
     latents = torch.zeros(1, 4, size, size, device="meta", dtype=torch.float16)
     cond = torch.zeros(1, 77, unet.config.cross_attention_dim, device="meta", dtype=torch.float16)
-    layers = family_of(pipe).default_layers() if arch == "sd15" else _sdxl_default_layers(unet)
     with CountFlops() as plain:
         plain_step(unet, latents, 500, cond, cond)
     with CountFlops() as floor:
         floor_step(unet, layers, latents, 500, cond, cond)
     return plain.total / 1e12, floor.total / 1e12
-
-
-def _sdxl_default_layers(unet):
-    from sgfast.families import StableDiffusionXL
-
-    family = StableDiffusionXL.__new__(StableDiffusionXL)
-    family.pipe = type("P", (), {"unet": unet})()
-    return family.default_layers()
 
 
 def format_table(rows, floors):
@@ -274,7 +265,7 @@ def main(argv=None):
     rows, floors = [], {}
     for arch in archs:
         rows += rows_for(arch, arch_dir=args.arch_dir)
-        floors[arch] = flop_floor(arch, args.arch_dir)
+        floors[arch] = flop_floor(arch, rows[-1]["names"], args.arch_dir)
     print(format_table(rows, floors))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
