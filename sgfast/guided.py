@@ -162,6 +162,7 @@ class GuidedCall:
         self.plan = EnergyPlan(
             items, self.layout, [self.schedule.timesteps[i] for i in guided_calls], guided_calls, capture.layers,
             feature_size, sharpness, device=latents.device,
+            dtype=torch.promote_types(latents.dtype, torch.float32),  # the maps' dtype: fp32, fp64 for fp64
         )
         self.feature_size = feature_size
 
