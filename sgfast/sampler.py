@@ -357,6 +357,6 @@ def denoise(
                 bar.update()
     raise_if_not_finite(finite)
     if energies is not None and pending:
-        values = torch.stack([e.float() for _, e in pending]).tolist()  # the call's one read of its energies
+        values = torch.stack([e.double() for _, e in pending]).tolist()  # the call's one read of its energies
         energies.extend((step, value) for (step, _), value in zip(pending, values))
     return state["latents"]

@@ -114,3 +114,16 @@ def test_layer_grids_follow_the_unets_downsampling():
             for h in handles:
                 h.remove()
         assert seen == {n: grid_at(latent, layer_depth(unet, n)) for n in names}
+
+
+def test_a_float64_pipeline_runs_its_energies_in_float64():
+    from sgfast import SelfGuidancePipeline
+    from sgfast.testing import tiny_pipeline
+
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline().to(torch.float64), mode="fast")
+    out = sg("a red circle and a blue square", edits=[E.move("circle", dx=0.25, keep_others=False)],
+             num_inference_steps=2, guidance_schedule=[True, True], generator=torch.Generator().manual_seed(0),
+             output_type="latent")
+    assert out.images.dtype == torch.float64 and len(out.energies) == 2
+    # Step 0 starts where the reference is: the centroid is 0.25 (a float32 0.25) from its target, in x.
+    assert out.energies[0][1] == pytest.approx(4.0 * (0.25 - 0.5 * 0.02), rel=1e-12)
