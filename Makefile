@@ -94,6 +94,12 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.charts
 
+# Ops and host syncs per step (plain diffusers vs guided, both guided-step forms) for the SD1.5 and
+# SDXL architectures, with the FLOP floor beside them: the "Ops per step" section of benchmarks/RESULTS.md.
+.PHONY: bench-ops
+bench-ops: $(STAMP)
+	$(PY) -m benchmarks.ops --json outputs/bench/ops.json
+
 bench-quality: $(STAMP)
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.photo_edit --scenes 50 --results

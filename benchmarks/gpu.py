@@ -545,7 +545,7 @@ def sgfast_runner(bench, pipe, mode, edit, key="sd15"):
 
     name = (key, mode, edit)
     if name not in bench.state:
-        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps)
+        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps, bench.config.step_call)
     return bench.state[name]
 
 
@@ -781,11 +781,46 @@ def phase_cuda_graphs(bench, records):
         graph_row(bench, records, "guided split step (fast)", lambda: split_step(step))
 
 
+def phase_sd15_guided_steps(bench, records):
+    """SD1.5 per-step time through the public API: the plain diffusers step against sgfast's guided
+    step (move + keep terms) in both forms (split, batched), eager and with cuda_graph=True (each
+    guided and plain step replayed as a CUDA graph). In a dry run (no CUDA) the graphs' static-buffer
+    path runs eagerly (StepGraphs dry_run), so that its code is exercised."""
+    from benchmarks.rows import Row, SgfastRunner
+    from sgfast.graphs import StepGraphs
+
+    cfg, n = bench.config, bench.config.step_call
+    pipe = sd_pipeline(bench)
+    plain = plain_runner(pipe, cfg.steps)
+    cuda = torch.device(cfg.device).type == "cuda"
+    for form in ("split", "batched"):
+        for graphed in (False, True):
+            name = f"sgfast fast ({form}{', CUDA graph' if graphed else ''}): move + keep"
+            bench.tick(10.0)
+            with bench.row(name):
+                options = dict(guided_step=form, cuda_graph=graphed and cuda)
+                run = SgfastRunner(pipe, Row("sgfast", "fast", False, "move_keep"), cfg.steps, n, **options)
+                if graphed and not cuda:
+                    run.sg._graphs = StepGraphs.for_pipeline(pipe, "fast", dry_run=True)
+                times = interleaved_medians(
+                    {"plain": lambda: plain.unguided(n), "guided": lambda: run.guided(n)}, cfg.repeats, cfg.device, per=n
+                )
+                peak, _ = peak_bytes(lambda: run.guided(1), cfg.device)
+                records.append(dict(
+                    row=name, form=form, cuda_graph=graphed, graph_replayed=graphed and cuda,
+                    plain_step_ms=times["plain"] * 1e3, guided_step_ms=times["guided"] * 1e3,
+                    guided_over_plain=times["guided"] / times["plain"], guided_peak_mib=peak / MIB,
+                ))
+                log(f"  {name}: plain {times['plain'] * 1e3:.1f} ms, guided {times['guided'] * 1e3:.1f} ms "
+                    f"({times['guided'] / times['plain']:.2f}x)")
+
+
 PHASES = [
     # (name, function, slow (left out by --quick), seconds it needs at least to start)
     ("kernels_correctness", phase_kernels_correctness, False, 0),
     ("kernel_timing", phase_kernel_timing, False, 10),
     ("sd15_step", phase_sd15_step, False, 20),
+    ("sd15_guided_steps", phase_sd15_guided_steps, False, 30),
     ("kernel_variants", phase_kernel_variants, False, 30),
     ("sd15_image", phase_sd15_image, True, 30),
     ("energy", phase_energy, True, 20),  # 50-step images again: slow too
@@ -827,6 +862,11 @@ TABLES = {
         ("plain peak MiB", "plain_peak_mib", "{:.0f}"), ("guided peak MiB", "guided_peak_mib", "{:.0f}"),
         ("peak ratio", "peak_ratio", "{:.2f}"), ("plain extra MiB", "plain_extra_mib", "{:.0f}"),
         ("guided extra MiB", "guided_extra_mib", "{:.0f}"), ("peak MiB", "peak_mib", "{:.0f}"),
+    ],
+    "sd15_guided_steps": [
+        ("row", "row", "{}"), ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
+        ("guided/plain", "guided_over_plain", "{:.2f}"), ("guided peak MiB", "guided_peak_mib", "{:.0f}"),
+        ("graph replayed", "graph_replayed", "{}"),
     ],
     "sd15_image": [
         ("row", "row", "{}"), ("steps", "steps", "{}"), ("s/image", "image_s", "{:.2f}"), ("x plain", "over_plain", "{:.2f}"),

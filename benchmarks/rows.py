@@ -176,22 +176,25 @@ class SgfastRunner:
 
     guided_available = True
 
-    def __init__(self, pipe, row, steps):
+    def __init__(self, pipe, row, steps, step_call=None, **options):
         from sgfast import SelfGuidancePipeline
 
         # The paper's settings whatever the model's folder holds: the rows time the paper's schedule and
-        # its full move (keep shape + keep appearance).
-        kwargs = dict(mode=row.mode, settings="paper")
+        # its full move (keep shape + keep appearance). `options`: more from_pipe arguments
+        # (guided_step, cuda_graph).
+        kwargs = dict(mode=row.mode, settings="paper", **options)
         if row.compile:
             kwargs["compile"] = True
         self.sg = SelfGuidancePipeline.from_pipe(pipe, **kwargs)
         self.pipe, self.row, self.steps = pipe, row, steps
         self.device = pipe._execution_device
         # A trace is the reference of a call with its own step count: one per count the runner uses
-        # (1 for the FLOP count), made here so that no timed or counted call includes one.
+        # (1 for the FLOP count, `steps` for images, `step_call` for per-step times), made here so that
+        # no timed or counted call includes one.
+        counts = {1, steps} | ({step_call} if step_call else set())
         self.references = {
             n: self.sg(PROMPT, num_inference_steps=n, generator=generator(self.device), output_type="latent").trace
-            for n in sorted({1, steps})
+            for n in sorted(counts)
         }
 
     def edits(self):
@@ -201,6 +204,11 @@ class SgfastRunner:
         return [move(EDITED_WORD, dx=0.25)] if keep else [move(EDITED_WORD, dx=0.25, keep_others=False)]
 
     def _trace(self, batch, n):
+        if n not in self.references:
+            raise ValueError(
+                f"no reference trace of {n} steps: this runner recorded {sorted(self.references)} "
+                "(pass the per-step call's count as step_call when building it)"
+            )
         reference = self.references[n]
         return reference if batch == 1 else [reference] * batch
 
@@ -240,6 +248,8 @@ class SgfastRunner:
         return recorded[0]
 
 
-def runner(pipe, row, steps):
-    cls = {"plain": PlainRunner, "attend_excite": AttendExciteRunner, "sgfast": SgfastRunner}[row.kind]
-    return cls(pipe, row, steps)
+def runner(pipe, row, steps, step_call=None):
+    """The row's runner; `step_call`: the step count of per-step timed calls, where it differs from `steps`."""
+    if row.kind == "sgfast":
+        return SgfastRunner(pipe, row, steps, step_call)
+    return {"plain": PlainRunner, "attend_excite": AttendExciteRunner}[row.kind](pipe, row, steps)

@@ -143,7 +143,7 @@ def run_row(spec):
 
     start = time.perf_counter()
     pipe = _setup(spec)
-    run = runner(pipe, row, steps)
+    run = runner(pipe, row, steps, n)
     if row.kind == "plain":
         plain = run
     elif row.compile:
@@ -269,7 +269,7 @@ def run_scaling_row(spec):
     device, row = spec["device"], Row(**spec["row"])
     steps, batch, n = spec["steps"], spec["batch_size"], spec.get("step_call") or spec["steps"]
     pipe = _setup(spec)
-    run = runner(pipe, row, steps)
+    run = runner(pipe, row, steps, n)
     plain = PlainRunner(pipe, Row("plain"), steps)
     plain.unguided(n, batch)
     run.guided(n, batch)

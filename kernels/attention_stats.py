@@ -75,7 +75,7 @@ def pixel_centres(height, width, dtype, device):
     return x.repeat(height), y.repeat_interleave(width)
 
 
-def attention_stats_reference(q, k, token_index, height, width, scale, return_maps=True):
+def attention_stats_reference(q, k, token_index, height, width, scale, return_maps=True, return_sums=True):
     """Plain PyTorch version of `attention_stats` (differentiable in `q` and `k` by autograd).
 
     Computes in the input dtype promoted to at least float32 (float64 stays float64) and returns
@@ -88,7 +88,7 @@ def attention_stats_reference(q, k, token_index, height, width, scale, return_ma
     index = token_index[:, None, :].expand(batch, n, token_index.shape[1])
     maps = probs.mean(dim=1).gather(-1, index).transpose(1, 2)  # [B, S, N]
     # One matmul against the (1, x, y) columns: autograd keeps maps once, not once per moment.
-    sums = maps @ moment_columns(height, width, dtype, q.device)  # [B, S, 3]
+    sums = maps @ moment_columns(height, width, dtype, q.device) if return_sums else None  # [B, S, 3]
     return sums, (maps if return_maps else None)
 
 
@@ -530,11 +530,11 @@ if HAS_TRITON:
             return q.new_empty(q.shape), k.new_empty(k.shape if with_dk else (0,))
 
 
-def fused_attention_stats(q, k, token_index, height, width, scale, return_maps=True):
+def fused_attention_stats(q, k, token_index, height, width, scale, return_maps=True, return_sums=True):
     """The Triton path (inputs unchecked: use `attention_stats`)."""
     _check_triton_device(q)
     maps = torch.ops.sgfast.attention_maps(q, k, token_index, float(scale))
-    sums = maps @ moment_columns(height, width, maps.dtype, maps.device)
+    sums = maps @ moment_columns(height, width, maps.dtype, maps.device) if return_sums else None
     return sums, (maps if return_maps else None)
 
 
@@ -543,7 +543,7 @@ def fused_attention_stats(q, k, token_index, height, width, scale, return_maps=T
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, token_index, height, width, impl):
+def _check_inputs(q, k, token_index, height, width, impl, check_tokens=True):
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"attention_stats: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     for name, tensor, rank in (("q", q, 4), ("k", k, 4), ("token_index", token_index, 2)):
@@ -570,7 +570,8 @@ def _check_inputs(q, k, token_index, height, width, impl):
         raise ValueError(f"attention_stats: token_index has batch {token_index.shape[0]}, q has {batch}")
     if height * width != n:
         raise ValueError(f"attention_stats: height * width = {height} * {width} != N = {n}")
-    _check_token_range(token_index, t)
+    if check_tokens:
+        _check_token_range(token_index, t)
 
 
 def _check_token_range(token_index, keys):
@@ -589,21 +590,24 @@ def _check_token_range(token_index, keys):
         raise ValueError(f"attention_stats: token_index must lie in [0, {keys}), got values in [{low}, {high}]")
 
 
-def attention_stats(q, k, token_index, height, width, scale=None, return_maps=True, impl="auto"):
+def attention_stats(q, k, token_index, height, width, scale=None, return_maps=True, impl="auto", check_tokens=True,
+                    return_sums=True):
     """Selected-token cross-attention maps and their (mass, x-moment, y-moment) sums.
 
     q [B, heads, N, d] (N = height * width, row-major), k [B, heads, T, d] (same dtype),
     token_index [B, S] integer key columns in [0, T), scale defaults to d ** -0.5.
     impl: "torch" (reference), "triton" (fused kernels: CUDA, or CPU with TRITON_INTERPRET=1), or
     "auto" (Triton on CUDA, the reference elsewhere).
-    Returns `(sums [B, S, 3], maps [B, S, N] or None)`, float32 (float64 for float64 inputs).
-    Differentiable in q and k.
+    Returns `(sums [B, S, 3] or None, maps [B, S, N] or None)`, float32 (float64 for float64 inputs).
+    Differentiable in q and k. `check_tokens=False`: the caller has checked token_index's range
+    once on the host (a per-call check instead of a device read per layer); `return_sums=False`:
+    the maps alone.
     """
-    _check_inputs(q, k, token_index, height, width, impl)
+    _check_inputs(q, k, token_index, height, width, impl, check_tokens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl == "auto":
         impl = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
     if impl == "torch":
-        return attention_stats_reference(q, k, token_index, height, width, scale, return_maps)
-    return fused_attention_stats(q, k, token_index, height, width, scale, return_maps)
+        return attention_stats_reference(q, k, token_index, height, width, scale, return_maps, return_sums)
+    return fused_attention_stats(q, k, token_index, height, width, scale, return_maps, return_sums)

@@ -219,14 +219,19 @@ class Capture:
         return False
 
     @contextmanager
-    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True, stop=False):
+    def record(self, token_index, word_weights, latent_size, batch_slice=slice(None), features=True, stop=False,
+               layout=None, tokens_checked=False):
         """Record maps of the tokens `token_index` ([B, T_sel] key indices) grouped into words by
-        `word_weights` ([B, S, T_sel]), for the batch rows `batch_slice` of each UNet call, and the
-        feature layer's output if `features`. `stop`: raise RecordingDone inside the UNet as soon as
-        everything is recorded (a caller that needs the maps only skips the rest of the UNet)."""
+        `word_weights` ([B, S, T_sel]; None: one token per word, the identity), for the batch rows
+        `batch_slice` of each UNet call, and the feature layer's output if `features`. `stop`: raise
+        RecordingDone inside the UNet as soon as everything is recorded (a caller that needs the maps
+        only skips the rest of the UNet). `layout` (sgfast.energies.Layout): maps are kept flat,
+        `[B, S, N]` padded to the layout's length, for the batched energies. `tokens_checked`: the
+        caller checked the token indices' range on the host (no device read per layer)."""
         self.stop = stop
         self.token_index, self.word_weights = token_index, word_weights
         self.latent_size, self.batch_slice = latent_size, batch_slice
+        self.layout, self.tokens_checked = layout, tokens_checked
         self.maps, self.features = {}, None
         self.want_features = features and self.feature_module is not None
         self.pending = set(self.layers) | ({self.feature_layer} if self.want_features else set())
@@ -255,14 +260,26 @@ class Capture:
     def record_attention(self, name, query, key, scale):
         query, key = query[self.batch_slice], key[self.batch_slice]
         height, width = grid_size(query.shape[2], *self.latent_size)
-        _, token_maps = attention_stats(
-            query, key, self.token_index, height, width, scale=scale, return_maps=True, impl=self.impl
+        _, word_maps = attention_stats(
+            query, key, self.token_index, height, width, scale=scale, return_maps=True, impl=self.impl,
+            check_tokens=not self.tokens_checked, return_sums=False,
         )
-        word_maps = torch.bmm(self.word_weights.to(token_maps.dtype), token_maps)
+        if self.word_weights is not None:
+            word_maps = torch.bmm(self.word_weights.to(word_maps.dtype), word_maps)
         # A fresh tensor, not a view: inductor on the CPU was seen to return wrong gradients for a
         # view stored as a side effect of the compiled forward.
-        self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width).clone()
+        if self.layout is not None:
+            expected = self.layout.grids[self.layers.index(name)]
+            if (height, width) != expected:
+                raise ValueError(f"layer {name!r} saw a {height}x{width} grid where {expected[0]}x{expected[1]} was expected")
+            self.maps[name] = self.layout.pad(word_maps)
+        else:
+            self.maps[name] = word_maps.reshape(*word_maps.shape[:2], height, width).clone()
         self._recorded(name)
+
+    def stacked_maps(self):
+        """The flat maps of every captured layer, [L, B, S, N] (a `layout` recording)."""
+        return torch.stack([self.maps[name] for name in self.layers])
 
     def _record_features(self, module, inputs, output):
         if self.recording and self.want_features:

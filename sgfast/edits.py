@@ -90,9 +90,31 @@ def phrase_of(words, word):
     return words[start : end + 1]
 
 
+@dataclass
+class Term:
+    """One term of an edit's energy, for the batched energies (`sgfast.energies`): the L1 distance of
+    a property (`kind`: "centroid", "size" (log size), "shape" or "appearance") of `word` in the
+    current pass from a target, times `weight`, averaged as `Edit.energy` averages it. The target is
+    the same property of `source_word` (default `word`) in `source` (a Trace; None: the unedited
+    reference of this generation), moved by `offset` (centroid), scaled by `scale` (size), moved by
+    `transform` (transform_shape's arguments) or to `place` (a place's own silhouette), or `const`."""
+
+    kind: str
+    word: str
+    weight: float
+    source: object = None
+    source_word: str = None
+    offset: tuple = None
+    scale: float = 1.0
+    transform: dict = None
+    place: tuple = None
+    const: tuple = None
+
+
 class Edit:
     """Base class. `needed_words(prompt_words)`: the words whose maps the current pass must record;
-    `energy(current, reference, timestep)`: a scalar tensor."""
+    `energy(current, reference, timestep)`: a scalar tensor (the per-layer reference formulation);
+    `terms(words)`: the same energy as Terms, `words` being those `current.words` would show."""
 
     needs_reference = False  # reads the unedited reference trace of this generation
     needs_features = False  # reads appearance features of the current pass
@@ -112,6 +134,9 @@ class Edit:
             prompt_words.index(word)
 
     def energy(self, current, reference, timestep):
+        raise NotImplementedError
+
+    def terms(self, words):
         raise NotImplementedError
 
 
@@ -194,6 +219,19 @@ class _KeepOthers(Edit):
         held = [w for w in current.words if w != self.word]
         return self.weight * self.object_energy(current, reference) + self.keep_energy(current, reference, held)
 
+    def keep_terms(self, held):
+        terms = []
+        for word in held:
+            terms += [Term("shape", word, self.keep_shape_weight), Term("centroid", word, self.keep_centroid_weight),
+                      Term("size", word, self.keep_size_weight)]
+        if self.keep_others and self.keep_appearance_weight > 0:
+            terms += [Term("appearance", word, self.keep_appearance_weight) for word in [self.word] + held]
+        return terms
+
+    def terms(self, words):
+        held = [w for w in words if w != self.word]
+        return [Term(**{**t.__dict__, "weight": self.weight * t.weight}) for t in self.object_terms()] + self.keep_terms(held)
+
 
 @dataclass
 class _Moving(_KeepOthers):
@@ -241,6 +279,13 @@ class _Moving(_KeepOthers):
             energy = energy + self.own_energy(current, reference)
         return energy
 
+    def own_shape_term(self):
+        return Term("shape", self.word, self.keep_own_shape_weight, transform=dict(translate=self.offset(None)))
+
+    def terms(self, words):
+        return super().terms(words) + [self.own_shape_term(), Term("size", self.word, self.keep_own_size_weight),
+                                       Term("appearance", self.word, self.keep_own_appearance_weight)]
+
 
 @dataclass
 class Move(_Moving):
@@ -264,6 +309,9 @@ class Move(_Moving):
         centroid = current.centroid(self.word)
         target = reference.centroid(self.word).to(centroid) + torch.tensor([self.dx, self.dy]).to(centroid)
         return _l1(centroid, target).sum(-1).mean()
+
+    def object_terms(self):
+        return [Term("centroid", self.word, 1.0, offset=(self.dx, self.dy))]
 
 
 @dataclass
@@ -289,6 +337,12 @@ class Place(_Moving):
         centroid = current.centroid(self.word)
         target = torch.tensor([self.x, self.y]).to(centroid)
         return _l1(centroid, target).sum(-1).mean()
+
+    def object_terms(self):
+        return [Term("centroid", self.word, 1.0, const=(self.x, self.y))]
+
+    def own_shape_term(self):
+        return Term("shape", self.word, self.keep_own_shape_weight, place=(self.x, self.y))
 
 
 SIZE_FLOOR = 1e-4  # of the image: keeps the log of a vanished silhouette finite
@@ -329,6 +383,12 @@ class Resize(_KeepOthers):
     def object_energy(self, current, reference):
         return _log_size_distance(current.size(self.word), reference.size(self.word), self.scale)
 
+    def object_terms(self):
+        return [Term("size", self.word, 1.0, scale=self.scale)]
+
+    def terms(self, words):
+        return super().terms(words) + [Term("centroid", self.word, self.keep_own_centroid_weight)]
+
     def energy(self, current, reference, timestep):
         energy = super().energy(current, reference, timestep)
         if self.keep_own_centroid_weight:
@@ -355,6 +415,9 @@ class KeepShape(Edit):
     def energy(self, current, reference, timestep):
         return self.weight * sum(_shape_distance(current.shape(w), reference.shape(w)) for w in current.words)
 
+    def terms(self, words):
+        return [Term("shape", w, self.weight) for w in words]
+
 
 @dataclass
 class KeepAppearance(KeepShape):
@@ -365,6 +428,9 @@ class KeepAppearance(KeepShape):
 
     def energy(self, current, reference, timestep):
         return self.weight * sum(_appearance_distance(current.appearance(w), reference.appearance(w)) for w in current.words)
+
+    def terms(self, words):
+        return [Term("appearance", w, self.weight) for w in words]
 
 
 @dataclass
@@ -415,6 +481,13 @@ class CopyAppearance(Edit):
                 energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
         return energy
 
+    def terms(self, words):
+        terms = [Term("appearance", self.word, self.weight, source=self.source, source_word=self.source_word)]
+        for word in words:
+            if word != self.word:
+                terms += [Term("appearance", word, self.keep_appearance_weight), Term("shape", word, self.keep_shape_weight)]
+        return terms
+
 
 @dataclass
 class CopyShape(Edit):
@@ -450,6 +523,10 @@ class CopyShape(Edit):
         target = [t.to(c) for t, c in zip(self.target(timestep), current.shape(self.word))]
         return self.weight * _shape_distance(current.shape(self.word), target)
 
+    def terms(self, words):
+        transform = dict(translate=self.translate, scale=self.scale, rotate=self.rotate)
+        return [Term("shape", self.word, self.weight, source=self.source, source_word=self.source_word, transform=transform)]
+
 
 @dataclass
 class CopyLayout(Edit):
@@ -482,6 +559,9 @@ class CopyLayout(Edit):
             _shape_distance(current.shape(w), [t.to(c) for t, c in zip(source.shape(w), current.shape(w))])
             for w in current.words
         )
+
+    def terms(self, words):
+        return [Term("shape", w, self.weight, source=self.source) for w in words]
 
 
 @dataclass
@@ -516,6 +596,13 @@ class Collage(Edit):
             energy = energy + self.appearance_weight * _appearance_distance(current.appearance(word), view.appearance(word))
         return energy
 
+    def terms(self, words):
+        terms = []
+        for word, source in self.sources.items():
+            terms += [Term("shape", word, self.shape_weight, source=source),
+                      Term("appearance", word, self.appearance_weight, source=source)]
+        return terms
+
 
 @dataclass
 class Restyle(Edit):
@@ -548,6 +635,10 @@ class Restyle(Edit):
             else:
                 energy = energy + self.keep_shape_weight * _shape_distance(current.shape(word), reference.shape(word))
         return energy
+
+    def terms(self, words):
+        return [Term("appearance", w, self.weight, source=self.source) if w in self.style_words
+                else Term("shape", w, self.keep_shape_weight) for w in words]
 
 
 # The lowercase names users write in `edits=[...]`.

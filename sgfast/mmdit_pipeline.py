@@ -57,7 +57,7 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         return mmdit_family_of(pipe) is not None
 
     def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None,
-                 softmax="joint"):
+                 softmax="joint", guided_step="split", cuda_graph=False):
         self.family = mmdit_family_of(pipe)
         if self.family is None:
             raise TypeError(f"MMDiTSelfGuidancePipeline wraps StableDiffusion3Pipeline or FluxPipeline; got {type(pipe).__name__}")
@@ -65,6 +65,12 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             raise ValueError(f"mode must be one of ('reference', 'fast'), got {mode!r}")
         if compile:
             raise ValueError(f"compile=True is not available for {self.family.name} pipelines yet")
+        # The SD/SDXL wrapper's step forms and CUDA graphs (sgfast.guided, sgfast.graphs) drive a UNet
+        # loop of their own; this wrapper runs diffusers' own __call__ with hooks.
+        if guided_step != "split":
+            raise ValueError(f"guided_step={guided_step!r} is not available for {self.family.name} pipelines yet; leave it out")
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True is not available for {self.family.name} pipelines yet; leave it out")
         self.pipe, self.mode = pipe, mode
         self.settings = model_settings(pipe, settings)
         transformer = pipe.transformer

@@ -21,6 +21,8 @@ from diffusers.utils import BaseOutput
 from sgfast.capture import Capture, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.families import family_of
+from sgfast.graphs import StepGraphs
+from sgfast.guided import FORMS
 from sgfast.invert import edit_arguments
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
@@ -45,7 +47,12 @@ MODES = ("reference", "fast")
 class SelfGuidancePipeline:
     """`mode="reference"`: attention maps recomputed in plain PyTorch, the full autograd graph of the
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
-    cut after the last captured layer, no weight gradients. Both take the same edits and agree."""
+    cut after the last captured layer, no weight gradients. Both take the same edits and agree.
+
+    `guided_step`: "split" (the unconditional and the conditional pass at batch 1 each) or "batched"
+    (one batch-2 pass, the gradient to its conditional half); `cuda_graph=True` (fast mode, CUDA):
+    each guided step's model evaluation replays a CUDA graph captured once per shape and edits
+    (sgfast.graphs)."""
 
     def __new__(cls, pipe=None, *args, **kwargs):
         # A family with a wrapper of its own (SD3, FLUX: sgfast.mmdit_pipeline) gets that wrapper.
@@ -54,10 +61,16 @@ class SelfGuidancePipeline:
                 return super().__new__(wrapper)
         return super().__new__(cls)
 
-    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None):
+    def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None,
+                 guided_step="split", cuda_graph=False):
         self.family = family_of(pipe)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if guided_step not in FORMS:
+            raise ValueError(f"guided_step must be one of {FORMS} (two batch-1 passes, or one batch-2 pass), got {guided_step!r}")
+        self.guided_step = guided_step
+        # CUDA graphs of the guided evaluation: checked here, so that a refusal comes before anything runs.
+        self._graphs = StepGraphs.for_pipeline(pipe, mode, compile) if cuda_graph else None
         self.pipe = pipe
         self.mode = mode
         # The model's guidance defaults (its folder's self_guidance.json; sgfast.settings).
@@ -257,6 +270,8 @@ class SelfGuidancePipeline:
                 callback=callback_on_step_end,
                 callback_inputs=callback_on_step_end_tensor_inputs,
                 negative_embeds=uncond,
+                guided_form=self.guided_step,
+                graphs=self._graphs,
                 **loop,
             )
 
@@ -346,7 +361,7 @@ class SelfGuidancePipeline:
             dict(
                 size=(height, width),
                 scheduler=type(self.pipe.scheduler).__name__,
-                timesteps=tuple(float(t) for t in timesteps),
+                timesteps=tuple(float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)),
                 guidance_scale=float(guidance_scale),
                 guidance_rescale=float(guidance_rescale),
                 eta=float(eta),

@@ -12,13 +12,12 @@ from contextlib import nullcontext
 
 import torch
 
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
 from sgfast.capture import RecordingDone
-from sgfast.trace import Trace, View, selection
+# combine, unit_rms, _rows and the constants live beside the guided evaluation that uses them.
+from sgfast.guided import FP16_LOSS_SCALE, ZERO_SNR_ALPHA_BAR, GuidedCall, _rows, combine, unit_rms  # noqa: F401
+from sgfast.trace import View, selection
 
 
-FP16_LOSS_SCALE = 1024.0
 
 
 def default_schedule(num_steps):
@@ -97,9 +96,6 @@ def noise_level(scheduler, timestep):
     return sigma, alpha_bar
 
 
-# diffusers' stand-in for alpha_bar = 0 in zero-terminal-SNR schedules where it must stay finite
-# (Euler, DPM-Solver: alphas_cumprod[-1] = 2**-24, sigma = 4096).
-ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def can_guide(scheduler, timestep):
@@ -127,38 +123,8 @@ def guidance_term(scheduler, step_index, timestep, grad, weight, normalized=Fals
     return term
 
 
-def unit_rms(grad):
-    """Each batch item's gradient scaled to unit root-mean-square (an item with none stays zero)."""
-    rms = grad.pow(2).mean(dim=tuple(range(1, grad.ndim)), keepdim=True).sqrt()
-    return torch.where(rms > 0, grad / rms.clamp_min(torch.finfo(grad.dtype).tiny), grad)
-
-
-def _rows(unet_kwargs, rows):
-    """The UNet's extra inputs for the batch rows `rows` of a CFG batch (all of them when None)."""
-    if not unet_kwargs or rows is None:
-        return unet_kwargs or {}
-    out = dict(unet_kwargs)
-    if out.get("timestep_cond") is not None:
-        out["timestep_cond"] = out["timestep_cond"][rows]
-    if out.get("added_cond_kwargs"):
-        out["added_cond_kwargs"] = {
-            k: [x[rows] for x in v] if isinstance(v, (list, tuple)) else v[rows] for k, v in out["added_cond_kwargs"].items()
-        }
-    return out
-
-
 def _unet(pipe, latents, timestep, embeds, unet_kwargs=None):
     return pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False, **(unet_kwargs or {}))[0]
-
-
-def combine(uncond, cond, guidance_scale, guidance_rescale=0.0):
-    """diffusers' classifier-free guidance, with its optional rescale (Lin et al. 2023, 3.4)."""
-    if uncond is None:
-        return cond
-    noise = uncond + guidance_scale * (cond - uncond)
-    if guidance_rescale > 0.0:
-        noise = rescale_noise_cfg(noise, cond, guidance_rescale=guidance_rescale)
-    return noise
 
 
 def _cfg_step(pipe, latents, timestep, embeds, guidance_scale, do_cfg, unet_kwargs=None, guidance_rescale=0.0):
@@ -229,51 +195,44 @@ def guided_energy(
     return cond, energy
 
 
-def guided_step(pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits, prompt_words, words, tokens, *,
-                unet_kwargs, guidance_rescale, self_guidance_scale, normalize_gradient, call):
-    """diffusers' CFG step plus the guidance term: (noise, energy).
+def guided_step(call, latents, i, t, embeds, guidance_scale, do_cfg, *, unet_kwargs, guidance_rescale,
+                self_guidance_scale, normalize_gradient, level, graphs=None):
+    """diffusers' CFG step plus the guidance term: (noise, energy, finite), device tensors.
 
-    The guided step costs two batch-1 UNet passes: the unconditional one without gradients and the
-    conditional one with them (its gradient graph ends at the last captured layer), whose output is
-    also the CFG's conditional noise. With v = 0 the term vanishes: the noise then comes from the
-    same batched pass as an unguided step, so that the step is the unedited one bit for bit (a
-    UNet's output depends on the batch it ran in, by float rounding), and the energy from a
-    conditional pass without gradients that ends at the last captured layer."""
+    `call` (sgfast.guided.GuidedCall) evaluates the step in its form (split: the unconditional pass
+    without gradients and the conditional one with them; batched: one batch-2 pass); `level`: the
+    host-side (sigma_t, alpha_bar, input scale) of this UNet call. With v = 0 the term vanishes: the
+    noise then comes from the same batched pass as an unguided step, so that the step is the unedited
+    one bit for bit (a UNet's output depends on the batch it ran in, by float rounding), and the
+    energy from a conditional pass without gradients that ends at the last captured layer."""
+    pipe, plan = call.pipe, call.plan
+    targets = plan.target_table[call.row[i]]
     if self_guidance_scale == 0:
         with torch.no_grad():
             noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
-            _, energy = _conditional_pass(pipe, capture, latents, t, embeds, do_cfg, edits, prompt_words, words,
-                                          tokens, unet_kwargs, call, stop=can_stop_early(capture, unet_kwargs))
-        return noise, energy
-    uncond = None
-    if do_cfg:
-        with torch.no_grad():
-            uncond = _unet(pipe, pipe.scheduler.scale_model_input(latents, t), t, embeds.chunk(2)[0],
-                           _rows(unet_kwargs, slice(0, latents.shape[0])))
-    z = latents.detach().requires_grad_(True)
-    with torch.enable_grad():
-        cond, energy = _conditional_pass(pipe, capture, z, t, embeds, do_cfg, edits, prompt_words, words, tokens,
-                                         unet_kwargs, call, stop=False)
-        # fp16 latents: scale the energy so that small gradients do not underflow.
-        loss_scale = FP16_LOSS_SCALE if z.dtype == torch.float16 else 1.0
-        (grad,) = torch.autograd.grad(energy * loss_scale, z)
-        grad = grad.float() / loss_scale
-    if not torch.isfinite(grad).all():
-        raise FloatingPointError(f"the self-guidance gradient is not finite at UNet call {call}; lower the edit weights")
-    if normalize_gradient:
-        grad = unit_rms(grad)
-    noise = combine(uncond, cond.detach(), guidance_scale, guidance_rescale)
-    term = guidance_term(pipe.scheduler, call, t, grad, self_guidance_scale, normalized=normalize_gradient)
-    return noise + term.to(noise.dtype), energy.detach()
+            latent_in = pipe.scheduler.scale_model_input(latents, t)
+            energy = call.energy_only(latent_in, t, embeds, unet_kwargs or {}, targets, plan.weights, do_cfg,
+                                      stop=can_stop_early(call.capture, unet_kwargs), call=i)
+        return noise, energy, None
+    sigma_t, alpha_bar, input_scale = level
+    term_scale = call.schedule.term_scale(sigma_t, alpha_bar, self_guidance_scale, normalize_gradient)
+    latent_in = pipe.scheduler.scale_model_input(latents, t)
+    settings = dict(guidance_scale=guidance_scale, do_cfg=do_cfg, guidance_rescale=guidance_rescale,
+                    normalize=normalize_gradient)
+    if graphs is not None:
+        return graphs.run(call, latent_in, t, embeds, unet_kwargs or {}, targets, input_scale, term_scale, settings, i)
+    return call.evaluate(latent_in, t, embeds, unet_kwargs or {}, targets, plan.weights, input_scale, term_scale,
+                         call=i, **settings)
 
 
-def _conditional_pass(pipe, capture, latents, t, embeds, do_cfg, edits, prompt_words, words, tokens, unet_kwargs,
-                      call, stop):
-    """guided_energy on the conditional half of a CFG batch's inputs."""
-    cond_embeds = embeds.chunk(2)[1] if do_cfg else embeds
-    cond_rows = slice(latents.shape[0], None) if do_cfg else None
-    return guided_energy(pipe, capture, latents, t, cond_embeds, edits, prompt_words, words, tokens,
-                         _rows(unet_kwargs, cond_rows), call, stop=stop)
+def raise_if_not_finite(flags):
+    """The deferred finiteness check of the guided steps' gradients: [(UNet call, device bool)]."""
+    if not flags:
+        return
+    values = torch.stack([f for _, f in flags]).tolist()
+    for (call, _), ok in zip(flags, values):
+        if not ok:
+            raise FloatingPointError(f"the self-guidance gradient is not finite at UNet call {call}; lower the edit weights")
 
 
 def can_stop_early(capture, unet_kwargs):
@@ -326,6 +285,8 @@ def denoise(
     callback=None,
     callback_inputs=("latents",),
     negative_embeds=None,
+    guided_form="split",
+    graphs=None,
 ):
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
@@ -335,21 +296,30 @@ def denoise(
     inference step (`num_inference_steps` of them; default: one per UNet call); every UNet call of
     a guided step is guided. `unet_kwargs` (timestep_cond, cross_attention_kwargs,
     added_cond_kwargs), `guidance_rescale` and `callback` (diffusers' callback_on_step_end) as in
-    diffusers' StableDiffusionPipeline."""
+    diffusers' StableDiffusionPipeline. `guided_form`: "split" or "batched" (sgfast.guided);
+    `graphs`: a sgfast.graphs.StepGraphs that replays each guided evaluation as a CUDA graph.
+
+    A guided step reads nothing on the host: timesteps and noise levels come from host-side copies
+    made once per call, energies and the gradients' finiteness stay on the device until the loop
+    ends (one read each)."""
     scheduler = pipe.scheduler
     batch = latents.shape[0]
     latent_size = tuple(latents.shape[-2:])
     extra_step_kwargs = extra_step_kwargs or {}
     steps = call_steps(len(timesteps), num_inference_steps, getattr(scheduler, "order", 1))
     guided_steps = [False] * (steps[-1] + 1 if steps else 0)
+    host_timesteps = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)  # one read per call
     if edits is not None and any(edits):
         guided_steps = resolve_schedule(schedule, len(guided_steps))
         edit_words, edit_tokens = edit_selection(edits, prompt_words, latents.device)
-        edits_with_references = list(zip(edits, references))
+        guided_calls = [i for i in range(len(timesteps)) if guided_steps[steps[i]]]
+        call = GuidedCall(pipe, capture, edits, references, prompt_words, edit_words, edit_tokens, host_timesteps,
+                          guided_calls, latents, embeds, form=guided_form)
     if traces is not None:
         trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
         trace_tokens = selection(prompt_words, trace_words, latents.device)
     state = dict(latents=latents, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, unet_kwargs=unet_kwargs)
+    pending, finite = [], []  # (step, energy) and (call, finite) on the device, read once after the loop
 
     with pipe.progress_bar(total=len(guided_steps)) if progress else nullcontext() as bar:
         for i, t in enumerate(timesteps):
@@ -359,19 +329,25 @@ def denoise(
             if callback is not None:  # a callback may change the guidance scale, as diffusers reads it
                 guidance_scale = getattr(pipe, "_guidance_scale", guidance_scale)
             do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-            if guided_steps[steps[i]] and can_guide(scheduler, t):
-                noise, energy = guided_step(
-                    pipe, capture, latents, t, embeds, guidance_scale, do_cfg, edits_with_references, prompt_words,
-                    edit_words, edit_tokens, unet_kwargs=unet_kwargs, guidance_rescale=guidance_rescale,
-                    self_guidance_scale=self_guidance_scale, normalize_gradient=normalize_gradient, call=i,
+            level = call.schedule.level(i, t) if guided_steps[steps[i]] else None
+            if level is not None and call.schedule.can_guide(level[1]):
+                noise, energy, ok = guided_step(
+                    call, latents, i, t, embeds, guidance_scale, do_cfg, unet_kwargs=unet_kwargs,
+                    guidance_rescale=guidance_rescale, self_guidance_scale=self_guidance_scale,
+                    normalize_gradient=normalize_gradient, level=level, graphs=graphs,
                 )
-                if energies is not None:
-                    energies.append((steps[i], float(energy)))
+                pending.append((steps[i], energy))
+                if ok is not None:
+                    finite.append((i, ok))
             elif traces is not None:
                 cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
                 with capture.record(*trace_tokens, latent_size, batch_slice=cond_rows):
                     noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
-                    record_traces(traces, capture, trace_words, t)
+                    record_traces(traces, capture, trace_words, host_timesteps[i])
+            elif graphs is not None:
+                latent_in = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                noise = graphs.plain(pipe, latent_in, t, embeds, unet_kwargs or {}, guidance_scale, do_cfg,
+                                     guidance_rescale, combine)
             else:
                 noise = _cfg_step(pipe, latents, t, embeds, guidance_scale, do_cfg, unet_kwargs, guidance_rescale)
             state["latents"] = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -379,4 +355,8 @@ def denoise(
                 step_callback(pipe, callback, callback_inputs, i, t, state)
             if bar is not None and (i == len(timesteps) - 1 or steps[min(i + 1, len(steps) - 1)] != steps[i]):
                 bar.update()
+    raise_if_not_finite(finite)
+    if energies is not None and pending:
+        values = torch.stack([e.double() for _, e in pending]).tolist()  # the call's one read of its energies
+        energies.extend((step, value) for (step, _), value in zip(pending, values))
     return state["latents"]

@@ -135,7 +135,7 @@ def test_auto_takes_triton_for_cuda_tensors_when_it_can(monkeypatch, has_triton)
                               return_maps=return_maps, impl="auto")
         want_scale = 16 ** -0.5 if scale is None else scale
         if has_triton:
-            assert got[0] == "fused" and got[1][3:] == (3, 5, want_scale, return_maps)
+            assert got[0] == "fused" and got[1][3:] == (3, 5, want_scale, return_maps, True)
             assert got[1][0] is not None and torch.equal(got[1][0], q)
         else:
             want = attention_stats_reference(q, k, token_index, 3, 5, want_scale, return_maps)
@@ -143,6 +143,13 @@ def test_auto_takes_triton_for_cuda_tensors_when_it_can(monkeypatch, has_triton)
     assert len(fused) == (2 if has_triton else 0)
     attention_stats(q, k, token_index, 3, 5, impl="auto")  # CPU tensors: the reference
     assert len(fused) == (2 if has_triton else 0)
+
+
+def test_maps_alone_without_the_sums():
+    # return_sums=False (what the capture asks for): the same maps, no sums.
+    q, k, token_index = make_inputs(4, 2, 3, 3, 5, 13, 2, 16, torch.float32)
+    sums, maps = attention_stats(q, k, token_index, 3, 5, impl="torch", return_sums=False)
+    assert sums is None and torch.equal(maps, attention_stats(q, k, token_index, 3, 5, impl="torch")[1])
 
 
 # ---------------------------------------------------------------------------------------------------

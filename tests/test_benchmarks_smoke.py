@@ -27,19 +27,27 @@ def test_one_row_end_to_end(tmp_path):
     from benchmarks.speed_row import run_row
     from benchmarks.speed_tables import cost_table, time_table
 
+    from benchmarks.speed import parse_args, settings
+    from sgfast.sampler import default_schedule
+
+    # The CPU defaults time calls of fewer steps than an image has (8 of 20): so does this row (2 of 3),
+    # so that every step count the row uses needs its own reference trace.
+    defaults = settings(parse_args([]), cuda=False)
+    assert defaults["step_call"] < defaults["steps"]
     spec = dict(
-        model="tiny", device="cpu", dtype="float32", steps=2, step_call=2, batch=2, repeats=1, image_repeats=1,
+        model="tiny", device="cpu", dtype="float32", steps=3, step_call=2, batch=2, repeats=1, image_repeats=1,
         batch_repeats=1, warmup=0, threads=1, row=dict(kind="sgfast", mode="reference", edit="move_keep"),
     )
     result = run_row(spec)
-    assert result["guided_step_s"]["n"] == 1 and result["image_s"]["n"] == 1
-    # One image of 2 steps: the paper's schedule guides the first; no unedited pass (the trace is reused).
-    assert result["counts"]["guided_steps"] == 1 and result["counts"]["backward"] == 1
+    assert result["guided_step_s"]["n"] == 1 and result["image_s"]["n"] == 1 and result["step_call"] == 2
+    # One image of 3 steps with the paper's schedule; no unedited pass (the trace is reused).
+    guided = sum(default_schedule(3))
+    assert result["counts"]["guided_steps"] == guided and result["counts"]["backward"] == guided
     assert result["guided_step_flops"] > result["unguided_step_flops"] > 0
     assert result["floor_flops"] <= result["guided_step_flops"]
     assert result["saved_bytes"] > 0 and result["attention_bytes"] > 0
-    report = dict(info=dict(steps=2, dtype="float32", cpu="cpu"), models={"tiny": dict(image_size=64, rows=[result])})
-    assert result["name"] in time_table([result], 2) and result["name"] in cost_table([result], False)
+    report = dict(info=dict(steps=3, dtype="float32", cpu="cpu"), models={"tiny": dict(image_size=64, rows=[result])})
+    assert result["name"] in time_table([result], 3) and result["name"] in cost_table([result], False)
     assert bar_chart(report, tmp_path / "chart.png").exists()
 
 

@@ -809,6 +809,7 @@ def test_a_zero_scale_edit_ends_its_energy_pass_at_the_last_captured_layer():
 def test_a_zero_scale_step_under_a_lora_scale_runs_its_energy_pass_to_the_end():
     # The step itself (a full call with a LoRA scale fails in diffusers' encode_prompt here): under a
     # LoRA scale the energy's pass runs through the UNet's output layer, without one it stops inside.
+    from sgfast.guided import GuidedCall
     from sgfast.sampler import edit_selection, guided_step
     from sgfast.trace import PromptWords
 
@@ -828,9 +829,11 @@ def test_a_zero_scale_step_under_a_lora_scale_runs_its_energy_pass_to_the_end():
         hook = pipe.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
         try:
             with sg.capture() as capture:
-                guided_step(pipe, capture, z, t, torch.cat([uncond, cond]), 7.5, True, list(zip(edits, [reference])),
-                            words, chosen, tokens, unet_kwargs=unet_kwargs, guidance_rescale=0.0,
-                            self_guidance_scale=0.0, normalize_gradient=False, call=1)
+                embeds = torch.cat([uncond, cond])
+                call = GuidedCall(pipe, capture, edits, [reference], words, chosen, tokens, pipe.scheduler.timesteps,
+                                  [1], z, embeds)
+                guided_step(call, z, 1, t, embeds, 7.5, True, unet_kwargs=unet_kwargs, guidance_rescale=0.0,
+                            self_guidance_scale=0.0, normalize_gradient=False, level=None)
         finally:
             hook.remove()
         assert len(calls) == outputs, scale

@@ -27,6 +27,7 @@ NUMBERS = {
                       "triton_eager_us", "torch_eager_us"],
     "kernel_variants": ["forward_us", "backward_us", "maps_error", "dq_error", "programs_forward", "block_n"],
     "sd15_image": ["image_s", "over_plain", "images_per_s"],
+    "sd15_guided_steps": ["plain_step_ms", "guided_step_ms", "guided_over_plain", "guided_peak_mib"],
     "energy": ["image_s"],
     "sdxl_step": STEP_ROW,
     "cuda_graphs": ["eager_ms"],

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from sgfast import SelfGuidancePipeline, move, resize
-from sgfast import sampler
+from sgfast import guided, sampler  # noqa: F401
 from sgfast.sampler import edit_selection, guidance_term, guided_energy
 from sgfast.testing import tiny_pipeline
 from sgfast.trace import PromptWords, Trace
@@ -83,14 +83,13 @@ def test_fp16_gradient_matches_float64_finite_differences(monkeypatch, weight):
     # The trace is recorded with the edited call's settings (a trace from other settings is refused).
     reference = half(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, generator=seeded(), output_type="latent").trace
     used = []
-    real_term = sampler.guidance_term
-    monkeypatch.setattr(sampler, "guidance_term",
-                        lambda s, i, t, grad, w, **kw: used.append((i, t, grad)) or real_term(s, i, t, grad, w, **kw))
+    real_term = guided.guidance_term
+    monkeypatch.setattr(guided, "guidance_term", lambda grad, scale: used.append(grad) or real_term(grad, scale))
     w = {} if weight is None else dict(weight=weight)
     edits = [[move("circle", dx=0.2, keep_others=False, **w), resize("square", 1.5, keep_others=False, **w)]]
     half(PROMPT, edits=edits[0], num_inference_steps=STEPS, trace=reference, guidance_scale=1.0, output_type="latent")
-    step, t, grad = used[0]
-    assert step == 0
+    grad = used[0]  # the first step's
+    t = half.pipe.scheduler.timesteps[0]
 
     exact = tiny_pipeline().to(torch.float64)
     sg = SelfGuidancePipeline.from_pipe(exact)
@@ -117,14 +116,15 @@ def test_a_normalised_gradient_takes_the_variance_preserving_noise_level_in_the_
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sg = SelfGuidancePipeline.from_pipe(pipe)
     seen = []
-    real_term = sampler.guidance_term
+    real_term = guided.guidance_term
 
-    def spy(scheduler, i, t, grad, weight, **kwargs):
-        term = real_term(scheduler, i, t, grad, weight, **kwargs)
-        seen.append((grad.clone(), term.clone(), float(scheduler.sigmas[scheduler.step_index]), weight))
+    def spy(grad, scale):
+        term = real_term(grad, scale)
+        scheduler = pipe.scheduler
+        seen.append((grad.clone(), term.clone(), float(scheduler.sigmas[scheduler.step_index]), 2.0))
         return term
 
-    monkeypatch.setattr(sampler, "guidance_term", spy)
+    monkeypatch.setattr(guided, "guidance_term", spy)
     sg(PROMPT, edits=[move("circle", dx=0.3)], num_inference_steps=STEPS, normalize_gradient=True,
        self_guidance_scale=2.0, guidance_schedule=[0, 2], generator=seeded(), output_type="latent")
     assert len(seen) == 2
