@@ -839,8 +839,8 @@ SECTION = "## GPU"
 # Per phase: (column header, record key, format) of its table.
 TABLES = {
     "kernels_correctness": [
-        ("dtype", "dtype", "{}"), ("head dim", "head_dim", "{}"), ("Q/K layout", "layout", "{}"),
-        ("sums err", "err_sums", "{:.1e}"), ("maps err", "err_maps", "{:.1e}"), ("dq err", "err_dq", "{:.1e}"),
+        ("dtype", "dtype", "{}"), ("head dims", "head_dim", "{}"), ("Q/K layouts", "layout", "{}"),
+        ("max sums err", "err_sums", "{:.1e}"), ("max maps err", "err_maps", "{:.1e}"), ("max dq err", "err_dq", "{:.1e}"),
         ("tol (maps/dq)", None, None), ("deterministic", "deterministic", "{}"), ("ok", "ok", "{}"),
         ("error", "error", "{}"),
     ],
@@ -911,6 +911,32 @@ def table(records, columns):
     return lines
 
 
+def correctness_by_dtype(records):
+    """One row per dtype: the largest errors over its head dims and Q/K layouts (each case is in
+    outputs/bench/gpu.json); deterministic and ok only if every case was."""
+    rows = {}
+    for r in records:
+        row = rows.setdefault(r["dtype"], {"dtype": r["dtype"], "head_dim": [], "layout": [], "tol": r.get("tol"),
+                                           "tol_dq": r.get("tol_dq"), "deterministic": True, "ok": True, "error": None})
+        for key in ("head_dim", "layout"):
+            if r.get(key) not in row[key]:
+                row[key].append(r.get(key))
+        for key in ("err_sums", "err_maps", "err_dq"):
+            if r.get(key) is not None:
+                row[key] = max(row.get(key, r[key]), r[key])
+        row["deterministic"] = row["deterministic"] and bool(r.get("deterministic"))
+        row["ok"] = row["ok"] and bool(r.get("ok"))
+        if r.get("error"):
+            row["error"] = r["error"]
+    for row in rows.values():
+        row["head_dim"] = ", ".join(str(v) for v in row["head_dim"])
+        row["layout"] = ", ".join(str(v) for v in row["layout"])
+    return list(rows.values())
+
+
+SUMMARISED = {"kernels_correctness": correctness_by_dtype}
+
+
 def render_section(report):
     m = report["machine"]
     lines = [
@@ -930,7 +956,7 @@ def render_section(report):
             lines += ["", f"**{name}**"]
             # Records of another kind (the split/batched guided step) get a table of their own.
             groups = {}
-            for record in phase["records"]:
+            for record in SUMMARISED.get(name, list)(phase["records"]):
                 groups.setdefault("way" in record, []).append(record)
             for group in groups.values():
                 lines += [""] + table(group, TABLES[name])

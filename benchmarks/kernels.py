@@ -274,12 +274,27 @@ def _triton_version():
     return triton.__version__
 
 
+RESOURCES = ("registers", "spill_bytes", "shared_bytes", "tensor_core_ops", "programs")
+
+
+def shown(records):
+    """The rows RESULTS.md shows: every fp16 launch, and a bf16 one only where its registers, spills,
+    shared memory, tensor-core ops or grid differ from the same launch in fp16 (the JSON has them all)."""
+    fp16 = {(r["kernel"], r["layer"], r["batch"], r["target"]): r for r in records if r["dtype"] == "fp16"}
+    out = []
+    for r in records:
+        twin = fp16.get((r["kernel"], r["layer"], r["batch"], r["target"]))
+        if r["dtype"] == "fp16" or twin is None or any(r[k] != twin[k] for k in RESOURCES):
+            out.append(r)
+    return out
+
+
 def write_results(records, command, joint_records=(), compiled_on=None):
     import datetime
 
     compiled_on = compiled_on or datetime.date.today().isoformat()
-    table = "\n".join([HEADER, "|" + "---|" * 13] + [format_row(r) for r in records])
-    joint_table = "\n".join([JOINT_HEADER, "|" + "---|" * 13] + [format_joint_row(r) for r in joint_records])
+    table = "\n".join([HEADER, "|" + "---|" * 13] + [format_row(r) for r in shown(records)])
+    joint_table = "\n".join([JOINT_HEADER, "|" + "---|" * 13] + [format_joint_row(r) for r in shown(joint_records)])
     section = (
         "## Kernels (compiled offline for sm_80 / sm_90)\n\n"
         f"`{command}`: the attention-statistics kernels compiled with Triton for A100 (sm_80, 108 SMs) and "
@@ -287,7 +302,9 @@ def write_results(records, command, joint_records=(), compiled_on=None):
         "(selected tokens: 4). Registers, spills (stack + local bytes) and shared memory from `cuobjdump "
         "--dump-resource-usage`; mma ops: `mma.sync` / `wgmma` instructions in the PTX; bytes: Q, K, "
         "token indices read once, maps and sums written once (backward: dQ written, the maps' gradient "
-        "read); floor: bytes at 2.04 TB/s (A100) or 3.35 TB/s (H100 SXM).\n\n"
+        "read); floor: bytes at 2.04 TB/s (A100) or 3.35 TB/s (H100 SXM). Rows: every fp16 launch, and a "
+        "bf16 one only where its registers, spills, shared memory, tensor-core ops or grid differ from fp16's "
+        "(every row: `--json`).\n\n"
         f"{table}\n\n"
         "### MMDiT joint attention (`sgfast.kernels.joint_attention_stats`)\n\n"
         "The joint op's launches at 1024px (4096 image tokens; SD3-medium: 24 heads x 64, 333 text tokens; "

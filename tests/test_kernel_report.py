@@ -70,3 +70,15 @@ def test_sm90_joint_attention_launches_use_tensor_cores_without_spills():
     # The backward's dense passes: one program per (32-row block, head).
     assert by_kernel["flux-dev", "backward_dq"]["grid"] == [128, 24, 1]
     assert by_kernel["sd3-medium", "backward_dk_text"]["grid"] == [11, 24, 1]  # 333 text keys
+
+
+def test_results_show_bf16_only_where_it_differs_from_fp16():
+    from benchmarks.kernels import shown
+
+    base = dict(kernel="forward", layer="l", batch=1, target="sm_90", registers=100, spill_bytes=0, shared_bytes=1024,
+                tensor_core_ops=8, programs=16)
+    same = {**base, "dtype": "bf16"}
+    other = {**base, "dtype": "bf16", "layer": "m", "registers": 120}
+    other_fp16 = {**base, "dtype": "fp16", "layer": "m"}
+    rows = [{**base, "dtype": "fp16"}, same, other_fp16, other]
+    assert shown(rows) == [rows[0], other_fp16, other]
