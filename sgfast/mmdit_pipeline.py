@@ -134,7 +134,8 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         height, width = family.size(call)
         trace_settings = self._trace_settings(call, (height, width), batch)
         trace_settings = [s for s in trace_settings for _ in range(images_per_prompt)]
-        references = self._references(trace, prompts, trace_settings)
+        # schedule=None: a refusal names the recorded setting itself (timesteps, not the argument that asked it).
+        references = self._references(trace, prompts, trace_settings, None)
         if call["latents"] is None and references[0] is not None:
             call["latents"] = torch.cat([r.latents for r in references])
         if call["latents"] is not None and not torch.isfinite(call["latents"]).all():

@@ -44,7 +44,7 @@ def blocks(page):
     return found
 
 
-FEW_STEPS = 4  # enough for the paper's schedule and the built-in model's to guide a step
+FEW_STEPS = 8  # enough for the paper's schedule and the built-in model's (a resize guides from step 5) to guide a step
 
 
 def page_params():
