@@ -113,7 +113,7 @@ clean:
 # benchmarks/RESULTS.md.
 .PHONY: bench-serve test-serve-slow
 bench-serve: $(STAMP)
-	$(PY) benchmarks/serve_load.py
+	$(PY) -m benchmarks.serve_load
 
 # The server's slow tests: the web page in headless Chromium, Ray Serve with two CPU replicas, SIGTERM
 # to `python -m sgfast serve`, the request-schema fuzz with thousands of bodies.

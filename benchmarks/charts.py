@@ -180,8 +180,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("wrote", cost_chart(cost_measures(text), out / "cost.png"))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serve_plot import latency_plot
+    # Imported as part of the package: benchmarks/ itself on sys.path would make benchmarks/kernels.py
+    # answer transformers' `import kernels`.
+    from benchmarks.serve_plot import latency_plot
 
     rows, slos = serving_rows(text)
     print("wrote", latency_plot(rows, out / "serve_load.png", slos))

@@ -10,8 +10,8 @@ Reports, per load, p50/p95/p99 latency, throughput, the deadline-miss rate and s
 (nothing may be lost); the throughput each scheduler sustains with p95 under an SLO; writes JSON, a PNG
 of latency against offered load, and the "## Serving" section of benchmarks/RESULTS.md.
 
-    python benchmarks/serve_load.py                        # tiny (+ default if present), both schedulers
-    python benchmarks/serve_load.py --models tiny --loads 0.5,1,2 --requests 20
+    python -m benchmarks.serve_load                        # tiny (+ default if present), both schedulers
+    python -m benchmarks.serve_load --models tiny --loads 0.5,1,2 --requests 20
 """
 
 import argparse
@@ -328,8 +328,9 @@ def main(argv=None):
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run, for RESULTS.md (e.g. a shared machine)")
     args = parser.parse_args(argv)
     os.makedirs(os.path.join(ROOT, "outputs", "bench"), exist_ok=True)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script, or as benchmarks.serve_load
-    from serve_plot import latency_plot
+    # Run as `python -m benchmarks.serve_load` from the repository root: benchmarks/ itself on sys.path
+    # (a script's folder) would make benchmarks/kernels.py answer transformers' `import kernels`.
+    from benchmarks.serve_plot import latency_plot
 
     models = args.models.split(",") if args.models != "auto" else ["tiny"]
     if args.models == "auto" and os.path.exists(os.path.join(ROOT, "sgfast", "shapes", "assets", "default", "model_index.json")):
@@ -361,7 +362,7 @@ def main(argv=None):
                 return load * 1000.0 / unit
 
             run_server(model, scheduler, args, trace, rate_of, unit, loads, rows)
-    command = shlex.join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "benchmarks.serve_load", *(argv if argv is not None else sys.argv[1:])])
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "command": command,
               "settings": vars(args), "slo_ms": slos, "runs": rows}
     if args.report_only:

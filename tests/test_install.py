@@ -132,3 +132,27 @@ def test_the_environment_is_the_lock():
         if installed != version:
             differs[name] = (installed, version)
     assert differs == {}, "installed (left) differs from requirements.lock (right): run `make test` on a fresh clone"
+
+
+def test_no_module_puts_its_own_folder_on_sys_path():
+    # benchmarks/ on sys.path makes benchmarks/kernels.py the `kernels` transformers imports.
+    offenders = []
+    for folder in ("sgfast", "benchmarks", "kernels"):
+        for dirpath, _, filenames in os.walk(os.path.join(REPO, folder)):
+            for name in filenames:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    if re.search(r"sys\.path\.(insert|append)\(", open(path).read()):
+                        offenders.append(os.path.relpath(path, REPO))
+    assert offenders == []
+
+
+def test_the_charts_command_leaves_transformers_importable(tmp_path):
+    where = run_at_root(
+        "from benchmarks import charts\n"
+        f"charts.main(['--out', {str(tmp_path)!r}])\n"
+        "import transformers.activations, importlib.util as u\n"
+        "spec = u.find_spec('kernels')\n"
+        "print(repr(spec.origin) if spec else 'absent')"
+    )
+    assert "benchmarks" not in where and os.path.join(REPO, "kernels") not in where
