@@ -117,6 +117,25 @@ def to_pixels(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def save_pipeline(pipe, target, info, write_settings):
+    """save_pretrained into `target` with `training.json` (info) and the model's guidance settings
+    (`write_settings(folder)`: `from_pipe` reads them as its defaults), swapped in whole so that readers
+    never see half a model; the folder's size in bytes."""
+    tmp = target.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    write_settings(tmp)
+    old = target.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(target):
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
+
+
 class EMA:
     def __init__(self, model, decay):
         self.decay = decay
@@ -510,21 +529,7 @@ class Trainer:
         return pipe
 
     def _save_pipeline(self, pipe, target, info):
-        """save_pretrained into `target`, swapped in whole so that readers never see half a model."""
-        tmp = target.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, "training.json"), "w") as f:
-            json.dump(info, f, indent=1)
-        # The guidance settings travel with the model: `from_pipe` reads them as its defaults.
-        write_guidance_settings(tmp)
-        old = target.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(target):
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
+        return save_pipeline(pipe, target, info, write_guidance_settings)
 
     def export(self, force=False):
         """Export the EMA model to `<out>/latest` and score it on validation captions; it replaces the

@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -53,6 +52,7 @@ from sgfast.shapes.train import (
     default_positions,
     drop_colour_words,
     lr_at,
+    save_pipeline,
     to_pixels,
 )
 
@@ -407,20 +407,7 @@ class Trainer:
         return pipe
 
     def _save_pipeline(self, pipe, target, info):
-        """save_pretrained into `target`, swapped in whole so that readers never see half a model."""
-        tmp = target.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, "training.json"), "w") as f:
-            json.dump(info, f, indent=1)
-        write_guidance_settings(tmp)
-        old = target.rstrip("/") + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(target):
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs)
+        return save_pipeline(pipe, target, info, write_guidance_settings)
 
     def export(self, force=False):
         """Export the EMA model to `<out>/latest`; it replaces `--export-to` when its validation loss
