@@ -59,6 +59,10 @@ class StableDiffusion3:
 
     name = "Stable Diffusion 3"
     pipeline_class = StableDiffusion3Pipeline
+    # The family's own call arguments a trace records, besides the size, schedule, guidance scale and
+    # negative prompt (max_sequence_length also sets which T5 pieces a word's map reads).
+    recorded_arguments = ("negative_prompt_2", "negative_prompt_3", "max_sequence_length", "skip_guidance_layers",
+                          "skip_layer_guidance_scale", "skip_layer_guidance_stop", "skip_layer_guidance_start", "mu")
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -109,9 +113,8 @@ class StableDiffusion3:
         return kwargs.get("skip_layers") is not None or not first_in_step
 
     def settings(self, call):
-        names = ("negative_prompt_2", "negative_prompt_3", "max_sequence_length", "skip_guidance_layers",
-                 "skip_layer_guidance_scale", "skip_layer_guidance_stop", "skip_layer_guidance_start", "mu")
-        return {name: call[name] for name in names}
+        """What a trace records of the family's own arguments (a call with the trace takes them)."""
+        return {name: call[name] for name in self.recorded_arguments}
 
 
 class Flux(StableDiffusion3):
@@ -121,6 +124,7 @@ class Flux(StableDiffusion3):
 
     name = "FLUX.1"
     pipeline_class = FluxPipeline
+    recorded_arguments = ("negative_prompt_2", "true_cfg_scale", "max_sequence_length")
 
     def prompt_words(self, prompt, max_sequence_length):
         words, positions = t5_words(self.pipe.tokenizer_2, prompt, max_sequence_length)
@@ -148,9 +152,6 @@ class Flux(StableDiffusion3):
 
     def is_side_call(self, kwargs, first_in_step):
         return not first_in_step  # the negative prompt's pass comes second
-
-    def settings(self, call):
-        return {name: call[name] for name in ("negative_prompt_2", "true_cfg_scale", "max_sequence_length")}
 
 
 MMDIT_FAMILIES = (StableDiffusion3, Flux)

@@ -16,7 +16,7 @@ import torch
 from sgfast.flow import can_guide_flow, flow_guidance_term, flow_sigma
 from sgfast.mmdit_capture import JointCapture, resolve_joint_layers
 from sgfast.mmdit_families import call_arguments, mmdit_family_of
-from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_trace
+from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_trace, recorded_arguments
 from sgfast.capture import RecordingDone
 from sgfast.sampler import FP16_LOSS_SCALE, energy_of, edit_selection, record_traces, resolve_schedule, unit_rms
 from sgfast.settings import model_settings
@@ -24,6 +24,9 @@ from sgfast.trace import Trace, selection
 
 # A transformer call's arguments that hold one entry per batch row.
 ROW_ARGUMENTS = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "guidance")
+# The arguments both families' __call__ have that a trace records under their own names (FLUX's
+# guidance_scale is its guidance embedding); the families' own are their `recorded_arguments`.
+RECORDED = ("height", "width", "num_inference_steps", "sigmas", "guidance_scale", "negative_prompt")
 
 
 @contextmanager
@@ -104,9 +107,14 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
     def __call__(self, prompt=None, edits=None, *, self_guidance_scale=None, normalize_gradient=None,
                  guidance_schedule=None, trace=None, record_trace=True, **kwargs):
         """Every argument of the wrapped pipeline's __call__, with its defaults, plus the edits and the
-        guidance settings as for Stable Diffusion."""
+        guidance settings as for Stable Diffusion.
+
+        With `trace=`, every argument of the call the trace was recorded with that this call leaves out
+        (or gives as None) is the trace's: the schedule (steps, sigmas), size, guidance scale, negative
+        prompt and the family's own (SD3: the other negative prompts, max_sequence_length, skip-layer
+        guidance, mu; FLUX: negative_prompt_2, true_cfg_scale, max_sequence_length)."""
         pipe, family = self.pipe, self.family
-        call = call_arguments(pipe, prompt, kwargs)
+        call = call_arguments(pipe, prompt, self._with_recorded(trace, kwargs))
         # 1. Check everything before anything runs.
         self._check_count(call["num_images_per_prompt"])
         images_per_prompt = call["num_images_per_prompt"]
@@ -165,6 +173,16 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         if traces is not None and len(traces) == 1:
             traces = traces[0]
         return SelfGuidanceOutput(images=output.images, trace=traces, energies=energies if has_edits else None)
+
+    def _with_recorded(self, trace, kwargs):
+        """`kwargs` with every argument the trace recorded that they leave out taken from the trace
+        (sgfast.pipeline.recorded_arguments, as for SD and SDXL)."""
+        names = self.family.recorded_arguments
+        called = {name: kwargs.get(name) for name in RECORDED}
+        given = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
+        called, given = recorded_arguments(trace, called, given, names, kwargs.get("negative_prompt_embeds") is not None,
+                                           kwargs.get("num_images_per_prompt", 1))
+        return {**kwargs, **{k: v for k, v in {**called, **given}.items() if v is not None}}
 
     def _checked_edits(self, prompts, edits, batch, images_per_prompt, max_sequence_length=None):
         edits = [item for item in self._edits_per_item(edits, batch) for _ in range(images_per_prompt)]
@@ -225,10 +243,17 @@ class _Run:
         if self.new_traces:
             self.traces[:] = [
                 Trace(w.prompt, list(dict.fromkeys(w.words)), latents=latents[b : b + 1].clone(), image_size=s["size"],
-                      settings=s)
+                      settings=s, schedule=self._schedule())
                 for b, (w, s) in enumerate(zip(self.prompt_words, self.trace_settings))
             ]
         return out
+
+    def _schedule(self):
+        """How the call asked for its schedule: a call that takes the trace and leaves it out asks the same
+        (the steps with the sigmas too: the trace's settings hold both)."""
+        sigmas = self.call["sigmas"]
+        steps = {"num_inference_steps": self.call["num_inference_steps"]}
+        return steps if sigmas is None else dict(steps, sigmas=[float(s) for s in sigmas])
 
     def _timestep(self):
         return self.pipe.scheduler.timesteps[self.step]

@@ -542,7 +542,9 @@ def recorded_arguments(trace, called, family_arguments, family_names, has_negati
     """(call arguments, family arguments) with those left None taken from the traces' recorded call
     (one trace per image); a trace that recorded no call (a real image's, a server's) or traces that
     disagree supply nothing for that argument (the reference checks refuse what does not fit), but
-    the negative prompt, which may be one per prompt."""
+    the negative prompt, which may be one per prompt. `called` holds the arguments of this list the
+    wrapped pipeline has (SD3 and FLUX have no timesteps, guidance_rescale or eta); `family_arguments`
+    those of `family_names` the call gave."""
     traces = traces_of(trace)
     if not traces or any(t.settings is None for t in traces):
         return called, family_arguments
@@ -552,21 +554,24 @@ def recorded_arguments(trace, called, family_arguments, family_names, has_negati
         values = [value_of(t) for t in traces]
         return values[0] if all(v == values[0] for v in values) else None
 
+    def left_out(key):
+        return key in called and called[key] is None
+
     size = shared(lambda t: tuple(t.settings.get("size") or (None, None)))
     for side, value in zip(("height", "width"), size or (None, None)):
-        if called[side] is None:
+        if left_out(side):
             called[side] = value
     schedule = shared(lambda t: t.schedule)
-    if schedule and all(called[k] is None for k in ("num_inference_steps", "timesteps", "sigmas")):
+    if schedule and all(called.get(k) is None for k in ("num_inference_steps", "timesteps", "sigmas")):
         called.update(schedule)
     for key in RECORDED_AS_GIVEN:
-        if called[key] is None:
+        if left_out(key):
             called[key] = shared(lambda t: t.settings.get(key))
     # The negative prompt: one for every prompt, or each prompt's own (its images' traces agree).
     n = images_per_prompt if isinstance(images_per_prompt, int) and images_per_prompt >= 1 else 1
     negatives = [t.settings.get("negative_prompt") for t in traces]
     per_prompt = negatives[::n]
-    if called["negative_prompt"] is None and not has_negative_embeds and negatives == [v for v in per_prompt for _ in range(n)]:
+    if left_out("negative_prompt") and not has_negative_embeds and negatives == [v for v in per_prompt for _ in range(n)]:
         called["negative_prompt"] = per_prompt if any(v != per_prompt[0] for v in per_prompt) else per_prompt[0]
     family_arguments = dict(family_arguments)
     for key in family_names:

@@ -198,7 +198,8 @@ WORDS = ["circle", "square", "red", "blue", "a", "", " ", "cat", "ÄÖ", "\u0000
 FIELDS = ["prompt", "negative_prompt", "edits", "seed", "steps", "guidance_scale", "self_guidance_scale",
           "normalize_gradient", "size", "budget_ms", "format", "bogus"]
 EDIT_FIELDS = ["type", "word", "words", "dx", "dy", "x", "y", "scale", "weight", "keep_others",
-               "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "junk"]
+               "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_own_shape_weight",
+               "keep_own_size_weight", "keep_own_appearance_weight", "keep_own_centroid_weight", "junk"]
 TYPES = ["move", "place", "resize", "keep_shape", "keep_appearance", "teleport", 3, None]
 
 

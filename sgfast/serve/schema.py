@@ -4,7 +4,7 @@ server's caps and the prompt's words: a request becomes an engine `Spec` or an `
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sgfast.serve.admission import paper_guided
 from sgfast.serve.jobs import Spec
@@ -14,33 +14,60 @@ from sgfast.serve.jobs import Spec
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-
 def _prompt_not_blank(cls, value):
     if not value.strip():
         raise ValueError("prompt is blank")
     return value
 
+def _weight(what):
+    """An edit's weight: left out (or null), the model's setting (its self_guidance.json), else the
+    library's default; a number in [0, 1000] (strict: not a string or a boolean, which would pass as one)."""
+    return Field(None, ge=0, le=1000, strict=True, description=what)
+
+
 class _Edit(BaseModel):
     model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        """An unknown field is refused with the fields this kind of edit takes (a resize's hold named
+        on a move, a misspelt weight)."""
+        if isinstance(data, dict):
+            unknown = [name for name in data if name not in cls.model_fields]
+            if unknown:
+                kind = data.get("type")
+                raise ValueError(
+                    f"{', '.join(map(repr, unknown))}: not a field of a {kind} edit; its fields: {', '.join(cls.model_fields)}"
+                )
+        return data
 
 
 class _ObjectEdit(_Edit):
     word: str = Field(min_length=1, max_length=100)
-    weight: Optional[float] = Field(None, ge=0, le=1000)
-    keep_others: bool = True
-    keep_shape_weight: Optional[float] = Field(None, ge=0, le=1000)
-    keep_appearance_weight: Optional[float] = Field(None, ge=0, le=1000)
-    keep_centroid_weight: Optional[float] = Field(None, ge=0, le=1000)
-    keep_size_weight: Optional[float] = Field(None, ge=0, le=1000)
+    weight: Optional[float] = _weight("the edit's own weight")
+    keep_others: bool = Field(True, strict=True, description="hold the other objects (false: only the holds given here)")
+    keep_shape_weight: Optional[float] = _weight("the other objects' silhouettes held to the unedited image")
+    keep_appearance_weight: Optional[float] = _weight("every object's appearance held to the unedited image")
+    keep_centroid_weight: Optional[float] = _weight("the other objects' centroids held")
+    keep_size_weight: Optional[float] = _weight("the other objects' sizes held")
 
 
-class MoveEdit(_ObjectEdit):
+class _MovingEdit(_ObjectEdit):
+    """A move or a place: it may also hold the moved object itself."""
+
+    keep_own_shape_weight: Optional[float] = _weight("the object's unedited silhouette, translated to its target")
+    keep_own_size_weight: Optional[float] = _weight("the object's size, as the log ratio to its unedited size")
+    keep_own_appearance_weight: Optional[float] = _weight("the object's appearance")
+
+
+class MoveEdit(_MovingEdit):
     type: Literal["move"]
     dx: float = Field(0.0, ge=-1, le=1)
     dy: float = Field(0.0, ge=-1, le=1)
 
 
-class PlaceEdit(_ObjectEdit):
+class PlaceEdit(_MovingEdit):
     type: Literal["place"]
     x: float = Field(0.5, ge=0, le=1)
     y: float = Field(0.5, ge=0, le=1)
@@ -49,12 +76,13 @@ class PlaceEdit(_ObjectEdit):
 class ResizeEdit(_ObjectEdit):
     type: Literal["resize"]
     scale: float = Field(gt=0, le=16)
+    keep_own_centroid_weight: Optional[float] = _weight("the object's centroid, where it was unedited")
 
 
 class KeepShapeEdit(_Edit):
     type: Literal["keep_shape"]
     words: Optional[list[Annotated[str, Field(min_length=1, max_length=100)]]] = Field(None, max_length=77)
-    weight: Optional[float] = Field(None, ge=0, le=1000)
+    weight: Optional[float] = _weight("the edit's weight")
 
 
 class KeepAppearanceEdit(KeepShapeEdit):
