@@ -47,14 +47,15 @@ class AttentionRecorder:
                 k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
                 probs = attn.get_attention_scores(q, k, None)  # (batch * heads, Q, K)
                 probs = probs.view(-1, attn.heads, *probs.shape[1:]).mean(1)
-                probs = probs[probs.shape[0] // 2 :]  # conditional half of the CFG batch
+                probs = probs[-self.batch :]  # the conditional rows (the second half under CFG)
                 self.sums[name] = self.sums.get(name, 0) + probs.detach().float()
             return inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
 
         return processor
 
-    def reset(self):
-        self.sums = {}
+    def reset(self, batch):
+        """Start a call of `batch` prompts (with CFG the pipeline doubles it: [uncond; cond])."""
+        self.sums, self.batch = {}, batch
 
     def centroids(self, token_index):
         """(batch, 2) centroid (x, y) of each image's map for `token_index[b]`, pixel centres in
@@ -95,7 +96,7 @@ class JointAttentionRecorder(AttentionRecorder):
         def processor(attn, hidden_states, encoder_hidden_states=None, *args, **kw):
             out = recorder(attn, hidden_states, encoder_hidden_states, *args, **kw)
             probs = self.store["maps"].pop()[:, :, : self.text_positions]
-            probs = probs[probs.shape[0] // 2 :]  # conditional half of the CFG batch
+            probs = probs[-self.batch :]  # the conditional rows (the second half under CFG)
             self.sums[name] = self.sums.get(name, 0) + probs.detach().float()
             return out
 
@@ -139,7 +140,7 @@ def evaluate(pipe, seeds, steps, guidance_scale, first=0, batch=16):
     try:
         for begin in range(0, len(captions), batch):
             chunk = captions[begin : begin + batch]
-            recorder.reset()
+            recorder.reset(len(chunk))
             out = pipe(
                 chunk, height=scenes.SIZE, width=scenes.SIZE, num_inference_steps=steps,
                 guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(begin), output_type="np",

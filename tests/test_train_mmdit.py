@@ -158,6 +158,7 @@ def test_the_quality_gate_reads_an_sd3_export(tmp_path):
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and folder == str(tmp_path / "export")
     pipe.set_progress_bar_config(disable=True)
     recorder = quality_gate.attention_recorder(pipe)
+    recorder.reset(2)
     pipe(["a red circle", "a blue square"], num_inference_steps=2, guidance_scale=3.0, output_type="np")
     assert len(recorder.sums) == 2  # one per block
     assert all(m.shape == (2, 64, 77) for m in recorder.sums.values())  # cond half, 8x8 patches, CLIP keys
@@ -166,6 +167,9 @@ def test_the_quality_gate_reads_an_sd3_export(tmp_path):
     recorder.restore()
     assert all(isinstance(p, JointAttnProcessor2_0) for p in pipe.transformer.attn_processors.values())
     result, (images, captions, ok) = quality_gate.evaluate(pipe, seeds=2, steps=2, guidance_scale=3.0)
+    assert images.shape == (2, 64, 64, 3) and result["images"] == 2
+    # Guidance 1 runs no CFG (the batch is not doubled): the recorder keeps every row.
+    result, (images, captions, ok) = quality_gate.evaluate(pipe, seeds=2, steps=2, guidance_scale=1.0)
     assert images.shape == (2, 64, 64, 3) and result["images"] == 2
 
 
