@@ -36,9 +36,10 @@ REPEATS = 3  # timed runs of each form, interleaved, after one warm-up run each 
 # Device types whose choice is fixed rather than measured, with the reason (measured; docs/fast-mode.md).
 FIXED = {
     # A CPU runs the UNet compute-bound, with no launch queue to keep busy: one batch-2 pass gains
-    # nothing over two batch-1 passes, and the batched backward runs at twice the batch. Measured on
-    # the CPU (benchmarks' tiny, built-in and SD1.5 models) split was as fast or faster; measuring
-    # at every new shape would cost several whole UNet passes.
+    # little over two batch-1 passes, and the batched backward runs at twice the batch. Measured on
+    # the CPU (docs/fast-mode.md): batched/split 1.20 on the SD1.5 architecture at 128px, 1.10 on the
+    # tiny test model, 0.97 on the built-in model; measuring at every new shape would cost several
+    # whole UNet passes, for a few percent at best.
     "cpu": "split",
 }
 
@@ -98,7 +99,7 @@ def device_name(device):
 
 
 def form_key(unet, latents, *, layers, features, cuda_graph=False, compiled=False):
-    config = dict(unet.config)
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}  # not where it was loaded from
     return FormKey(
         device=device_name(latents.device), unet=digest([type(unet).__name__, config]), latents=tuple(latents.shape),
         dtype=str(latents.dtype).replace("torch.", ""), cuda_graph=bool(cuda_graph), compiled=bool(compiled),
