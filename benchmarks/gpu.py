@@ -1,34 +1,40 @@
 """Every GPU measurement the project needs, in one command that fits in a few minutes on one GPU.
 
     python -m benchmarks.gpu              # make bench-gpu (WHEELS=wheelhouse on an air-gapped machine)
-    python -m benchmarks.gpu --quick      # leaves out the slow phases (50-step images, energy, SDXL, compile)
+    python -m benchmarks.gpu --quick      # leaves out the slow phases (50-step images, SDXL, compile)
     python -m benchmarks.gpu --dry-run    # every code path on the CPU, tiny shapes, Triton interpreter
 
-Phases, cheapest and most important first; each is timed, wrapped (a failure is reported and the
-next phase still runs) and written to outputs/bench/gpu.json as soon as it ends, so that a run cut
-short still leaves its results; once the time budget (--budget-s) is spent, the remaining phases
-are skipped and reported as skipped.
+Phases, the headline ones first; each is timed, wrapped (a failure is reported and the next phase
+still runs) and written to outputs/bench/gpu.json as soon as it ends, so that a run cut short still
+leaves its results; once the time budget (--budget-s) is spent, the remaining phases are skipped and
+reported as skipped. Each phase's cold time is estimated in docs/gpu-benchmark.md (under 90 s each).
 
-1. kernels_correctness: the compiled Triton kernels (impl="triton") against the float64 torch
+1. sd15_guided_steps: SD1.5 architecture (random weights, fp16, 512px) through the public API: the
+   plain CFG step against sgfast's guided step (move + keep terms), split, batched and "auto"
+   (which form the run's chooser picks, and both forms' timings), eager (against diffusers' plain
+   step) and with CUDA graphs (against sgfast's plain step replayed as a graph), with peak memory.
+2. sd15_image: whole 50-step images with the paper's schedule, decoded: diffusers plain, sgfast
+   edited, diffusers' Attend-and-Excite (eager), and sgfast plain and edited with CUDA graphs; peak
+   memory and NVML energy per image.
+3. sd15_compile: the guided step with compile=True against the plain eager step (its first call,
+   the compile, timed apart).
+4. sdxl_step: diffusers' StableDiffusionXLPipeline (SDXL base UNet, both text encoders, pooled
+   embeddings, added time ids; random weights, fp16, 1024px): plain vs guided step ("auto"), eager
+   and with CUDA graphs.
+5. sdxl_image: SDXL 50-step images, plain vs edited, eager and with CUDA graphs, peak memory.
+6. kernels_correctness: the compiled Triton kernels (impl="triton") against the float64 torch
    reference on the GPU: fp32/fp16/bf16, head dims 40/64/80/160, an odd grid, batch 3, 77 keys, a
    repeated token, contiguous and non-contiguous Q and K (diffusers' head split, and its CFG half),
    forward (sums, maps) and backward (dq). A mismatch makes the command's exit status nonzero.
-2. kernel_timing: each default captured layer's launch (benchmarks.kernel_cases), fp16 and bf16,
+7. kernel_timing: each default captured layer's launch (benchmarks.kernel_cases), fp16 and bf16,
    forward and backward, triton against the torch reference, against the HBM bandwidth floor:
    kernel time by CUDA-graph replay, and the eager call's time (the CPU's launch overhead in it).
-3. sd15_step: SD1.5 architecture (random weights, fp16, 512px): a plain CFG step against a guided
-   step of each mode, time ratio and peak memory; the guided step split (today) against batched.
-   Then kernel_variants: launch-plan alternatives of the kernels, each checked, then timed.
-4. sd15_image: a whole 50-step image with the paper's schedule, plain, edited and diffusers'
-   Attend-and-Excite, in this process.
-5. energy: NVML energy per image of the same three.
-6. sdxl_step: the SDXL UNet at 1024px (in an SD1.x pipeline, as `python -m benchmarks --arch sdxl`).
-7. cuda_graphs: the plain step's UNet forward replayed as a CUDA graph, and an attempt at capturing
-   the guided step (reported as captured or not, with the reason).
-8. sd15_compile: the guided step with compile=True, split and batched (last: inductor compiles of
-   the UNet are slow when cold, and what does not fit in the budget is skipped).
+8. sd15_step: a plain CFG step against a guided step of each mode (reference, fast), time ratio and
+   peak memory; the guided step split against batched (benchmarks.guided_steps), their agreement.
+9. kernel_variants: launch-plan alternatives of the kernels, each checked, then timed.
+10. cuda_graphs: the plain step's UNet forward, eager against its CUDA-graph replay.
 
-`--quick` leaves out 4, 5, 6 and 8. Exit status: 1 if a kernel disagrees with the reference, 2 if
+`--quick` leaves out 2, 3, 4 and 5. Exit status: 1 if a kernel disagrees with the reference, 2 if
 a phase failed otherwise, 0 else (skipped phases are reported, not failures).
 """
 
@@ -59,7 +65,7 @@ from types import SimpleNamespace  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import kernel_cases, kernel_timing, measure  # noqa: E402
-from benchmarks.models import PROMPT, REPO, build_pipeline, default_arch_dir  # noqa: E402
+from benchmarks.models import PROMPT, REPO, build_pipeline, default_arch_dir, image_size, sdxl_pipeline  # noqa: E402
 
 COMMAND = "make bench-gpu"
 TAG = "[bench-gpu]"
@@ -89,8 +95,9 @@ def settings(args):
             grid=(3, 5), batch=3, timing_cases=tiny_timing_cases(), variant_cases=tiny_timing_cases()[:1],
             compile_backend="eager",
             # Fewer rows: each code path once (a dry run checks that they run, not what they measure).
-            sd_rows=[("reference", "move_keep"), ("fast", "move")], sdxl_rows=[("fast", "move")],
-            compile_ways=("split",),
+            sd_rows=[("reference", "move_keep"), ("fast", "move")],
+            sd_step_variants=[("split", False), ("auto", False), ("auto", True)], sdxl_step_variants=[("auto", True)],
+            attend_excite_repeats=1, sdxl_image_repeats=1, compile_ways=("split",),
         )
     return SimpleNamespace(
         device="cuda", dtype=torch.float16, sd_model="sd15", sd_resolution=512, sdxl_model="sdxl",
@@ -100,8 +107,13 @@ def settings(args):
         compile_backend=True,
         # Reference mode first: fast mode freezes the UNet's weights.
         sd_rows=[("reference", "move"), ("reference", "move_keep"), ("fast", "move"), ("fast", "move_keep")],
-        sdxl_rows=[("reference", "move"), ("fast", "move"), ("fast", "move_keep")],
-        compile_ways=("split", "batched"),
+        # (guided_step, CUDA graphs) of the headline step rows; "auto" measures both forms first.
+        sd_step_variants=[(form, graphed) for graphed in (False, True) for form in ("split", "batched", "auto")],
+        sdxl_step_variants=[("auto", False), ("auto", True)],
+        # Timed 50-step images per row, after a short warm-up one (Attend-and-Excite's cost 12 s each on an H200).
+        attend_excite_repeats=1, sdxl_image_repeats=1,
+        # One form compiled: a cold inductor compile of the UNet's forward and backward takes most of a phase.
+        compile_ways=("split",),
     )
 
 
@@ -321,7 +333,7 @@ def peak_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(), before
-    before = measure.reset_peak_rss()
+    before = measure.reset_peak_rss(collect=not DRY_RUN)  # a dry run's CPU peaks only need to be numbers
     fn()
     return measure.peak_rss_bytes(), before
 
@@ -530,12 +542,33 @@ def timing_row(records, op, case, dtype, device, cuda, bandwidth):
 
 
 def sd_pipeline(bench, key="sd15"):
-    """The SD1.5-architecture pipeline (tiny in a dry run), built once and shared by the phases."""
+    """The phases' pipeline, built once and shared: "sd15", the SD1.5 architecture in a
+    StableDiffusionPipeline (tiny in a dry run); "sdxl", diffusers' own StableDiffusionXLPipeline
+    (both text encoders, pooled embeddings and added time ids; its tiny test build in a dry run)."""
     cfg = bench.config
     if key not in bench.state:
-        model, resolution = (cfg.sd_model, cfg.sd_resolution) if key == "sd15" else (cfg.sdxl_model, cfg.sdxl_resolution)
-        bench.state[key] = build_pipeline(model, resolution, cfg.device, cfg.dtype, default_arch_dir())
+        if key == "sd15":
+            pipe = build_pipeline(cfg.sd_model, cfg.sd_resolution, cfg.device, cfg.dtype, default_arch_dir())
+        elif cfg.sdxl_model == "tiny":
+            from sgfast.testing import tiny_sdxl_pipeline
+
+            pipe = tiny_sdxl_pipeline(image_size=cfg.sdxl_resolution).to(cfg.device, cfg.dtype)
+        else:
+            pipe = sdxl_pipeline(default_arch_dir(), cfg.device, cfg.dtype, cfg.sdxl_resolution)
+        bench.state[key] = pipe
     return bench.state[key]
+
+
+def step_forms(bench):
+    """The run's own guided_step="auto" chooser: its cache beside gpu.json, emptied when the run
+    starts, so that every run measures (on the CPU of a dry run too: no fixed choice)."""
+    from sgfast.step_form import StepFormChooser
+
+    if getattr(bench, "step_forms", None) is None:  # kept across phases (bench.state is cleared)
+        path = bench.out_json.parent / "guided_step.json"
+        path.unlink(missing_ok=True)
+        bench.step_forms = StepFormChooser(path=path, fixed={})
+    return bench.step_forms
 
 
 def sgfast_runner(bench, pipe, mode, edit, key="sd15"):
@@ -545,8 +578,23 @@ def sgfast_runner(bench, pipe, mode, edit, key="sd15"):
 
     name = (key, mode, edit)
     if name not in bench.state:
-        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps, bench.config.step_call)
+        bench.state[name] = SgfastRunner(pipe, Row("sgfast", mode, False, edit), bench.config.steps, bench.config.step_call,
+                                         step_forms=step_forms(bench))
     return bench.state[name]
+
+
+def fast_runner(bench, pipe, steps, form="auto", graphed=False, references=None, step_call=None):
+    """A fast-mode runner of the paper's full move in `form`, its steps replayed as CUDA graphs where
+    `graphed` (in a dry run the graphs' static-buffer path, run eagerly)."""
+    from benchmarks.rows import Row, SgfastRunner
+    from sgfast.graphs import StepGraphs
+
+    cuda = torch.device(bench.config.device).type == "cuda"
+    run = SgfastRunner(pipe, Row("sgfast", "fast", False, "move_keep"), steps, step_call, references=references,
+                       guided_step=form, cuda_graph=graphed and cuda, step_forms=step_forms(bench))
+    if graphed and not cuda:
+        run.sg._graphs = StepGraphs.for_pipeline(pipe, "fast", dry_run=True)
+    return run
 
 
 def plain_runner(pipe, steps):
@@ -620,83 +668,6 @@ def phase_sd15_step(bench, records):
         split_vs_batched(bench, records)
 
 
-def image_runners(bench):
-    """Plain, edited (fast mode, the paper's full move) and Attend-and-Excite on the SD1.5 pipeline."""
-    from benchmarks.rows import AttendExciteRunner, Row
-
-    if "image_runners" not in bench.state:
-        pipe = sd_pipeline(bench)
-        steps = bench.config.steps
-        bench.state["image_runners"] = {
-            "diffusers plain": plain_runner(pipe, steps),
-            "sgfast fast: move + keep (edited)": sgfast_runner(bench, pipe, "fast", "move_keep"),
-            "diffusers Attend-and-Excite": AttendExciteRunner(pipe, Row("attend_excite"), steps),
-        }
-        if bench.args.dry_run:
-            # Its refinements (up to 20 forward-backward passes at three steps) would make the dry run
-            # minutes long; a dry run checks that it runs, guided at every step.
-            bench.state["image_runners"]["diffusers Attend-and-Excite"].schedule = lambda n: dict(
-                max_iter_to_alter=n, thresholds={}
-            )
-    return bench.state["image_runners"]
-
-
-def phase_sd15_image(bench, records):
-    cfg = bench.config
-    fns = {}
-    for name, run in image_runners(bench).items():
-        bench.tick(10.0)
-        with bench.row(name):  # the warm-up image: a runner that fails is reported and left out
-            run.image(cfg.steps)
-            fns[name] = lambda run=run: run.image(cfg.steps)
-    bench.tick(20.0)
-    times = interleaved_medians(fns, cfg.image_repeats, cfg.device, warmup=False)
-    plain = times.get("diffusers plain")
-    for name, seconds in times.items():
-        records.append(dict(
-            row=name, steps=cfg.steps, image_s=seconds, over_plain=seconds / plain if plain else None,
-            images_per_s=1.0 / seconds,
-        ))
-        log(f"  {name}: {seconds:.2f} s per {cfg.steps}-step image ({records[-1]['over_plain'] or 0:.2f}x plain)")
-
-
-def phase_energy(bench, records):
-    cfg = bench.config
-    energy = measure.Energy(cfg.device)
-    for name, run in image_runners(bench).items():
-        bench.tick(10.0)
-        with bench.row(name):
-            energy_row(bench, records, energy, name, run)
-
-
-def energy_row(bench, records, energy, name, run):
-    cfg = bench.config
-    joules, seconds = [], []
-    for _ in range(cfg.image_repeats):
-        before = energy.read_joules() if energy.available else None
-        seconds.append(measure.timed(lambda: run.image(cfg.steps), cfg.device)[0])
-        if energy.available:
-            joules.append(energy.read_joules() - before)
-    records.append(dict(
-        row=name, steps=cfg.steps, image_s=statistics.median(seconds),
-        energy_j_per_image=statistics.median(joules) if joules else None,
-        energy_note="NVML" if joules else energy.reason,
-    ))
-    j = records[-1]["energy_j_per_image"]
-    log(f"  {name}: " + (f"{j:.0f} J per image" if j is not None else f"no energy reading ({energy.reason})"))
-
-
-def phase_sdxl_step(bench, records):
-    # Free the SD1.5 models first: the SDXL UNet at 1024px needs the room.
-    for key in [k for k in bench.state if k == "sd15" or k == "image_runners" or (isinstance(k, tuple) and k[0] == "sd15")]:
-        del bench.state[key]
-    release_memory()
-    step_rows(bench, records, "sdxl", bench.config.sdxl_rows)
-    for record in records:
-        record["note"] = "SDXL UNet in an SD1.x pipeline (SD VAE, one-layer 2048-wide text encoder, zero pooled embeddings)"
-    bench.state.clear()
-
-
 def phase_sd15_compile(bench, records):
     """compile=True: the UNet forward compiled in place (so this phase owns its pipeline), timed on
     the guided step split and batched against the plain eager step, with each first call (the
@@ -761,9 +732,9 @@ def graph_row(bench, records, name, fn):
 
 
 def phase_cuda_graphs(bench, records):
-    """The plain CFG step's UNet forward as a CUDA graph, then the guided split step (today's sampler
-    step, fast mode): each eager against its replay, or why it could not be captured."""
-    from benchmarks.guided_steps import GuidedStep, split_step
+    """The plain CFG step's UNet forward, eager against its CUDA-graph replay: what graph capture
+    saves on this host's launch overhead (the headline phases time sgfast's own graphed steps)."""
+    from benchmarks.guided_steps import GuidedStep
 
     cfg = bench.config
     pipe = sd_pipeline(bench)
@@ -777,56 +748,213 @@ def phase_cuda_graphs(bench, records):
 
     with bench.row("plain CFG UNet forward"):
         graph_row(bench, records, "plain CFG UNet forward", plain_forward)
-    with bench.row("guided split step (fast)"):
-        graph_row(bench, records, "guided split step (fast)", lambda: split_step(step))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The headline phases: SD1.5 and SDXL steps and 50-step images through the public API.
+# ---------------------------------------------------------------------------------------------------
+
+# SD1.5 512px fp16 (docs/gpu-benchmark.md): guided / plain step and edited / plain image with CUDA
+# graphs on both sides, peak memory of the edited image, and the eager edited image against diffusers.
+TARGETS = dict(step_graph=1.5, image_graph=1.3, image_peak=1.3, image_eager=1.8)
+ATTEND_EXCITE = "diffusers Attend-and-Excite"
+
+
+def with_target(record, key, ratio, target):
+    record[f"{key}_target"] = target
+    record[f"{key}_met"] = bool(ratio <= target)
+
+
+def guided_step_rows(bench, records, key, variants):
+    """Per-step time and peak memory through the public API: the plain CFG step against sgfast's
+    guided step (the paper's full move) in each (form, graphed) of `variants`. An eager row's plain
+    step is diffusers' own; a graphed row's is sgfast's without edits, replayed as a CUDA graph
+    (graphs on both sides). An "auto" row's first guided call is where the run's chooser measures:
+    the row says which form it picked and both forms' timings."""
+    cfg, n = bench.config, bench.config.step_call
+    pipe = sd_pipeline(bench, key)
+    diffusers_plain = plain_runner(pipe, n)
+    references = None
+    for form, graphed in variants:
+        name = f"sgfast fast ({form}{', CUDA graph' if graphed else ''}): move + keep"
+        bench.tick(10.0)
+        with bench.row(f"{key} {name}"):
+            run = fast_runner(bench, pipe, n, form, graphed, references, step_call=n)
+            references = run.references  # the unedited traces, recorded once per phase
+            plain = run if graphed else diffusers_plain
+            times = interleaved_medians(
+                {"plain": lambda: plain.unguided(n), "guided": lambda: run.guided(n)}, cfg.repeats, cfg.device, per=n
+            )
+            plain_peak, _ = peak_bytes(lambda: plain.unguided(1), cfg.device)
+            guided_peak, _ = peak_bytes(lambda: run.guided(1), cfg.device)
+            choice = run.sg.guided_step_choice
+            record = dict(
+                row=name, model=key if not bench.args.dry_run else f"tiny {key}", pipeline=type(pipe).__name__,
+                image_size=image_size(pipe), form=form, form_used=choice.form if choice else None, cuda_graph=graphed,
+                graph_replayed=graphed and torch.device(cfg.device).type == "cuda",
+                plain="sgfast, CUDA graph" if graphed else "diffusers", plain_step_ms=times["plain"] * 1e3,
+                guided_step_ms=times["guided"] * 1e3, guided_over_plain=times["guided"] / times["plain"],
+                plain_peak_mib=plain_peak / MIB, guided_peak_mib=guided_peak / MIB, peak_ratio=guided_peak / plain_peak,
+            )
+            # How the choice was first made (its warm-up call measured it; later calls read it from memory).
+            first = step_forms(bench).memory.get(choice.key) if form == "auto" and choice is not None else None
+            if first is not None and first.seconds:
+                record.update(auto_source=first.source, auto_split_ms=first.seconds["split"] * 1e3,
+                              auto_batched_ms=first.seconds["batched"] * 1e3)
+            if graphed and key == "sd15":
+                with_target(record, "step", record["guided_over_plain"], TARGETS["step_graph"])
+            records.append(record)
+            auto = (f"; auto picked {record['form_used']} (split {record['auto_split_ms']:.1f} ms, batched "
+                    f"{record['auto_batched_ms']:.1f} ms)") if "auto_split_ms" in record else ""
+            log(f"  {key} {name}: plain {record['plain_step_ms']:.1f} ms, guided {record['guided_step_ms']:.1f} ms "
+                f"({record['guided_over_plain']:.2f}x), peak {record['peak_ratio']:.2f}x{auto}")
+            del run
+
+
+WARMUP_STEPS = 2  # a warm-up image's steps: one guided and one plain step (captures both graphs), and a decode
+
+
+def image_groups(bench, key, with_attend_excite):
+    """{group: builder of {row: (image function of a step count, the row it is compared with)}}: eager
+    rows against diffusers' plain image, CUDA-graph rows against sgfast's plain image replayed as
+    graphs. Each group is built and timed apart, so that no eager row's peak holds any graph."""
+    from benchmarks.rows import AttendExciteRunner, Row
+
+    cfg, steps = bench.config, bench.config.steps
+    pipe = sd_pipeline(bench, key)
+    plain = plain_runner(pipe, steps)
+    edited = fast_runner(bench, pipe, steps, step_call=WARMUP_STEPS)
+
+    def eager():
+        rows = {
+            "diffusers plain": (plain.image, None),
+            "sgfast fast: move + keep (edited)": (edited.image, "diffusers plain"),
+        }
+        if with_attend_excite:
+            excite = AttendExciteRunner(pipe, Row("attend_excite"), steps)
+            if bench.args.dry_run:
+                # Its refinements (up to 20 forward-backward passes at three steps) would make the dry run
+                # minutes long; a dry run checks that it runs, guided at every step.
+                excite.schedule = lambda n: dict(max_iter_to_alter=n, thresholds={})
+            rows[ATTEND_EXCITE] = (excite.image, "diffusers plain")
+        return rows
+
+    def graphed():
+        plain_graphs = fast_runner(bench, pipe, steps, graphed=True, references=edited.references)
+        edited_graphs = fast_runner(bench, pipe, steps, graphed=True, references=edited.references)
+        return {
+            "sgfast plain, CUDA graph": (lambda n: plain_graphs.unguided(n, output_type="np"), None),
+            "sgfast fast: move + keep (edited), CUDA graph": (edited_graphs.image, "sgfast plain, CUDA graph"),
+        }
+
+    return {"eager": eager, "CUDA graph": graphed}
+
+
+def image_rows(bench, records, key, with_attend_excite=True):
+    """Whole images with the paper's schedule, decoded: per row, a short warm-up image (graph
+    captures, first-call costs, the first decode), then `image_repeats` timed images
+    (Attend-and-Excite: `attend_excite_repeats`), interleaved within the group; peak memory of the
+    row's first timed image, taken before the group's later rows have run (those built before it
+    stay resident), and NVML energy per image."""
+    cfg, steps = bench.config, bench.config.steps
+    energy = measure.Energy(cfg.device)
+    for group_name, build in image_groups(bench, key, with_attend_excite).items():
+        bench.tick(10.0)
+        group = build()
+        samples, peaks, joules = {}, {}, {}
+
+        def timed(name):
+            before = energy.read_joules() if energy.available else None
+            seconds = measure.timed(lambda: group[name][0](steps), cfg.device)[0]
+            samples[name].append(seconds)
+            if energy.available:
+                joules[name].append(energy.read_joules() - before)
+
+        for name, (fn, _) in group.items():
+            bench.tick(10.0)
+            with bench.row(f"{key} {name}"):
+                fn(min(WARMUP_STEPS, steps))
+                samples[name], joules[name] = [], []
+                peaks[name] = peak_bytes(lambda: timed(name), cfg.device)[0]
+        repeats = cfg.image_repeats if key == "sd15" else cfg.sdxl_image_repeats
+        for repeat in range(1, repeats):
+            for name in list(samples):
+                if name == ATTEND_EXCITE and repeat >= cfg.attend_excite_repeats:
+                    continue
+                bench.tick(10.0)
+                with bench.row(f"{key} {name}"):
+                    timed(name)
+        samples = {name: times for name, times in samples.items() if times}  # rows that failed are reported
+        for name in samples:
+            image_record(bench, records, key, group_name, name, group[name][1], samples, peaks, joules, energy)
+
+
+def image_record(bench, records, key, group, name, against, samples, peaks, joules, energy):
+    cfg = bench.config
+    seconds = statistics.median(samples[name])
+    record = dict(
+        row=name, model=key if not bench.args.dry_run else f"tiny {key}", group=group, steps=cfg.steps,
+        image_s=seconds, images_per_s=1.0 / seconds, peak_mib=peaks[name] / MIB,
+        energy_j_per_image=statistics.median(joules[name]) if joules[name] else None,
+        energy_note="NVML" if joules[name] else energy.reason,
+    )
+    if against in samples:
+        record["over_plain"] = seconds / statistics.median(samples[against])
+        record["peak_over_plain"] = peaks[name] / peaks[against]
+        if key == "sd15" and name != ATTEND_EXCITE:
+            with_target(record, "time", record["over_plain"], TARGETS["image_graph" if group == "CUDA graph" else "image_eager"])
+            if group == "CUDA graph":
+                with_target(record, "peak", record["peak_over_plain"], TARGETS["image_peak"])
+    records.append(record)
+    ratio = f" ({record['over_plain']:.2f}x, peak {record['peak_over_plain']:.2f}x)" if "over_plain" in record else ""
+    log(f"  {key} {name}: {seconds:.2f} s per {cfg.steps}-step image, peak {record['peak_mib']:.0f} MiB{ratio}")
 
 
 def phase_sd15_guided_steps(bench, records):
-    """SD1.5 per-step time through the public API: the plain diffusers step against sgfast's guided
-    step (move + keep terms) in both forms (split, batched), eager and with cuda_graph=True (each
-    guided and plain step replayed as a CUDA graph). In a dry run (no CUDA) the graphs' static-buffer
-    path runs eagerly (StepGraphs dry_run), so that its code is exercised."""
-    from benchmarks.rows import Row, SgfastRunner
-    from sgfast.graphs import StepGraphs
+    """SD1.5 512px fp16: plain vs guided step, eager and with CUDA graphs, in both forms and "auto"."""
+    guided_step_rows(bench, records, "sd15", bench.config.sd_step_variants)
 
-    cfg, n = bench.config, bench.config.step_call
-    pipe = sd_pipeline(bench)
-    plain = plain_runner(pipe, cfg.steps)
-    cuda = torch.device(cfg.device).type == "cuda"
-    for form in ("split", "batched"):
-        for graphed in (False, True):
-            name = f"sgfast fast ({form}{', CUDA graph' if graphed else ''}): move + keep"
-            bench.tick(10.0)
-            with bench.row(name):
-                options = dict(guided_step=form, cuda_graph=graphed and cuda)
-                run = SgfastRunner(pipe, Row("sgfast", "fast", False, "move_keep"), cfg.steps, n, **options)
-                if graphed and not cuda:
-                    run.sg._graphs = StepGraphs.for_pipeline(pipe, "fast", dry_run=True)
-                times = interleaved_medians(
-                    {"plain": lambda: plain.unguided(n), "guided": lambda: run.guided(n)}, cfg.repeats, cfg.device, per=n
-                )
-                peak, _ = peak_bytes(lambda: run.guided(1), cfg.device)
-                records.append(dict(
-                    row=name, form=form, cuda_graph=graphed, graph_replayed=graphed and cuda,
-                    plain_step_ms=times["plain"] * 1e3, guided_step_ms=times["guided"] * 1e3,
-                    guided_over_plain=times["guided"] / times["plain"], guided_peak_mib=peak / MIB,
-                ))
-                log(f"  {name}: plain {times['plain'] * 1e3:.1f} ms, guided {times['guided'] * 1e3:.1f} ms "
-                    f"({times['guided'] / times['plain']:.2f}x)")
+
+def phase_sd15_image(bench, records):
+    """SD1.5 50-step images: plain vs edited, eager and CUDA graph, and diffusers' Attend-and-Excite."""
+    image_rows(bench, records, "sd15")
+
+
+def free_sd15(bench):
+    keys = [k for k in bench.state if k == "sd15" or (isinstance(k, tuple) and k[0] == "sd15")]
+    for key in keys:
+        del bench.state[key]
+    if keys:
+        release_memory()
+
+
+def phase_sdxl_step(bench, records):
+    """SDXL 1024px fp16 through diffusers' StableDiffusionXLPipeline (two text encoders, pooled
+    embeddings, added time ids): plain vs guided step, eager and with CUDA graphs."""
+    free_sd15(bench)  # the SDXL models at 1024px need the room
+    guided_step_rows(bench, records, "sdxl", bench.config.sdxl_step_variants)
+
+
+def phase_sdxl_image(bench, records):
+    """SDXL 50-step images: plain vs edited, eager and CUDA graph (diffusers' Attend-and-Excite is SD1.x only)."""
+    free_sd15(bench)
+    image_rows(bench, records, "sdxl", with_attend_excite=False)
+    bench.state.clear()
 
 
 PHASES = [
-    # (name, function, slow (left out by --quick), seconds it needs at least to start)
+    # (name, function, slow (left out by --quick), seconds it needs at least to start). The headline
+    # phases first; each phase's cold time on one H100/H200 is estimated in docs/gpu-benchmark.md.
+    ("sd15_guided_steps", phase_sd15_guided_steps, False, 30),
+    ("sd15_image", phase_sd15_image, True, 45),
+    ("sd15_compile", phase_sd15_compile, True, 60),
+    ("sdxl_step", phase_sdxl_step, True, 30),
+    ("sdxl_image", phase_sdxl_image, True, 45),
     ("kernels_correctness", phase_kernels_correctness, False, 0),
     ("kernel_timing", phase_kernel_timing, False, 10),
     ("sd15_step", phase_sd15_step, False, 20),
-    ("sd15_guided_steps", phase_sd15_guided_steps, False, 30),
-    ("kernel_variants", phase_kernel_variants, False, 30),
-    ("sd15_image", phase_sd15_image, True, 30),
-    ("energy", phase_energy, True, 20),  # 50-step images again: slow too
-    ("sdxl_step", phase_sdxl_step, True, 45),
-    ("cuda_graphs", phase_cuda_graphs, False, 15),
-    ("sd15_compile", phase_sd15_compile, True, 100),
+    ("kernel_variants", phase_kernel_variants, False, 20),
+    ("cuda_graphs", phase_cuda_graphs, False, 10),
 ]
 
 
@@ -837,6 +965,20 @@ PHASES = [
 SECTION = "## GPU"
 
 # Per phase: (column header, record key, format) of its table.
+STEP_FORM_COLUMNS = [
+    ("row", "row", "{}"), ("model", "model", "{}"), ("px", "image_size", "{}"), ("plain", "plain", "{}"),
+    ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
+    ("guided/plain", "guided_over_plain", "{:.2f}"), ("target", "step_target", "<= {}x"), ("met", "step_met", "{}"),
+    ("plain peak MiB", "plain_peak_mib", "{:.0f}"), ("guided peak MiB", "guided_peak_mib", "{:.0f}"),
+    ("peak ratio", "peak_ratio", "{:.2f}"), ("form used", "form_used", "{}"), ("auto: split ms", "auto_split_ms", "{:.1f}"),
+    ("auto: batched ms", "auto_batched_ms", "{:.1f}"), ("graph replayed", "graph_replayed", "{}"),
+]
+IMAGE_COLUMNS = [
+    ("row", "row", "{}"), ("model", "model", "{}"), ("steps", "steps", "{}"), ("s/image", "image_s", "{:.2f}"),
+    ("x plain", "over_plain", "{:.2f}"), ("target", "time_target", "<= {}x"), ("met", "time_met", "{}"),
+    ("peak MiB", "peak_mib", "{:.0f}"), ("peak x plain", "peak_over_plain", "{:.2f}"), ("peak target", "peak_target", "<= {}x"),
+    ("peak met", "peak_met", "{}"), ("J/image", "energy_j_per_image", "{:.0f}"), ("energy", "energy_note", "{}"),
+]
 TABLES = {
     "kernels_correctness": [
         ("dtype", "dtype", "{}"), ("head dims", "head_dim", "{}"), ("Q/K layouts", "layout", "{}"),
@@ -863,24 +1005,10 @@ TABLES = {
         ("peak ratio", "peak_ratio", "{:.2f}"), ("plain extra MiB", "plain_extra_mib", "{:.0f}"),
         ("guided extra MiB", "guided_extra_mib", "{:.0f}"), ("peak MiB", "peak_mib", "{:.0f}"),
     ],
-    "sd15_guided_steps": [
-        ("row", "row", "{}"), ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
-        ("guided/plain", "guided_over_plain", "{:.2f}"), ("guided peak MiB", "guided_peak_mib", "{:.0f}"),
-        ("graph replayed", "graph_replayed", "{}"),
-    ],
-    "sd15_image": [
-        ("row", "row", "{}"), ("steps", "steps", "{}"), ("s/image", "image_s", "{:.2f}"), ("x plain", "over_plain", "{:.2f}"),
-    ],
-    "energy": [
-        ("row", "row", "{}"), ("s/image", "image_s", "{:.2f}"), ("J/image", "energy_j_per_image", "{:.0f}"),
-        ("source", "energy_note", "{}"),
-    ],
-    "sdxl_step": [
-        ("row", "row", "{}"), ("model", "model", "{}"), ("px", "image_size", "{}"), ("plain ms", "plain_step_ms", "{:.1f}"), ("guided ms", "guided_step_ms", "{:.1f}"),
-        ("guided/plain", "guided_over_plain", "{:.2f}"), ("plain peak MiB", "plain_peak_mib", "{:.0f}"),
-        ("guided peak MiB", "guided_peak_mib", "{:.0f}"), ("peak ratio", "peak_ratio", "{:.2f}"),
-        ("plain extra MiB", "plain_extra_mib", "{:.0f}"), ("guided extra MiB", "guided_extra_mib", "{:.0f}"),
-    ],
+    "sd15_guided_steps": STEP_FORM_COLUMNS,
+    "sdxl_step": STEP_FORM_COLUMNS,
+    "sd15_image": IMAGE_COLUMNS,
+    "sdxl_image": IMAGE_COLUMNS,
     "sd15_compile": [
         ("row", "row", "{}"), ("first call s", "first_call_s", "{:.1f}"), ("step ms", "step_ms", "{:.1f}"),
         ("plain eager ms", "plain_eager_step_ms", "{:.1f}"), ("guided/plain", "guided_over_plain", "{:.2f}"),
@@ -984,9 +1112,9 @@ def write_results_section(path, text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="leave out the slow phases (50-step images and their energy, SDXL, compile)")
+    parser.add_argument("--quick", action="store_true", help="leave out the slow phases (50-step images, SDXL, compile)")
     parser.add_argument("--dry-run", action="store_true", help="every code path on the CPU with tiny shapes")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="time budget; later phases are skipped (default 420)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="time budget; later phases are skipped (default 450)")
     parser.add_argument(
         "--only", default=None, help="comma-separated phases to run (default: all): " + ",".join(n for n, *_ in PHASES)
     )

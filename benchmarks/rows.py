@@ -176,12 +176,13 @@ class SgfastRunner:
 
     guided_available = True
 
-    def __init__(self, pipe, row, steps, step_call=None, **options):
+    def __init__(self, pipe, row, steps, step_call=None, references=None, **options):
         from sgfast import SelfGuidancePipeline
 
         # The paper's settings whatever the model's folder holds: the rows time the paper's schedule and
         # its full move (keep shape + keep appearance). `options`: more from_pipe arguments
-        # (guided_step, cuda_graph).
+        # (guided_step, cuda_graph, step_forms). `references`: {steps: trace} another runner on the same
+        # pipeline recorded (an unedited trace does not depend on the runner's options).
         kwargs = dict(mode=row.mode, settings="paper", **options)
         if row.compile:
             kwargs["compile"] = True
@@ -192,10 +193,10 @@ class SgfastRunner:
         # (1 for the FLOP count, `steps` for images, `step_call` for per-step times), made here so that
         # no timed or counted call includes one.
         counts = {1, steps} | ({step_call} if step_call else set())
-        self.references = {
-            n: self.sg(PROMPT, num_inference_steps=n, generator=generator(self.device), output_type="latent").trace
-            for n in sorted(counts)
-        }
+        self.references = dict(references or {})
+        for n in sorted(counts - set(self.references)):
+            self.references[n] = self.sg(PROMPT, num_inference_steps=n, generator=generator(self.device),
+                                         output_type="latent").trace
 
     def edits(self):
         from sgfast import move

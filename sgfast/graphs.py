@@ -120,6 +120,11 @@ class StepGraphs:
             self.captures += 1
         return self.entries[key]
 
+    def drop_form(self, form):
+        """Forget the guided graphs of `form` (guided_step="auto" captured both to time them)."""
+        for key in [k for k in self.entries if k[0] == "guided" and k[1] == form]:
+            del self.entries[key]
+
     def run(self, call, latent_in, t, embeds, unet_kwargs, targets, input_scale, term_scale, settings, i):
         """`call.evaluate` of one guided step, replayed: (noise, energy, finite)."""
         plan = call.plan

@@ -9,6 +9,8 @@ Two forms of the evaluation (`from_pipe(guided_step=...)`):
   with them (two passes; the backward only through the conditional one);
 - "batched": one batch-2B CFG pass, the maps from the conditional half, the gradient to the
   conditional half's input (one pass, fewer launches; its backward runs at batch 2B).
+"auto" (sgfast.step_form.AutoForm) picks one of them at the call's first guided step, by a
+measurement made once per machine and shape and kept (`GuidedCall.resolve_form`).
 """
 
 import math
@@ -18,9 +20,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from sgfast.capture import RecordingDone
 from sgfast.energies import EnergyPlan, Layout, grid_at, layer_depth
+from sgfast.step_form import FORMS, FormChoice
 from sgfast.trace import View
 
-FORMS = ("split", "batched")
 FP16_LOSS_SCALE = 1024.0
 # diffusers' stand-in for alpha_bar = 0 in zero-terminal-SNR schedules where it must stay finite
 # (Euler, DPM-Solver: alphas_cumprod[-1] = 2**-24, sigma = 4096).
@@ -139,9 +141,13 @@ class GuidedCall:
 
     def __init__(self, pipe, capture, edits, references, prompt_words, words, tokens, timesteps, guided_calls,
                  latents, embeds, *, form="split", sharpness=10.0):
-        if form not in FORMS:
+        # `form`: one of FORMS, or an AutoForm that resolves it at the first guided step.
+        self.auto = None if isinstance(form, str) else form
+        if self.auto is None and form not in FORMS:
             raise ValueError(f"guided_step must be one of {FORMS}, got {form!r}")
-        self.pipe, self.capture, self.form = pipe, capture, form
+        self.form = "auto" if self.auto is not None else form
+        self.choice = None if self.auto is not None else FormChoice(form, "explicit")
+        self.pipe, self.capture = pipe, capture
         self.words, self.prompt_words, self.references = words, prompt_words, references
         check_token_range(prompt_words, words, embeds.shape[1])
         token_index, word_weights = tokens
@@ -236,6 +242,26 @@ class GuidedCall:
             grad = unit_rms(grad)
         noise = combine(uncond.detach() if uncond is not None else None, cond.detach(), guidance_scale, guidance_rescale)
         return noise + guidance_term(grad, term_scale).to(noise.dtype), energy.detach(), finite
+
+    def resolve_form(self, latent_in, do_cfg, evaluate, graphs=None):
+        """With "auto", the form of this call's guided steps, chosen (or measured) now, on this first
+        guided step: `evaluate()` runs the step's evaluation in `self.form`, and its outputs are
+        thrown away. Nothing else changes: the step then runs in the chosen form as it would directly."""
+        if self.form != "auto":
+            return self.choice
+
+        def run(form):
+            self.form = form
+            evaluate()
+
+        try:
+            self.choice = self.auto.choose(self, latent_in, do_cfg, run, cuda_graph=graphs is not None)
+        finally:
+            self.form = "auto"
+        self.form = self.choice.form
+        if graphs is not None:
+            graphs.drop_form(next(f for f in FORMS if f != self.form))  # the other form's graphs: memory only
+        return self.choice
 
     def energy_only(self, latent_in, t, embeds, unet_kwargs, targets, weights, do_cfg, stop, call=None):
         """The energy of a conditional pass without gradients (v = 0), ending after the last captured

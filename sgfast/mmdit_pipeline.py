@@ -20,6 +20,7 @@ from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_t
 from sgfast.capture import RecordingDone
 from sgfast.sampler import FP16_LOSS_SCALE, energy_of, edit_selection, record_traces, resolve_schedule, unit_rms
 from sgfast.settings import model_settings
+from sgfast.step_form import FormChoice, check_guided_step
 from sgfast.trace import Trace, selection
 
 # A transformer call's arguments that hold one entry per batch row.
@@ -60,7 +61,7 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         return mmdit_family_of(pipe) is not None
 
     def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None,
-                 softmax="joint", guided_step="split", cuda_graph=False):
+                 softmax="joint", guided_step=None, cuda_graph=False, step_forms=None):
         self.family = mmdit_family_of(pipe)
         if self.family is None:
             raise TypeError(f"MMDiTSelfGuidancePipeline wraps StableDiffusion3Pipeline or FluxPipeline; got {type(pipe).__name__}")
@@ -70,8 +71,12 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             raise ValueError(f"compile=True is not available for {self.family.name} pipelines yet")
         # The SD/SDXL wrapper's step forms and CUDA graphs (sgfast.guided, sgfast.graphs) drive a UNet
         # loop of their own; this wrapper runs diffusers' own __call__ with hooks.
-        if guided_step != "split":
-            raise ValueError(f"guided_step={guided_step!r} is not available for {self.family.name} pipelines yet; leave it out")
+        # "auto" is split here: the only form this wrapper has.
+        if check_guided_step("auto" if guided_step is None else guided_step) == "batched":
+            raise ValueError(f"guided_step={guided_step!r} is not available for {self.family.name} pipelines yet; "
+                             "leave it out (or 'auto', or 'split')")
+        self.guided_step, self.guided_step_choice = "split", None
+        self._form_source = "explicit" if guided_step == "split" else "only form"
         if cuda_graph:
             raise ValueError(f"cuda_graph=True is not available for {self.family.name} pipelines yet; leave it out")
         self.pipe, self.mode = pipe, mode
@@ -172,7 +177,11 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             return output
         if traces is not None and len(traces) == 1:
             traces = traces[0]
-        return SelfGuidanceOutput(images=output.images, trace=traces, energies=energies if has_edits else None)
+        guided = has_edits and bool(energies) and self_guidance_scale != 0
+        if guided:
+            self.guided_step_choice = FormChoice("split", self._form_source)
+        return SelfGuidanceOutput(images=output.images, trace=traces, energies=energies if has_edits else None,
+                                  guided_step="split" if guided else None)
 
     def _with_recorded(self, trace, kwargs):
         """`kwargs` with every argument the trace recorded that they leave out taken from the trace

@@ -22,7 +22,7 @@ from sgfast.capture import Capture, resolve_layers, check_feature_layer
 from sgfast.edits import Edit
 from sgfast.families import family_of
 from sgfast.graphs import StepGraphs
-from sgfast.guided import FORMS
+from sgfast.step_form import CHOICES, AutoForm, check_guided_step
 from sgfast.invert import edit_arguments
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
@@ -38,6 +38,7 @@ class SelfGuidanceOutput(BaseOutput):
     images: object
     trace: object = None
     energies: list = None  # (step index, total energy) at each guided step
+    guided_step: str = None  # the form the guided steps ran in ("split" or "batched"), None without one
     nsfw_content_detected: object = None  # as diffusers: one flag per image, None without a safety checker
 
 
@@ -49,10 +50,13 @@ class SelfGuidancePipeline:
     conditional pass. `mode="fast"`: the fused attention-statistics op (Triton on CUDA), the graph
     cut after the last captured layer, no weight gradients. Both take the same edits and agree.
 
-    `guided_step`: "split" (the unconditional and the conditional pass at batch 1 each) or "batched"
-    (one batch-2 pass, the gradient to its conditional half); `cuda_graph=True` (fast mode, CUDA):
-    each guided step's model evaluation replays a CUDA graph captured once per shape and edits
-    (sgfast.graphs)."""
+    `guided_step`: "split" (the unconditional and the conditional pass at batch 1 each), "batched"
+    (one batch-2 pass, the gradient to its conditional half) or "auto" (the faster of the two on this
+    machine and shape, measured once and kept: sgfast.step_form); the default is "auto" in fast mode
+    and "split" in reference mode. `step_forms`: the sgfast.step_form.StepFormChooser "auto" asks
+    (default: the process's own, its choices in `sgfast.step_form.cache_path()`). `cuda_graph=True`
+    (fast mode, CUDA): each guided step's model evaluation replays a CUDA graph captured once per
+    shape and edits (sgfast.graphs)."""
 
     def __new__(cls, pipe=None, *args, **kwargs):
         # A family with a wrapper of its own (SD3, FLUX: sgfast.mmdit_pipeline) gets that wrapper.
@@ -62,13 +66,15 @@ class SelfGuidancePipeline:
         return super().__new__(cls)
 
     def __init__(self, pipe, layers=None, feature_layer=None, mode="reference", compile=False, settings=None,
-                 guided_step="split", cuda_graph=False):
+                 guided_step=None, cuda_graph=False, step_forms=None):
         self.family = family_of(pipe)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if guided_step not in FORMS:
-            raise ValueError(f"guided_step must be one of {FORMS} (two batch-1 passes, or one batch-2 pass), got {guided_step!r}")
-        self.guided_step = guided_step
+        if guided_step is None:
+            guided_step = "auto" if mode == "fast" else "split"
+        self.guided_step = check_guided_step(guided_step, CHOICES)
+        self._form = AutoForm(step_forms, compiled=bool(compile)) if guided_step == "auto" else guided_step
+        self.guided_step_choice = None  # the last call's FormChoice (form, where it came from, timings)
         # CUDA graphs of the guided evaluation: checked here, so that a refusal comes before anything runs.
         self._graphs = StepGraphs.for_pipeline(pipe, mode, compile) if cuda_graph else None
         self.pipe = pipe
@@ -242,7 +248,7 @@ class SelfGuidancePipeline:
 
         # 3. The unedited pass where edits need it and no trace was given, then the call's own pass.
         needs_reference = any(e.needs_reference for item in edits for e in item)
-        traces, energies = None, []
+        traces, energies, forms_used = None, [], []
         with self.capture() if needs_capture else nullcontext() as capture:
             if has_edits and needs_reference and references[0] is None:
                 references = self._new_traces(prompts, prompt_words, initial, trace_settings, noise_state, reset)
@@ -270,10 +276,13 @@ class SelfGuidancePipeline:
                 callback=callback_on_step_end,
                 callback_inputs=callback_on_step_end_tensor_inputs,
                 negative_embeds=uncond,
-                guided_form=self.guided_step,
+                guided_form=self._form,
                 graphs=self._graphs,
+                forms_used=forms_used,
                 **loop,
             )
+        if forms_used:
+            self.guided_step_choice = forms_used[-1]
 
         # 4. Decode and check the images as diffusers does.
         images, nsfw = self._decode_checked(latents, output_type, generator, device, embeds.dtype)
@@ -283,7 +292,8 @@ class SelfGuidancePipeline:
         if traces is not None and len(traces) == 1:
             traces = traces[0]
         return SelfGuidanceOutput(
-            images=images, nsfw_content_detected=nsfw, trace=traces, energies=energies if has_edits else None
+            images=images, nsfw_content_detected=nsfw, trace=traces, energies=energies if has_edits else None,
+            guided_step=forms_used[-1].form if forms_used else None,
         )
 
     @staticmethod

@@ -219,10 +219,15 @@ def guided_step(call, latents, i, t, embeds, guidance_scale, do_cfg, *, unet_kwa
     latent_in = pipe.scheduler.scale_model_input(latents, t)
     settings = dict(guidance_scale=guidance_scale, do_cfg=do_cfg, guidance_rescale=guidance_rescale,
                     normalize=normalize_gradient)
-    if graphs is not None:
-        return graphs.run(call, latent_in, t, embeds, unet_kwargs or {}, targets, input_scale, term_scale, settings, i)
-    return call.evaluate(latent_in, t, embeds, unet_kwargs or {}, targets, plan.weights, input_scale, term_scale,
-                         call=i, **settings)
+
+    def evaluate():
+        if graphs is not None:
+            return graphs.run(call, latent_in, t, embeds, unet_kwargs or {}, targets, input_scale, term_scale, settings, i)
+        return call.evaluate(latent_in, t, embeds, unet_kwargs or {}, targets, plan.weights, input_scale, term_scale,
+                             call=i, **settings)
+
+    call.resolve_form(latent_in, do_cfg, evaluate, graphs)  # guided_step="auto": chosen at the first guided step
+    return evaluate()
 
 
 def raise_if_not_finite(flags):
@@ -287,6 +292,7 @@ def denoise(
     negative_embeds=None,
     guided_form="split",
     graphs=None,
+    forms_used=None,
 ):
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
@@ -296,8 +302,10 @@ def denoise(
     inference step (`num_inference_steps` of them; default: one per UNet call); every UNet call of
     a guided step is guided. `unet_kwargs` (timestep_cond, cross_attention_kwargs,
     added_cond_kwargs), `guidance_rescale` and `callback` (diffusers' callback_on_step_end) as in
-    diffusers' StableDiffusionPipeline. `guided_form`: "split" or "batched" (sgfast.guided);
-    `graphs`: a sgfast.graphs.StepGraphs that replays each guided evaluation as a CUDA graph.
+    diffusers' StableDiffusionPipeline. `guided_form`: "split", "batched" (sgfast.guided) or a
+    sgfast.step_form.AutoForm (chosen at the first guided step); `forms_used`: a list that gets the
+    FormChoice of the guided steps, when one ran; `graphs`: a sgfast.graphs.StepGraphs that replays
+    each guided evaluation as a CUDA graph.
 
     A guided step reads nothing on the host: timesteps and noise levels come from host-side copies
     made once per call, energies and the gradients' finiteness stay on the device until the loop
@@ -356,6 +364,8 @@ def denoise(
             if bar is not None and (i == len(timesteps) - 1 or steps[min(i + 1, len(steps) - 1)] != steps[i]):
                 bar.update()
     raise_if_not_finite(finite)
+    if forms_used is not None and finite:  # a guided evaluation ran (v != 0)
+        forms_used.append(call.choice)
     if energies is not None and pending:
         values = torch.stack([e.double() for _, e in pending]).tolist()  # the call's one read of its energies
         energies.extend((step, value) for (step, _), value in zip(pending, values))

@@ -20,16 +20,17 @@ STEP_ROW = [
     "plain_step_ms", "guided_step_ms", "guided_over_plain", "plain_peak_mib", "guided_peak_mib", "peak_ratio",
     "plain_extra_mib", "guided_extra_mib",
 ]
+FORM_ROW = ["plain_step_ms", "guided_step_ms", "guided_over_plain", "plain_peak_mib", "guided_peak_mib", "peak_ratio"]
 # Fields each phase's records must carry, as finite numbers (or booleans / strings where named).
 NUMBERS = {
     "kernels_correctness": ["err_sums", "err_maps", "err_dq", "tol", "tol_dq", "head_dim"],
     "kernel_timing": ["triton_us", "torch_us", "speedup", "bytes_moved", "floor_us", "pct_roofline",
                       "triton_eager_us", "torch_eager_us"],
     "kernel_variants": ["forward_us", "backward_us", "maps_error", "dq_error", "programs_forward", "block_n"],
-    "sd15_image": ["image_s", "over_plain", "images_per_s"],
-    "sd15_guided_steps": ["plain_step_ms", "guided_step_ms", "guided_over_plain", "guided_peak_mib"],
-    "energy": ["image_s"],
-    "sdxl_step": STEP_ROW,
+    "sd15_image": ["image_s", "images_per_s", "peak_mib"],
+    "sdxl_image": ["image_s", "images_per_s", "peak_mib"],
+    "sd15_guided_steps": FORM_ROW,
+    "sdxl_step": FORM_ROW,
     "cuda_graphs": ["eager_ms"],
     "sd15_compile": ["first_call_s", "step_ms", "plain_eager_step_ms", "guided_over_plain"],
 }
@@ -81,9 +82,43 @@ def test_dry_run_every_phase_has_records(dry_run):
     assert {r["way"] for r in ways} == {"split", "batched"}
     assert all(r["noise_rel_diff"] < 1e-3 and r["grad_rel_diff"] < 1e-3 for r in ways)
     assert {r["mode"] for r in phases["sd15_step"]["records"]} == {"reference", "fast"}
-    assert len(phases["sd15_image"]["records"]) == 3
-    assert all(r["energy_note"] for r in phases["energy"]["records"])
     assert report["total_s"] > 0 and report["dry_run"]
+
+
+def test_dry_run_headline_phases_come_first_and_cover_forms_graphs_and_sdxl(dry_run):
+    report, results, _ = dry_run
+    phases = report["phases"]
+    assert PHASES[:5] == ["sd15_guided_steps", "sd15_image", "sd15_compile", "sdxl_step", "sdxl_image"]
+    # The step rows: eager against diffusers, graphed against sgfast's own graphed plain step; the
+    # "auto" rows measured both forms and ran the faster one.
+    for name in ("sd15_guided_steps", "sdxl_step"):
+        for r in phases[name]["records"]:
+            assert r["plain"] == ("sgfast, CUDA graph" if r["cuda_graph"] else "diffusers")
+            if r["form"] == "auto":
+                assert r["auto_source"] == "measured" and r["auto_split_ms"] > 0 and r["auto_batched_ms"] > 0
+                faster = "split" if r["auto_split_ms"] <= r["auto_batched_ms"] else "batched"
+                assert r["form_used"] == faster
+            else:
+                assert r["form_used"] == r["form"]
+    steps = phases["sd15_guided_steps"]["records"]
+    assert {(r["form"], r["cuda_graph"]) for r in steps} >= {("auto", False), ("auto", True)}
+    assert all(isinstance(r["step_met"], bool) and r["step_target"] == 1.5 for r in steps if r["cuda_graph"])
+    assert {r["pipeline"] for r in phases["sdxl_step"]["records"]} == {"StableDiffusionXLPipeline"}
+    # The images: plain, edited and Attend-and-Excite eager, plain and edited graphed, each with its peak
+    # and energy note; ratios against the plain row of its own group, with the targets where they apply.
+    images = {r["row"]: r for r in phases["sd15_image"]["records"]}
+    assert set(images) == {
+        "diffusers plain", "sgfast fast: move + keep (edited)", "diffusers Attend-and-Excite", "sgfast plain, CUDA graph",
+        "sgfast fast: move + keep (edited), CUDA graph",
+    }
+    assert all(r["energy_note"] and r["peak_mib"] > 0 for r in images.values())
+    graphed = images["sgfast fast: move + keep (edited), CUDA graph"]
+    assert graphed["group"] == "CUDA graph" and (graphed["time_target"], graphed["peak_target"]) == (1.3, 1.3)
+    assert images["sgfast fast: move + keep (edited)"]["time_target"] == 1.8
+    assert math.isfinite(images["diffusers Attend-and-Excite"]["over_plain"])
+    sdxl = {r["row"] for r in phases["sdxl_image"]["records"]}
+    assert sdxl == set(images) - {"diffusers Attend-and-Excite"}
+    assert "auto: split ms" in results and "peak x plain" in results
 
 
 def test_dry_run_writes_the_gpu_section_once(dry_run):
@@ -115,7 +150,7 @@ def test_budget_and_quick_skip_phases(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert status == 0 and list(report["phases"]) == PHASES
     slow = {name for name, _, is_slow, _ in gpu.PHASES if is_slow}
-    assert slow == {"sd15_image", "energy", "sdxl_step", "sd15_compile"}
+    assert slow == {"sd15_image", "sd15_compile", "sdxl_step", "sdxl_image"}
     for name, phase in report["phases"].items():
         assert phase["status"] == "skipped" and not phase["records"]
         assert ("--quick" in phase["note"]) == (name in slow)

@@ -75,3 +75,19 @@ def test_the_guided_evaluation_compiles_whole_with_its_gradient():
         got = compiled(*args)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_short_warm_up_call_captures_every_graph_a_longer_call_replays():
+    # What make bench-gpu's image rows rely on: a 2-step image (one guided, one plain step) captures
+    # the graphs; a 4-step image with the paper's schedule then only replays them.
+    pipe = tiny_pipeline()
+    sg = SelfGuidancePipeline.from_pipe(pipe, mode="fast", guided_step="split")
+    sg._graphs = StepGraphs.for_pipeline(pipe, "fast", dry_run=True)
+    trace = {n: sg(PROMPT, num_inference_steps=n, generator=torch.Generator().manual_seed(0), output_type="latent").trace
+             for n in (2, 4)}
+    for n in (2, 4):
+        sg(PROMPT, edits=[move("circle", dx=0.25)], trace=trace[n], num_inference_steps=n, output_type="latent")
+        if n == 2:
+            captured = sg._graphs.captures
+            assert {key[0] for key in sg._graphs.entries} == {"guided", "plain"}
+    assert sg._graphs.captures == captured
