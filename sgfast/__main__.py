@@ -16,6 +16,15 @@ import time
 import torch
 
 
+def demo_guidance_scale(args):
+    """--guidance-scale, else the built-in model's own: 2 for the MMDiT model (sgfast.shapes.mmdit), 5 else."""
+    from sgfast.shapes.mmdit import GUIDANCE_SCALE, NAME
+
+    if args.guidance_scale is not None:
+        return args.guidance_scale
+    return GUIDANCE_SCALE if args.model == NAME else 5.0
+
+
 def demo(args):
     from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
     from sgfast.edits import content_words, phrase_of
@@ -31,7 +40,7 @@ def demo(args):
     except TypeError as error:  # a pipeline family this build does not wrap
         raise SystemExit(f"{name}: {error}") from None
     os.makedirs(args.out, exist_ok=True)
-    settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    settings = dict(num_inference_steps=args.steps, guidance_scale=demo_guidance_scale(args))
     if args.weight is not None:
         settings["self_guidance_scale"] = args.weight
     print(f"model: {name}\nprompt: {args.prompt!r}")
@@ -170,7 +179,7 @@ def main(argv=None):
                    help="the prompt whose object takes the appearance (default: --prompt without the words describing it)")
     d.add_argument("--weight", type=float, default=None, help="self-guidance scale v (default: the model's own settings per edit)")
     d.add_argument("--steps", type=int, default=25)
-    d.add_argument("--guidance-scale", type=float, default=5.0)
+    d.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: 5; the MMDiT model's 2)")
     d.add_argument("--seed", type=int, default=24, help="the default draws the circle with room to move left by 0.3 and to double")
     d.add_argument("--out", default=os.path.join("outputs", "demo"))
     d.set_defaults(run=demo)

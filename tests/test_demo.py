@@ -74,3 +74,14 @@ def test_demo_side_effects_line():
     grown = {"object": dict(dx=0.03, dy=-0.04, area=1.9, iou=0.5, colour=2.0), "others": {"blue square": None}}
     assert side_effects("resize", grown, args) == "area x1.90 (x2 asked), centroid drift 0.05; blue square gone"
     assert side_effects("move", {"object": None, "others": held}, args) == "the edited object is not read in the edited image"
+
+
+def test_demo_samples_each_built_in_model_at_its_own_guidance_scale():
+    from argparse import Namespace
+
+    from sgfast.__main__ import demo_guidance_scale
+    from sgfast.shapes.mmdit import GUIDANCE_SCALE
+
+    assert demo_guidance_scale(Namespace(model="default-mmdit", guidance_scale=None)) == GUIDANCE_SCALE == 2.0
+    assert demo_guidance_scale(Namespace(model="default", guidance_scale=None)) == 5.0
+    assert demo_guidance_scale(Namespace(model="default-mmdit", guidance_scale=7.0)) == 7.0
