@@ -51,6 +51,15 @@ def tiny_pipe():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread avoids OpenMP oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
 

@@ -13,13 +13,7 @@ from benchmarks.measure import CountFlops, SavedForBackward, math_attention
 from benchmarks.models import PROMPT, default_arch_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: one thread avoids OpenMP oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_row_end_to_end(tmp_path):

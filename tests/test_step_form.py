@@ -17,12 +17,7 @@ PROMPT = "a red circle and a blue square"
 EDITS = [move("circle", dx=0.25, weight=8.0)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from sgfast import SelfGuidancePipeline, move, resize
 from sgfast.testing import tiny_pipeline, tiny_sdxl_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("build", [tiny_pipeline, tiny_sdxl_pipeline], ids=["sd-ddim", "sdxl-euler"])
