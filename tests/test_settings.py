@@ -108,7 +108,7 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"photo": {"strength": 0}}, "photo strength must be a number in (0, 1]"),
         ({"photo": {"mode": "fast"}}, "unknown photo keys ['mode']"),
         ({"photo": {"edits": {"move": {"sharpness": 2}}}}, "photo edits.move: unknown setting 'sharpness'"),
-        ({"photo": {"edits": {"resize": {"keep_own_shape_weight": 2}}}}, "photo edits.resize: unknown setting 'keep_own_shape_weight'"),
+        ({"photo": {"edits": {"resize": {"keep_own_size_weight": 2}}}}, "photo edits.resize: unknown setting 'keep_own_size_weight'"),
         ({"photo": {"edits": {"move": {"keep_own_appearance_weight": -1}}}}, "keep_own_appearance_weight must be a finite number >= 0"),
     ],
 )
