@@ -390,9 +390,10 @@ def _log_size_distance(size, reference, scale=1.0):
 @dataclass
 class Resize(_KeepOthers):
     """Scale the area of `word`'s object by `scale` (> 0) relative to the reference. It may also hold
-    the object's own centroid (`keep_own_centroid_weight`) and its own silhouette, the reference's
+    the object's own centroid (`keep_own_centroid_weight`: of its raw map;
+    `keep_own_shape_centroid_weight`: of its silhouette) and its own silhouette, the reference's
     scaled about its centroid to the asked area (`keep_own_shape_weight`: `copy_shape` of the
-    reference with scale sqrt(`scale`), which says how big and where at once); both off by default
+    reference with scale sqrt(`scale`), which says how big and where at once); all off by default
     (the model's settings may set them): it grows or shrinks in place instead of drifting to where
     there is room."""
 
@@ -401,9 +402,11 @@ class Resize(_KeepOthers):
     weight: float = None  # None: the model's setting, else SIZE_WEIGHT
     keep_own_centroid_weight: float = field(default=None, kw_only=True)
     keep_own_shape_weight: float = field(default=None, kw_only=True)
+    keep_own_shape_centroid_weight: float = field(default=None, kw_only=True)
     default_weight = SIZE_WEIGHT
-    model_defaults = {**_KeepOthers.model_defaults, "keep_own_centroid_weight": 0.0, "keep_own_shape_weight": 0.0}
-    own_holds = ("keep_own_centroid_weight", "keep_own_shape_weight")
+    model_defaults = {**_KeepOthers.model_defaults, "keep_own_centroid_weight": 0.0, "keep_own_shape_weight": 0.0,
+                      "keep_own_shape_centroid_weight": 0.0}
+    own_holds = ("keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight")
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
@@ -413,6 +416,7 @@ class Resize(_KeepOthers):
     def check_own(self):
         _check_weight(self.keep_own_centroid_weight)
         _check_weight(self.keep_own_shape_weight)
+        _check_weight(self.keep_own_shape_centroid_weight)
 
     @property
     def own_transform(self):
@@ -427,7 +431,8 @@ class Resize(_KeepOthers):
 
     def terms(self, words):
         return super().terms(words) + [Term("centroid", self.word, self.keep_own_centroid_weight),
-                                       Term("shape", self.word, self.keep_own_shape_weight, transform=self.own_transform)]
+                                       Term("shape", self.word, self.keep_own_shape_weight, transform=self.own_transform),
+                                       Term("shape_centroid", self.word, self.keep_own_shape_centroid_weight)]
 
     def energy(self, current, reference, timestep):
         energy = super().energy(current, reference, timestep)
@@ -438,6 +443,10 @@ class Resize(_KeepOthers):
             shapes = current.shape(self.word)
             targets = [transform_shape(r.to(c)[None, None], **self.own_transform)[0, 0] for r, c in zip(reference.shape(self.word), shapes)]
             energy = energy + self.keep_own_shape_weight * _shape_distance(shapes, targets)
+        if self.keep_own_shape_centroid_weight:
+            centroid = current.shape_centroid(self.word)
+            distance = _l1(centroid, reference.shape_centroid(self.word).to(centroid)).sum(-1).mean()
+            energy = energy + self.keep_own_shape_centroid_weight * distance
         return energy
 
 

@@ -310,7 +310,8 @@ def silhouette_centroid(params, size, sharpness=10.0):
 
 def test_shape_centroid_is_the_silhouettes_centroid_to_the_target():
     """A move's or a place's shape-centroid term is the smooth L1 distance of the silhouette's centroid
-    (per layer, then averaged) from the reference's moved by (dx, dy), or from (x, y), at its weight."""
+    (per layer, then averaged) from the reference's moved by (dx, dy), or from (x, y), at its weight;
+    a resize's own shape-centroid hold the distance from the reference's."""
     from sgfast import edits as edits_module
 
     now, ref = blob(0.5, 0.4, 0.11, 0.09, 30.0), blob(0.35, 0.55, 0.09, 0.07)
@@ -335,6 +336,10 @@ def test_shape_centroid_is_the_silhouettes_centroid_to_the_target():
         energy(move("circle", dx=0.15, dy=-0.1, keep_others=False)) + 2.5 * moved, rel=1e-9)
     assert energy(place("circle", 0.6, 0.3, keep_others=False, shape_centroid_weight=2.5)) == pytest.approx(
         energy(place("circle", 0.6, 0.3, keep_others=False)) + 2.5 * placed, rel=1e-9)
+    held = distance(lambda c: c)  # a resize's own silhouette centroid, held where it was
+    assert held > 0.05
+    assert energy(resize("circle", 2.0, keep_others=False, keep_own_shape_centroid_weight=1.5)) == pytest.approx(
+        energy(resize("circle", 2.0, keep_others=False)) + 1.5 * held, rel=1e-9)
 
 
 @pytest.mark.parametrize("edit", [
@@ -797,6 +802,7 @@ def test_bad_copy_shape_arguments(build, message):
     (lambda: resize("circle", 2.0, keep_own_shape_weight=-2.0), r"^weight must be a finite number >= 0, got -2.0$"),
     (lambda: resize("circle", 2.0, keep_own_shape_weight="4"), r"^weight must be a finite number >= 0, got '4'$"),
     (lambda: move("circle", shape_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: resize("circle", 2.0, keep_own_shape_centroid_weight=-3.0), r"^weight must be a finite number >= 0, got -3.0$"),
     (lambda: place("circle", shape_centroid_weight=float("inf")), r"^weight must be a finite number >= 0, got inf$"),
     (lambda: keep_shape(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
     (lambda: keep_appearance(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),

@@ -45,7 +45,7 @@ def edits_for(source, other):
                 keep_own_size_weight=1.2, shape_centroid_weight=2.5)],
         [E.place("square", x=0.3, y=0.7, keep_own_shape_weight=3.0, keep_centroid_weight=1.0, shape_centroid_weight=1.5)],
         [E.resize("square", scale=1.7, keep_centroid_weight=2.0, keep_size_weight=1.0, keep_own_centroid_weight=3.0,
-                  keep_own_shape_weight=2.2), E.keep_appearance(words=["red"])],
+                  keep_own_shape_weight=2.2, keep_own_shape_centroid_weight=1.9), E.keep_appearance(words=["red"])],
         [E.copy_appearance("circle", source, keep_appearance_weight=2.0, keep_shape_weight=1.0),
          E.copy_shape("square", source, translate=(0.1, -0.2), scale=1.3, rotate=20.0)],
         [E.copy_layout(other), E.collage([(source, ["circle"]), (other, ["square"])]), E.restyle(source, ["blue"])],

@@ -162,7 +162,7 @@ def test_every_edit_has_a_kind_and_the_fields_its_settings_may_set():
     held = {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
     own = {"keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight"}
     assert set(KINDS["move"]) == set(KINDS["place"]) == held | own | {"shape_centroid_weight"}
-    assert set(KINDS["resize"]) == held | {"keep_own_centroid_weight", "keep_own_shape_weight"}
+    assert set(KINDS["resize"]) == held | {"keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight"}
     assert KINDS["copy_appearance"] == ("keep_appearance_weight", "keep_shape_weight")
     assert KINDS["copy_layout"] == KINDS["copy_shape"] == KINDS["keep_shape"] == ()
 
