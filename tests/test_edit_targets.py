@@ -898,13 +898,14 @@ def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
 def test_default_weights_and_held_words():
     for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
         assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
-        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else (
-            "keep_own_centroid_weight",)
+        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight", "shape_centroid_weight") if not isinstance(
+            edit, resize) else ("keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight")
         assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight") + own
         assert all(getattr(edit, name) == 0.0 for name in own)
         assert edit.needs_features and edit.needs_reference
     assert move("circle", weight=1.0, keep_centroid_weight=2.0, keep_size_weight=0.0, keep_own_shape_weight=0.0,
-                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0, shape_centroid_weight=0.0).unset == (
+        "keep_shape_weight", "keep_appearance_weight")
     assert not move("circle", keep_appearance_weight=0.0).needs_features
     assert move("circle", keep_appearance_weight=0.0, keep_own_appearance_weight=0.5).needs_features
     assert place("circle", keep_others=False, keep_own_appearance_weight=0.5).needs_features
