@@ -110,14 +110,6 @@ KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_ce
 # short), and moves next to the other object came apart without the appearance hold (14 of 18 tuning
 # moves on target with the size held: docs/edits.md).
 OWN_SHAPE = {"keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
-# The move pulls the centroid of the object's silhouette (its map thresholded at half its range), not
-# of its raw map, guides from step 0, and holds its own log size lightly (0.5): on 39 tuning moves
-# (0.25 in x at 25 steps, 0.2 in x or y at 30) 33 landed, against 25 with the raw centroid from step
-# 1 and 28 without the size hold (the moved object then shrank: area below 0.8x in 6 of 20 moves of
-# 0.2); with the raw centroid a size hold stopped the move short (docs/edits.md, "Which hold keeps a
-# moved object's size").
-SILHOUETTE_MOVE = {"weight": 0.0, "shape_centroid_weight": 4.0, "keep_own_size_weight": 0.5,
-                   "guidance_schedule": {"from_step": 0, "to_share": 0.8}}
 # A resize holds its own centroid, and starts at step 5: from step 1 the whole layout reshuffled while
 # the object grew (drift up to 0.6 of the width); in place within 0.06 and within 25% of the asked ratio
 # in 14 of 18 tuning resizes, against 5 of 18 with the centroid held at 2 from step 1 (docs/edits.md).
@@ -125,15 +117,12 @@ RESIZE_IN_PLACE = {"keep_own_centroid_weight": 8.0, "guidance_schedule": {"from_
 # Photo moves also hold the moved object's own silhouette (the reference's, translated to the target)
 # and, lightly, its own appearance: on the step-25300 weights the object otherwise came apart or lost
 # its colour on the way (6 of 13 move misses; RESULTS.md, "Photo editing: reading").
-# They keep the raw-centroid move from step 1 (the photo screens were run with it; a photo's schedule
-# is the strength's, from these entries).
-PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5,
-              "shape_centroid_weight": 0.0, "keep_own_size_weight": 0.0, "guidance_schedule": {"from_step": 1, "to_share": 0.8}}
+PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
 GUIDANCE_SETTINGS = {
     "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
     "edits": {
-        "move": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE, **SILHOUETTE_MOVE},
-        "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE, **SILHOUETTE_MOVE},
+        "move": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE},
+        "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE},
         # The others' sizes held too: growing x2 took area from the other object (0.63x median) without
         # it; at weight 2 x2 grew less (1.54x median) than at 1 (1.78x), the others held alike (0.97x).
         "resize": {"self_guidance_scale": 1.5, **KEEP_OTHERS, "keep_size_weight": 1.0, **RESIZE_IN_PLACE},
