@@ -93,10 +93,11 @@ def phrase_of(words, word):
 @dataclass
 class Term:
     """One term of an edit's energy, for the batched energies (`sgfast.energies`): the L1 distance of
-    a property (`kind`: "centroid", "size" (log size), "shape" or "appearance") of `word` in the
+    a property (`kind`: "centroid", "shape_centroid" (the silhouette's), "size" (log size), "shape" or
+    "appearance") of `word` in the
     current pass from a target, times `weight`, averaged as `Edit.energy` averages it. The target is
     the same property of `source_word` (default `word`) in `source` (a Trace; None: the unedited
-    reference of this generation), moved by `offset` (centroid), scaled by `scale` (size), moved by
+    reference of this generation), moved by `offset` (centroids), scaled by `scale` (size), moved by
     `transform` (transform_shape's arguments) or to `place` (a place's own silhouette), or `const`."""
 
     kind: str
@@ -239,24 +240,40 @@ class _Moving(_KeepOthers):
     translated to where the object is asked to go), its own size (log ratio to the reference's) and
     its own appearance (the reference's) while it moves: a centroid can reach its target by the
     object growing toward it, and on an inverted photo the object can come apart or change colour
-    on the way. All are off by default (0); the model's settings may set them per edit kind."""
+    on the way. All are off by default (0); the model's settings may set them per edit kind.
+
+    Besides the centroid of the raw map (`weight`), the move may pull the centroid of the object's
+    soft silhouette (the map thresholded at half its range, as `size` and `shape` read it) to the
+    target (`shape_centroid_weight`, 0 by default): a map's faint tail and a spread early map move a
+    raw centroid without the object moving; the silhouette's centroid moves with the object's body.
+    It is a weight of the move itself, not a hold: `keep_others=False` keeps the model's."""
 
     keep_own_shape_weight: float = field(default=None, kw_only=True)
     keep_own_size_weight: float = field(default=None, kw_only=True)
     keep_own_appearance_weight: float = field(default=None, kw_only=True)
+    shape_centroid_weight: float = field(default=None, kw_only=True)
 
     model_defaults = {**_KeepOthers.model_defaults, "keep_own_shape_weight": 0.0, "keep_own_size_weight": 0.0,
-                      "keep_own_appearance_weight": 0.0}
+                      "keep_own_appearance_weight": 0.0, "shape_centroid_weight": 0.0}
     own_holds = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight")
 
     def check_own(self):
         _check_weight(self.keep_own_shape_weight)
         _check_weight(self.keep_own_size_weight)
         _check_weight(self.keep_own_appearance_weight)
+        _check_weight(self.shape_centroid_weight)
         self.needs_features = self.needs_features or self.keep_own_appearance_weight > 0
 
     def offset(self, reference):
         """(dx, dy): where the object is asked to go, from where it is in the reference."""
+        raise NotImplementedError
+
+    def centroid_target(self, centroid):
+        """Where a centroid ([L, 2], the reference's) is asked to go."""
+        raise NotImplementedError
+
+    def centroid_term(self, kind, weight):
+        """The Term of a centroid of `kind` pulled to `centroid_target`."""
         raise NotImplementedError
 
     def own_energy(self, current, reference):
@@ -277,14 +294,22 @@ class _Moving(_KeepOthers):
         energy = super().energy(current, reference, timestep)
         if self.keep_own_shape_weight or self.keep_own_size_weight or self.keep_own_appearance_weight:
             energy = energy + self.own_energy(current, reference)
+        if self.shape_centroid_weight:
+            centroid = current.shape_centroid(self.word)
+            target = self.centroid_target(reference.shape_centroid(self.word).to(centroid))
+            energy = energy + self.shape_centroid_weight * _l1(centroid, target).sum(-1).mean()
         return energy
 
     def own_shape_term(self):
         return Term("shape", self.word, self.keep_own_shape_weight, transform=dict(translate=self.offset(None)))
 
+    def object_terms(self):
+        return [self.centroid_term("centroid", 1.0)]
+
     def terms(self, words):
         return super().terms(words) + [self.own_shape_term(), Term("size", self.word, self.keep_own_size_weight),
-                                       Term("appearance", self.word, self.keep_own_appearance_weight)]
+                                       Term("appearance", self.word, self.keep_own_appearance_weight),
+                                       self.centroid_term("shape_centroid", self.shape_centroid_weight)]
 
 
 @dataclass
@@ -305,13 +330,15 @@ class Move(_Moving):
     def offset(self, reference):
         return (self.dx, self.dy)
 
+    def centroid_target(self, centroid):
+        return centroid + torch.tensor([self.dx, self.dy]).to(centroid)
+
+    def centroid_term(self, kind, weight):
+        return Term(kind, self.word, weight, offset=(self.dx, self.dy))
+
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)
-        target = reference.centroid(self.word).to(centroid) + torch.tensor([self.dx, self.dy]).to(centroid)
-        return _l1(centroid, target).sum(-1).mean()
-
-    def object_terms(self):
-        return [Term("centroid", self.word, 1.0, offset=(self.dx, self.dy))]
+        return _l1(centroid, self.centroid_target(reference.centroid(self.word).to(centroid))).sum(-1).mean()
 
 
 @dataclass
@@ -333,13 +360,15 @@ class Place(_Moving):
         centre = reference.centroid(self.word).detach().mean(0)
         return (self.x - float(centre[0]), self.y - float(centre[1]))
 
+    def centroid_target(self, centroid):
+        return torch.tensor([self.x, self.y]).to(centroid).expand_as(centroid)
+
+    def centroid_term(self, kind, weight):
+        return Term(kind, self.word, weight, const=(self.x, self.y))
+
     def object_energy(self, current, reference):
         centroid = current.centroid(self.word)
-        target = torch.tensor([self.x, self.y]).to(centroid)
-        return _l1(centroid, target).sum(-1).mean()
-
-    def object_terms(self):
-        return [Term("centroid", self.word, 1.0, const=(self.x, self.y))]
+        return _l1(centroid, self.centroid_target(centroid)).sum(-1).mean()
 
     def own_shape_term(self):
         return Term("shape", self.word, self.keep_own_shape_weight, place=(self.x, self.y))
@@ -361,16 +390,23 @@ def _log_size_distance(size, reference, scale=1.0):
 @dataclass
 class Resize(_KeepOthers):
     """Scale the area of `word`'s object by `scale` (> 0) relative to the reference. It may also hold
-    the object's own centroid (`keep_own_centroid_weight`, off by default; the model's settings may
-    set it): it grows or shrinks in place instead of drifting to where there is room."""
+    the object's own centroid (`keep_own_centroid_weight`: of its raw map;
+    `keep_own_shape_centroid_weight`: of its silhouette) and its own silhouette, the reference's
+    scaled about its centroid to the asked area (`keep_own_shape_weight`: `copy_shape` of the
+    reference with scale sqrt(`scale`), which says how big and where at once); all off by default
+    (the model's settings may set them): it grows or shrinks in place instead of drifting to where
+    there is room."""
 
     word: str
     scale: float = 1.0
     weight: float = None  # None: the model's setting, else SIZE_WEIGHT
     keep_own_centroid_weight: float = field(default=None, kw_only=True)
+    keep_own_shape_weight: float = field(default=None, kw_only=True)
+    keep_own_shape_centroid_weight: float = field(default=None, kw_only=True)
     default_weight = SIZE_WEIGHT
-    model_defaults = {**_KeepOthers.model_defaults, "keep_own_centroid_weight": 0.0}
-    own_holds = ("keep_own_centroid_weight",)
+    model_defaults = {**_KeepOthers.model_defaults, "keep_own_centroid_weight": 0.0, "keep_own_shape_weight": 0.0,
+                      "keep_own_shape_centroid_weight": 0.0}
+    own_holds = ("keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight")
 
     def __post_init__(self):
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
@@ -379,6 +415,13 @@ class Resize(_KeepOthers):
 
     def check_own(self):
         _check_weight(self.keep_own_centroid_weight)
+        _check_weight(self.keep_own_shape_weight)
+        _check_weight(self.keep_own_shape_centroid_weight)
+
+    @property
+    def own_transform(self):
+        """The reference silhouette's transform to the asked area: lengths scale as its square root."""
+        return dict(scale=math.sqrt(self.scale))
 
     def object_energy(self, current, reference):
         return _log_size_distance(current.size(self.word), reference.size(self.word), self.scale)
@@ -387,13 +430,23 @@ class Resize(_KeepOthers):
         return [Term("size", self.word, 1.0, scale=self.scale)]
 
     def terms(self, words):
-        return super().terms(words) + [Term("centroid", self.word, self.keep_own_centroid_weight)]
+        return super().terms(words) + [Term("centroid", self.word, self.keep_own_centroid_weight),
+                                       Term("shape", self.word, self.keep_own_shape_weight, transform=self.own_transform),
+                                       Term("shape_centroid", self.word, self.keep_own_shape_centroid_weight)]
 
     def energy(self, current, reference, timestep):
         energy = super().energy(current, reference, timestep)
         if self.keep_own_centroid_weight:
             distance = _l1(current.centroid(self.word), reference.centroid(self.word).to(energy)).sum(-1).mean()
             energy = energy + self.keep_own_centroid_weight * distance
+        if self.keep_own_shape_weight:
+            shapes = current.shape(self.word)
+            targets = [transform_shape(r.to(c)[None, None], **self.own_transform)[0, 0] for r, c in zip(reference.shape(self.word), shapes)]
+            energy = energy + self.keep_own_shape_weight * _shape_distance(shapes, targets)
+        if self.keep_own_shape_centroid_weight:
+            centroid = current.shape_centroid(self.word)
+            distance = _l1(centroid, reference.shape_centroid(self.word).to(centroid)).sum(-1).mean()
+            energy = energy + self.keep_own_shape_centroid_weight * distance
         return energy
 
 

@@ -7,7 +7,8 @@ An `EnergyPlan` is built once per call from the terms of every batch item and th
 - the captured layers' maps arrive flat, `[B, S, N]` per layer, padded to the finest layer's
   `N` by repeating the last pixel (min and max, hence silhouettes, are unchanged; the padding has
   zero weight in every sum), and are stacked once per step: `[L, B, S, N]`;
-- centroid (one matmul against per-layer (1, x, y) columns), silhouette, log size and appearance
+- centroid (one matmul against per-layer (1, x, y) columns; of the silhouette, the same matmul on it),
+  silhouette, log size and appearance
   (one matmul against per-layer bilinear-resize matrices, then one against the features) are
   computed for every layer, item and word together, only the kinds some term reads;
 - every term's target for every guided call is computed before the loop, from the traces stacked
@@ -29,7 +30,8 @@ from sgfast import properties
 from sgfast.edits import L1_SMOOTHING, SIZE_FLOOR
 from sgfast.properties import transform_shape
 
-KINDS = ("centroid", "size", "shape", "appearance")
+KINDS = ("centroid", "shape_centroid", "size", "shape", "appearance")
+CENTROIDS = ("centroid", "shape_centroid")  # kinds of [..., 2] positions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +150,14 @@ class Stacked:
 
     def centroid(self):
         """[..., 2]."""
-        moments = torch.einsum(f"{self.dims}n,lnk->{self.dims}k", self.maps, self.moment_columns)
+        return self._centroid_of(self.maps)
+
+    def shape_centroid(self):
+        """[..., 2]: the silhouette's centroid (the moment columns are zero on the padding)."""
+        return self._centroid_of(self.shape())
+
+    def _centroid_of(self, maps):
+        moments = torch.einsum(f"{self.dims}n,lnk->{self.dims}k", maps, self.moment_columns)
         return moments[..., 1:] / moments[..., :1].clamp_min(properties.EPS)
 
     def shape(self):
@@ -222,11 +231,13 @@ class TraceTargets:
         return self.trace.words.index(word)
 
     def get(self, kind):
-        """[T, L, S, 2] centroids, [T, L, S] log sizes, [T, L, S, N] silhouettes (on the trace's own
+        """[T, L, S, 2] centroids (of maps or silhouettes), [T, L, S] log sizes, [T, L, S, N] silhouettes (on the trace's own
         grids: see `resampled`), [T, S, C] appearances."""
         if kind not in self._cache:
             if kind == "centroid":
                 value = self.props.centroid()
+            elif kind == "shape_centroid":
+                value = self.props.shape_centroid()
             elif kind == "size":
                 value = log_size(self.props.size())
             elif kind == "shape":
@@ -314,7 +325,7 @@ class EnergyPlan:
     def _target(self, b, term):
         """[T, L, 2] / [T, L] / [T, L, N] / [T, C] target of a term at every guided step."""
         steps = len(self.timesteps)
-        if term.kind == "centroid" and term.const is not None:
+        if term.kind in CENTROIDS and term.const is not None:
             const = torch.tensor(term.const, dtype=torch.float32)
             return const.expand(steps, len(self.layers), 2)
         trace = term.source if term.source is not None else self._references[b]
@@ -326,7 +337,7 @@ class EnergyPlan:
         if term.kind == "appearance":
             return value[:, slot]
         value = value[:, :, slot]
-        if term.kind == "centroid" and term.offset is not None:
+        if term.kind in CENTROIDS and term.offset is not None:
             # As the reference formulation builds it: a float32 offset, whatever the maps' dtype.
             value = value + torch.tensor(term.offset).to(value)
         if term.kind == "size" and term.scale != 1.0:
@@ -359,7 +370,7 @@ class EnergyPlan:
 
     def _build(self, terms, dtype, device):
         steps, layers, batch, slots = len(self.timesteps), len(self.layers), self.batch, self.slots
-        tail = {"centroid": (layers, 2), "size": (layers,), "shape": (layers, self.layout.length),
+        tail = {"centroid": (layers, 2), "shape_centroid": (layers, 2), "size": (layers,), "shape": (layers, self.layout.length),
                 "appearance": None}
         planes = {}
         for b, s, term in terms:
@@ -385,7 +396,7 @@ class EnergyPlan:
             targets[kind][:, plane, b, s] = value
             weights[kind][plane, b, s] = self._weights(kind, term.weight, value.shape[1:], pixel_means, dtype, device)
         # Layers first within a plane, as the current properties come: [P, L, B, S, ...].
-        order = {"centroid": (0, 1, 4, 2, 3, 5), "size": (0, 1, 4, 2, 3), "shape": (0, 1, 4, 2, 3, 5),
+        order = {"centroid": (0, 1, 4, 2, 3, 5), "shape_centroid": (0, 1, 4, 2, 3, 5), "size": (0, 1, 4, 2, 3), "shape": (0, 1, 4, 2, 3, 5),
                  "appearance": (0, 1, 2, 3, 4)}
         self.target_table = torch.cat(
             [targets[k].permute(*order[k]).reshape(steps, -1) for k in self.kinds], dim=1
@@ -399,7 +410,7 @@ class EnergyPlan:
     def _weights(self, kind, weight, shape, pixel_means, dtype, device):
         """Each element's share of its term: the term's means (over layers, pixels, channels) folded in."""
         layers = len(self.layers)
-        if kind == "centroid":
+        if kind in CENTROIDS:
             return torch.full(shape, weight / layers, dtype=dtype, device=device)
         if kind == "size":
             return torch.full(shape, weight / layers, dtype=dtype, device=device)
@@ -420,6 +431,8 @@ class EnergyPlan:
         for kind in self.kinds:
             if kind == "centroid":
                 value = props.centroid()
+            elif kind == "shape_centroid":
+                value = props.shape_centroid()
             elif kind == "size":
                 value = log_size(props.size())
             elif kind == "shape":

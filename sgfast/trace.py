@@ -107,6 +107,10 @@ class View:
         """[L, 2], one (x, y) per captured layer."""
         return torch.cat([properties.centroid(m)[0] for m in self.layer_maps(word)])
 
+    def shape_centroid(self, word):
+        """[L, 2]: the centroid of each layer's soft silhouette (the map thresholded, see `shape`)."""
+        return torch.cat([properties.centroid(properties.shape(m, self.sharpness))[0] for m in self.layer_maps(word)])
+
     def size(self, word):
         """[L]."""
         return torch.cat([properties.size(m, self.sharpness)[0] for m in self.layer_maps(word)])

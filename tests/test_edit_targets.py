@@ -261,6 +261,108 @@ def test_keep_own_shape_is_the_reference_silhouette_copied_to_the_target():
         assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), kind
 
 
+def test_resize_own_shape_is_the_reference_silhouette_scaled_about_its_centroid():
+    """A resize's own-shape term is copy_shape of the object's reference silhouette scaled about its
+    centroid by the square root of the asked area ratio, at the term's weight."""
+    scene = two_objects(circle=blob(0.45, 0.45, 0.12, 0.1))
+    reference = two_objects(circle=blob(0.4, 0.5, 0.09, 0.07)).traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+
+    def energy(edit):
+        with torch.no_grad():
+            return energy_of([[edit]], scene.capture([["circle"]]), [words], [["circle"]], reference, T).item()
+
+    for scale in (2.0, 0.5):
+        held = energy(resize("circle", scale, keep_others=False, keep_own_shape_weight=1.3))
+        plain = energy(resize("circle", scale, keep_others=False))
+        copied = energy(copy_shape("circle", reference[0], scale=math.sqrt(scale), weight=1.3))
+        assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), scale
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5])
+def test_resize_own_shape_scales_a_drifted_object_in_place(scale):
+    """With its own scaled silhouette held (and no size or centroid term), a drifted object goes back
+    to its place at the asked area; without it, it stays where it drifted."""
+    reference = two_objects().traces()
+    result = {}
+    for name, own in (("with", 6.0), ("without", 0.0)):
+        scene = disturbed(two_objects(), "circle", by=(0.1, -0.08))
+        with torch.no_grad():
+            scene.params[0]["red"][:2] += torch.tensor([0.1, -0.08], dtype=torch.float64)
+        scene.guide([[resize("circle", scale, weight=0.0 if own else 2.0, keep_others=False, keep_own_shape_weight=own)]],
+                    reference, steps=250)
+        result[name] = ((scene.centre(0, "circle") - CIRCLE[:2]).norm().item(), scene.area(0, "circle") / (0.08 * 0.08))
+    assert result["with"][0] < 0.02 and result["without"][0] > 0.05
+    assert result["with"][1] == pytest.approx(scale, rel=0.2)
+
+
+def silhouette_centroid(params, size, sharpness=10.0):
+    """The centroid of a blob's soft silhouette, written out: min-max normalise the map, a sigmoid at
+    one half, min-max normalise again, then the mass-weighted mean pixel centre."""
+    m = render(params, *size)
+    m = (m - m.min()) / (m.max() - m.min())
+    s = torch.sigmoid(sharpness * (m - 0.5))
+    s = (s - s.min()) / (s.max() - s.min())
+    ys = (torch.arange(size[0], dtype=torch.float64) + 0.5) / size[0]
+    xs = (torch.arange(size[1], dtype=torch.float64) + 0.5) / size[1]
+    return torch.stack([(s * xs[None, :]).sum() / s.sum(), (s * ys[:, None]).sum() / s.sum()])
+
+
+def test_shape_centroid_is_the_silhouettes_centroid_to_the_target():
+    """A move's or a place's shape-centroid term is the smooth L1 distance of the silhouette's centroid
+    (per layer, then averaged) from the reference's moved by (dx, dy), or from (x, y), at its weight;
+    a resize's own shape-centroid hold the distance from the reference's."""
+    from sgfast import edits as edits_module
+
+    now, ref = blob(0.5, 0.4, 0.11, 0.09, 30.0), blob(0.35, 0.55, 0.09, 0.07)
+    scene = two_objects(circle=now)
+    reference = two_objects(circle=ref).traces()
+    words = PromptWords(PROMPT, PROMPT.split(), [[i + 1] for i in range(7)])
+
+    def energy(edit):
+        with torch.no_grad():
+            return energy_of([[edit]], scene.capture([["circle"]]), [words], [["circle"]], reference, T).item()
+
+    def distance(target_of):
+        per_layer = [edits_module._l1(silhouette_centroid(now, size), target_of(silhouette_centroid(ref, size))).sum()
+                     for size in LAYERS.values()]
+        return torch.stack(per_layer).mean().item()
+
+    # The offset as the edits build it: a float32 (dx, dy), whatever the maps' dtype.
+    moved = distance(lambda c: c + torch.tensor([0.15, -0.1]).to(c))
+    placed = distance(lambda c: torch.tensor([0.6, 0.3]).to(c))
+    assert moved > 0.02 and placed > 0.05
+    assert energy(move("circle", dx=0.15, dy=-0.1, keep_others=False, shape_centroid_weight=2.5)) == pytest.approx(
+        energy(move("circle", dx=0.15, dy=-0.1, keep_others=False)) + 2.5 * moved, rel=1e-9)
+    assert energy(place("circle", 0.6, 0.3, keep_others=False, shape_centroid_weight=2.5)) == pytest.approx(
+        energy(place("circle", 0.6, 0.3, keep_others=False)) + 2.5 * placed, rel=1e-9)
+    held = distance(lambda c: c)  # a resize's own silhouette centroid, held where it was
+    assert held > 0.05
+    assert energy(resize("circle", 2.0, keep_others=False, keep_own_shape_centroid_weight=1.5)) == pytest.approx(
+        energy(resize("circle", 2.0, keep_others=False)) + 1.5 * held, rel=1e-9)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda: move("circle", dx=0.15, dy=-0.1, weight=0.0, keep_others=False, shape_centroid_weight=4.0),
+    lambda: place("circle", 0.6, 0.35, weight=0.0, keep_others=False, shape_centroid_weight=4.0),
+])
+def test_shape_centroid_alone_carries_the_object_to_the_target(edit):
+    reference = two_objects().traces()
+    scene = two_objects()
+    scene.guide([[edit()]], reference, steps=250)
+    torch.testing.assert_close(scene.centre(0, "circle"), torch.tensor([0.6, 0.35], dtype=torch.float64), atol=0.03, rtol=0)
+
+
+def test_shape_centroid_weight_is_the_models_even_without_keep_others():
+    """It is a weight of the move, not a hold: keep_others=False leaves it to the model's settings."""
+    from sgfast.settings import GuidanceSettings
+
+    settings = GuidanceSettings(edits={"move": {"shape_centroid_weight": 3.0, "keep_own_shape_weight": 4.0}})
+    plain = settings.fill(move("circle", dx=0.2, keep_others=False))
+    assert (plain.shape_centroid_weight, plain.keep_own_shape_weight) == (3.0, 0.0)
+    assert settings.fill(move("circle", dx=0.2, shape_centroid_weight=0.0)).shape_centroid_weight == 0.0
+
+
 @pytest.mark.parametrize("edit", [
     lambda own: move("circle", dx=0.15, dy=-0.1, keep_others=False, keep_own_size_weight=own),
     lambda own: place("circle", 0.6, 0.35, keep_others=False, keep_own_size_weight=own),
@@ -697,6 +799,11 @@ def test_bad_copy_shape_arguments(build, message):
     (lambda: place("circle", keep_own_appearance_weight=float("nan")), r"^weight must be a finite number >= 0, got nan$"),
     (lambda: move("circle", keep_own_appearance_weight="2"), r"^weight must be a finite number >= 0, got '2'$"),
     (lambda: resize("circle", 2.0, keep_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: resize("circle", 2.0, keep_own_shape_weight=-2.0), r"^weight must be a finite number >= 0, got -2.0$"),
+    (lambda: resize("circle", 2.0, keep_own_shape_weight="4"), r"^weight must be a finite number >= 0, got '4'$"),
+    (lambda: move("circle", shape_centroid_weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
+    (lambda: resize("circle", 2.0, keep_own_shape_centroid_weight=-3.0), r"^weight must be a finite number >= 0, got -3.0$"),
+    (lambda: place("circle", shape_centroid_weight=float("inf")), r"^weight must be a finite number >= 0, got inf$"),
     (lambda: keep_shape(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
     (lambda: keep_appearance(weight=-1.0), r"^weight must be a finite number >= 0, got -1.0$"),
 ])
@@ -791,13 +898,14 @@ def test_keep_terms_are_the_held_objects_shape_and_centroid_distances():
 def test_default_weights_and_held_words():
     for edit, weight in [(move("circle"), 4.0), (place("circle"), 4.0), (resize("circle", 2.0), 2.0)]:
         assert (edit.weight, edit.keep_shape_weight, edit.keep_appearance_weight, edit.keep_centroid_weight) == (weight, 6.0, 12.0, 0.0)
-        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight") if not isinstance(edit, resize) else (
-            "keep_own_centroid_weight",)
+        own = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight", "shape_centroid_weight") if not isinstance(
+            edit, resize) else ("keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight")
         assert edit.unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight") + own
         assert all(getattr(edit, name) == 0.0 for name in own)
         assert edit.needs_features and edit.needs_reference
     assert move("circle", weight=1.0, keep_centroid_weight=2.0, keep_size_weight=0.0, keep_own_shape_weight=0.0,
-                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0).unset == ("keep_shape_weight", "keep_appearance_weight")
+                keep_own_size_weight=0.0, keep_own_appearance_weight=0.0, shape_centroid_weight=0.0).unset == (
+        "keep_shape_weight", "keep_appearance_weight")
     assert not move("circle", keep_appearance_weight=0.0).needs_features
     assert move("circle", keep_appearance_weight=0.0, keep_own_appearance_weight=0.5).needs_features
     assert place("circle", keep_others=False, keep_own_appearance_weight=0.5).needs_features

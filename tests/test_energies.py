@@ -42,9 +42,10 @@ def edits_for(source, other):
     return [
         [E.move("circle", dx=0.25), E.keep_shape(), E.keep_shape(words=["square"], weight=3.0)],
         [E.move("circle", dx=-0.1, dy=0.2, keep_others=False, keep_own_shape_weight=2.0, keep_own_appearance_weight=1.5,
-                keep_own_size_weight=1.2)],
-        [E.place("square", x=0.3, y=0.7, keep_own_shape_weight=3.0, keep_centroid_weight=1.0)],
-        [E.resize("square", scale=1.7, keep_centroid_weight=2.0, keep_size_weight=1.0, keep_own_centroid_weight=3.0), E.keep_appearance(words=["red"])],
+                keep_own_size_weight=1.2, shape_centroid_weight=2.5)],
+        [E.place("square", x=0.3, y=0.7, keep_own_shape_weight=3.0, keep_centroid_weight=1.0, shape_centroid_weight=1.5)],
+        [E.resize("square", scale=1.7, keep_centroid_weight=2.0, keep_size_weight=1.0, keep_own_centroid_weight=3.0,
+                  keep_own_shape_weight=2.2, keep_own_shape_centroid_weight=1.9), E.keep_appearance(words=["red"])],
         [E.copy_appearance("circle", source, keep_appearance_weight=2.0, keep_shape_weight=1.0),
          E.copy_shape("square", source, translate=(0.1, -0.2), scale=1.3, rotate=20.0)],
         [E.copy_layout(other), E.collage([(source, ["circle"]), (other, ["square"])]), E.restyle(source, ["blue"])],
@@ -82,7 +83,7 @@ def test_batched_energies_equal_the_per_layer_formulation(step):
     plan = EnergyPlan(items, layout, TIMESTEPS, list(range(len(TIMESTEPS))), LAYERS, FEATURE_GRID, dtype=torch.float64)
     stacked = torch.stack([layout.pad(m.flatten(-2)) for m in maps.values()])
     got = plan.energy(stacked, features, plan.target_table[step])
-    assert set(plan.kinds) == {"centroid", "size", "shape", "appearance"} and plan.planes["shape"] >= 2
+    assert set(plan.kinds) == {"centroid", "shape_centroid", "size", "shape", "appearance"} and plan.planes["shape"] >= 2
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     inputs = list(maps.values()) + [features]
     grads = torch.autograd.grad(got, inputs)

@@ -147,7 +147,7 @@ def test_calls_are_bare_unless_a_scale_is_swept():
     assert [c[0] for c in calls] == ["Move", "Resize", "Resize", "CopyAppearance", "CopyAppearance", "CopyLayout"]
     assert all(extra == set() for _, extra, _, _ in calls)  # the model's own settings decide the rest
     assert calls[0][3].unset == ("weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight",
-                                 "keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight")
+                                 "keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight", "shape_centroid_weight")
     calls.clear()
     quality.run(sg, 1, 10, 5.0, progress=lambda line: None, scale=2.5, edits=("resize",))
     assert [(c[0], c[2]) for c in calls] == [("Resize", 2.5), ("Resize", 2.5)]

@@ -108,7 +108,7 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"photo": {"strength": 0}}, "photo strength must be a number in (0, 1]"),
         ({"photo": {"mode": "fast"}}, "unknown photo keys ['mode']"),
         ({"photo": {"edits": {"move": {"sharpness": 2}}}}, "photo edits.move: unknown setting 'sharpness'"),
-        ({"photo": {"edits": {"resize": {"keep_own_shape_weight": 2}}}}, "photo edits.resize: unknown setting 'keep_own_shape_weight'"),
+        ({"photo": {"edits": {"resize": {"keep_own_size_weight": 2}}}}, "photo edits.resize: unknown setting 'keep_own_size_weight'"),
         ({"photo": {"edits": {"move": {"keep_own_appearance_weight": -1}}}}, "keep_own_appearance_weight must be a finite number >= 0"),
     ],
 )
@@ -161,8 +161,8 @@ def test_every_edit_has_a_kind_and_the_fields_its_settings_may_set():
     assert kind_of(edits_module.CopyAppearance) == "copy_appearance" and "copy_layout" in KINDS and "keep_shape" in KINDS
     held = {"weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight", "keep_size_weight"}
     own = {"keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight"}
-    assert set(KINDS["move"]) == set(KINDS["place"]) == held | own
-    assert set(KINDS["resize"]) == held | {"keep_own_centroid_weight"}
+    assert set(KINDS["move"]) == set(KINDS["place"]) == held | own | {"shape_centroid_weight"}
+    assert set(KINDS["resize"]) == held | {"keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight"}
     assert KINDS["copy_appearance"] == ("keep_appearance_weight", "keep_shape_weight")
     assert KINDS["copy_layout"] == KINDS["copy_shape"] == KINDS["keep_shape"] == ()
 
