@@ -26,9 +26,15 @@ APPEARANCE_WEIGHT = 12.0
 STOP_WORDS = frozenset("a an the and of with on in at to its is are , . ; : ! ?".split())
 
 
-def _check_weight(weight):
+def _check_weight(weight, name="weight"):
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
+
+
+def _check_weights(edit, *names):
+    """Each of the edit's weights `names`, named in the error when one is bad."""
+    for name in names:
+        _check_weight(getattr(edit, name), name)
 
 
 def _check_unit(name, value, low, high):
@@ -177,9 +183,8 @@ class _KeepOthers(Edit):
             self.unset = tuple(name for name in self.unset if name not in self.own_holds)
         for name in self.unset:
             setattr(self, name, self.default_weight if name == "weight" else self.model_defaults[name])
-        for w in (self.weight, self.keep_shape_weight, self.keep_appearance_weight, self.keep_centroid_weight,
-                  self.keep_size_weight):
-            _check_weight(w)
+        _check_weights(self, "weight", "keep_shape_weight", "keep_appearance_weight", "keep_centroid_weight",
+                       "keep_size_weight")
         self.word = self.word.strip().lower()
         self.needs_features = self.keep_others and self.keep_appearance_weight > 0
         self.check_own()
@@ -258,10 +263,8 @@ class _Moving(_KeepOthers):
     own_holds = ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight")
 
     def check_own(self):
-        _check_weight(self.keep_own_shape_weight)
-        _check_weight(self.keep_own_size_weight)
-        _check_weight(self.keep_own_appearance_weight)
-        _check_weight(self.shape_centroid_weight)
+        _check_weights(self, "keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight",
+                       "shape_centroid_weight")
         self.needs_features = self.needs_features or self.keep_own_appearance_weight > 0
 
     def offset(self, reference):
@@ -414,9 +417,7 @@ class Resize(_KeepOthers):
         super().__post_init__()
 
     def check_own(self):
-        _check_weight(self.keep_own_centroid_weight)
-        _check_weight(self.keep_own_shape_weight)
-        _check_weight(self.keep_own_shape_centroid_weight)
+        _check_weights(self, "keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight")
 
     @property
     def own_transform(self):
@@ -459,7 +460,7 @@ class KeepShape(Edit):
     needs_reference = True
 
     def __post_init__(self):
-        _check_weight(self.weight)
+        _check_weights(self, "weight")
 
     def needed_words(self, prompt_words):
         chosen = self.words if self.words is not None else content_words(prompt_words.words)
@@ -509,8 +510,7 @@ class CopyAppearance(Edit):
         self.unset = tuple(name for name in self.model_defaults if getattr(self, name) is None)
         for name in self.unset:
             setattr(self, name, self.model_defaults[name])
-        for w in (self.weight, self.keep_appearance_weight, self.keep_shape_weight):
-            _check_weight(w)
+        _check_weights(self, "weight", "keep_appearance_weight", "keep_shape_weight")
         self.word = self.word.strip().lower()
         self.source_word = self.source.index(self.source_word or self.word)
         self.needs_reference = self.keep_appearance_weight > 0 or self.keep_shape_weight > 0
@@ -556,7 +556,7 @@ class CopyShape(Edit):
     weight: float = SHAPE_WEIGHT
 
     def __post_init__(self):
-        _check_weight(self.weight)
+        _check_weights(self, "weight")
         for name, value in zip(("translate x", "translate y"), self.translate):
             _check_unit(name, value, -1.0, 1.0)
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -590,7 +590,7 @@ class CopyLayout(Edit):
     weight: float = SHAPE_WEIGHT
 
     def __post_init__(self):
-        _check_weight(self.weight)
+        _check_weights(self, "weight")
         if self.words is not None:
             self.words = [self.source.index(w) for w in self.words]
 
@@ -628,8 +628,7 @@ class Collage(Edit):
     needs_features = True
 
     def __post_init__(self):
-        _check_weight(self.shape_weight)
-        _check_weight(self.appearance_weight)
+        _check_weights(self, "shape_weight", "appearance_weight")
         self.sources = {}
         for source, words in self.parts:
             for word in words:
@@ -670,8 +669,7 @@ class Restyle(Edit):
     needs_features = True
 
     def __post_init__(self):
-        _check_weight(self.weight)
-        _check_weight(self.keep_shape_weight)
+        _check_weights(self, "weight", "keep_shape_weight")
         self.style_words = [self.source.index(w) for w in self.style_words]
         self.needs_reference = self.keep_layout
 

@@ -1,6 +1,6 @@
 """The object edits' own holds and `keep_others` in a request's edits, as the library takes them (move
-and place: keep_own_shape_weight, keep_own_size_weight, keep_own_appearance_weight; resize:
-keep_own_centroid_weight): each reaches the edit the pipeline is called with, and a bad value (negative,
+and place: keep_own_shape_weight, keep_own_size_weight, keep_own_appearance_weight, shape_centroid_weight;
+resize: keep_own_centroid_weight, keep_own_shape_weight, keep_own_shape_centroid_weight): each reaches the edit the pipeline is called with, and a bad value (negative,
 over the cap, not a number, a field the edit does not have) is a 422 in the one error schema, naming the
 field, before anything runs."""
 
@@ -18,9 +18,9 @@ from sgfast.testing import tiny_pipeline  # noqa: E402
 
 PROMPT = "a red circle and a blue square"
 OWN_HOLDS = {
-    "move": ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight"),
-    "place": ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight"),
-    "resize": ("keep_own_centroid_weight",),
+    "move": ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight", "shape_centroid_weight"),
+    "place": ("keep_own_shape_weight", "keep_own_size_weight", "keep_own_appearance_weight", "shape_centroid_weight"),
+    "resize": ("keep_own_centroid_weight", "keep_own_shape_weight", "keep_own_shape_centroid_weight"),
 }
 TARGET = {"move": {"dx": 0.25}, "place": {"x": 0.3, "y": 0.6}, "resize": {"scale": 2.0}}
 
@@ -90,7 +90,7 @@ BAD = [
     (edit_of("resize", keep_others="no"), ["keep_others"], "a valid boolean"),
     (edit_of("move", keep_shape_weight="4"), ["keep_shape_weight"], "a valid number"),
     (edit_of("move", keep_own_centroid_weight=8), [], "'keep_own_centroid_weight': not a field of a move edit"),
-    (edit_of("resize", keep_own_shape_weight=4), [], "'keep_own_shape_weight': not a field of a resize edit"),
+    (edit_of("resize", keep_own_size_weight=4), [], "'keep_own_size_weight': not a field of a resize edit"),
     (edit_of("place", keep_own_shape_wieght=4), [], "'keep_own_shape_wieght': not a field of a place edit; its fields: "),
 ]
 

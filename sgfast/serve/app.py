@@ -16,8 +16,9 @@
 Edits (by word of the prompt): move (dx, dy), place (x, y in [0, 1]), resize (scale), keep_shape and
 keep_appearance (words); each takes an optional `weight`, the object edits `keep_others` and the
 keep terms' weights (`keep_shape_weight`, `keep_appearance_weight`, `keep_centroid_weight`, `keep_size_weight`),
-move and place their own holds (`keep_own_shape_weight`, `keep_own_size_weight`, `keep_own_appearance_weight`),
-resize its own (`keep_own_centroid_weight`); weights are numbers >= 0, an unknown field is a 422. Other fields:
+move and place their own holds (`keep_own_shape_weight`, `keep_own_size_weight`, `keep_own_appearance_weight`)
+and `shape_centroid_weight`, resize its own (`keep_own_centroid_weight`, `keep_own_shape_weight`,
+`keep_own_shape_centroid_weight`); weights are numbers >= 0, an unknown field is a 422. Other fields:
 negative_prompt, self_guidance_scale, normalize_gradient, size (a side, or [width, height]), format
 ("json" or "png").
 

@@ -59,6 +59,7 @@ class _MovingEdit(_ObjectEdit):
     keep_own_shape_weight: Optional[float] = _weight("the object's unedited silhouette, translated to its target")
     keep_own_size_weight: Optional[float] = _weight("the object's size, as the log ratio to its unedited size")
     keep_own_appearance_weight: Optional[float] = _weight("the object's appearance")
+    shape_centroid_weight: Optional[float] = _weight("the move's pull on the object's silhouette's centroid")
 
 
 class MoveEdit(_MovingEdit):
@@ -77,6 +78,8 @@ class ResizeEdit(_ObjectEdit):
     type: Literal["resize"]
     scale: float = Field(gt=0, le=16)
     keep_own_centroid_weight: Optional[float] = _weight("the object's centroid, where it was unedited")
+    keep_own_shape_weight: Optional[float] = _weight("the object's unedited silhouette, scaled about its centroid")
+    keep_own_shape_centroid_weight: Optional[float] = _weight("the object's silhouette's centroid, where it was")
 
 
 class KeepShapeEdit(_Edit):
