@@ -120,7 +120,7 @@ def guidance_term(grad, scale):
 
 
 ENERGY_METHODS = ("energy", "object_energy", "keep_energy", "own_energy")
-TERM_METHODS = ("terms", "object_terms", "keep_terms", "own_shape_term")
+TERM_METHODS = ("terms", "object_terms", "keep_terms", "own_shape_term", "centroid_term")
 
 
 def has_terms(edit):

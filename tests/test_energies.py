@@ -129,3 +129,19 @@ def test_a_float64_pipeline_runs_its_energies_in_float64():
     assert out.images.dtype == torch.float64 and len(out.energies) == 2
     # Step 0 starts where the reference is: the centroid is 0.25 (a float32 0.25) from its target, in x.
     assert out.energies[0][1] == pytest.approx(4.0 * (0.25 - 0.5 * 0.02), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", [E.Move, E.Place, E.Resize, E.KeepShape, E.KeepAppearance, E.CopyAppearance,
+                                  E.CopyShape, E.CopyLayout, E.Collage, E.Restyle])
+def test_every_built_in_edit_runs_through_the_batched_energies(kind):
+    """A built-in edit whose energy the batched plan describes (its terms), so that fast mode and CUDA
+    graphs take it; only a user's own energy() goes through the per-layer path."""
+    from sgfast.guided import has_terms
+
+    assert has_terms(kind.__new__(kind))
+
+    class OwnEnergy(kind):
+        def energy(self, current, reference, timestep):
+            return 0.0
+
+    assert not has_terms(OwnEnergy.__new__(OwnEnergy))
