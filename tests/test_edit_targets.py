@@ -279,6 +279,14 @@ def test_resize_own_shape_is_the_reference_silhouette_scaled_about_its_centroid(
         assert copied > 0.01 and held == pytest.approx(plain + copied, rel=1e-9), scale
 
 
+def drifted_circle():
+    """The two-object scene with the circle drifted by (0.1, -0.08) off its reference place."""
+    scene = disturbed(two_objects(), "circle", by=(0.1, -0.08))
+    with torch.no_grad():
+        scene.params[0]["red"][:2] += torch.tensor([0.1, -0.08], dtype=torch.float64)
+    return scene
+
+
 @pytest.mark.parametrize("scale", [2.0, 0.5])
 def test_resize_own_shape_scales_a_drifted_object_in_place(scale):
     """With its own scaled silhouette held (and no size or centroid term), a drifted object goes back
@@ -286,9 +294,7 @@ def test_resize_own_shape_scales_a_drifted_object_in_place(scale):
     reference = two_objects().traces()
     result = {}
     for name, own in (("with", 6.0), ("without", 0.0)):
-        scene = disturbed(two_objects(), "circle", by=(0.1, -0.08))
-        with torch.no_grad():
-            scene.params[0]["red"][:2] += torch.tensor([0.1, -0.08], dtype=torch.float64)
+        scene = drifted_circle()
         scene.guide([[resize("circle", scale, weight=0.0 if own else 2.0, keep_others=False, keep_own_shape_weight=own)]],
                     reference, steps=250)
         result[name] = ((scene.centre(0, "circle") - CIRCLE[:2]).norm().item(), scene.area(0, "circle") / (0.08 * 0.08))
@@ -389,9 +395,7 @@ def test_keep_own_centroid_grows_a_drifted_object_in_place(scale):
     reference = two_objects().traces()
     result = {}
     for name, own in (("with", 4.0), ("without", 0.0)):
-        scene = disturbed(two_objects(), "circle", by=(0.1, -0.08))
-        with torch.no_grad():
-            scene.params[0]["red"][:2] += torch.tensor([0.1, -0.08], dtype=torch.float64)
+        scene = drifted_circle()
         scene.guide([[resize("circle", scale, keep_others=False, keep_own_centroid_weight=own)]], reference, steps=250)
         result[name] = ((scene.centre(0, "circle") - CIRCLE[:2]).norm().item(), scene.area(0, "circle") / (0.08 * 0.08))
     assert result["with"][0] < 0.02 and result["without"][0] > 0.05  # it drifted 0.13
