@@ -16,8 +16,7 @@ NAME = "default-mmdit"
 # unconditional prediction holds about two objects' worth of foreground (the training scenes' mean),
 # so a one- or two-object caption's difference from it points at less foreground than it names.
 # Measured at step 4764 (`python -m benchmarks.quality_gate --seeds 40 --guidance 1,1.5,2,3`): right
-# colours and count 42.5% / 52.5% / 52.5% / 42.5%; blank images of one-object captions at 1 / 3 / 5 / 8:
-# 1, 19, 24, 30 of 36.
+# colours and count 42.5% / 52.5% / 52.5% / 42.5% (docs/builtin-mmdit.md, "Guidance scale").
 GUIDANCE_SCALE = 2.0
 
 # Untuned starting values (the UNet model's defaults): the MMDiT's energies have not been swept yet.
