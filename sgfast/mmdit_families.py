@@ -59,6 +59,7 @@ class StableDiffusion3:
 
     name = "Stable Diffusion 3"
     pipeline_class = StableDiffusion3Pipeline
+    cfg_argument = "guidance_scale"  # the call argument whose value above 1 turns CFG on
     # The family's own call arguments a trace records, besides the size, schedule, guidance scale and
     # negative prompt (max_sequence_length also sets which T5 pieces a word's map reads).
     recorded_arguments = ("negative_prompt_2", "negative_prompt_3", "max_sequence_length", "skip_guidance_layers",
@@ -116,6 +117,14 @@ class StableDiffusion3:
         """What a trace records of the family's own arguments (a call with the trace takes them)."""
         return {name: call[name] for name in self.recorded_arguments}
 
+    def encode_image(self, pixels):
+        """The clean latents of `pixels` ([-1, 1]) as the transformer sees them: the inverse of the
+        pipeline's decoding, latents / scaling_factor + shift_factor."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.transformer.dtype)
+
 
 class Flux(StableDiffusion3):
     """FluxPipeline: the joint sequence is [text, image], text is T5 only (CLIP gives the pooled vector);
@@ -124,6 +133,7 @@ class Flux(StableDiffusion3):
 
     name = "FLUX.1"
     pipeline_class = FluxPipeline
+    cfg_argument = "true_cfg_scale"
     recorded_arguments = ("negative_prompt_2", "true_cfg_scale", "max_sequence_length")
 
     def prompt_words(self, prompt, max_sequence_length):
@@ -152,6 +162,10 @@ class Flux(StableDiffusion3):
 
     def is_side_call(self, kwargs, first_in_step):
         return not first_in_step  # the negative prompt's pass comes second
+
+    def encode_image(self, pixels):
+        latents = super().encode_image(pixels)
+        return self.pipe._pack_latents(latents, *latents.shape)  # 2x2 patches into tokens, as the pipeline packs
 
 
 MMDIT_FAMILIES = (StableDiffusion3, Flux)

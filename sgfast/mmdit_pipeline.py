@@ -102,8 +102,36 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             max_sequence_length = call_arguments(self.pipe, None, {})["max_sequence_length"]
         return self.family.prompt_words(prompt, max_sequence_length)
 
-    def trace_image(self, *args, **kwargs):
-        raise NotImplementedError(f"trace_image is not available for {self.family.name} pipelines yet")
+    @torch.no_grad()
+    def trace_image(self, image, prompt, num_inference_steps=50, generator=None, noise=None, **kwargs):
+        """Record a real image's properties as a source for edits (the paper's way): encode it with the
+        VAE, noise it to each sigma of the flow schedule (x_s = (1 - s) x0 + s eps), run the conditional
+        transformer and record every word's maps and appearance. `image`: PIL image, numpy array in
+        [0, 1] or tensor in [-1, 1]; `kwargs`: further arguments of the pipeline's call (sigmas, mu,
+        max_sequence_length, FLUX's guidance_scale embedding). The transformer runs through diffusers'
+        own call (its prompt encoding, timesteps and ids), without CFG and with its latents replaced."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        pixels = pipe.image_processor.preprocess(image).to(device=device)
+        if pixels.shape[0] != 1:
+            raise ValueError("trace_image takes one image")
+        height, width = pixels.shape[-2:]
+        clean = self.family.encode_image(pixels)
+        if noise is None:
+            noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device="cpu").to(device)
+        elif noise.shape != clean.shape:
+            raise ValueError(f"noise must have the latents' shape {tuple(clean.shape)}, got {tuple(noise.shape)}")
+        call = call_arguments(pipe, prompt, dict({self.family.cfg_argument: 1.0, **kwargs}, num_inference_steps=num_inference_steps,
+                                                 height=height, width=width, output_type="latent", return_dict=False))
+        if self.family.do_cfg(call):
+            raise ValueError("trace_image records the conditional pass only: leave out the negative prompt and CFG")
+        words = self._prompt_words(prompt, call["max_sequence_length"])
+        trace = Trace(prompt, list(dict.fromkeys(words.words)), image_size=(height, width))
+        run = _Run(self, call, self.family.grid(height, width), [words], [None])
+        run.traces, run.image = [trace], (clean, noise)
+        with self._capture:
+            run.generate(call)
+        return trace
 
     def invert(self, *args, **kwargs):
         raise NotImplementedError(f"invert is not available for {self.family.name} pipelines yet")
@@ -225,6 +253,7 @@ class _Run:
         self.call, self.grid, self.prompt_words, self.trace_settings = call, grid, prompt_words, trace_settings
         self.traces, self.edits, self.initial = None, None, None
         self.energies = []
+        self.image = None  # (clean latents, noise): trace_image's, noised to each step's sigma instead of the sampler's latents
 
     def guide(self, edits, references, schedule, scale, normalize, energies):
         self.edits, self.references, self.schedule = edits, references, schedule
@@ -273,6 +302,10 @@ class _Run:
             return forward(*args, **kwargs)
         total = kwargs["hidden_states"].shape[0]
         rows = self.family.cond_rows(total, self.call)
+        if self.image is not None:
+            clean, noise = self.image
+            sigma = flow_sigma(self.pipe.scheduler, self._timestep())
+            kwargs = dict(kwargs, hidden_states=((1 - sigma) * clean + sigma * noise).to(kwargs["hidden_states"].dtype))
         guided = self.edits is not None and self.step < len(self.schedule) and self.schedule[self.step]
         if guided and can_guide_flow(flow_sigma(self.pipe.scheduler, self._timestep())):
             return self._guided(forward, kwargs, rows, total)

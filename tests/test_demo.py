@@ -50,8 +50,7 @@ def test_demo_images_are_the_librarys(tmp_path):
 
 
 def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
-    # The SD3 family has no trace_image: the sheet shows the move's and the resize's own maps, and
-    # leaves out the copy appearance row (its prompt is not the sheet's).
+    # Every edited row's maps are read back from its image (trace_image), as on the UNet model.
     out = tmp_path / "demo"
     main(["demo", "--model", "default-mmdit", "--steps", "2", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -59,7 +58,7 @@ def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
     for name in ("original.png", "source.png", "move.png", "resize.png", "appearance.png", "sheet.png"):
         assert (out / name).exists() and str(out / name) in printed
     assert PIL.Image.open(out / "move.png").size == (64, 64)
-    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 3 * (192 + 18))
+    assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 4 * (192 + 18))
 
 
 def test_demo_side_effects_line():

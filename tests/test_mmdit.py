@@ -511,3 +511,67 @@ def test_fast_mode_without_edits_and_at_zero_scale_is_diffusers_own(family, sd3,
     np.testing.assert_array_equal(got, expected)
     _, zero = same_call(pipe, lambda **k: sg(edits=[move("circle", dx=0.2)], self_guidance_scale=0, **k), **kwargs)
     np.testing.assert_array_equal(zero, expected)
+
+
+def _clean_latents(pipe, pixels):
+    """The transformer's clean latents of `pixels`, written out from diffusers' decoding convention
+    (latents / scaling_factor + shift_factor), packed 2x2 for FLUX."""
+    vae = pipe.vae
+    latents = (vae.encode(pixels).latent_dist.mode() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    if isinstance(pipe, FluxPipeline):
+        b, c, h, w = latents.shape
+        latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    return latents
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_trace_image_noises_the_encoded_image_to_each_sigma_without_cfg(family, sd3, flux):
+    pipe = {"sd3": sd3, "flux": flux}[family]
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    rng = np.random.default_rng(5)
+    image = rng.uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    clean = _clean_latents(pipe, pipe.image_processor.preprocess(image))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(3))
+    seen = []
+    forward = pipe.transformer.forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["hidden_states"].clone(), kwargs["timestep"].clone()))
+        return forward(*args, **kwargs)
+
+    pipe.transformer.forward = spy
+    try:
+        trace = sg.trace_image(image, PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3))
+    finally:
+        del pipe.transformer.forward
+    assert len(seen) == 4 and sorted(trace.steps) == sorted(int(t) for t in pipe.scheduler.timesteps)
+    for hidden, timestep in seen:
+        assert hidden.shape[0] == 1  # the conditional row only: no CFG
+        sigma = float(timestep[0]) / (1 if family == "flux" else 1000)  # FLUX's transformer takes t / 1000
+        torch.testing.assert_close(hidden, (1 - sigma) * clean + sigma * noise, rtol=1e-5, atol=1e-5)
+    assert trace.settings is None and trace.image_size == (64, 64)  # a real image's trace: no call recorded
+    assert set(trace.words) >= {"red", "circle", "blue", "square"}
+    with pytest.raises(ValueError, match="one image"):
+        sg.trace_image(np.stack([image, image]), PROMPT, num_inference_steps=2)
+
+
+def test_trace_image_on_the_builtin_mmdit_model_finds_the_objects():
+    import PIL.Image
+
+    from sgfast.shapes import load_pipeline
+    from sgfast.shapes.scenes import make_scene, read_scene
+
+    pipe, _ = load_pipeline("default-mmdit")
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    # Scenes the model never saw, of two objects of different shapes: each shape word's map sits nearer
+    # its own object than the other.
+    seeds = (s for s in range(3_000_000, 3_001_000) if len({o.shape for o in read_scene(make_scene(s).image)}) == 2
+             and len(read_scene(make_scene(s).image)) == 2)
+    for seed in [next(seeds) for _ in range(3)]:
+        scene = make_scene(seed)
+        trace = sg.trace_image(PIL.Image.fromarray(scene.image), scene.caption, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
+        late = trace.view(sorted(trace.steps)[2])  # a low-noise step
+        a, b = read_scene(scene.image)
+        for obj, other in ((a, b), (b, a)):
+            found = np.array(late.centroid(trace.index(obj.shape)).mean(0).tolist())
+            assert np.linalg.norm(found - obj.centroid) < np.linalg.norm(found - other.centroid), (seed, obj, found)
