@@ -553,6 +553,11 @@ def test_trace_image_noises_the_encoded_image_to_each_sigma_without_cfg(family, 
     assert set(trace.words) >= {"red", "circle", "blue", "square"}
     with pytest.raises(ValueError, match="one image"):
         sg.trace_image(np.stack([image, image]), PROMPT, num_inference_steps=2)
+    with pytest.raises(ValueError, match="noise must have the latents' shape"):
+        sg.trace_image(image, PROMPT, num_inference_steps=2, noise=torch.zeros(1, 2, 3))
+    cfg = {"sd3": dict(guidance_scale=5.0), "flux": dict(true_cfg_scale=4.0, negative_prompt="blurry")}[family]
+    with pytest.raises(ValueError, match="conditional pass only"):
+        sg.trace_image(image, PROMPT, num_inference_steps=2, **cfg)
 
 
 def test_trace_image_on_the_builtin_mmdit_model_finds_the_objects():
@@ -565,13 +570,11 @@ def test_trace_image_on_the_builtin_mmdit_model_finds_the_objects():
     sg = SelfGuidancePipeline.from_pipe(pipe)
     # Scenes the model never saw, of two objects of different shapes: each shape word's map sits nearer
     # its own object than the other.
-    seeds = (s for s in range(3_000_000, 3_001_000) if len({o.shape for o in read_scene(make_scene(s).image)}) == 2
-             and len(read_scene(make_scene(s).image)) == 2)
-    for seed in [next(seeds) for _ in range(3)]:
-        scene = make_scene(seed)
+    scenes = ((make_scene(s), read_scene(make_scene(s).image)) for s in range(3_000_000, 3_001_000))
+    two_shapes = ((scene, objects) for scene, objects in scenes if len({o.shape for o in objects}) == len(objects) == 2)
+    for scene, (a, b) in [next(two_shapes) for _ in range(3)]:
         trace = sg.trace_image(PIL.Image.fromarray(scene.image), scene.caption, num_inference_steps=10, generator=torch.Generator().manual_seed(0))
         late = trace.view(sorted(trace.steps)[2])  # a low-noise step
-        a, b = read_scene(scene.image)
         for obj, other in ((a, b), (b, a)):
             found = np.array(late.centroid(trace.index(obj.shape)).mean(0).tolist())
-            assert np.linalg.norm(found - obj.centroid) < np.linalg.norm(found - other.centroid), (seed, obj, found)
+            assert np.linalg.norm(found - obj.centroid) < np.linalg.norm(found - other.centroid), (scene.caption, obj, found)
