@@ -138,7 +138,7 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
 
     @torch.no_grad()
     def __call__(self, prompt=None, edits=None, *, self_guidance_scale=None, normalize_gradient=None,
-                 guidance_schedule=None, trace=None, record_trace=True, **kwargs):
+                 guidance_schedule=None, guidance_repeats=None, trace=None, record_trace=True, **kwargs):
         """Every argument of the wrapped pipeline's __call__, with its defaults, plus the edits and the
         guidance settings as for Stable Diffusion.
 
@@ -160,6 +160,10 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
             edits, steps, self_guidance_scale, normalize_gradient, guidance_schedule
         )
+        if has_edits and max(settings.repeats(edits, steps, guidance_repeats)) > 1:
+            # diffusers' own loop runs the step (CFG included): there is no step here to run again.
+            raise ValueError(f"guidance_repeats is not available for {family.name} pipelines yet: every guided step runs once "
+                             f"(guidance_repeats=1 or None, with settings that repeat no step); got {guidance_repeats!r}")
         self._check_guidance(self_guidance_scale, normalize_gradient)
         schedule = resolve_schedule(guidance_schedule, steps)
         if has_edits and not any(schedule):

@@ -24,6 +24,7 @@ from sgfast.families import family_of
 from sgfast.graphs import StepGraphs
 from sgfast.step_form import CHOICES, AutoForm, check_guided_step
 from sgfast.invert import edit_arguments
+from sgfast.repeats import repeat_generators
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
@@ -143,6 +144,7 @@ class SelfGuidancePipeline:
         self_guidance_scale=None,
         normalize_gradient=None,
         guidance_schedule=None,
+        guidance_repeats=None,
         trace=None,
         record_trace=True,
         **family_arguments,
@@ -154,7 +156,10 @@ class SelfGuidancePipeline:
         With `trace=`, every argument of the call the trace was recorded with that this call leaves out
         (None) is the trace's: the schedule (steps, timesteps or sigmas), size, guidance scale and
         rescale, eta, negative prompt and the family's own; for a photo's trace (`sg.invert`) also its
-        strength's guidance schedule. Without one they are diffusers' defaults."""
+        strength's guidance schedule. Without one they are diffusers' defaults.
+
+        `guidance_repeats`: how many times each guided step runs, re-noised back to its own noise
+        level in between (sgfast.repeats): an int, one int per step, or None for the model's settings."""
         pipe, family = self.pipe, self.family
         # 0. A call with a trace repeats the trace's call, for every argument it leaves out.
         called = dict(height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
@@ -203,6 +208,7 @@ class SelfGuidancePipeline:
         edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
             edits, num_inference_steps, self_guidance_scale, normalize_gradient, guidance_schedule
         )
+        repeats = settings.repeats(edits, num_inference_steps, guidance_repeats)
         self._check_guidance(self_guidance_scale, normalize_gradient)
         schedule = resolve_schedule(guidance_schedule, num_inference_steps)
         if has_edits and not any(schedule):
@@ -279,6 +285,8 @@ class SelfGuidancePipeline:
                 guided_form=self._form,
                 graphs=self._graphs,
                 forms_used=forms_used,
+                repeats=repeats,
+                repeat_generator=repeat_generators(generator, device),
                 **loop,
             )
         if forms_used:

@@ -15,6 +15,7 @@ import torch
 from sgfast.capture import RecordingDone
 # combine, unit_rms, _rows and the constants live beside the guided evaluation that uses them.
 from sgfast.guided import FP16_LOSS_SCALE, ZERO_SNR_ALPHA_BAR, GuidedCall, _rows, combine, unit_rms  # noqa: F401
+from sgfast.repeats import SchedulerState, fresh_noise, renoise, repeats_per_call, step_generators
 from sgfast.trace import View, selection
 
 
@@ -230,6 +231,17 @@ def guided_step(call, latents, i, t, embeds, guidance_scale, do_cfg, *, unet_kwa
     return evaluate()
 
 
+def stepped_back(call, latents, noise, i, t, level, timesteps, extra_step_kwargs, generator):
+    """The latents to run guided call `i` again from: its step taken on trial, and the noise that step
+    removed added back (sgfast.repeats). The scheduler is left as it was before the trial."""
+    scheduler = call.pipe.scheduler
+    saved = SchedulerState(scheduler, step_generators(extra_step_kwargs, latents.device))
+    stepped = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
+    ended = call.schedule.level(i + 1, timesteps[i + 1])  # the scheduler now holds the next call's level
+    saved.restore()
+    return renoise(stepped, ended[:2], level[:2], call.schedule.sigma_space, fresh_noise(stepped, generator))
+
+
 def raise_if_not_finite(flags):
     """The deferred finiteness check of the guided steps' gradients: [(UNet call, device bool)]."""
     if not flags:
@@ -293,6 +305,8 @@ def denoise(
     guided_form="split",
     graphs=None,
     forms_used=None,
+    repeats=None,
+    repeat_generator=None,
 ):
     """Run the loop from `latents` over `timesteps`. `embeds` is [uncond; cond] as diffusers builds it
     (or cond alone without CFG). With `edits` (one list per batch item), guided steps add the
@@ -305,7 +319,8 @@ def denoise(
     diffusers' StableDiffusionPipeline. `guided_form`: "split", "batched" (sgfast.guided) or a
     sgfast.step_form.AutoForm (chosen at the first guided step); `forms_used`: a list that gets the
     FormChoice of the guided steps, when one ran; `graphs`: a sgfast.graphs.StepGraphs that replays
-    each guided evaluation as a CUDA graph.
+    each guided evaluation as a CUDA graph. `repeats`: runs of each guided step (one int per
+    inference step, sgfast.repeats), re-noised between runs with noise from `repeat_generator`.
 
     A guided step reads nothing on the host: timesteps and noise levels come from host-side copies
     made once per call, energies and the gradients' finiteness stay on the device until the loop
@@ -323,6 +338,8 @@ def denoise(
         guided_calls = [i for i in range(len(timesteps)) if guided_steps[steps[i]]]
         call = GuidedCall(pipe, capture, edits, references, prompt_words, edit_words, edit_tokens, host_timesteps,
                           guided_calls, latents, embeds, form=guided_form)
+        # With v = 0 the steps are the unedited ones: nothing to repeat.
+        runs = repeats_per_call(repeats or [1] * len(guided_steps), steps) if self_guidance_scale else [1] * len(steps)
     if traces is not None:
         trace_words = [list(dict.fromkeys(pw.words)) for pw in prompt_words]
         trace_tokens = selection(prompt_words, trace_words, latents.device)
@@ -339,14 +356,17 @@ def denoise(
             do_cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
             level = call.schedule.level(i, t) if guided_steps[steps[i]] else None
             if level is not None and call.schedule.can_guide(level[1]):
-                noise, energy, ok = guided_step(
-                    call, latents, i, t, embeds, guidance_scale, do_cfg, unet_kwargs=unet_kwargs,
-                    guidance_rescale=guidance_rescale, self_guidance_scale=self_guidance_scale,
-                    normalize_gradient=normalize_gradient, level=level, graphs=graphs,
-                )
-                pending.append((steps[i], energy))
-                if ok is not None:
-                    finite.append((i, ok))
+                for run in range(runs[i]):
+                    if run:
+                        latents = stepped_back(call, latents, noise, i, t, level, timesteps, extra_step_kwargs, repeat_generator)
+                    noise, energy, ok = guided_step(
+                        call, latents, i, t, embeds, guidance_scale, do_cfg, unet_kwargs=unet_kwargs,
+                        guidance_rescale=guidance_rescale, self_guidance_scale=self_guidance_scale,
+                        normalize_gradient=normalize_gradient, level=level, graphs=graphs,
+                    )
+                    if ok is not None:
+                        finite.append((i, ok))
+                pending.append((steps[i], energy))  # the step's last run: the energy it was stepped with
             elif traces is not None:
                 cond_rows = slice(batch, 2 * batch) if do_cfg else slice(None)
                 with capture.record(*trace_tokens, latent_size, batch_slice=cond_rows):

@@ -19,7 +19,9 @@ run without classifier-free guidance: {"strength": s, "defaults": {...}, "edits"
 A call whose trace comes from `sg.invert` takes its settings from these entries first (key by key),
 and `edit_arguments` its strength.
 `guidance_schedule` is "paper" (the paper's schedule) or {"from_step": k, "to_share": s}: steps
-k <= i < s * steps are guided, whatever the step count. An optional "feature_layer" names the UNet
+k <= i < s * steps are guided, whatever the step count. `guidance_repeats` (sgfast.repeats) is an
+int n >= 1 (every guided step run n times) or {"times": n, "to_share": s}: the guided steps i < s *
+steps run n times, the others once. An optional "feature_layer" names the UNet
 block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it).
 """
 
@@ -30,10 +32,11 @@ import os
 import re
 
 from sgfast import edits as edit_types
+from sgfast.repeats import resolve_repeats
 
 FILENAME = "self_guidance.json"
 FORMAT = 1
-CALL_KEYS = ("self_guidance_scale", "normalize_gradient", "guidance_schedule")
+CALL_KEYS = ("self_guidance_scale", "normalize_gradient", "guidance_schedule", "guidance_repeats")
 PAPER = {"self_guidance_scale": 1.0, "normalize_gradient": False, "guidance_schedule": "paper"}
 
 
@@ -68,6 +71,20 @@ def _check_schedule(where, value):
         raise ValueError(f"{where}: guidance_schedule to_share must be in (0, 1], got {share!r}")
 
 
+def _check_repeats(where, value):
+    def count(n):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if count(value):
+        return
+    allowed = 'guidance_repeats must be an int >= 1 or {"times": int >= 1, "to_share": number in (0, 1]}'
+    if not (isinstance(value, dict) and set(value) == {"times", "to_share"}):
+        raise ValueError(f"{where}: {allowed}, got {value!r}")
+    share = value["to_share"]
+    if not count(value["times"]) or not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0 < share <= 1):
+        raise ValueError(f"{where}: {allowed}, got {value!r}")
+
+
 def _check_entry(where, entry, edit_fields):
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be an object, got {entry!r}")
@@ -80,6 +97,8 @@ def _check_entry(where, entry, edit_fields):
                 raise ValueError(f"{where}: normalize_gradient must be true or false, got {value!r}")
         elif key == "guidance_schedule":
             _check_schedule(where, value)
+        elif key == "guidance_repeats":
+            _check_repeats(where, value)
         else:
             _check_number(where, key, value)
 
@@ -164,9 +183,18 @@ class GuidanceSettings:
         """(edits with their unset weights filled in, (scale, normalize, schedule)) for a call; an
         argument that is not None wins over the settings."""
         given = dict(self_guidance_scale=self_guidance_scale, normalize_gradient=normalize_gradient, guidance_schedule=guidance_schedule)
-        call = [given[k] if given[k] is not None else self.call_setting(k, edits) for k in CALL_KEYS]
+        call = [value if value is not None else self.call_setting(k, edits) for k, value in given.items()]
         call[2] = schedule_steps(call[2], num_steps)
         return [[self.fill(e) for e in item] for item in edits], tuple(call)
+
+    def repeats(self, edits, num_steps, guidance_repeats=None):
+        """The call's runs of each step (one int per step, sgfast.repeats): `guidance_repeats` when
+        given (an int, one int per step, or the settings' {"times", "to_share"}), else the settings'."""
+        value = guidance_repeats if guidance_repeats is not None else self.call_setting("guidance_repeats", edits)
+        if isinstance(value, dict):
+            _check_repeats("guidance_repeats", value)
+            value = [value["times"] if i < value["to_share"] * num_steps else 1 for i in range(num_steps)]
+        return resolve_repeats(value, num_steps)
 
     def fill(self, edit):
         """`edit` with the fields it left unset taken from its kind's entry."""

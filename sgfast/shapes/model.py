@@ -110,6 +110,10 @@ KEEP_OTHERS = {"keep_shape_weight": 4.0, "keep_appearance_weight": 0.0, "keep_ce
 # short), and moves next to the other object came apart without the appearance hold (14 of 18 tuning
 # moves on target with the size held: docs/edits.md).
 OWN_SHAPE = {"keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
+# A move or place runs each guided step of the first third of the steps three times, re-noised back
+# to the step's own level in between (sgfast.repeats): the object gets to its target at its own size
+# while the layout is still being laid down (docs/edits.md, "Repeated steps").
+REPEAT_EARLY_STEPS = {"guidance_repeats": {"times": 3, "to_share": 0.32}}
 # A resize holds its own centroid, and starts at step 5: from step 1 the whole layout reshuffled while
 # the object grew (drift up to 0.6 of the width); in place within 0.06 and within 25% of the asked ratio
 # in 14 of 18 tuning resizes, against 5 of 18 with the centroid held at 2 from step 1 (docs/edits.md).
@@ -117,12 +121,15 @@ RESIZE_IN_PLACE = {"keep_own_centroid_weight": 8.0, "guidance_schedule": {"from_
 # Photo moves also hold the moved object's own silhouette (the reference's, translated to the target)
 # and, lightly, its own appearance: on the step-25300 weights the object otherwise came apart or lost
 # its colour on the way (6 of 13 move misses; RESULTS.md, "Photo editing: reading").
-PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5}
+# Photo moves repeat no step: re-noising draws fresh noise, which the inverted photo's own trajectory
+# does not have.
+PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5,
+              "guidance_repeats": 1}
 GUIDANCE_SETTINGS = {
     "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
     "edits": {
-        "move": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE},
-        "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE},
+        "move": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE, **REPEAT_EARLY_STEPS},
+        "place": {"self_guidance_scale": 1.5, **KEEP_OTHERS, **OWN_SHAPE, **REPEAT_EARLY_STEPS},
         # The others' sizes held too: growing x2 took area from the other object (0.63x median) without
         # it; at weight 2 x2 grew less (1.54x median) than at 1 (1.78x), the others held alike (0.97x).
         "resize": {"self_guidance_scale": 1.5, **KEEP_OTHERS, "keep_size_weight": 1.0, **RESIZE_IN_PLACE},

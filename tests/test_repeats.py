@@ -1,0 +1,173 @@
+"""Repeated guided steps (sgfast.repeats): the re-noising lands on the scheduler's own noising of the
+step's level, a trial step leaves every scheduler as it was, a repeat of 1 (or v = 0) changes
+nothing, and bad values are refused before anything runs."""
+
+import functools
+import inspect
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from sgfast import SelfGuidancePipeline, move
+from sgfast.guided import HostSchedule
+from sgfast.repeats import SchedulerState, renoise, repeats_per_call, resolve_repeats
+from sgfast.settings import GuidanceSettings
+from sgfast.shapes import guidance_settings
+from sgfast.testing import tiny_pipeline, tiny_sd3_pipeline
+
+from test_dropin import PROMPT, SCHEDULERS, seeded, with_scheduler
+
+STEPS = 6
+
+
+def scheduler_named(name, steps=STEPS):
+    cls, extra = SCHEDULERS[name]
+    scheduler = cls.from_config(tiny_pipeline(image_size=32).scheduler.config, **extra)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def step_kwargs(scheduler, name, generator):
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {"generator": generator} if "generator" in accepted else {}
+    if name == "ddim_eta":
+        kwargs["eta"] = 1.0
+    return kwargs
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_a_trial_step_leaves_the_scheduler_as_it_was(name):
+    """Two schedulers run the same steps; one also takes a trial step (other model output, same
+    generator) at each call, put back with SchedulerState. Every real step then agrees bit for bit,
+    step noise, multistep history and step index included."""
+    plain, tried = scheduler_named(name), scheduler_named(name)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 5, 3)
+    outputs = [torch.randn_like(latents) for _ in plain.timesteps]
+    z_plain, z_tried = latents.clone(), latents.clone()
+    g_plain, g_tried = seeded(7), seeded(7)
+    for i, t in enumerate(plain.timesteps):
+        saved = SchedulerState(tried, [g_tried])
+        tried.step(torch.randn_like(latents), t, z_tried, **step_kwargs(tried, name, g_tried), return_dict=False)
+        saved.restore()
+        z_plain = plain.step(outputs[i], t, z_plain, **step_kwargs(plain, name, g_plain), return_dict=False)[0]
+        z_tried = tried.step(outputs[i], t, z_tried, **step_kwargs(tried, name, g_tried), return_dict=False)[0]
+        assert torch.equal(z_tried, z_plain), f"call {i}"
+    assert getattr(tried, "step_index", None) == getattr(plain, "step_index", None)
+
+
+def level_at(scheduler, index):
+    """(sigma_t, alpha_bar) of UNet call `index` as the guided loop reads it."""
+    scheduler._step_index = index
+    t = scheduler.timesteps[index]
+    return HostSchedule(scheduler, scheduler.timesteps).level(index, t)[:2], t
+
+
+@pytest.mark.parametrize(
+    "cls, extra",
+    [(DDIMScheduler, {}), (EulerDiscreteScheduler, {}), (DPMSolverMultistepScheduler, {}),
+     (DPMSolverMultistepScheduler, {"use_karras_sigmas": True})],
+    ids=["ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras"],
+)
+@pytest.mark.parametrize("index", [1, 3])
+def test_renoising_is_the_schedulers_own_noising_at_the_steps_level(cls, extra, index):
+    """z_s = add_noise(x0, e1, t_s) taken back to t gives add_noise(x0, e, t_t) with the noise both
+    draws make together: e = (a e1 + b e2) / sigma_t-as-noised, in float64 on odd shapes."""
+    scheduler = cls.from_config(tiny_pipeline(image_size=32).scheduler.config, **extra)
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(index)
+    x0, e1, e2 = (torch.randn(2, 3, 7, 5, generator=generator, dtype=torch.float64) for _ in range(3))
+    own, t = level_at(scheduler, index)
+    ended, s = level_at(scheduler, index + 1)
+    sigma_space = float(scheduler.init_noise_sigma) != 1.0
+    z_s = scheduler.add_noise(x0, e1, s.reshape(1))
+    z_t = renoise(z_s, ended, own, sigma_space, e2)
+    if sigma_space:  # z = x0 + sigma e
+        a, b, total = ended[0], math.sqrt(own[0] ** 2 - ended[0] ** 2), own[0]
+    else:  # z = sqrt(ab) x0 + sqrt(1 - ab) e
+        ratio = own[1] / ended[1]
+        a, b, total = math.sqrt(ratio * (1 - ended[1])), math.sqrt(1 - ratio), math.sqrt(1 - own[1])
+    expected = scheduler.add_noise(x0, (a * e1 + b * e2) / total, t.reshape(1))
+    torch.testing.assert_close(z_t, expected, rtol=1e-6, atol=1e-6)
+    assert math.isclose(a * a + b * b, total * total, rel_tol=1e-12)  # the combined noise is standard normal
+
+
+def test_repeats_run_on_the_first_call_of_a_step_and_never_on_the_last():
+    # Heun: one call for the first step, then two per step.
+    steps = [0, 1, 1, 2, 2]
+    assert repeats_per_call([3, 3, 2], steps) == [3, 3, 1, 2, 1]
+    assert repeats_per_call([2, 2], [0, 1]) == [2, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3", [1, 2], [1] * (STEPS - 1) + [0], {"times": 2}])
+def test_bad_repeats_are_refused_before_anything_runs(bad):
+    pipe = tiny_pipeline(image_size=32)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="guidance_repeats must be"):
+        sg(PROMPT, edits=[move("circle", dx=0.2)], guidance_repeats=bad, num_inference_steps=STEPS, output_type="latent")
+    hook.remove()
+    assert calls == []
+    with pytest.raises(ValueError, match="guidance_repeats must be"):
+        resolve_repeats(bad, STEPS) if not isinstance(bad, dict) else GuidanceSettings().repeats([[]], STEPS, bad)
+
+
+@pytest.mark.parametrize("bad", [0, {"times": 0, "to_share": 0.5}, {"times": 2, "to_share": 1.5}, {"times": 2}, [2, 2]])
+def test_a_settings_file_with_bad_repeats_is_refused(bad):
+    with pytest.raises(ValueError, match="edits.move: guidance_repeats must be"):
+        GuidanceSettings.from_dict({"format": 1, "edits": {"move": {"guidance_repeats": bad}}})
+
+
+def edited(sg, **kwargs):
+    return sg(PROMPT, edits=[move("circle", dx=0.3)], num_inference_steps=STEPS, generator=seeded(3),
+              output_type="latent", **kwargs)
+
+
+def test_a_repeat_of_one_is_no_repeat_and_v_zero_repeats_nothing():
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(image_size=32))
+    once = edited(sg).images
+    assert torch.equal(edited(sg, guidance_repeats=1).images, once)
+    assert torch.equal(edited(sg, guidance_repeats=[1] * STEPS).images, once)
+    unedited = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(3), output_type="latent").images
+    assert torch.equal(edited(sg, guidance_repeats=3, self_guidance_scale=0.0).images, unedited)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "heun", "dpmpp_2m", "pndm", "lcm"])
+def test_repeated_steps_run_again_from_their_own_level_and_are_seeded(name):
+    """Each repeat is one more conditional pass with gradients and one trial scheduler step; the
+    result is reproducible from the call's generator and differs from the unrepeated call."""
+    pipe = with_scheduler(tiny_pipeline(image_size=32), name)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    steps_taken = []
+    step = pipe.scheduler.step
+
+    @functools.wraps(step)  # diffusers reads the step's signature to pass it the generator
+    def counted(*args, **kwargs):
+        steps_taken.append(1)
+        return step(*args, **kwargs)
+
+    pipe.scheduler.step = counted
+    once = edited(sg, guidance_schedule=[1, 2]).images
+    single = len(steps_taken)
+    steps_taken.clear()
+    twice = edited(sg, guidance_schedule=[1, 2], guidance_repeats=[1, 3, 2] + [1] * (STEPS - 3)).images
+    assert len(steps_taken) == single + 2 + 1  # step 1 twice more, step 2 once more
+    again = edited(sg, guidance_schedule=[1, 2], guidance_repeats=[1, 3, 2] + [1] * (STEPS - 3)).images
+    assert torch.equal(twice, again)
+    assert torch.isfinite(twice).all() and not torch.equal(twice, once)
+
+
+def test_the_built_in_models_moves_repeat_their_early_steps():
+    settings = guidance_settings()
+    assert settings.repeats([[move("circle", dx=0.2)]], 25) == [3] * 8 + [1] * 17
+    assert settings.repeats([[move("circle", dx=0.2)]], 25, guidance_repeats=1) == [1] * 25
+    assert settings.for_photo().repeats([[move("circle", dx=0.2)]], 25) == [1] * 25  # photo moves: measured without
+
+
+def test_mmdit_pipelines_refuse_repeats():
+    sg = SelfGuidancePipeline.from_pipe(tiny_sd3_pipeline())
+    with pytest.raises(ValueError, match="guidance_repeats is not available for"):
+        sg(PROMPT, edits=[move("circle", dx=0.2)], guidance_repeats=2, num_inference_steps=2, output_type="latent")
