@@ -68,10 +68,11 @@ def renoise(latents, ended, level, sigma_space, noise):
 
 
 def repeat_generators(generator, device):
-    """Generators for the re-noising noise, one per given generator, seeded from it; None (torch's
-    global generator) when the call gave none."""
+    """Generators for the re-noising noise, one per given generator, seeded from it. A call without
+    one re-noises from a fixed seed: an edit of a trace then gives the same image every time, as a
+    deterministic scheduler's does without repeats."""
     if generator is None:
-        return None
+        return torch.Generator(device=device).manual_seed(REPEAT_SEED_OFFSET)
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
     fresh = [torch.Generator(device=g.device).manual_seed(g.initial_seed() + REPEAT_SEED_OFFSET) for g in generators]
     return fresh[0] if len(fresh) == 1 else fresh

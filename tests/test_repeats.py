@@ -171,3 +171,12 @@ def test_mmdit_pipelines_refuse_repeats():
     sg = SelfGuidancePipeline.from_pipe(tiny_sd3_pipeline())
     with pytest.raises(ValueError, match="guidance_repeats is not available for"):
         sg(PROMPT, edits=[move("circle", dx=0.2)], guidance_repeats=2, num_inference_steps=2, output_type="latent")
+
+
+def test_an_edit_of_a_trace_without_a_generator_is_the_same_image_every_time():
+    sg = SelfGuidancePipeline.from_pipe(tiny_pipeline(image_size=32))
+    original = sg(PROMPT, num_inference_steps=STEPS, generator=seeded(4), output_type="latent")
+    edit = dict(edits=[move("circle", dx=0.3)], trace=original.trace, guidance_repeats=2, output_type="latent")
+    first, second = sg(PROMPT, **edit).images, sg(PROMPT, **edit).images
+    assert torch.equal(first, second)
+    assert not torch.equal(first, sg(PROMPT, **dict(edit, guidance_repeats=1)).images)

@@ -106,6 +106,7 @@ def call_pipeline(sg, cache, model, batch, metrics=None):
         self_guidance_scale=spec.self_guidance_scale,
         normalize_gradient=spec.normalize_gradient,
         guidance_schedule=None if plan.schedule is None else list(plan.schedule),
+        guidance_repeats=1,  # the plan's guided steps, each once: what the deadline was costed on
     )
     if needs_reference and all(hits):
         out = sg(prompts, trace=traces if len(batch) > 1 else traces[0], **edit_kwargs, **kwargs)
