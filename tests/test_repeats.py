@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from sgfast import SelfGuidancePipeline, move
+from sgfast import SelfGuidancePipeline, move, resize
 from sgfast.guided import HostSchedule
 from sgfast.repeats import SchedulerState, renoise, repeats_per_call, resolve_repeats
 from sgfast.settings import GuidanceSettings
@@ -164,7 +164,10 @@ def test_the_built_in_models_moves_repeat_their_early_steps():
     settings = guidance_settings()
     assert settings.repeats([[move("circle", dx=0.2)]], 25) == [3] * 8 + [1] * 17
     assert settings.repeats([[move("circle", dx=0.2)]], 25, guidance_repeats=1) == [1] * 25
-    assert settings.for_photo().repeats([[move("circle", dx=0.2)]], 25) == [1] * 25  # photo moves: measured without
+    assert settings.repeats([[resize("circle", 2.0)]], 25) == [3] * 11 + [1] * 14  # guided from step 5: 5-10
+    assert settings.for_photo().repeats([[move("circle", dx=0.2)]], 25) == [1] * 25  # photo edits: measured without
+    assert settings.for_photo().repeats([[resize("circle", 2.0)]], 25) == [1] * 25
+    assert settings.for_photo().fill(resize("circle", 2.0)).keep_own_centroid_weight == 8.0
 
 
 def test_mmdit_pipelines_refuse_repeats():
@@ -180,3 +183,11 @@ def test_an_edit_of_a_trace_without_a_generator_is_the_same_image_every_time():
     first, second = sg(PROMPT, **edit).images, sg(PROMPT, **edit).images
     assert torch.equal(first, second)
     assert not torch.equal(first, sg(PROMPT, **dict(edit, guidance_repeats=1)).images)
+
+
+def test_sdxl_repeats_its_guided_steps():
+    from sgfast.testing import tiny_sdxl_pipeline
+
+    sg = SelfGuidancePipeline.from_pipe(tiny_sdxl_pipeline())
+    once, twice = (edited(sg, guidance_repeats=n).images for n in (1, 2))
+    assert torch.isfinite(twice).all() and not torch.equal(twice, once)
