@@ -51,3 +51,11 @@ def flow_guidance_term(sigma, grad, weight, normalized=False):
     """w * s * grad / (1 - s): the self-guidance term in velocity units (see the module's docstring)."""
     scale = sigma / math.sqrt((1 - sigma) ** 2 + sigma**2) if normalized else sigma
     return grad * (weight * scale / (1 - sigma))
+
+
+def renoise_flow(latents, ended, sigma, noise):
+    """x at flow level `ended` taken back to the noisier level `sigma` with fresh `noise`
+    (sgfast.repeats): x_s = (1 - s) x0 + s eps, so x_t = a x_s + sqrt(t^2 - (a s)^2) eps' with
+    a = (1 - t) / (1 - s)."""
+    scale = (1 - sigma) / (1 - ended)
+    return scale * latents + math.sqrt(max(sigma * sigma - (scale * ended) ** 2, 0.0)) * noise

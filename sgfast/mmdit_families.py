@@ -109,6 +109,20 @@ class StableDiffusion3:
         """The conditional rows of a transformer call with `rows` rows."""
         return slice(rows // 2, rows) if self.do_cfg(call) else slice(0, rows)
 
+    def combine(self, prediction, call):
+        """The step's prediction as diffusers makes it of one transformer call's output (CFG)."""
+        if not self.do_cfg(call):
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        return uncond + call["guidance_scale"] * (cond - uncond)
+
+    def check_repeats(self, call):
+        """Repeated steps run the step's prediction again inside the transformer call; a step made of
+        more than that call (skip-layer guidance's extra pass) cannot repeat."""
+        if call["skip_guidance_layers"] is not None:
+            raise ValueError("guidance_repeats cannot run with skip_guidance_layers (its extra pass is a call of its own); "
+                             "use guidance_repeats=1 or leave skip_guidance_layers out")
+
     def is_side_call(self, kwargs, first_in_step):
         """Calls that are not the step's prediction: skip-layer guidance's extra pass."""
         return kwargs.get("skip_layers") is not None or not first_in_step
@@ -159,6 +173,14 @@ class Flux(StableDiffusion3):
 
     def cond_rows(self, rows, call):
         return slice(0, rows)  # the conditional pass is a call of its own
+
+    def combine(self, prediction, call):
+        return prediction  # one conditional call: its output is the step's prediction
+
+    def check_repeats(self, call):
+        if self.do_cfg(call):
+            raise ValueError("guidance_repeats cannot run with true CFG (true_cfg_scale > 1 with a negative prompt: the "
+                             "negative pass is a call of its own); use guidance_repeats=1 or true_cfg_scale=1")
 
     def is_side_call(self, kwargs, first_in_step):
         return not first_in_step  # the negative prompt's pass comes second

@@ -13,10 +13,11 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from sgfast.flow import can_guide_flow, flow_guidance_term, flow_sigma
+from sgfast.flow import can_guide_flow, flow_guidance_term, flow_sigma, renoise_flow
 from sgfast.mmdit_capture import JointCapture, resolve_joint_layers
 from sgfast.mmdit_families import call_arguments, mmdit_family_of
 from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_trace, recorded_arguments
+from sgfast.repeats import SchedulerState, fresh_noise, repeat_generators
 from sgfast.capture import RecordingDone
 from sgfast.sampler import FP16_LOSS_SCALE, energy_of, edit_selection, record_traces, resolve_schedule, unit_rms
 from sgfast.settings import model_settings
@@ -160,10 +161,9 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         edits, (self_guidance_scale, normalize_gradient, guidance_schedule) = settings.resolve(
             edits, steps, self_guidance_scale, normalize_gradient, guidance_schedule
         )
-        if has_edits and max(settings.repeats(edits, steps, guidance_repeats)) > 1:
-            # diffusers' own loop runs the step (CFG included): there is no step here to run again.
-            raise ValueError(f"guidance_repeats is not available for {family.name} pipelines yet: every guided step runs once "
-                             f"(guidance_repeats=1 or None, with settings that repeat no step); got {guidance_repeats!r}")
+        repeats = settings.repeats(edits, steps, guidance_repeats)
+        if has_edits and max(repeats) > 1:
+            family.check_repeats(call)
         self._check_guidance(self_guidance_scale, normalize_gradient)
         schedule = resolve_schedule(guidance_schedule, steps)
         if has_edits and not any(schedule):
@@ -204,6 +204,7 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
             else:
                 run.traces = None
             run.guide(edits if has_edits else None, references, schedule, self_guidance_scale, normalize_gradient, energies)
+            run.repeats, run.repeat_generator = repeats, repeat_generators(call["generator"], pipe._execution_device)
             output = run.generate(call)
         if not call["return_dict"]:
             return output
@@ -258,6 +259,8 @@ class _Run:
         self.traces, self.edits, self.initial = None, None, None
         self.energies = []
         self.image = None  # (clean latents, noise): trace_image's, noised to each step's sigma instead of the sampler's latents
+        self.repeats, self.repeat_generator = None, None  # runs of each guided step (sgfast.repeats)
+        self.restepped = None  # a repeated step's latents, which the scheduler's step then takes
 
     def guide(self, edits, references, schedule, scale, normalize, energies):
         self.edits, self.references, self.schedule = edits, references, schedule
@@ -273,6 +276,7 @@ class _Run:
             self.trace_words = [list(dict.fromkeys(pw.words)) for pw in self.prompt_words]
             self.trace_tokens = selection(self.prompt_words, self.trace_words, pipe._execution_device)
         forward, step, prepare = pipe.transformer.forward, pipe.scheduler.step, pipe.prepare_latents
+        self.unhooked_step = step
         with replaced(pipe.transformer, "forward", lambda *a, **k: self._forward(forward, *a, **k)), \
                 replaced(pipe.scheduler, "step", lambda *a, **k: self._step(step, *a, **k)), \
                 replaced(pipe, "prepare_latents", lambda *a, **k: self._prepare(prepare, *a, **k)):
@@ -312,7 +316,12 @@ class _Run:
             kwargs = dict(kwargs, hidden_states=((1 - sigma) * clean + sigma * noise).to(kwargs["hidden_states"].dtype))
         guided = self.edits is not None and self.step < len(self.schedule) and self.schedule[self.step]
         if guided and can_guide_flow(flow_sigma(self.pipe.scheduler, self._timestep())):
-            return self._guided(forward, kwargs, rows, total)
+            out = self._guided(forward, kwargs, rows, total)
+            for _ in range(self._runs() - 1):
+                kwargs = self._stepped_back(out, kwargs, rows, total)
+                self.energies.pop()  # a step's energy is its last run's, the one it is stepped with
+                out = self._guided(forward, kwargs, rows, total)
+            return out
         if self.traces:
             with self.capture.record(*self.trace_tokens, self.grid, batch_slice=rows):
                 out = forward(**kwargs)
@@ -362,7 +371,31 @@ class _Run:
             sample = torch.cat([others[0], sample])
         return (sample,) + tuple(out[1:])
 
+    def _runs(self):
+        """Runs of this step: its repeats (none at v = 0, nor on the last step: no next level)."""
+        last = self.step >= len(self.pipe.scheduler.timesteps) - 1
+        return 1 if self.repeats is None or self.scale == 0 or last else self.repeats[self.step]
+
+    def _stepped_back(self, out, kwargs, rows, total):
+        """The transformer's arguments to run this step again from (sgfast.repeats): the step taken
+        on trial with the prediction diffusers would make of `out` (CFG, the guidance term), the
+        noise it removed added back. The scheduler's step then takes these latents."""
+        scheduler, call = self.pipe.scheduler, self.call
+        prediction = self.family.combine(out[0], call)
+        sigma = flow_sigma(scheduler, self._timestep())
+        prediction = prediction + flow_guidance_term(sigma, self.grad, self.scale, normalized=self.normalize).to(prediction.dtype)
+        latents = kwargs["hidden_states"][rows]
+        saved = SchedulerState(scheduler)
+        stepped = self.unhooked_step(prediction, self._timestep(), latents, return_dict=False)[0]
+        ended = float(scheduler.sigmas[scheduler.step_index])
+        saved.restore()
+        restepped = renoise_flow(stepped, ended, sigma, fresh_noise(stepped, self.repeat_generator)).to(latents.dtype)
+        self.restepped = restepped
+        return dict(kwargs, hidden_states=torch.cat([restepped] * (total // restepped.shape[0])))
+
     def _step(self, step, model_output, timestep, sample, *args, **kwargs):
+        if self.restepped is not None:
+            sample, self.restepped = self.restepped.to(sample.dtype), None
         if self.grad is not None:
             sigma = flow_sigma(self.pipe.scheduler, timestep)
             term = flow_guidance_term(sigma, self.grad, self.scale, normalized=self.normalize)

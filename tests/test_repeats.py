@@ -170,10 +170,55 @@ def test_the_built_in_models_moves_repeat_their_early_steps():
     assert settings.for_photo().fill(resize("circle", 2.0)).keep_own_centroid_weight == 8.0
 
 
-def test_mmdit_pipelines_refuse_repeats():
+@pytest.mark.parametrize("index", [0, 2, 4])
+def test_flow_renoising_is_the_schedulers_own_noising_at_the_steps_level(index):
+    """x_s = scale_noise(x0, s, e1) taken back to t is scale_noise(x0, t, e) with the noise of both
+    draws, in float64 (FlowMatchEulerDiscreteScheduler, SD3's and FLUX's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sgfast.flow import renoise_flow
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(STEPS)
+    generator = torch.Generator().manual_seed(index)
+    x0, e1, e2 = (torch.randn(2, 11, 5, generator=generator, dtype=torch.float64) for _ in range(3))
+    t, s = (float(scheduler.sigmas[k]) for k in (index, index + 1))
+    x_s = scheduler.scale_noise(x0, scheduler.timesteps[index + 1].reshape(1), e1)
+    x_t = renoise_flow(x_s, s, t, e2)
+    scale = (1 - t) / (1 - s)
+    a, b = scale * s, math.sqrt(t * t - (scale * s) ** 2)
+    expected = scheduler.scale_noise(x0, scheduler.timesteps[index].reshape(1), (a * e1 + b * e2) / t)
+    torch.testing.assert_close(x_t, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_mmdit_repeats_run_the_step_again_and_are_seeded(family):
+    from sgfast.testing import tiny_flux_pipeline
+
+    pipe = tiny_sd3_pipeline() if family == "sd3" else tiny_flux_pipeline()
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    calls = []  # passes through the transformer's first block: every forward runs it once
+    hook = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    kwargs = dict(edits=[move("circle", dx=0.2)], num_inference_steps=4, generator=seeded(2), output_type="latent",
+                  guidance_schedule=[1, 2])
+    passes = 2 if family == "sd3" else 1  # a guided step's passes: SD3 under CFG runs its negative rows apart
+    once = sg(PROMPT, **kwargs)
+    single = len(calls)
+    calls.clear()
+    twice = sg(PROMPT, guidance_repeats=[1, 3, 1, 1], **dict(kwargs, generator=seeded(2)))
+    hook.remove()
+    assert len(calls) == single + 2 * passes  # step 1 twice more, inside the step's transformer call
+    assert [s for s, _ in twice.energies] == [s for s, _ in once.energies]  # one energy per guided step
+    again = sg(PROMPT, guidance_repeats=[1, 3, 1, 1], **dict(kwargs, generator=seeded(2)))
+    assert torch.equal(twice.images, again.images) and not torch.equal(twice.images, once.images)
+    assert torch.equal(sg(PROMPT, guidance_repeats=1, **dict(kwargs, generator=seeded(2))).images, once.images)
+
+
+def test_mmdit_repeats_are_refused_where_the_step_is_more_than_one_call():
     sg = SelfGuidancePipeline.from_pipe(tiny_sd3_pipeline())
-    with pytest.raises(ValueError, match="guidance_repeats is not available for"):
-        sg(PROMPT, edits=[move("circle", dx=0.2)], guidance_repeats=2, num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="guidance_repeats cannot run with skip_guidance_layers"):
+        sg(PROMPT, edits=[move("circle", dx=0.2)], guidance_repeats=2, num_inference_steps=2, output_type="latent",
+           skip_guidance_layers=[1])
 
 
 def test_an_edit_of_a_trace_without_a_generator_is_the_same_image_every_time():
