@@ -21,6 +21,7 @@ edited image and compare:
     python -m benchmarks.quality --settings my.json          # another settings file (same format)
     python -m benchmarks.quality --scale 1,1.5,2             # a sweep of the self-guidance scale v
     python -m benchmarks.quality --seeds 6 --tuning --edits move,resize   # the captions settings are tuned on
+    python -m benchmarks.quality --cases-from 1070000,500 --steps 30     # cases of neither set
 
 Besides what each edit asked, a second table reads its side effects: the moved object's area ratio
 (a move holds its size), the resized object's centroid drift (a resize holds its place), and the
@@ -197,10 +198,11 @@ def run(sg, seeds, steps, guidance_scale, setting="model", progress=print, scale
     """Measurements for every seed; images of the first seed for the example sheet. Edits are bare
     calls: the pipeline's settings decide scale, normalisation, schedule and keep weights; `scale`,
     when given, is passed as every call's self-guidance scale v; `edits`: the kinds to measure;
-    `tuning`: the tuning captions and seeds instead of the reported ones."""
+    `tuning`: the tuning captions and seeds instead of the reported ones, or (first held-out scene,
+    first generator seed) of other cases."""
     guided = {} if scale is None else {"self_guidance_scale": scale}
     rows, skipped, example = [], 0, None
-    first_caption, first_seed = (TUNING_CAPTIONS, TUNING_SEEDS) if tuning else (HELDOUT_SEED + 50_000, 0)
+    first_caption, first_seed = tuning if isinstance(tuning, tuple) else (TUNING_CAPTIONS, TUNING_SEEDS) if tuning else (HELDOUT_SEED + 50_000, 0)
     for k, caption in enumerate(captions(seeds, first_caption)):
         (colour_a, shape_a), (colour_b, shape_b) = parse_caption(caption)
         common = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
@@ -366,7 +368,15 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--tuning", action="store_true", help="the captions and seeds settings are tuned on, not the reported ones")
+    parser.add_argument("--cases-from", default=None, metavar="SCENE,SEED",
+                        help="cases of neither set: captions from held-out scene SCENE on, generator seeds from SEED on")
     args = parser.parse_args(argv)
+    if args.cases_from is not None:
+        try:
+            scene, seed = (int(v) for v in args.cases_from.split(","))
+        except ValueError:
+            parser.error(f"--cases-from takes SCENE,SEED (two ints), got {args.cases_from!r}")
+        args.tuning = (scene, seed)
     unknown = set(args.edits.split(",")) - set(EDITS)
     if unknown:
         parser.error(f"unknown edit kinds {sorted(unknown)}; allowed: {', '.join(EDITS)}")
@@ -390,7 +400,7 @@ def main(argv=None):
                 examples[(mode, label)] = example
     elapsed = time.perf_counter() - start
     text = table(results) + "\n\nSide effects (what each edit changed besides what it asked):\n\n" + side_effects_table(results)
-    which = "tuning" if args.tuning else "reported"
+    which = f"from scene {args.tuning[0]}, seed {args.tuning[1]}" if isinstance(args.tuning, tuple) else "tuning" if args.tuning else "reported"
     print(f"\nmodel: {name}; {args.seeds} seeds ({which} captions), {args.steps} {type(pipe.scheduler).__name__} steps, guidance scale {args.guidance_scale}; {elapsed:.0f} s\n")
     print(text)
     json_path = os.path.join(args.out, "quality.json")

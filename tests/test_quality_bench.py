@@ -158,10 +158,11 @@ def test_calls_are_bare_unless_a_scale_is_swept():
         unedited.append((prompt, generator.initial_seed()))
         return Drawn()
 
-    for tuning in (False, True):
+    for tuning in (False, True, (1_070_000, 500)):
         quality.run(first_calls, 2, 10, 5.0, progress=lambda line: None, edits=(), tuning=tuning)
     assert unedited[:2] == [(c, k) for k, c in enumerate(quality.captions(2))]
-    assert unedited[2:] == [(c, quality.TUNING_SEEDS + k) for k, c in enumerate(quality.captions(2, quality.TUNING_CAPTIONS))]
+    assert unedited[2:4] == [(c, quality.TUNING_SEEDS + k) for k, c in enumerate(quality.captions(2, quality.TUNING_CAPTIONS))]
+    assert unedited[4:] == [(c, 500 + k) for k, c in enumerate(quality.captions(2, 1_070_000))]
 
 
 def test_results_section_is_replaced_up_to_the_next_heading(tmp_path):
