@@ -24,7 +24,7 @@ from sgfast.families import family_of
 from sgfast.graphs import StepGraphs
 from sgfast.step_form import CHOICES, AutoForm, check_guided_step
 from sgfast.invert import edit_arguments
-from sgfast.repeats import repeat_generators
+from sgfast.repeats import noise_generators, repeat_generators
 from sgfast.sampler import denoise, record_traces, resolve_schedule
 from sgfast.settings import model_settings
 from sgfast.trace import PromptWords, Trace, selection
@@ -496,25 +496,13 @@ class SelfGuidancePipeline:
         ]
 
 
-def _generators(generator, device):
-    """The generators the scheduler's step noise is drawn from: the given ones, else the device's default."""
-    if generator is not None:
-        return list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    device = torch.device(device)
-    if device.type == "cpu":
-        return [torch.default_generator]
-    if device.type == "cuda":
-        return [torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]]
-    return []
-
-
 def save_noise_state(generator, device):
     """[(device, state)] of the generators the step noise comes from."""
-    return [(g.device, g.get_state()) for g in _generators(generator, device)]
+    return [(g.device, g.get_state()) for g in noise_generators(generator, device)]
 
 
 def restore_noise_state(generator, device, saved):
-    for g, (_, state) in zip(_generators(generator, device), saved):
+    for g, (_, state) in zip(noise_generators(generator, device), saved):
         g.set_state(state)
 
 

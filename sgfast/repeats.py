@@ -102,11 +102,14 @@ class SchedulerState:
 
 
 def step_generators(extra_step_kwargs, device):
-    """The generators a scheduler's step may draw its noise from: the call's, or the device's default
-    where the step takes a generator and the call gave none."""
+    """The generators a scheduler's step may draw its noise from (none where it takes no generator)."""
     if "generator" not in extra_step_kwargs:
         return []
-    generator = extra_step_kwargs["generator"]
+    return noise_generators(extra_step_kwargs["generator"], device)
+
+
+def noise_generators(generator, device):
+    """The generators step noise is drawn from: the given ones, else the device's default."""
     if generator is not None:
         return list(generator) if isinstance(generator, (list, tuple)) else [generator]
     device = torch.device(device)
