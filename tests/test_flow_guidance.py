@@ -54,6 +54,7 @@ def guided_step(x, energy, sign=1.0, step_index=4, normalized=False):
     run = _Run.__new__(_Run)
     run.pipe = SimpleNamespace(scheduler=scheduler)
     run.grad, run.scale, run.normalize, run.step = (unit_rms(grad) if normalized else grad), weight, normalized, 0
+    run.restepped = None  # no repeated step pending
     t = scheduler.timesteps[step_index]
     return run._step(scheduler.step, torch.zeros_like(x), t, x, return_dict=False)[0]
 
