@@ -17,7 +17,7 @@ from sgfast.flow import can_guide_flow, flow_guidance_term, flow_sigma, renoise_
 from sgfast.mmdit_capture import JointCapture, resolve_joint_layers
 from sgfast.mmdit_families import call_arguments, mmdit_family_of
 from sgfast.pipeline import SelfGuidanceOutput, SelfGuidancePipeline, is_photo_trace, recorded_arguments
-from sgfast.repeats import SchedulerState, fresh_noise, repeat_generators
+from sgfast.repeats import SchedulerState, forget_corrector, fresh_noise, repeat_generators
 from sgfast.capture import RecordingDone
 from sgfast.sampler import FP16_LOSS_SCALE, energy_of, edit_selection, record_traces, resolve_schedule, unit_rms
 from sgfast.settings import model_settings
@@ -389,6 +389,7 @@ class _Run:
         stepped = self.unhooked_step(prediction, self._timestep(), latents, return_dict=False)[0]
         ended = float(scheduler.sigmas[scheduler.step_index])
         saved.restore()
+        forget_corrector(scheduler)
         restepped = renoise_flow(stepped, ended, sigma, fresh_noise(stepped, self.repeat_generator)).to(latents.dtype)
         self.restepped = restepped
         return dict(kwargs, hidden_states=torch.cat([restepped] * (total // restepped.shape[0])))

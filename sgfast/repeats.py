@@ -101,6 +101,15 @@ class SchedulerState:
             g.set_state(saved)
 
 
+def forget_corrector(scheduler):
+    """Let the scheduler's next step start from the latents it is given. A predictor-corrector solver
+    (UniPC, SA-Solver) first recomputes the sample it is given from its previous one (`last_sample`) and
+    the new prediction, which would throw a repeat's re-noised latents away; without a previous sample
+    it takes them as they are, and corrects again from the next step on."""
+    if getattr(scheduler, "last_sample", None) is not None:
+        scheduler.last_sample = None
+
+
 def step_generators(extra_step_kwargs, device):
     """The generators a scheduler's step may draw its noise from (none where it takes no generator)."""
     if "generator" not in extra_step_kwargs:

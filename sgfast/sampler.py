@@ -15,7 +15,7 @@ import torch
 from sgfast.capture import RecordingDone
 # combine, unit_rms, _rows and the constants live beside the guided evaluation that uses them.
 from sgfast.guided import FP16_LOSS_SCALE, ZERO_SNR_ALPHA_BAR, GuidedCall, _rows, combine, unit_rms  # noqa: F401
-from sgfast.repeats import SchedulerState, fresh_noise, renoise, repeats_per_call, step_generators
+from sgfast.repeats import SchedulerState, forget_corrector, fresh_noise, renoise, repeats_per_call, step_generators
 from sgfast.trace import View, selection
 
 
@@ -239,6 +239,7 @@ def stepped_back(call, latents, noise, i, t, level, timesteps, extra_step_kwargs
     stepped = scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
     ended = call.schedule.level(i + 1, timesteps[i + 1])  # the scheduler now holds the next call's level
     saved.restore()
+    forget_corrector(scheduler)
     return renoise(stepped, ended[:2], level[:2], call.schedule.sigma_space, fresh_noise(stepped, generator))
 
 

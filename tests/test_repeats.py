@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, SASolverScheduler, UniPCMultistepScheduler
 
 from sgfast import SelfGuidancePipeline, move, resize
 from sgfast.guided import HostSchedule
-from sgfast.repeats import SchedulerState, renoise, repeats_per_call, resolve_repeats
+from sgfast.repeats import SchedulerState, forget_corrector, renoise, repeats_per_call, resolve_repeats
 from sgfast.settings import GuidanceSettings
 from sgfast.shapes import guidance_settings
 from sgfast.testing import tiny_pipeline, tiny_sd3_pipeline
@@ -56,6 +56,58 @@ def test_a_trial_step_leaves_the_scheduler_as_it_was(name):
         z_tried = tried.step(outputs[i], t, z_tried, **step_kwargs(tried, name, g_tried), return_dict=False)[0]
         assert torch.equal(z_tried, z_plain), f"call {i}"
     assert getattr(tried, "step_index", None) == getattr(plain, "step_index", None)
+
+
+@pytest.mark.parametrize("cls", [UniPCMultistepScheduler, SASolverScheduler])
+def test_a_predictor_corrector_step_starts_from_the_latents_a_repeat_gives_it(cls):
+    """UniPC and SA-Solver rebuild the sample they are given from their previous one (a repeat's
+    re-noised latents would be replaced by it). After forget_corrector the step goes on from the
+    sample it is given, and keeps it for the next step's correction."""
+    scheduler = cls.from_config(tiny_pipeline(image_size=32).scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 5, 3)
+    for t in scheduler.timesteps[:2]:
+        z = scheduler.step(torch.randn_like(z), t, z, return_dict=False)[0]
+    t, output, other = scheduler.timesteps[2], torch.randn_like(z), torch.randn_like(z)
+    saved = SchedulerState(scheduler)
+
+    def step_from(sample, forget):
+        saved.restore()
+        if forget:
+            forget_corrector(scheduler)
+        return scheduler.step(output, t, sample, return_dict=False)[0]
+
+    step_from(z, forget=False)
+    assert not torch.allclose(scheduler.last_sample, z)  # the step went on from a sample rebuilt from the last one
+    step_from(z, forget=True)
+    assert torch.equal(scheduler.last_sample, z)  # from z itself, which the next step corrects from
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_repeated_unipc_step_runs_from_its_renoised_latents(family):
+    """Through the pipeline: at a repeated step every run after the first steps without UniPC's
+    corrector (it would rebuild the sample from the previous step's), the trial of the first run and
+    every other step with it. SD3 runs UniPC on flow sigmas."""
+    if family == "sd":
+        pipe = with_scheduler(tiny_pipeline(image_size=32), "unipc")
+    else:
+        pipe = tiny_sd3_pipeline()
+        pipe.scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    sg = SelfGuidancePipeline.from_pipe(pipe)
+    corrected = []
+    step = pipe.scheduler.step
+
+    @functools.wraps(step)
+    def recorded(*args, **kwargs):
+        corrected.append(pipe.scheduler.last_sample is not None)
+        return step(*args, **kwargs)
+
+    pipe.scheduler.step = recorded
+    edited(sg, guidance_schedule=[2], guidance_repeats=[1, 1, 3] + [1] * (STEPS - 3))
+    # the unedited run the edit starts from, then the edited one: steps 0 and 1; step 2: the trial of
+    # run 1, the trial of run 2, the real step; then steps 3-5
+    assert corrected == [False] + [True] * (STEPS - 1) + [False, True, True, False, False] + [True] * (STEPS - 3)
 
 
 def level_at(scheduler, index):
