@@ -22,6 +22,7 @@ edited image and compare:
     python -m benchmarks.quality --scale 1,1.5,2             # a sweep of the self-guidance scale v
     python -m benchmarks.quality --seeds 6 --tuning --edits move,resize   # the captions settings are tuned on
     python -m benchmarks.quality --cases-from 1070000,500 --steps 30     # cases of neither set
+    python -m benchmarks.quality --scheduler UniPCMultistepScheduler --steps 20 --edits move   # another sampler
 
 Besides what each edit asked, a second table reads its side effects: the moved object's area ratio
 (a move holds its size), the resized object's centroid drift (a resize holds its place), and the
@@ -366,6 +367,9 @@ def main(argv=None):
     parser.add_argument("--scale", default=None, help="comma-separated self-guidance scales v that replace each setting's own (a sweep)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: OpenMP's spinning threads slow every step on a shared machine)")
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu, cuda); the initial noise is drawn on the CPU either way")
+    parser.add_argument("--scheduler", default=None, metavar="CLASS",
+                        help="sample with this diffusers scheduler (one of the model's compatible classes, e.g. "
+                             "UniPCMultistepScheduler), built from the model's scheduler config, instead of its own")
     parser.add_argument("--results", action="store_true", help="write the table into benchmarks/RESULTS.md")
     parser.add_argument("--tuning", action="store_true", help="the captions and seeds settings are tuned on, not the reported ones")
     parser.add_argument("--cases-from", default=None, metavar="SCENE,SEED",
@@ -386,6 +390,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     pipe, name = load_pipeline(args.model)
+    if args.scheduler is not None:
+        compatible = {cls.__name__: cls for cls in pipe.scheduler.compatibles}
+        if args.scheduler not in compatible:
+            parser.error(f"--scheduler {args.scheduler!r} is not a scheduler this model can use; allowed: {', '.join(sorted(compatible))}")
+        pipe.scheduler = compatible[args.scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(args.device)
     os.makedirs(args.out, exist_ok=True)

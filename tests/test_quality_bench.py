@@ -126,6 +126,17 @@ def test_unknown_edit_kind_is_an_error(capsys):
     assert "unknown edit kinds ['spin']; allowed: move, resize, copy_appearance, copy_layout" in capsys.readouterr().err
 
 
+def test_another_scheduler_is_one_the_model_can_use(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--scheduler", "NoSuchScheduler", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--scheduler 'NoSuchScheduler' is not a scheduler this model can use; allowed: " in err
+    assert "UniPCMultistepScheduler" in err and not list(tmp_path.iterdir())
+    quality.main(["--model", "tiny", "--seeds", "1", "--steps", "3", "--edits", "move", "--scheduler", "UniPCMultistepScheduler",
+                  "--out", str(tmp_path)])
+    assert "3 UniPCMultistepScheduler steps" in capsys.readouterr().out
+
+
 def test_calls_are_bare_unless_a_scale_is_swept():
     # A stand-in pipeline that draws the caption's true scene and records the guidance arguments.
     scene, calls = two_object_scene(), []
