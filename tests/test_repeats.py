@@ -220,6 +220,10 @@ def test_the_built_in_models_moves_repeat_their_early_steps():
     assert settings.for_photo().repeats([[move("circle", dx=0.2)]], 25) == [1] * 25  # photo edits: measured without
     assert settings.for_photo().repeats([[resize("circle", 2.0)]], 25) == [1] * 25
     assert settings.for_photo().fill(resize("circle", 2.0)).keep_own_centroid_weight == 8.0
+    # The generated image's move holds its own log size (with the repeats); a photo move, which repeats
+    # nothing, keeps the settings it was measured with.
+    assert settings.fill(move("circle", dx=0.2)).keep_own_size_weight == 0.5
+    assert settings.for_photo().fill(move("circle", dx=0.2)).keep_own_size_weight == 0.0
 
 
 @pytest.mark.parametrize("index", [0, 2, 4])

@@ -128,9 +128,9 @@ RESIZE_REPEATED = {**RESIZE_IN_PLACE, "keep_own_centroid_weight": 16.0, "guidanc
 # and, lightly, its own appearance: on the step-25300 weights the object otherwise came apart or lost
 # its colour on the way (6 of 13 move misses; RESULTS.md, "Photo editing: reading").
 # Photo moves repeat no step: re-noising draws fresh noise, which the inverted photo's own trajectory
-# does not have.
-PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_appearance_weight": 0.5,
-              "guidance_repeats": 1}
+# does not have; so they hold no log size either (without repeats it stopped moves short).
+PHOTO_MOVE = {"weight": 8.0, "self_guidance_scale": 2.0, "keep_own_shape_weight": 4.0, "keep_own_size_weight": 0.0,
+              "keep_own_appearance_weight": 0.5, "guidance_repeats": 1}
 PHOTO_RESIZE = {"keep_own_centroid_weight": RESIZE_IN_PLACE["keep_own_centroid_weight"], "guidance_repeats": 1}
 GUIDANCE_SETTINGS = {
     "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
