@@ -381,6 +381,8 @@ def main(argv=None):
         except ValueError:
             parser.error(f"--cases-from takes SCENE,SEED (two ints), got {args.cases_from!r}")
         args.tuning = (scene, seed)
+    if args.results and args.scheduler is not None:
+        parser.error("--results writes the table of the model's own scheduler into RESULTS.md; run --scheduler without it")
     unknown = set(args.edits.split(",")) - set(EDITS)
     if unknown:
         parser.error(f"unknown edit kinds {sorted(unknown)}; allowed: {', '.join(EDITS)}")

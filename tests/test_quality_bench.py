@@ -132,6 +132,9 @@ def test_another_scheduler_is_one_the_model_can_use(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--scheduler 'NoSuchScheduler' is not a scheduler this model can use; allowed: " in err
     assert "UniPCMultistepScheduler" in err and not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        quality.main(["--scheduler", "UniPCMultistepScheduler", "--results", "--out", str(tmp_path)])
+    assert "--results writes the table of the model's own scheduler" in capsys.readouterr().err
     quality.main(["--model", "tiny", "--seeds", "1", "--steps", "3", "--edits", "move", "--scheduler", "UniPCMultistepScheduler",
                   "--out", str(tmp_path)])
     assert "3 UniPCMultistepScheduler steps" in capsys.readouterr().out
