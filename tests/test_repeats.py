@@ -69,7 +69,7 @@ def test_a_predictor_corrector_step_starts_from_the_latents_a_repeat_gives_it(cl
     z = torch.randn(1, 4, 5, 3)
     for t in scheduler.timesteps[:2]:
         z = scheduler.step(torch.randn_like(z), t, z, return_dict=False)[0]
-    t, output, other = scheduler.timesteps[2], torch.randn_like(z), torch.randn_like(z)
+    t, output = scheduler.timesteps[2], torch.randn_like(z)
     saved = SchedulerState(scheduler)
 
     def step_from(sample, forget):
