@@ -83,7 +83,10 @@ class MMDiTSelfGuidancePipeline(SelfGuidancePipeline):
         self.pipe, self.mode = pipe, mode
         self.settings = model_settings(pipe, settings)
         transformer = pipe.transformer
-        self.layers = resolve_joint_layers(transformer, layers) if layers is not None else self.family.default_layers()
+        # from_pipe's layers, else the model's own (its file), else the family's default
+        self.layers = self.settings.chosen_layers(layers, lambda names: resolve_joint_layers(transformer, names))
+        if self.layers is None:
+            self.layers = self.family.default_layers()
         if not self.layers:
             raise ValueError("layers names no joint-attention block; name at least one")
         self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)

@@ -82,11 +82,13 @@ class SelfGuidancePipeline:
         self.mode = mode
         # The model's guidance defaults (its folder's self_guidance.json; sgfast.settings).
         self.settings = model_settings(pipe, settings)
-        if mode == "fast":
-            pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
-        self.layers = resolve_layers(pipe.unet, layers) if layers is not None else self.family.default_layers()
+        self.layers = self.settings.chosen_layers(layers, lambda names: resolve_layers(pipe.unet, names))
+        if self.layers is None:
+            self.layers = self.family.default_layers()
         self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
+        if mode == "fast":
+            pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.
         if mode == "fast":

@@ -22,7 +22,10 @@ and `edit_arguments` its strength.
 k <= i < s * steps are guided, whatever the step count. `guidance_repeats` (sgfast.repeats) is an
 int n >= 1 (every guided step run n times) or {"times": n, "to_share": s}: the guided steps i < s *
 steps run n times, the others once. An optional "feature_layer" names the UNet
-block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it).
+block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it), and an
+optional "layers" the attention layers whose maps the energies read (names or block prefixes, as
+`from_pipe`'s `layers`, which overrides it): which layers' maps follow the objects is a fact of the
+model (the built-in MMDiT model's are its last two blocks, docs/builtin-mmdit.md).
 """
 
 import dataclasses
@@ -112,19 +115,40 @@ class GuidanceSettings:
     feature_layer: str = None  # the UNet block whose output appearance reads (from_pipe's feature_layer)
     source: str = None  # where they were read from, for messages
     photo: dict = dataclasses.field(default_factory=dict)  # edits of inverted photos: strength, defaults, edits
+    layers: list = None  # the attention layers the energies read (from_pipe's layers)
 
     def __post_init__(self):
         where = self.source or "guidance settings"
+        if isinstance(self.layers, str) and self.layers:
+            self.layers = [self.layers]  # one name or block prefix, as from_pipe takes it
+        if self.layers is not None and not (isinstance(self.layers, list) and self.layers
+                                            and all(isinstance(name, str) and name for name in self.layers)):
+            raise ValueError(f"{where}: layers must be an attention layer name or block prefix, or a non-empty list of them, "
+                             f"such as [\"up_blocks.1\"] or [\"transformer_blocks.2\"], got {self.layers!r}")
         if self.feature_layer is not None and not (isinstance(self.feature_layer, str) and self.feature_layer):
             raise ValueError(f"{where}: feature_layer must be a UNet block name such as \"up_blocks.2\", got {self.feature_layer!r}")
         _check_entries(where, self.defaults, self.edits)
         _check_photo(where, self.photo)
 
+    def chosen_layers(self, names, resolve):
+        """The layers a pipeline captures: `resolve(names)` where from_pipe names them, else
+        `resolve` of the file's (an unknown one is an error naming the file), else None (the family's
+        default)."""
+        if names is not None:
+            return resolve(names)
+        if self.layers is None:
+            return None
+        try:
+            return resolve(self.layers)
+        except ValueError as error:
+            raise ValueError(f"{self.source or 'guidance settings'}: layers: {error}") from None
+
     def for_photo(self):
         """The settings of a call that edits an inverted photo: the "photo" entries over these."""
         photo_edits = self.photo.get("edits", {})
         edits = {kind: {**self.edits.get(kind, {}), **photo_edits.get(kind, {})} for kind in {**self.edits, **photo_edits}}
-        return GuidanceSettings({**self.defaults, **self.photo.get("defaults", {})}, edits, self.feature_layer, self.source)
+        return GuidanceSettings({**self.defaults, **self.photo.get("defaults", {})}, edits, self.feature_layer, self.source,
+                                layers=self.layers)
 
     @property
     def photo_strength(self):
@@ -136,12 +160,14 @@ class GuidanceSettings:
         where = source or "guidance settings"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{where}: expected an object with "format": {FORMAT}')
-        unknown = set(data) - {"format", "defaults", "edits", "feature_layer", "about", "photo"}
+        unknown = set(data) - {"format", "defaults", "edits", "feature_layer", "layers", "about", "photo"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, about, photo")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, layers, about, photo")
         edits = {k: dict(v) if isinstance(v, dict) else v for k, v in data.get("edits", {}).items()}
         photo = data.get("photo", {})
-        return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source, dict(photo) if isinstance(photo, dict) else photo)
+        layers = data.get("layers")
+        return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source, dict(photo) if isinstance(photo, dict) else photo,
+                   layers=list(layers) if isinstance(layers, (list, tuple)) else layers)
 
     @classmethod
     def read(cls, path):
@@ -159,6 +185,8 @@ class GuidanceSettings:
         data.update(defaults=self.defaults, edits=self.edits)
         if self.feature_layer:
             data["feature_layer"] = self.feature_layer
+        if self.layers:
+            data["layers"] = self.layers
         if self.photo:
             data["photo"] = self.photo
         return data

@@ -105,6 +105,10 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"format": 2}, 'expected an object with "format": 1'),
         ({"extra": 1}, "unknown keys ['extra']"),
         ({"feature_layer": 3}, "feature_layer must be a UNet block name"),
+        ({"layers": []}, "layers must be an attention layer name or block prefix, or a non-empty list of them"),
+        ({"layers": ["up_blocks.1", 2]}, "layers must be an attention layer name or block prefix"),
+        ({"layers": {"up_blocks.1": 1}}, "layers must be an attention layer name or block prefix"),
+        ({"layers": ["up_blocks.7"]}, "layers: unknown cross-attention layer 'up_blocks.7'; this UNet has"),
         ({"photo": {"strength": 0}}, "photo strength must be a number in (0, 1]"),
         ({"photo": {"mode": "fast"}}, "unknown photo keys ['mode']"),
         ({"photo": {"edits": {"move": {"sharpness": 2}}}}, "photo edits.move: unknown setting 'sharpness'"),
@@ -176,6 +180,17 @@ def test_the_built_in_model_ships_its_settings_and_the_export_writes_them(tmp_pa
     assert sg.settings.to_dict() == shipped.to_dict()
 
 
+def test_the_built_in_mmdit_model_ships_its_settings_and_captures_its_own_blocks(tmp_path):
+    from sgfast.shapes import mmdit
+
+    shipped = GuidanceSettings.read(os.path.join(mmdit.mmdit_model_path(), FILENAME))
+    assert shipped.to_dict() == {"format": 1, **mmdit.GUIDANCE_SETTINGS}
+    assert GuidanceSettings.read(mmdit.write_guidance_settings(str(tmp_path))).to_dict() == shipped.to_dict()
+    pipe = mmdit.load_mmdit_pipeline()
+    assert SelfGuidancePipeline.from_pipe(pipe).layers == ["transformer_blocks.2.attn", "transformer_blocks.3.attn"]
+    assert SelfGuidancePipeline.from_pipe(pipe, layers="transformer_blocks.1").layers == ["transformer_blocks.1.attn"]
+
+
 def test_the_files_feature_layer_is_used_unless_from_pipe_names_one(tmp_path):
     tiny_pipeline().save_pretrained(tmp_path)
     with open(tmp_path / FILENAME, "w") as f:
@@ -186,6 +201,18 @@ def test_the_files_feature_layer_is_used_unless_from_pipe_names_one(tmp_path):
         json.dump({**SETTINGS, "feature_layer": "up_blocks.9"}, f)
     with pytest.raises(ValueError, match="unknown feature layer 'up_blocks.9'; choose a UNet block such as"):
         SelfGuidancePipeline.from_pipe(load(tmp_path))
+
+
+def test_the_files_layers_are_captured_unless_from_pipe_names_them(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    default = SelfGuidancePipeline.from_pipe(load(tmp_path)).layers
+    for named in ("up_blocks.1", ["up_blocks.1"]):
+        with open(tmp_path / FILENAME, "w") as f:
+            json.dump({**SETTINGS, "layers": named}, f)
+        sg = SelfGuidancePipeline.from_pipe(load(tmp_path))
+        assert sg.layers and all(layer.startswith("up_blocks.1.") for layer in sg.layers) and sg.layers != default
+        assert sg.settings.to_dict()["layers"] == ["up_blocks.1"]
+        assert SelfGuidancePipeline.from_pipe(load(tmp_path), layers="down_blocks.0").layers[0].startswith("down_blocks.0.")
 
 
 def test_the_models_own_holds_apply_unless_keep_others_is_off_or_a_weight_is_given():

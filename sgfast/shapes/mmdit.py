@@ -10,6 +10,8 @@ offline with `StableDiffusion3Pipeline.from_pretrained`. See docs/builtin-mmdit.
 
 import os
 
+from sgfast.shapes.model import GUIDANCE_SETTINGS as UNET_MODEL_SETTINGS
+
 NAME = "default-mmdit"
 
 # The classifier-free guidance scale to sample it with. Higher scales empty the image: the
@@ -19,13 +21,20 @@ NAME = "default-mmdit"
 # colours and count 42.5% / 52.5% / 52.5% / 42.5% (docs/builtin-mmdit.md, "Guidance scale").
 GUIDANCE_SCALE = 2.0
 
-# Untuned starting values (the UNet model's defaults): the MMDiT's energies have not been swept yet.
-GUIDANCE_SETTINGS = {
-    "defaults": {"self_guidance_scale": 1.5, "normalize_gradient": True, "guidance_schedule": {"from_step": 1, "to_share": 0.8}},
-}
+# The maps its energies read: the last two of its four joint blocks. Which blocks' maps follow the
+# objects is a fact of the model: on the family's default (block 1 of 4, a quarter of the depth, as
+# SD3-medium's blocks 6-11 of 24) a move stretched the map instead of moving the object (0 of 9
+# moves landed), on blocks 2-3 the UNet model's per-edit settings carry over (`python -m
+# benchmarks.quality --model default-mmdit --guidance-scale 2 --tuning --seeds 10`: moves 8 of 10
+# land; block 3 alone 7 of 9, blocks 1-3 7 of 10; docs/builtin-mmdit.md, "Edits on it").
+LAYERS = ["transformer_blocks.2", "transformer_blocks.3"]
+
+
+# Inverted photos are not measured on this model: no "photo" section (the library's defaults).
+GUIDANCE_SETTINGS = {"defaults": UNET_MODEL_SETTINGS["defaults"], "edits": UNET_MODEL_SETTINGS["edits"], "layers": LAYERS}
 SETTINGS_ABOUT = (
-    "Self-guidance defaults of the built-in MMDiT shapes model (sgfast.shapes.mmdit.GUIDANCE_SETTINGS); "
-    "untuned, the UNet model's defaults."
+    "Self-guidance defaults of the built-in MMDiT shapes model (sgfast.shapes.mmdit.GUIDANCE_SETTINGS): "
+    "the UNet model's per-edit settings on the maps of its last two blocks; see benchmarks/RESULTS.md."
 )
 
 
