@@ -722,15 +722,14 @@ MOVE_SEEDS = 6
 MOVE_STEPS = 20
 
 
-def move_errors(name, seeds=MOVE_SEEDS, steps=MOVE_STEPS, guidance_scale=5.0):
+def move_errors(pipe, seeds=MOVE_SEEDS, steps=MOVE_STEPS, guidance_scale=5.0):
     """|measured - asked| horizontal displacement (image widths) of the tuned move of the first object
-    of held-out captions, read by the scene reader; None where the unedited image does not show the
-    caption (as the quality benchmark counts them), inf where the moved object is not found."""
+    of held-out captions on a built-in model, read by the scene reader; None where the unedited image
+    does not show the caption (as the quality benchmark counts them), inf where the moved object is
+    not found."""
     from benchmarks.quality import captions
-    from sgfast.shapes import load_default_pipeline
     from sgfast.shapes.scenes import by_colour, matches_caption, parse_caption, read_change, read_scene
 
-    pipe = with_scheduler(load_default_pipeline(), name)
     pipe.set_progress_bar_config(disable=True)
     sg = SelfGuidancePipeline.from_pipe(pipe, mode="fast")
     errors = []
@@ -755,8 +754,21 @@ def move_errors(name, seeds=MOVE_SEEDS, steps=MOVE_STEPS, guidance_scale=5.0):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc"])
 def test_the_tuned_move_lands_on_target_under_every_scheduler(name):
-    errors = [e for e in move_errors(name) if e is not None]
+    from sgfast.shapes import load_default_pipeline
+
+    errors = [e for e in move_errors(with_scheduler(load_default_pipeline(), name)) if e is not None]
     print(f"{name}: |measured - asked| dx per image {[round(e, 3) for e in errors]}, median {np.median(errors):.3f}")
+    assert len(errors) >= MOVE_SEEDS // 2, "too few unedited images show their caption"
+    assert float(np.median(errors)) < 0.05, errors
+
+
+@pytest.mark.slow
+def test_a_bare_move_lands_on_target_on_the_built_in_mmdit_model():
+    # Its own settings: the UNet model's edits on the maps of its last two blocks (self_guidance.json).
+    from sgfast.shapes.mmdit import GUIDANCE_SCALE, load_mmdit_pipeline
+
+    errors = [e for e in move_errors(load_mmdit_pipeline(), steps=25, guidance_scale=GUIDANCE_SCALE) if e is not None]
+    print(f"MMDiT: |measured - asked| dx per image {[round(e, 3) for e in errors]}, median {np.median(errors):.3f}")
     assert len(errors) >= MOVE_SEEDS // 2, "too few unedited images show their caption"
     assert float(np.median(errors)) < 0.05, errors
 
