@@ -21,7 +21,7 @@ and `edit_arguments` its strength.
 `guidance_schedule` is "paper" (the paper's schedule) or {"from_step": k, "to_share": s}: steps
 k <= i < s * steps are guided, whatever the step count. `guidance_repeats` (sgfast.repeats) is an
 int n >= 1 (every guided step run n times) or {"times": n, "to_share": s}: the guided steps i < s *
-steps run n times, the others once. An optional "feature_layer" names the UNet
+steps run n times, the others once. An optional "feature_layer" names the
 block whose output appearance edits read (`from_pipe`'s `feature_layer` argument overrides it), and an
 optional "layers" the attention layers whose maps the energies read (names or block prefixes, as
 `from_pipe`'s `layers`, which overrides it): which layers' maps follow the objects is a fact of the
@@ -112,7 +112,7 @@ class GuidanceSettings:
 
     defaults: dict = dataclasses.field(default_factory=dict)
     edits: dict = dataclasses.field(default_factory=dict)
-    feature_layer: str = None  # the UNet block whose output appearance reads (from_pipe's feature_layer)
+    feature_layer: str = None  # the block whose output appearance reads (from_pipe's feature_layer)
     source: str = None  # where they were read from, for messages
     photo: dict = dataclasses.field(default_factory=dict)  # edits of inverted photos: strength, defaults, edits
     layers: list = None  # the attention layers the energies read (from_pipe's layers)
@@ -126,7 +126,7 @@ class GuidanceSettings:
             raise ValueError(f"{where}: layers must be an attention layer name or block prefix, or a non-empty list of them, "
                              f"such as [\"up_blocks.1\"] or [\"transformer_blocks.2\"], got {self.layers!r}")
         if self.feature_layer is not None and not (isinstance(self.feature_layer, str) and self.feature_layer):
-            raise ValueError(f"{where}: feature_layer must be a UNet block name such as \"up_blocks.2\", got {self.feature_layer!r}")
+            raise ValueError(f"{where}: feature_layer must be a block name such as \"up_blocks.2\" (a UNet's) or \"transformer_blocks.1\" (an MMDiT's), got {self.feature_layer!r}")
         _check_entries(where, self.defaults, self.edits)
         _check_photo(where, self.photo)
 

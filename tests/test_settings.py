@@ -104,7 +104,7 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"defaults": {"guidance_schedule": {"from_step": 1, "to_share": 1.5}}}, "to_share must be in (0, 1]"),
         ({"format": 2}, 'expected an object with "format": 1'),
         ({"extra": 1}, "unknown keys ['extra']"),
-        ({"feature_layer": 3}, "feature_layer must be a UNet block name"),
+        ({"feature_layer": 3}, "feature_layer must be a block name such as"),
         ({"layers": []}, "layers must be an attention layer name or block prefix, or a non-empty list of them"),
         ({"layers": ["up_blocks.1", 2]}, "layers must be an attention layer name or block prefix"),
         ({"layers": {"up_blocks.1": 1}}, "layers must be an attention layer name or block prefix"),
