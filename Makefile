@@ -164,10 +164,13 @@ docs: $(STAMP)
 
 docs-strict: docs
 
-# The demo's sheet shown in README.md and on the docs' front page: run the demo, copy its sheet.
+# The demo's sheets shown in README.md, on the docs' front page and in docs/builtin-mmdit.md: run the
+# demo on each built-in model, copy its sheet.
 docs-sheet: $(STAMP)
 	$(PY) -m sgfast demo --out outputs/demo
 	cp outputs/demo/sheet.png docs/demo.png
+	$(PY) -m sgfast demo --model default-mmdit --out outputs/demo-mmdit
+	cp outputs/demo-mmdit/sheet.png docs/demo-mmdit.png
 
 # The charts of docs/img/ (guided/plain cost against the peers, serving latency), drawn from the
 # tables the benchmark commands write into benchmarks/RESULTS.md.

@@ -52,7 +52,8 @@ def test_demo_images_are_the_librarys(tmp_path):
 def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
     # Every edited row's maps are read back from its image (trace_image), as on the UNet model.
     out = tmp_path / "demo"
-    main(["demo", "--model", "default-mmdit", "--steps", "2", "--out", str(out)])
+    # 7 steps: the resize guides from step 5 to 80% of the steps (the model's settings)
+    main(["demo", "--model", "default-mmdit", "--steps", "7", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "built-in MMDiT model" in printed
     for name in ("original.png", "source.png", "move.png", "resize.png", "appearance.png", "sheet.png"):
@@ -84,3 +85,14 @@ def test_demo_samples_each_built_in_model_at_its_own_guidance_scale():
     assert demo_guidance_scale(Namespace(model="default-mmdit", guidance_scale=None)) == GUIDANCE_SCALE == 2.0
     assert demo_guidance_scale(Namespace(model="default", guidance_scale=None)) == 5.0
     assert demo_guidance_scale(Namespace(model="default-mmdit", guidance_scale=7.0)) == 7.0
+
+
+def test_demo_draws_each_built_in_model_from_its_own_seed():
+    from argparse import Namespace
+
+    from sgfast.__main__ import demo_seed
+    from sgfast.shapes.mmdit import DEMO_SEED
+
+    assert demo_seed(Namespace(model="default-mmdit", seed=None)) == DEMO_SEED == 6
+    assert demo_seed(Namespace(model="default", seed=None)) == 24
+    assert demo_seed(Namespace(model="default-mmdit", seed=0)) == 0
