@@ -40,8 +40,9 @@ LAYERS = ["transformer_blocks.2", "transformer_blocks.3"]
 # land against 8; 30 seeds: 24 of 28, and 23 of 28 at 56%); copy appearance repeats them too (20
 # seeds: read as the source 19 of 20, against 6 of 10 without); copy layout runs at v 0.75 with the
 # same repeats (10 seeds: the layout's IoU with its source 0.80, against 0.30 at the UNet model's v
-# 1.5 without repeats). Resize keeps the UNet model's (repeats to 56% or the others' silhouettes at 8
-# did no better). docs/builtin-mmdit.md, "Edits on it".
+# 1.5 without repeats). Resize keeps the UNet model's (20 seeds: x2 and x0.5 within 25% and in place
+# 15 and 14 of 20; repeats to 56% 16 and 13, with the others' silhouettes at 8 too 13 and 13).
+# docs/builtin-mmdit.md, "Edits on it".
 REPEAT_EARLY_STEPS = {"guidance_repeats": {"times": 3, "to_share": 0.44}}
 EDITS = {
     **UNET_MODEL_SETTINGS["edits"],
