@@ -35,6 +35,22 @@ def demo_seed(args):
     return DEMO_SEED if args.model == NAME else 24
 
 
+def check_demo_steps(sg, steps, edits):
+    """Refuse a --steps of which the model's schedule for one of the demo's edits guides none (the
+    built-in models' resize guides from step 5 to 80% of the steps), saying how many it needs."""
+    from sgfast.sampler import resolve_schedule
+    from sgfast.settings import kind_of
+
+    def guided(edit, count):
+        return any(resolve_schedule(sg.settings.resolve([[edit]], count)[1][2], count))
+
+    for edit in edits:
+        if not guided(edit, steps):
+            fewest = next((n for n in range(steps + 1, 1001) if guided(edit, n)), None)
+            needed = f"use --steps {fewest} or more" if fewest else "its schedule guides no step count up to 1000"
+            raise SystemExit(f"--steps {steps}: the model's {kind_of(type(edit))} settings guide none of the {steps} steps; {needed}")
+
+
 def demo(args):
     from sgfast import SelfGuidancePipeline, copy_appearance, move, resize
     from sgfast.edits import content_words, phrase_of
@@ -49,7 +65,6 @@ def demo(args):
         sg = SelfGuidancePipeline.from_pipe(pipe)
     except TypeError as error:  # a pipeline family this build does not wrap
         raise SystemExit(f"{name}: {error}") from None
-    os.makedirs(args.out, exist_ok=True)
     settings = dict(num_inference_steps=args.steps, guidance_scale=demo_guidance_scale(args))
     seed = demo_seed(args)
     if args.weight is not None:
@@ -70,6 +85,8 @@ def demo(args):
         "appearance": (f"copy appearance of {args.appearance_word} from {args.source_prompt!r}", open_prompt, open_original,
                        copy_appearance(args.appearance_word, source.trace)),
     }
+    check_demo_steps(sg, args.steps, [edit for *_, edit in edits.values()])  # before anything is written
+    os.makedirs(args.out, exist_ok=True)
     rows = [("original", original.images[0], original.trace)]
     written = [os.path.join(args.out, name_) for name_ in ("original.png", "source.png", "appearance_unedited.png")]
     for path, image in zip(written, (original, source, open_original)):

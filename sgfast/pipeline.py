@@ -85,14 +85,15 @@ class SelfGuidancePipeline:
         self.layers = self.settings.chosen_layers(layers, lambda names: resolve_layers(pipe.unet, names))
         if self.layers is None:
             self.layers = self.family.default_layers()
+        if not self.layers:
+            raise ValueError("layers names no cross-attention layer; name at least one")
         self.feature_layer = feature_layer or self.settings.feature_layer or self.family.default_feature_layer(self.layers)
         check_feature_layer(pipe.unet, self.feature_layer)
-        if mode == "fast":
-            pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         # One capture for the pipeline's life: the same processor objects every call, so a compiled
         # UNet's guards hold and it is not recompiled per call.
         if mode == "fast":
             self._capture = Capture(pipe.unet, self.layers, self.feature_layer, impl="auto", cut_graph=True)
+            pipe.unet.requires_grad_(False)  # guidance needs gradients to the latents only
         else:
             self._capture = Capture(pipe.unet, self.layers, self.feature_layer, impl="torch")
         if compile:

@@ -121,6 +121,8 @@ class GuidanceSettings:
         where = self.source or "guidance settings"
         if isinstance(self.layers, str) and self.layers:
             self.layers = [self.layers]  # one name or block prefix, as from_pipe takes it
+        elif isinstance(self.layers, (list, tuple)):
+            self.layers = list(self.layers)  # its own list: the settings' owner's stays as it is
         if self.layers is not None and not (isinstance(self.layers, list) and self.layers
                                             and all(isinstance(name, str) and name for name in self.layers)):
             raise ValueError(f"{where}: layers must be an attention layer name or block prefix, or a non-empty list of them, "
@@ -165,9 +167,8 @@ class GuidanceSettings:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: format, defaults, edits, feature_layer, layers, about, photo")
         edits = {k: dict(v) if isinstance(v, dict) else v for k, v in data.get("edits", {}).items()}
         photo = data.get("photo", {})
-        layers = data.get("layers")
         return cls(dict(data.get("defaults", {})), edits, data.get("feature_layer"), source, dict(photo) if isinstance(photo, dict) else photo,
-                   layers=list(layers) if isinstance(layers, (list, tuple)) else layers)
+                   layers=data.get("layers"))
 
     @classmethod
     def read(cls, path):

@@ -3,6 +3,7 @@
 import os
 
 import PIL.Image
+import pytest
 
 from sgfast.__main__ import main
 from sgfast.testing import TINY_WORDS, build_tokenizer
@@ -60,6 +61,14 @@ def test_demo_on_the_builtin_mmdit_model(tmp_path, capsys):
         assert (out / name).exists() and str(out / name) in printed
     assert PIL.Image.open(out / "move.png").size == (64, 64)
     assert PIL.Image.open(out / "sheet.png").size == (5 * 192, 4 * (192 + 18))
+
+
+def test_demo_refuses_steps_its_models_settings_guide_none_of_before_writing_anything(tmp_path):
+    # The built-in models' resize guides from step 5 to 80% of the steps: 7 steps at least.
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit, match="--steps 3: the model's resize settings guide none of the 3 steps; use --steps 7 or more"):
+        main(["demo", "--model", "default-mmdit", "--steps", "3", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_demo_side_effects_line():

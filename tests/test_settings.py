@@ -106,6 +106,8 @@ def test_a_pipeline_without_the_file_keeps_the_papers_defaults():
         ({"extra": 1}, "unknown keys ['extra']"),
         ({"feature_layer": 3}, "feature_layer must be a block name such as"),
         ({"layers": []}, "layers must be an attention layer name or block prefix, or a non-empty list of them"),
+        ({"layers": ""}, "layers must be an attention layer name or block prefix"),
+        ({"layers": [""]}, "layers must be an attention layer name or block prefix"),
         ({"layers": ["up_blocks.1", 2]}, "layers must be an attention layer name or block prefix"),
         ({"layers": {"up_blocks.1": 1}}, "layers must be an attention layer name or block prefix"),
         ({"layers": ["up_blocks.7"]}, "layers: unknown cross-attention layer 'up_blocks.7'; this UNet has"),
@@ -213,6 +215,24 @@ def test_the_files_layers_are_captured_unless_from_pipe_names_them(tmp_path):
         assert sg.layers and all(layer.startswith("up_blocks.1.") for layer in sg.layers) and sg.layers != default
         assert sg.settings.to_dict()["layers"] == ["up_blocks.1"]
         assert SelfGuidancePipeline.from_pipe(load(tmp_path), layers="down_blocks.0").layers[0].startswith("down_blocks.0.")
+
+
+def test_a_bad_layer_choice_is_refused_before_the_pipeline_changes():
+    from sgfast.shapes import mmdit
+
+    pipe = tiny_pipeline()
+    pipe.unet.requires_grad_(True)
+    with pytest.raises(ValueError, match="layers names no cross-attention layer; name at least one"):
+        SelfGuidancePipeline.from_pipe(pipe, mode="fast", layers=[])
+    bad = {**SETTINGS, "layers": ["up_blocks.9"]}
+    with pytest.raises(ValueError, match="guidance settings: layers: unknown cross-attention layer 'up_blocks.9'"):
+        SelfGuidancePipeline.from_pipe(pipe, mode="fast", settings=bad)
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # fast mode's requires_grad_(False) not reached
+    sd3 = mmdit.load_mmdit_pipeline()
+    with pytest.raises(ValueError, match="layers names no joint-attention block"):
+        SelfGuidancePipeline.from_pipe(sd3, layers=[])
+    with pytest.raises(ValueError, match="guidance settings: layers: unknown joint-attention layer 'transformer_blocks.7'"):
+        SelfGuidancePipeline.from_pipe(sd3, settings={**SETTINGS, "layers": "transformer_blocks.7"})
 
 
 def test_the_models_own_holds_apply_unless_keep_others_is_off_or_a_weight_is_given():

@@ -8,6 +8,7 @@ positions), the built-in model's trained VAE, and a `FlowMatchEulerDiscreteSched
 offline with `StableDiffusion3Pipeline.from_pretrained`. See docs/builtin-mmdit.md.
 """
 
+import copy
 import os
 
 from sgfast.shapes.model import GUIDANCE_SETTINGS as UNET_MODEL_SETTINGS
@@ -26,36 +27,40 @@ GUIDANCE_SCALE = 2.0
 DEMO_SEED = 6
 
 # The maps its energies read: the last two of its four joint blocks. Which blocks' maps follow the
-# objects is a fact of the model: on the family's default (block 1 of 4, a quarter of the depth, as
-# SD3-medium's blocks 6-11 of 24) a move stretched the map instead of moving the object (0 of 9
-# moves landed), on blocks 2-3 the UNet model's per-edit settings carry over (`python -m
-# benchmarks.quality --model default-mmdit --guidance-scale 2 --tuning --seeds 10`: moves 8 of 10
-# land; block 3 alone 7 of 9, blocks 1-3 7 of 10; docs/builtin-mmdit.md, "Edits on it").
+# objects is a fact of the model. On the family's default (block 1 of 4, a quarter of the depth, as
+# SD3-medium's blocks 6-11 of 24) a move stretches the map toward its target instead of moving the
+# object: with the UNet model's move settings 0 of 9 tuning moves land there (area x0.57), against 8
+# of 10 on blocks 2-3 (`python -m benchmarks.quality --model default-mmdit --guidance-scale 2 --tuning
+# --seeds 10 --edits move`; block 3 alone 7 of 9, blocks 1-3 7 of 10; docs/builtin-mmdit.md).
 LAYERS = ["transformer_blocks.2", "transformer_blocks.3"]
 
-
-# The UNet model's per-edit settings, but repeats wherever they helped on this model's tuning
-# captions (`python -m benchmarks.quality --model default-mmdit --guidance-scale 2 --tuning`): moves
-# and places repeat the guided steps of the first 44% of the steps, not 32% (10 seeds: 9 of 10 moves
-# land against 8; 30 seeds: 24 of 28, and 23 of 28 at 56%); copy appearance repeats them too (20
-# seeds: read as the source 19 of 20, against 6 of 10 without); copy layout runs at v 0.75 with the
-# same repeats (10 seeds: the layout's IoU with its source 0.80, against 0.30 at the UNet model's v
-# 1.5 without repeats). Resize keeps the UNet model's (20 seeds: x2 and x0.5 within 25% and in place
-# 15 and 14 of 20; repeats to 56% 16 and 13, with the others' silhouettes at 8 too 13 and 13).
-# docs/builtin-mmdit.md, "Edits on it".
+# Per edit, the UNet model's settings with this model's own repeats, measured on its tuning captions
+# (the same command): moves repeat the guided steps of the first 44% of the steps, not 32% (10 seeds:
+# 9 of 10 land against 8; 30 seeds: 24 of 28, against 23 at 56%), and places as moves (unmeasured
+# apart); copy appearance repeats them too (10 seeds: read as the source 9 of 10 against 6 without;
+# 20 seeds: 19 of 20); copy layout runs at v 0.75 with the same repeats (10 seeds: the layout's IoU
+# with its source 0.80, against 0.30 at the UNet model's v 1.5 without repeats). Resize keeps the
+# UNet model's: on 20 seeds x2 and x0.5 land within 25% and in place 15 and 14 times, with repeats
+# to 56% 16 and 13 (the other object's IoU 0.68 and 0.85, against 0.68 and 0.79), with the others'
+# silhouettes at 8 as well 13 and 13.
 REPEAT_EARLY_STEPS = {"guidance_repeats": {"times": 3, "to_share": 0.44}}
-EDITS = {
-    **UNET_MODEL_SETTINGS["edits"],
-    "move": {**UNET_MODEL_SETTINGS["edits"]["move"], **REPEAT_EARLY_STEPS},
-    "place": {**UNET_MODEL_SETTINGS["edits"]["place"], **REPEAT_EARLY_STEPS},
-    "copy_appearance": {**UNET_MODEL_SETTINGS["edits"]["copy_appearance"], **REPEAT_EARLY_STEPS},
-    "copy_layout": {**UNET_MODEL_SETTINGS["edits"]["copy_layout"], "self_guidance_scale": 0.75, **REPEAT_EARLY_STEPS},
-}
-# Inverted photos are not measured on this model: no "photo" section (the library's defaults).
-GUIDANCE_SETTINGS = {"defaults": UNET_MODEL_SETTINGS["defaults"], "edits": EDITS, "layers": LAYERS}
+
+
+def _own_settings():
+    unet = copy.deepcopy(UNET_MODEL_SETTINGS)  # its own dicts: nothing it holds is the UNet model's
+    edits = dict(unet["edits"])
+    for kind in ("move", "place", "copy_appearance"):
+        edits[kind] = {**edits[kind], **REPEAT_EARLY_STEPS}
+    edits["copy_layout"] = {**edits["copy_layout"], "self_guidance_scale": 0.75, **REPEAT_EARLY_STEPS}
+    # Inverted photos are not measured on this model: no "photo" section (the library's defaults).
+    return {"defaults": unet["defaults"], "edits": edits, "layers": list(LAYERS)}
+
+
+GUIDANCE_SETTINGS = _own_settings()
 SETTINGS_ABOUT = (
     "Self-guidance defaults of the built-in MMDiT shapes model (sgfast.shapes.mmdit.GUIDANCE_SETTINGS): "
-    "the UNet model's per-edit settings on the maps of its last two blocks; see benchmarks/RESULTS.md."
+    "on the maps of its last two blocks, the UNet model's per-edit settings with its own repeated steps "
+    "(moves, places, copy appearance and copy layout) and copy layout at v 0.75; see docs/builtin-mmdit.md."
 )
 
 
