@@ -5,17 +5,16 @@ such as "a red circle and a blue square" (see `CAPTION_WORDS`, and `sgfast.shape
 Its cross-attention maps localise each object's colour and shape words, which is what self-guidance
 edits read ("move the red circle right"). It ships with the package as safetensors under
 `sgfast/shapes/assets/default/` and loads offline; `python -m sgfast train` trains (and re-exports) it.
-`load_pipeline(name)` picks a pipeline by name for the command line and the server: this model, the
-tiny random-weight one, or a local folder.
+`sgfast.shapes.loading.load_pipeline(name)` picks a pipeline by name for the command line and the
+server: this model, the built-in MMDiT model, the tiny random-weight one, or a local folder.
 """
 
-import contextlib
 import os
 
 from sgfast.shapes.scenes import CAPTION_WORDS, COLOUR_NAMES, SHAPES, SIZE
 
 __all__ = [
-    "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline", "load_pipeline",
+    "CAPTION_WORDS", "COLOUR_NAMES", "SHAPES", "IMAGE_SIZE", "default_model_path", "load_default_pipeline",
     "GUIDANCE_SETTINGS", "guidance_settings", "write_guidance_settings",
 ]
 
@@ -47,52 +46,6 @@ def load_default_pipeline(torch_dtype=None):
     )
 
 
-
-@contextlib.contextmanager
-def loading_bars_off():
-    """diffusers' and transformers' per-component loading bars off while a small pipeline loads (it
-    takes well under a second), so the command line prints the sampling bars and its own lines only."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    was_on = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-    for module, _ in was_on:
-        module.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for module, on in was_on:
-            if on:
-                module.enable_progress_bar()
-
-
-def load_pipeline(model):
-    """(pipeline, description) for `model`: "default" (the built-in model, or the tiny random-weight
-    one if it is absent), "default-mmdit" (the built-in MMDiT model, a StableDiffusion3Pipeline),
-    "tiny", or a local diffusers folder (SD 1.x/2.x, SDXL, SD3 or FLUX)."""
-    with loading_bars_off():
-        return _load_pipeline(model)
-
-
-def _load_pipeline(model):
-    from sgfast.families import load_pipeline as load_folder
-    from sgfast.shapes.mmdit import NAME as MMDIT, load_mmdit_pipeline, mmdit_model_path
-
-    if model == MMDIT:
-        return load_mmdit_pipeline(), f"built-in MMDiT model ({mmdit_model_path()})"
-
-    if model == "tiny":
-        from sgfast.testing import tiny_pipeline
-
-        pipe = tiny_pipeline()
-        pipe.set_progress_bar_config(disable=False)
-        return pipe, "tiny random-weight pipeline"
-    if model == "default":
-        if not os.path.exists(os.path.join(default_model_path(), "model_index.json")):
-            print("The built-in model is not in this install; using the tiny random-weight pipeline.")
-            return _load_pipeline("tiny")
-        return load_default_pipeline(), f"built-in model ({default_model_path()})"
-    return load_folder(model, safety_checker=None), model
 
 # Self-guidance settings tuned on this model (benchmarks/RESULTS.md, "Edit fidelity"), shipped in its
 # folder as `self_guidance.json` (written by the training export; `sgfast.settings`), so that a bare
