@@ -48,7 +48,7 @@ REPEAT_EARLY_STEPS = {"guidance_repeats": {"times": 3, "to_share": 0.44}}
 
 def _own_settings():
     unet = copy.deepcopy(UNET_MODEL_SETTINGS)  # its own dicts: nothing it holds is the UNet model's
-    edits = dict(unet["edits"])
+    edits = unet["edits"]
     for kind in ("move", "place", "copy_appearance"):
         edits[kind] = {**edits[kind], **REPEAT_EARLY_STEPS}
     edits["copy_layout"] = {**edits["copy_layout"], "self_guidance_scale": 0.75, **REPEAT_EARLY_STEPS}
